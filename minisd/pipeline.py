@@ -1,0 +1,196 @@
+"""`minisd.load`: any official SD 1.x layout -> a StableDiffusion (U-Net, VAE, text encoder, tokenizer, schedule)."""
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import CLIPTextConfig
+
+from .checkpoint import CheckpointError, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
+from .ddim import Schedule, ddim_alphas, ddim_step
+from .text import SD14_TOKENIZER, build_text_encoder, encode_prompts, load_tokenizer
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+SINGLE_FILE_PARTS = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text": "cond_stage_model.transformer."}
+DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+                "logvar", "lvlb_weights"}
+
+
+class StableDiffusion:
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule=Schedule(), sample_size=64, name=""):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.schedule, self.name = schedule, name
+        self.native_size = sample_size * vae.cfg.downscale  # 64 latents * 8 = 512 for SD 1.4
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts):
+        """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype."""
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Scaled latents (what the U-Net sees) -> images (B, 3, H, W) in [0, 1], float32 on the CPU."""
+        img = self.vae.decode(latents.to(self.dtype) / self.vae.cfg.scale_factor)
+        return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    @torch.no_grad()
+    def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, height=None, width=None,
+               n=1, seed=0, progress=True):
+        """DDIM with classifier-free guidance. Returns images (len(prompts) * n, 3, H, W) in [0, 1].
+
+        The initial latents are torch.randn((B, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))
+        in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 noise continues the same stream."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        height, width = height or self.native_size, width or self.native_size
+        f = self.vae.cfg.downscale
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        prompts = [p for p in prompts for _ in range(n)]
+        B = len(prompts)
+        g = torch.Generator("cpu").manual_seed(seed)
+        x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
+        cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
+        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts)
+        for t, a, a_prev in tqdm(ddim_alphas(self.schedule, steps), desc="sampling", disable=not progress):
+            eps = self.unet(torch.cat([x, x]) if cfg else x, torch.tensor(t, device=self.device), ctx)
+            if cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            noise = torch.randn(x.shape, generator=g).to(self.device, self.dtype) if eta > 0 else None
+            x = ddim_step(x, eps, a, a_prev, eta, noise)
+        return self.decode(x)
+
+
+def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
+    """Load SD 1.x from an LDM single file (.safetensors / .ckpt) or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        parts = _read_diffusers_folder(path)
+    elif path.exists():
+        parts = _read_single_file(path)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, text_cfg, schedule, sample_size = parts
+    with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file
+        unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
+    load_strict(unet, unet_sd, path, "U-Net")
+    load_strict(vae, vae_sd, path, "VAE")
+    text_encoder = build_text_encoder(text_sd, path, text_cfg)
+    tok = load_tokenizer(tokenizer or (path / "tokenizer" if path.is_dir() else SD14_TOKENIZER))
+    for m in (unet, vae, text_encoder):
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return StableDiffusion(unet, vae, text_encoder, tok, schedule, sample_size, name=path.stem)
+
+
+def _read_single_file(path):
+    sd = read_state_dict(path)
+    parts = {name: {} for name in SINGLE_FILE_PARTS}
+    unknown = []
+    for k, v in sd.items():
+        name = next((n for n, p in SINGLE_FILE_PARTS.items() if k.startswith(p)), None)
+        if name:
+            parts[name][k[len(SINGLE_FILE_PARTS[name]):]] = v
+        elif k not in DDPM_BUFFERS and not k.startswith("model_ema."):
+            unknown.append(k)
+    if unknown:
+        hint = " (SDXL / SD 2.x layouts are not SD 1.x)" if any(k.startswith(("conditioner.", "cond_stage_model.model.")) for k in unknown) else ""
+        raise CheckpointError(f"{path}: unexpected keys{hint} ({len(unknown)}): {', '.join(unknown[:4])}")
+    for name, prefix in SINGLE_FILE_PARTS.items():
+        if not parts[name]:
+            raise CheckpointError(f"{path}: no {prefix}* weights; not an SD 1.x single-file checkpoint")
+    return (parts["unet"], infer_unet_config(parts["unet"], path), parts["vae"], infer_vae_config(parts["vae"], path),
+            parts["text"], None, Schedule(), 64)
+
+
+def infer_unet_config(sd, path):
+    """The UNetConfig of an LDM U-Net state dict (SD 1.x: 8 heads, 32 norm groups)."""
+    try:
+        mc = sd["input_blocks.0.0.weight"].shape[0]
+        blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
+        levels, current = [], []
+        for b in blocks[1:]:
+            if f"input_blocks.{b}.0.op.weight" in sd:
+                levels.append(current)
+                current = []
+            else:
+                current.append(b)
+        levels.append(current)
+        proj = next(v for k, v in sd.items() if k.endswith("proj_in.weight"))
+        if proj.ndim != 4:
+            raise CheckpointError(f"{path}: linear proj_in (an SD 2.x U-Net); minisd implements SD 1.x")
+        return UNetConfig(
+            in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+            channel_mult=tuple(sd[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0] // mc for lv in levels),
+            num_res_blocks=len(levels[0]),
+            attention_levels=tuple(i for i, lv in enumerate(levels) if f"input_blocks.{lv[0]}.1.proj_in.weight" in sd),
+            context_dim=next(v for k, v in sd.items() if k.endswith("attn2.to_k.weight")).shape[1])
+    except (KeyError, IndexError, StopIteration) as e:
+        raise CheckpointError(f"{path}: not an SD 1.x U-Net (cannot find {e})") from None
+
+
+def infer_vae_config(sd, path):
+    try:
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        n_levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+        return VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
+                         ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels)),
+                         num_res_blocks=1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block.")),
+                         z_channels=sd["post_quant_conv.weight"].shape[0])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: not an SD 1.x VAE (cannot find {e})") from None
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+
+
+def _weights_file(folder, stem):
+    for name in (f"{stem}.safetensors", f"{stem}.bin", f"{stem}.fp16.safetensors", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no {stem}.safetensors or .bin weights")
+
+
+def _read_diffusers_folder(path):
+    uc = _read_json(path / "unet" / "config.json")
+    if uc.get("use_linear_projection"):
+        raise CheckpointError(f"{path / 'unet'}: an SD 2.x U-Net (linear projections); minisd implements SD 1.x")
+    boc = uc["block_out_channels"]
+    heads = uc.get("num_attention_heads") or uc["attention_head_dim"]  # SD 1.x's "attention_head_dim" (8) is the head count
+    unet_cfg = UNetConfig(in_channels=uc["in_channels"], out_channels=uc["out_channels"], model_channels=boc[0],
+                          channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=uc["layers_per_block"],
+                          attention_levels=tuple(i for i, t in enumerate(uc["down_block_types"]) if "CrossAttn" in t),
+                          num_heads=heads if isinstance(heads, int) else heads[0], context_dim=uc["cross_attention_dim"],
+                          norm_groups=uc.get("norm_num_groups", 32))
+    vc = _read_json(path / "vae" / "config.json")
+    vboc = vc["block_out_channels"]
+    vae_cfg = VAEConfig(in_channels=vc["in_channels"], out_channels=vc["out_channels"], ch=vboc[0],
+                        ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=vc["layers_per_block"],
+                        z_channels=vc["latent_channels"], norm_groups=vc.get("norm_num_groups", 32),
+                        scale_factor=vc.get("scaling_factor", 0.18215))
+    sc = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else {}
+    schedule = Schedule(**{k: sc[k] for k in ("beta_start", "beta_end", "num_train_timesteps", "beta_schedule") if k in sc})
+    unet_file = _weights_file(path / "unet", "diffusion_pytorch_model")
+    vae_file = _weights_file(path / "vae", "diffusion_pytorch_model")
+    text_file = next((f for f in (path / "text_encoder" / n for n in ("model.safetensors", "pytorch_model.bin",
+                      "model.fp16.safetensors", "pytorch_model.fp16.bin")) if f.is_file()), None)
+    if text_file is None:
+        raise CheckpointError(f"{path / 'text_encoder'}: no model.safetensors or pytorch_model.bin")
+    text_cfg = CLIPTextConfig.from_json_file(str(path / "text_encoder" / "config.json"))
+    return (unet_from_diffusers(read_state_dict(unet_file), unet_cfg, unet_file), unet_cfg,
+            vae_from_diffusers(read_state_dict(vae_file), vae_cfg, vae_file), vae_cfg,
+            read_state_dict(text_file), text_cfg, schedule, uc.get("sample_size", 64))

@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+from sdfixtures import make_pipeline, write_layouts
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ref_pipe():
+    """A small random-weight diffusers StableDiffusionPipeline (the reference)."""
+    return make_pipeline()
+
+
+@pytest.fixture(scope="session")
+def layouts(ref_pipe, tmp_path_factory):
+    """The reference pipeline written as a diffusers folder, an LDM .safetensors and an LDM lightning .ckpt."""
+    return write_layouts(ref_pipe, tmp_path_factory.mktemp("sd"))
