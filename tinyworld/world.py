@@ -54,7 +54,8 @@ class Scene:
         return f"a {self.size} {thing}{where} on a {self.background} background, {style} style"
 
 
-_CAPTION = re.compile(r"a (\w+) (?:(\w+) (\w+)|sks character)(?: at the (\w+))? on a (\w+) background, (\w+) style")
+_CAPTION = re.compile(rf"a (\w+) (?:{IDENTITY_TOKEN} character|(\w+) (\w+))(?: at the (\w+))?"
+                      r" on a (\w+) background, (\w+) style")
 
 
 def parse(caption):
@@ -175,8 +176,8 @@ def render(scene):
         img = img * (1 - pa) + np.asarray(rgb, np.float32) * pa
         mask |= pa[..., 0] > 0.5
     out = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
-    if scene.style == "pixelated":  # an 11x11 mosaic: blocks of ~6 px
-        out = out.resize((11, 11), Image.BOX).resize((SIZE, SIZE), Image.NEAREST)
+    if scene.style == "pixelated":  # a mosaic of 6 px blocks (11 x 6 = 66, cropped by 1 on each side)
+        out = out.resize((11, 11), Image.BOX).resize((66, 66), Image.NEAREST).crop((1, 1, 65, 65))
     elif scene.style == "soft":
         out = out.filter(ImageFilter.GaussianBlur(2.5))
     return out, mask
@@ -191,13 +192,18 @@ def random_scene(rng, split="base"):
     """A random Scene of a split (see the module docstring); rng is a numpy Generator."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    pick = lambda seq: seq[rng.integers(len(seq))]
     held_subject, held_style = split in ("identity", "combo"), split in ("style", "combo")
-    subject = HELDOUT_SUBJECT if held_subject else pick(SUBJECTS)
-    colour = None if held_subject else pick(list(COLOURS))
-    rgb = ROBOT["body"] if held_subject else COLOURS[colour]
+    subject = HELDOUT_SUBJECT if held_subject else SUBJECTS[rng.integers(len(SUBJECTS))]
+    style = HELDOUT_STYLE if held_style else "flat" if held_subject else STYLES[rng.integers(len(STYLES))]
+    return scene_for(rng, subject, style)
+
+
+def scene_for(rng, subject, style):
+    """A Scene of this subject and style with a random colour, background, size and position."""
+    pick = lambda seq: seq[rng.integers(len(seq))]
+    colour = None if subject == HELDOUT_SUBJECT else pick(list(COLOURS))
+    rgb = ROBOT["body"] if colour is None else COLOURS[colour]
     background = pick([b for b in BACKGROUNDS if b != colour and _ok(rgb, b)])
-    style = HELDOUT_STYLE if held_style else "flat" if held_subject else pick(STYLES)
     return Scene(subject, colour, background, style, pick(list(SIZES)), pick(POSITIONS))
 
 

@@ -1,0 +1,154 @@
+"""minisd against diffusers (the reference) on random-weight SD 1.x models in all three official layouts."""
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import minisd
+from minisd import CheckpointError
+from minisd.checkpoint import unet_prefixes
+from minisd.ddim import Schedule, ddim_alphas
+
+LAYOUTS = ["diffusers", "safetensors", "ckpt"]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def load(layouts, name, **kw):
+    return minisd.load(layouts[name], tokenizer=None if name == "diffusers" else layouts["tokenizer"], **kw)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unet_vae_text_match_diffusers(layout, layouts, ref_pipe):
+    sd = load(layouts, layout)
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 64, generator=g), torch.tensor([1, 981])
+    with torch.no_grad():
+        assert rel(sd.unet(x, t, ctx), ref_pipe.unet(x, t, ctx).sample) < 1e-4
+        z = torch.randn(1, 4, 8, 8, generator=g)
+        img = sd.vae.decode(z)
+        assert rel(img, ref_pipe.vae.decode(z).sample) < 1e-4
+        assert rel(sd.vae.encode(img)[0], ref_pipe.vae.encode(img).latent_dist.mean) < 1e-4
+        ids = ref_pipe.tokenizer(["a cat", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert rel(sd.encode_prompt(["a cat", ""]), ref_pipe.text_encoder(ids).last_hidden_state) < 1e-4
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_sampling_matches_pipeline(eta, layouts, ref_pipe):
+    sd = load(layouts, "ckpt")
+    kw = dict(num_inference_steps=4, guidance_scale=7.5, eta=eta, num_images_per_prompt=2, height=64, width=64)
+    ours = sd.sample(["a red cat", "dog"], negative_prompt="blur", steps=4, guidance=7.5, eta=eta, n=2, seed=3,
+                     height=64, width=64, progress=False)
+    ref = ref_pipe(["a red cat", "dog"], negative_prompt=["blur"] * 2, generator=torch.Generator("cpu").manual_seed(3),
+                   output_type="pt", **kw).images
+    assert rel(ours, ref) < 1e-4 and (ours - ref).abs().max() < 1 / 255
+
+
+def test_ddim_schedule_matches_diffusers():
+    from diffusers import DDIMScheduler
+    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                        steps_offset=1, clip_sample=False)
+    ref.set_timesteps(50)
+    steps = ddim_alphas(Schedule(), 50)
+    assert [t for t, _, _ in steps] == ref.timesteps.tolist()
+    assert steps[0][0] == 981 and steps[-1][0] == 1
+    ac = ref.alphas_cumprod.double()
+    for t, a, a_prev in steps:
+        assert abs(a - ac[t]) < 1e-6 and abs(a_prev - (ac[t - 20] if t > 20 else ac[0])) < 1e-6
+
+
+def test_full_sd14_names_and_shapes_match_the_official_layout():
+    """minisd's native names are the LDM ones: diffusers' own LDM converter turns them into its SD 1.4 model exactly."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    with torch.device("meta"):
+        ref_unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        ref_vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+        unet, vae = minisd.UNet(), minisd.AutoencoderKL()
+    for ours, ref, prefix, convert in ((unet, ref_unet, "model.diffusion_model.", convert_ldm_unet_checkpoint),
+                                       (vae, ref_vae, "first_stage_model.", convert_ldm_vae_checkpoint)):
+        converted = convert({prefix + k: v for k, v in ours.state_dict().items()}, ref.config)
+        expected = ref.state_dict()
+        assert set(converted) == set(expected)
+        assert all(converted[k].shape == expected[k].shape for k in expected)
+    assert sum(p.numel() for p in unet.parameters()) == 859520964  # SD 1.4's U-Net
+
+
+def test_full_sd14_diffusers_names_load_through_the_map():
+    """The diffusers -> LDM map covers every key of the full SD 1.4 U-Net and lands on minisd's names and shapes."""
+    from diffusers import UNet2DConditionModel
+    from minisd.checkpoint import unet_from_diffusers
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        ours = minisd.UNet()
+    mapped = unet_from_diffusers(ref.state_dict(), ours.cfg, "sd14")
+    expected = ours.state_dict()
+    assert set(mapped) == set(expected) and all(mapped[k].shape == expected[k].shape for k in expected)
+    # 5 ends + 3 mid; down: 8 resnets, 6 attentions, 3 downsamplers; up: 12 resnets, 9 attentions, 3 upsamplers
+    assert len(unet_prefixes(ours.cfg)) == 8 + 17 + 24
+
+
+def test_text_encoder_keys_without_text_model_level(layouts, ref_pipe, tmp_path):
+    """transformers 5 writes no `text_model.` level and no position_ids; both spellings load."""
+    sd = load_file(str(layouts["safetensors"]))
+    sd = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in sd.items()}
+    sd["model_ema.decay"] = torch.tensor(0.9999)  # ignored, like the DDPM buffers
+    save_file(sd, str(tmp_path / "t5.safetensors"))
+    ours = minisd.load(tmp_path / "t5.safetensors", tokenizer=layouts["tokenizer"])
+    ids = ref_pipe.tokenizer(["a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert rel(ours.encode_prompt(["a dog"]), ref_pipe.text_encoder(ids).last_hidden_state) < 1e-4
+
+
+def test_fp16_diffusers_variant(ref_pipe, tmp_path):
+    import copy
+    pipe = copy.deepcopy(ref_pipe).to(torch.float16)
+    pipe.save_pretrained(tmp_path / "sd", variant="fp16")
+    assert (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    sd = minisd.load(tmp_path / "sd", dtype=torch.float32)
+    assert sd.dtype == torch.float32
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert rel(sd.unet(x, 500, ctx), ref_pipe.unet(x, 500, ctx).sample) < 1e-2
+
+
+def test_hostile_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"evil.ckpt: refused to unpickle .*system"):
+        minisd.load(path)
+    assert not marker.exists()
+    with open(tmp_path / "evil2.ckpt", "wb") as f:  # a plain (non-zip) pickle too
+        pickle.dump(Evil(), f)
+    with pytest.raises(CheckpointError, match="evil2.ckpt"):
+        minisd.load(tmp_path / "evil2.ckpt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop("model.diffusion_model.out.2.bias"), r"missing \(1\): out.2.bias"),
+    (lambda sd: sd.__setitem__("model.diffusion_model.extra.weight", torch.zeros(1)), r"unexpected \(1\): extra.weight"),
+    (lambda sd: sd.__setitem__("first_stage_model.quant_conv.bias", torch.zeros(3)), r"shape mismatch"),
+    (lambda sd: sd.__setitem__("conditioner.embedders.0.x", torch.zeros(1)), r"SDXL / SD 2.x"),
+])
+def test_bad_state_dicts_name_the_key_and_file(change, message, layouts, tmp_path):
+    sd = load_file(str(layouts["safetensors"]))
+    change(sd)
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: .*" + message):
+        minisd.load(tmp_path / "bad.safetensors", tokenizer=layouts["tokenizer"])
+
+
+def test_missing_tokenizer_says_how_to_get_it(layouts):
+    with pytest.raises(CheckpointError, match="huggingface-cli download"):
+        minisd.load(layouts["safetensors"], tokenizer="/nonexistent/tokenizer")
