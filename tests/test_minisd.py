@@ -152,3 +152,22 @@ def test_bad_state_dicts_name_the_key_and_file(change, message, layouts, tmp_pat
 def test_missing_tokenizer_says_how_to_get_it(layouts):
     with pytest.raises(CheckpointError, match="huggingface-cli download"):
         minisd.load(layouts["safetensors"], tokenizer="/nonexistent/tokenizer")
+
+
+def test_export_round_trips_and_diffusers_reads_the_folder(layouts, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from minisd.save import save_diffusers, save_single_file
+    sd = load(layouts, "ckpt")
+    save_diffusers(sd, tmp_path / "folder", dtype=torch.float32)
+    save_single_file(sd, tmp_path / "single.safetensors", dtype=torch.float32)
+    again = [minisd.load(tmp_path / "folder"), minisd.load(tmp_path / "single.safetensors", tokenizer=layouts["tokenizer"])]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "folder", safety_checker=None)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        ref = sd.unet(x, 10, ctx)
+        assert all(torch.equal(other.unet(x, 10, ctx), ref) for other in again)
+        assert rel(pipe.unet(x, 10, ctx).sample, ref) < 1e-6
+    ours = sd.sample("a cat", steps=3, height=64, width=64, progress=False)
+    theirs = pipe("a cat", num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    assert (ours - theirs).abs().max() < 1 / 255

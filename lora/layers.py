@@ -1,0 +1,215 @@
+"""Layers with named low-rank adapters: LoRALinear (nn.Linear) and LoConConv2d (nn.Conv2d).
+
+    y = base(x) + sum_i gain_i * up_i(down_i(x)),    gain_i = alpha_i / rank_i * multiplier_i * block_multiplier_i
+
+LoRALinear: down [r, in], up [out, r]. LoConConv2d: down = a k x k conv [r, in, kh, kw] with the layer's stride,
+padding and dilation, up = a 1x1 conv [out, r, 1, 1]; 1x1 convs (SD 1.x's proj_in/proj_out, skip_connection) use it
+too, which is exactly how kohya stores them. Init like kohya/peft: down kaiming-uniform (a = sqrt(5)), up zero,
+so a fresh adapter changes nothing. The multipliers scale the adapter's output (= its up weight), never both.
+
+State dict: a wrapped layer *is* an nn.Linear / nn.Conv2d holding the base `weight`/`bias` Parameters (the same
+objects, frozen or not as they were), so the model's base keys are unchanged. Adapter tensors are extra keys
+`<layer>.adapters.<name>.down` / `.up`; load base weights before injecting (minisd.load does), or with
+`lora.load_base_weights`, which accepts a base state dict and tolerates exactly these keys.
+
+forward uses the fused autograd functions (lora.fused) when some adapter is active and the base is frozen;
+`layer.fused = False` selects the plain composition (the reference, and the path when the base is trainable).
+Merging adds gain * up @ down into the base weight; the first merge keeps a copy of the unmerged weight and
+unmerging restores from it (then re-adds the adapters still merged), so merge/unmerge cycles never drift.
+Changing a merged adapter's multipliers re-merges it.
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fused import compute_dtype, locon_conv2d, lora_linear
+
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class Adapter(nn.Module):
+    """One named adapter of one layer: its two factors, alpha, and its inference switches."""
+
+    def __init__(self, down, up, alpha):
+        super().__init__()
+        self.down, self.up = nn.Parameter(down), nn.Parameter(up)
+        self.alpha = float(alpha)
+        self.multiplier = 1.0  # the adapter's global weight (A1111's <lora:name:weight>)
+        self.block_multiplier = 1.0  # the weight of this layer's block (lora-block-weight)
+        self.enabled = True
+        self.merged = False
+
+    @property
+    def rank(self):
+        return self.down.shape[0]
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    @property
+    def gain(self):
+        return self.scale * self.multiplier * self.block_multiplier
+
+    def extra_repr(self):
+        return (f"rank={self.rank}, alpha={self.alpha:g}, multiplier={self.multiplier:g}, "
+                f"block_multiplier={self.block_multiplier:g}, enabled={self.enabled}, merged={self.merged}")
+
+
+class _Adapted:
+    """What LoRALinear and LoConConv2d share: the adapters, their switches, merge/unmerge."""
+
+    def _setup(self, base):
+        self.weight, self.bias = base.weight, base.bias
+        self.train(base.training)
+        self.adapters = nn.ModuleDict()
+        self.fused = True
+        self.register_buffer("unmerged_weight", None, persistent=False)  # the base weight while anything is merged
+        self.merge_order = []
+
+    def add_adapter(self, name, rank, alpha=None, dtype=torch.float32, generator=None):
+        """A fresh adapter: down kaiming-uniform, up zero; alpha None -> rank (scale 1)."""
+        if not NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r}: use letters, digits, '_' and '-'")
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter {name!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        down_shape, up_shape = self.factor_shapes(rank)
+        device = self.weight.device
+        down = torch.empty(down_shape, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        self.adapters[name] = Adapter(down, torch.zeros(up_shape, device=device, dtype=dtype), rank if alpha is None else alpha)
+        return self.adapters[name]
+
+    def remove_adapter(self, name):
+        self.unmerge(name)
+        del self.adapters[name]
+
+    def set_multipliers(self, name, multiplier=None, block_multiplier=None):
+        a = self.adapters[name]
+        merged = a.merged
+        self.unmerge(name)
+        a.multiplier = a.multiplier if multiplier is None else float(multiplier)
+        a.block_multiplier = a.block_multiplier if block_multiplier is None else float(block_multiplier)
+        if merged:
+            self.merge(name)
+
+    def delta_weight(self, name):
+        """gain * up @ down as a tensor shaped like the base weight, computed in float32."""
+        a = self.adapters[name]
+        delta = a.up.detach().float().flatten(1) @ a.down.detach().float().flatten(1)
+        return (delta * a.gain).view(self.weight.shape)
+
+    @torch.no_grad()
+    def merge(self, name):
+        a = self.adapters[name]
+        if a.merged:
+            return
+        if self.unmerged_weight is None:
+            self.unmerged_weight = self.weight.detach().clone()
+        self.weight.add_(self.delta_weight(name).to(self.weight))
+        a.merged = True
+        self.merge_order.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name):
+        a = self.adapters[name]
+        if not a.merged:
+            return
+        a.merged = False
+        self.merge_order.remove(name)
+        self.weight.copy_(self.unmerged_weight)  # exact: no subtraction, no drift
+        for other in self.merge_order:
+            self.weight.add_(self.delta_weight(other).to(self.weight))
+        if not self.merge_order:
+            self.unmerged_weight = None
+
+    def base_weight(self):
+        """The base weight without merged adapters."""
+        return self.weight if self.unmerged_weight is None else self.unmerged_weight
+
+    def active(self):
+        return [a for a in self.adapters.values() if a.enabled and not a.merged and a.gain != 0]
+
+    def forward(self, x):
+        active = self.active()
+        if not active:
+            return super().forward(x)
+        dt = compute_dtype(x)
+        w, b = self.weight.to(dt), None if self.bias is None else self.bias.to(dt)
+        downs, ups, gains = [a.down.to(dt) for a in active], [a.up.to(dt) for a in active], [a.gain for a in active]
+        frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if self.fused and frozen:
+            return self.fused_forward(x.to(dt), w, b, downs, ups, gains)
+        return self.plain_forward(x.to(dt), w, b, downs, ups, gains)
+
+
+class LoRALinear(_Adapted, nn.Linear):
+    def __init__(self, base: nn.Linear):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self._setup(base)
+
+    def factor_shapes(self, rank):
+        return (rank, self.in_features), (self.out_features, rank)
+
+    def fused_forward(self, x, w, b, downs, ups, gains):
+        return lora_linear(x, w, b, downs, ups, gains)
+
+    def plain_forward(self, x, w, b, downs, ups, gains):
+        y = F.linear(x, w, b)
+        for d, u, g in zip(downs, ups, gains):
+            y = y + g * F.linear(F.linear(x, d), u)
+        return y
+
+    def unwrap(self):
+        """A plain nn.Linear holding the same base Parameters (the adapters must be unmerged)."""
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
+
+
+class LoConConv2d(_Adapted, nn.Conv2d):
+    def __init__(self, base: nn.Conv2d):
+        if base.groups != 1 or base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError("LoCon supports convs with groups=1, zero padding given as numbers")
+        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                         base.dilation, bias=base.bias is not None, device="meta")
+        self._setup(base)
+
+    def factor_shapes(self, rank):
+        return (rank, self.in_channels, *self.kernel_size), (self.out_channels, rank, 1, 1)
+
+    def fused_forward(self, x, w, b, downs, ups, gains):
+        return locon_conv2d(x, w, b, downs, ups, gains, self.stride, self.padding, self.dilation)
+
+    def plain_forward(self, x, w, b, downs, ups, gains):
+        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
+        for d, u, g in zip(downs, ups, gains):
+            y = y + g * F.conv2d(F.conv2d(x, d, None, self.stride, self.padding, self.dilation), u)
+        return y
+
+    def unwrap(self):
+        """A plain nn.Conv2d holding the same base Parameters (the adapters must be unmerged)."""
+        plain = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                          self.dilation, bias=self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain.train(self.training)
+
+
+def wrap(module):
+    """nn.Linear -> LoRALinear, nn.Conv2d -> LoConConv2d; an already wrapped layer is returned as it is."""
+    if isinstance(module, _Adapted):
+        return module
+    if isinstance(module, nn.Linear):
+        return LoRALinear(module)
+    if isinstance(module, nn.Conv2d):
+        return LoConConv2d(module)
+    raise TypeError(f"cannot adapt a {type(module).__name__}; only nn.Linear and nn.Conv2d")
+
+
+def is_adapted(module):
+    return isinstance(module, _Adapted)
