@@ -118,10 +118,11 @@ def remove(unet, name, text_encoder=None):
 
 def set_weights(unet, name, weight=None, block_weights=None, text_encoder=None):
     """Set adapter `name`'s global weight and/or its per-block weights (anything parse_block_weights takes:
-    "OUTD", 17/26 values, "in0=1,out3=0.5", a dict; blocks not mentioned get 0). None leaves a setting as it is."""
+    "OUTD", 17/26 values, "in0=1,out3=0.5", a dict; blocks not mentioned get 0). None leaves a setting as it is.
+    Modules outside the 26 blocks (time_embed, out: only in foreign files) keep block weight 1."""
     per_block = None if block_weights is None else parse_block_weights(block_weights)
     for path, layer in _layers_with(unet, text_encoder, name):
-        layer.set_multipliers(name, weight, None if per_block is None else per_block[block_of(path)])
+        layer.set_multipliers(name, weight, None if per_block is None else per_block.get(block_of(path), 1.0))
 
 
 def enable(unet, name, on=True, text_encoder=None):
@@ -170,7 +171,8 @@ def load_base_weights(model, state_dict):
     only adapter keys may be missing. Refused while adapters are merged."""
     if any(layer.merge_order for _, layer in adapted_layers(model)):
         raise ValueError("unmerge the adapters before loading base weights")
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if ".adapters." not in k]
-    if missing or result.unexpected_keys:
-        raise KeyError(f"base weights do not fit: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
+    expected = set(base_state_dict(model))
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise KeyError(f"base weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    model.load_state_dict(state_dict, strict=False)

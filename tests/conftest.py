@@ -16,3 +16,11 @@ def ref_pipe():
 def layouts(ref_pipe, tmp_path_factory):
     """The reference pipeline written as a diffusers folder, an LDM .safetensors and an LDM lightning .ckpt."""
     return write_layouts(ref_pipe, tmp_path_factory.mktemp("sd"))
+
+
+@pytest.fixture(scope="session")
+def lora_sd(layouts):
+    """minisd loaded from the reference pipeline's diffusers folder, for the LoRA tests (shared: deep-copy the
+    U-Net / text encoder before adapting them)."""
+    import minisd
+    return minisd.load(layouts["diffusers"])

@@ -1,0 +1,239 @@
+"""Adapter files: kohya / A1111 / ComfyUI .safetensors (read and written) and diffusers / peft files (read).
+
+kohya keys, per adapted module: `lora_unet_` + its diffusers path with '.' -> '_' (names from minisd.checkpoint's
+one LDM <-> diffusers map), or `lora_te_text_model_` + the text-encoder path:
+    <name>.lora_down.weight   [r, in]      or [r, in, kh, kw] for a conv (1x1 convs: [r, in, 1, 1])
+    <name>.lora_up.weight     [out, r]     or [out, r, 1, 1]
+    <name>.alpha              0-d float32; scale = alpha / r (no alpha: alpha = r)
+diffusers / peft: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` (older: `.lora.down.weight` /
+`.lora.up.weight`), `text_encoder.[text_model.]<path>...`; alpha from `<path>.alpha` keys or the file's
+`lora_adapter_metadata` (lora_alpha, alpha_pattern, as diffusers' save_lora_weights writes it), else alpha = rank.
+A 1x1 conv accepts 2-D factors and a Linear accepts [.., .., 1, 1] ones. Ranks are read per module from the
+tensors, so a file may hold any rank pattern.
+
+Refused with a minisd.CheckpointError naming the file: keys matching no module, shapes or ranks that do not fit,
+LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale, magnitude vectors), Tucker LoCon (lora_mid), rsLoRA, and
+SD 2.x / SDXL adapters (hinted from their key names and shapes).
+
+Metadata written by save_kohya (safetensors metadata is str -> str):
+    ss_network_module "networks.lora", ss_network_dim / ss_network_alpha (the largest linear rank and its alpha),
+    ss_network_args   JSON: kohya's block_dims, block_alphas, conv_block_dims, conv_block_alphas (25 comma-separated
+                      values each, IN00..OUT11) and conv_dim / conv_alpha
+    ss_base_model_version "sd_v1", ss_v2 "False"
+    minisd_adapter_name, minisd_algo ("lora", or "locon" when k x k convs are adapted), minisd_blocks (the adapted
+    blocks, BASE = text encoder), minisd_te_dim / minisd_te_alpha,
+    minisd_base_unet_sha256   unet_hash(unet): sha256 of the U-Net's base tensors (merged adapters taken out), in
+                              float32, by LDM name: the same whichever layout the base was loaded from
+plus the caller's `metadata` (values that are not strings are JSON-encoded); the derived keys above win.
+"""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minisd.checkpoint import CheckpointError, read_state_dict, rename, unet_prefixes
+
+from .blocks import UNET_BLOCKS, block_of
+from .network import adapted_layers, adapter_names, add_adapter_at, base_state_dict, set_weights
+
+KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+DIFFUSERS_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
+                   "lora.up.weight": "up", "alpha": "alpha"}
+UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
+               "lora_mid": "LoCon with Tucker decomposition (lora_mid)"}
+SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "label_emb", "add_embedding", "input_blocks", "output_blocks")
+
+
+def _te_path(path):
+    return "text_model." + path.removeprefix("text_model.")
+
+
+def module_index(unet, text_encoder=None):
+    """{file module name: (part, path)} for every Linear / Conv2d, part 'unet' or 'te'; both the kohya name and the
+    diffusers names (`unet.<path>`, `text_encoder.[text_model.]<path>`) are keys."""
+    pairs, index = unet_prefixes(unet.cfg), {}
+    for path, m in unet.named_modules():
+        dif = rename(path, pairs, to_diffusers=True) if isinstance(m, (nn.Linear, nn.Conv2d)) else None
+        if dif:
+            index["lora_unet_" + dif.replace(".", "_")] = index["unet." + dif] = ("unet", path)
+    for path, m in (text_encoder.named_modules() if text_encoder is not None else ()):
+        if isinstance(m, nn.Linear):
+            index["lora_te_" + _te_path(path).replace(".", "_")] = ("te", path)
+            index["text_encoder." + _te_path(path)] = index["text_encoder." + path.removeprefix("text_model.")] = ("te", path)
+    return index
+
+
+def _hint(keys, shapes=()):
+    if any(m in k for k in keys for m in SDXL_MARKS):
+        return " (this looks like an SDXL adapter; minisd is SD 1.x)"
+    if any(re.search(r"encoder_layers_(1[2-9]|2[0-3])_|encoder\.layers\.(1[2-9]|2[0-3])\.", k) for k in keys) or 1024 in shapes:
+        return " (this looks like an SD 2.x adapter; minisd is SD 1.x)"
+    return ""
+
+
+def _peft_alphas(metadata):
+    """(default alpha or None, {pattern: alpha}) per part, from diffusers' lora_adapter_metadata JSON."""
+    try:
+        meta = json.loads((metadata or {}).get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    out = {}
+    for part, prefix in (("unet", "unet."), ("te", "text_encoder.")):
+        if meta.get(prefix + "use_rslora") or meta.get(prefix + "use_dora"):
+            return {"unsupported": "rsLoRA" if meta.get(prefix + "use_rslora") else "DoRA"}
+        out[part] = (meta.get(prefix + "lora_alpha"), meta.get(prefix + "alpha_pattern") or {})
+    return out
+
+
+def _fit(module, down, up):
+    """The factors shaped as the layer needs them, or None if they do not fit."""
+    conv = isinstance(module, nn.Conv2d)
+    if conv and module.kernel_size == (1, 1) and down.ndim == 2:
+        down = down[:, :, None, None]
+    if conv and up.ndim == 2:
+        up = up[:, :, None, None]
+    if not conv and down.ndim == 4 and down.shape[2:] == (1, 1):
+        down, up = down.flatten(1), up.flatten(1)
+    r = down.shape[0]
+    want = (((r, module.in_channels, *module.kernel_size), (module.out_channels, r, 1, 1)) if conv
+            else ((r, module.in_features), (module.out_features, r)))
+    return (down, up) if (tuple(down.shape), tuple(up.shape)) == want else None
+
+
+def read_adapter_file(path, unet, text_encoder=None):
+    """A kohya or diffusers/peft LoRA file -> [(part, module path, down, up, alpha)], checked against the models."""
+    sd = read_state_dict(path)
+    metadata = {}
+    if Path(path).suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    for key in sd:
+        for mark, algo in UNSUPPORTED.items():
+            if mark in key:
+                raise CheckpointError(f"{path}: {algo} adapters are not supported, only LoRA / LoCon ({key})")
+    kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in sd)
+    parts_of = KOHYA_PARTS if kohya else DIFFUSERS_PARTS
+    groups, odd = {}, []
+    for key, t in sd.items():
+        suffix = next((s for s in parts_of if key.endswith("." + s)), None)
+        (odd.append(key) if suffix is None else groups.setdefault(key[:-len(suffix) - 1], {}).__setitem__(parts_of[suffix], t))
+    if odd or not groups:
+        raise CheckpointError(f"{path}: not a LoRA file: keys that are no LoRA factor or alpha ({len(odd)}): "
+                              f"{', '.join(odd[:4]) or 'no keys'}{_hint(odd)}")
+    index = module_index(unet, text_encoder)
+    unknown = [n for n in groups if n not in index]
+    if unknown:
+        te_keys = text_encoder is None and any(n.startswith(("lora_te_", "text_encoder.")) for n in unknown)
+        raise CheckpointError(f"{path}: " + ("the file adapts the text encoder; pass text_encoder=" if te_keys else
+                              f"{len(unknown)} adapters match no module: {', '.join(unknown[:4])}{_hint(unknown)}"))
+    peft = {} if kohya else _peft_alphas(metadata)
+    if "unsupported" in peft:
+        raise CheckpointError(f"{path}: {peft['unsupported']} adapters are not supported (lora_adapter_metadata)")
+    entries = []
+    for mod_name, g in groups.items():
+        part, mpath = index[mod_name]
+        if "down" not in g or "up" not in g:
+            raise CheckpointError(f"{path}: {mod_name} lacks its {'lora_up' if 'down' in g else 'lora_down'} tensor")
+        module = (unet if part == "unet" else text_encoder).get_submodule(mpath)
+        fitted = _fit(module, g["down"], g["up"])
+        if fitted is None:
+            shapes = [s for t in (g["down"], g["up"]) for s in t.shape]
+            raise CheckpointError(f"{path}: {mod_name}: down {tuple(g['down'].shape)} / up {tuple(g['up'].shape)} "
+                                  f"do not fit {module}{_hint([mod_name], shapes)}")
+        rank = fitted[0].shape[0]
+        if "alpha" in g:
+            if g["alpha"].numel() != 1:
+                raise CheckpointError(f"{path}: {mod_name}.alpha has {g['alpha'].numel()} values, expected one")
+            alpha = g["alpha"].item()
+        else:
+            default, patterns = peft.get(part, (None, {}))
+            name = mod_name.split(".", 1)[1] if not kohya else mod_name
+            alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(.*\.)?{p}", name)), default) or rank
+        entries.append((part, mpath, *fitted, float(alpha)))
+    return entries
+
+
+def load_kohya(path, unet, text_encoder=None, name=None, weight=1.0, block_weights=None, dtype=torch.float32):
+    """Load a LoRA file (kohya/A1111/ComfyUI or diffusers/peft) as adapter `name` (default: the file's stem), with
+    a global weight and per-block weights (anything lora.parse_block_weights takes; None = all 1). Nothing is
+    changed if the file does not fit. Returns the adapted paths, prefixed 'unet.' / 'text_encoder.'."""
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
+    if name in adapter_names(unet, text_encoder):
+        raise ValueError(f"an adapter {name!r} exists already; remove it first or choose another name")
+    entries = read_adapter_file(path, unet, text_encoder)
+    for part, mpath, down, up, alpha in entries:
+        adapter = add_adapter_at(unet if part == "unet" else text_encoder, mpath, name, down.shape[0], alpha, dtype)
+        with torch.no_grad():
+            adapter.down.copy_(down)
+            adapter.up.copy_(up)
+    set_weights(unet, name, weight, block_weights, text_encoder=text_encoder)
+    return [("unet." if part == "unet" else "text_encoder.") + mpath for part, mpath, *_ in entries]
+
+
+def adapter_state_dict(unet, name, text_encoder=None):
+    """Adapter `name` as kohya tensors {key: tensor} (the multipliers are inference settings, not saved)."""
+    pairs, out = unet_prefixes(unet.cfg), {}
+    for part, model in (("unet", unet), ("te", text_encoder)):
+        for path, layer in adapted_layers(model, name=name) if model is not None else ():
+            a = layer.adapters[name]
+            key = ("lora_unet_" + rename(path, pairs).replace(".", "_") if part == "unet"
+                   else "lora_te_" + _te_path(path).replace(".", "_"))
+            out[key + ".lora_down.weight"] = a.down.detach().contiguous()
+            out[key + ".lora_up.weight"] = a.up.detach().contiguous()
+            out[key + ".alpha"] = torch.tensor(a.alpha, dtype=torch.float32)
+    return out
+
+
+def unet_hash(unet):
+    """sha256 (hex) over the U-Net's base tensors: names sorted, each name, shape and float32 bytes."""
+    h = hashlib.sha256()
+    for k, v in sorted(base_state_dict(unet).items()):
+        h.update(f"{k}{tuple(v.shape)}".encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def kohya_metadata(unet, name, text_encoder=None):
+    """The derived metadata of adapter `name` (see the module docstring)."""
+    tables = {k: [0] * 25 for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}
+    te_dim, te_alpha, blocks = 0, 0.0, set()
+    for path, layer in adapted_layers(unet, text_encoder, name):
+        a, block = layer.adapters[name], block_of(path)
+        blocks.add(block)
+        if block == "BASE":
+            te_dim, te_alpha = max((te_dim, te_alpha), (a.rank, a.alpha))
+        elif block in UNET_BLOCKS:
+            i, kind = UNET_BLOCKS.index(block), "conv_block" if getattr(layer, "kernel_size", (1, 1)) != (1, 1) else "block"
+            tables[kind + "_dims"][i], tables[kind + "_alphas"][i] = max((tables[kind + "_dims"][i], tables[kind + "_alphas"][i]), (a.rank, a.alpha))
+    dim, alpha = max(zip(tables["block_dims"], tables["block_alphas"]))
+    conv_dim, conv_alpha = max(zip(tables["conv_block_dims"], tables["conv_block_alphas"]))
+    args = {k: ",".join(f"{v:g}" for v in vals) for k, vals in tables.items()}
+    if conv_dim:
+        args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": f"{alpha:g}",
+            "ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "minisd_adapter_name": name, "minisd_algo": "locon" if conv_dim else "lora",
+            "minisd_blocks": ",".join(b for b in ("BASE",) + UNET_BLOCKS if b in blocks),
+            "minisd_te_dim": str(te_dim), "minisd_te_alpha": f"{te_alpha:g}",
+            "minisd_base_unet_sha256": unet_hash(unet)}
+
+
+def save_kohya(path, unet, text_encoder=None, name=None, metadata=None):
+    """Write adapter `name` (default: the only adapter) as a kohya .safetensors file with metadata."""
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(f"{path}: adapter files are written as .safetensors")
+    names = adapter_names(unet, text_encoder)
+    if name is None:
+        if len(names) != 1:
+            raise ValueError(f"name the adapter to save; adapters: {', '.join(names) or 'none'}")
+        name = names[0]
+    if name not in names:
+        raise KeyError(f"no adapter {name!r}; adapters: {', '.join(names) or 'none'}")
+    tensors = {k: v.cpu() for k, v in adapter_state_dict(unet, name, text_encoder).items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file(tensors, str(path), metadata={**meta, **kohya_metadata(unet, name, text_encoder)})
