@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -158,6 +159,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
         self.cfg = cfg
+        self.gradient_checkpointing = False  # recompute each block's activations in the backward pass
         mc, g, heads, ctx = cfg.model_channels, cfg.norm_groups, cfg.num_heads, cfg.context_dim
         emb_dim = 4 * mc
         res = lambda cin, cout: ResBlock(cin, cout, emb_dim, g)
@@ -199,11 +201,16 @@ class UNet(nn.Module):
         """x (B, 4, h, w) latents, t (B,) or scalar integer timesteps, context (B, 77, context_dim) -> eps (B, 4, h, w)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else (lambda b, *a: b(*a))
         hs, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = run(block, torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
+
+    @staticmethod
+    def _checkpointed(block, *args):
+        return checkpoint(block, *args, use_reentrant=False)

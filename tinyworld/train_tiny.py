@@ -46,20 +46,32 @@ def lr_at(step, total, peak, warmup=200):
     return peak * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
 
 
-def fit_steps(step, steps, seconds_per_step, budget):
-    """Shrinks the step count once the speed is known, so a phase ends within its time budget (cosine schedule intact)."""
-    return min(steps, step + int(budget / seconds_per_step)) if step == 100 else steps
+class Budget:
+    """Shrinks a phase's step count once its speed is known (steps 20..100, after warm-up), so that it ends within
+    `seconds` of its start with the cosine schedule intact."""
+
+    def __init__(self, seconds):
+        self.seconds, self.t0, self.t20 = seconds, time.time(), None
+
+    def fit(self, step, steps):
+        if step == 20:
+            self.t20 = time.time()
+        if step == 100:
+            per_step = (time.time() - self.t20) / 80
+            print(f"  {per_step * 1000:.1f} ms/step", flush=True)
+            return min(steps, step + int((self.seconds - (time.time() - self.t0)) / per_step))
+        return steps
 
 
 def train_vae(images, steps, batch, device, log, budget):
-    vae = AutoencoderKL(VAE).to(device).to(memory_format=torch.channels_last)
+    vae = AutoencoderKL(VAE).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device="cpu").manual_seed(1)
-    step, t0 = 0, time.time()
+    step, clock = 0, Budget(budget)
     while step < steps:
-        steps = fit_steps(step, steps, (time.time() - t0) / max(step, 1), budget - (time.time() - t0))
+        steps = clock.fit(step, steps)
         x = images[torch.randint(len(images), (batch,), generator=g)].to(device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous(memory_format=torch.channels_last)
+        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1)
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             mean, logvar = vae.encode(x)
             z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
@@ -87,7 +99,7 @@ def encode_all(vae, images, device, batch=1024):
 
 
 def train_unet(latents, ids, empty_ids, tokenizer, steps, batch, device, log, budget):
-    unet = UNet(UNET).to(device).to(memory_format=torch.channels_last)
+    unet = UNet(UNET).to(device)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT)).to(device)
     ema = UNet(UNET).to(device).requires_grad_(False)
@@ -97,9 +109,9 @@ def train_unet(latents, ids, empty_ids, tokenizer, steps, batch, device, log, bu
     ac = Schedule().alphas_cumprod.float().to(device)
     snr = ac / (1 - ac)
     g = torch.Generator(device="cpu").manual_seed(2)
-    step, t0 = 0, time.time()
+    step, clock = 0, Budget(budget)
     while step < steps:
-        steps = fit_steps(step, steps, (time.time() - t0) / max(step, 1), budget - (time.time() - t0))
+        steps = clock.fit(step, steps)
         idx = torch.randint(len(latents), (batch,), generator=g)
         z0 = latents[idx].to(device)
         tok = ids[idx].to(device)
@@ -108,7 +120,7 @@ def train_unet(latents, ids, empty_ids, tokenizer, steps, batch, device, log, bu
         t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         noise = torch.randn(z0.shape, generator=g).to(device)
         a = ac[t][:, None, None, None]
-        zt = (a.sqrt() * z0 + (1 - a).sqrt() * noise).contiguous(memory_format=torch.channels_last)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             eps = unet(zt, t, text(tok).last_hidden_state).float()
         w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting (Hang et al. 2023)
@@ -121,8 +133,7 @@ def train_unet(latents, ids, empty_ids, tokenizer, steps, batch, device, log, bu
         opt.step()
         with torch.no_grad():
             decay = min(0.999, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
         if step % 500 == 0 or step == steps - 1:
             log("unet", step, loss.item())
         step += 1
