@@ -1,0 +1,111 @@
+"""train.py and sample.py end to end on a small random-weight model, against diffusers where it applies."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sample
+import train
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four 64x64 images with captions, in a kohya repeat folder (2 repeats)."""
+    folder = tmp_path_factory.mktemp("data")
+    sub = folder / "2_thing"
+    sub.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        a = np.zeros((64, 64, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        a[16:48, 8 * i:8 * i + 24] = rng.integers(0, 255, 3, dtype=np.uint8)
+        Image.fromarray(a).save(sub / f"{i}.png")
+        (sub / f"{i}.txt").write_text(f"a box number {i}")
+    return folder
+
+
+def run_train(layouts, images, out, *extra):
+    return train.main(["--ckpt", str(layouts["diffusers"]), "--data", str(images), "--out", str(out), "--quiet",
+                       "--steps", "8", "--batch", "2", "--lr", "1e-2", "--seed", "1", *extra])
+
+
+def losses(out):
+    return np.loadtxt(out.with_name(out.stem + "-loss.csv"), delimiter=",", skiprows=1)[:, 1]
+
+
+def test_overfitting_four_images_lowers_the_loss(layouts, images, tmp_path):
+    out = tmp_path / "a.safetensors"
+    run_train(layouts, images, out, "--steps", "60", "--schedule", "constant", "--blocks", "all")
+    loss = losses(out)
+    assert len(loss) == 60 and loss[-15:].mean() < 0.8 * loss[:15].mean()
+
+
+def test_blockwise_table_writes_only_its_blocks(layouts, images, tmp_path):
+    out = run_train(layouts, images, tmp_path / "style.safetensors", "--blocks", "in0,out3", "--steps", "2")
+    keys = load_file(str(out))
+    modules = {k.split(".")[0] for k in keys}
+    assert modules and all(m.startswith(("lora_unet_down_blocks_0_", "lora_unet_up_blocks_3_")) for m in modules)
+    assert any(m.startswith("lora_unet_down_blocks_0_") for m in modules) and any(m.startswith("lora_unet_up_blocks_3_") for m in modules)
+
+
+def test_resume_equals_the_uninterrupted_run(layouts, images, tmp_path):
+    full = run_train(layouts, images, tmp_path / "full.safetensors", "--save-every", "4")
+    half = tmp_path / "full-step000004.state.pt"
+    assert half.is_file() and (tmp_path / "full-step000004.safetensors").is_file()
+    resumed = run_train(layouts, images, tmp_path / "resumed.safetensors", "--resume", str(half))
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob(".tmp*"))  # no temporary files left behind
+
+
+def sample_png(layouts, out, *extra):
+    sample.main(["--ckpt", str(layouts["diffusers"]), "--prompt", "a red box", "--negative-prompt", "blurry", "--steps", "4",
+                 "--guidance", "7.5", "--height", "64", "--width", "64", "--seed", "5", "--out", str(out), *extra])
+    return np.asarray(Image.open(out), dtype=np.int16)
+
+
+def diffusers_png(pipe):
+    img = pipe("a red box", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_sample_equals_the_diffusers_pipeline_with_and_without_an_adapter(layouts, images, ref_pipe, tmp_path):
+    import copy
+    ours = sample_png(layouts, tmp_path / "base.png")
+    assert np.abs(ours - diffusers_png(ref_pipe)).max() <= 1  # within 1/255 per pixel
+    info = Image.open(tmp_path / "base.png").text["parameters"]
+    assert info.startswith("a red box\nNegative prompt: blurry\nSteps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 5, Size: 64x64, Model hash: ")
+
+    adapter = run_train(layouts, images, tmp_path / "ad.safetensors", "--steps", "20", "--te-rank", "2")
+    adapted = sample_png(layouts, tmp_path / "ad.png", "--lora", str(adapter))
+    assert np.abs(adapted - ours).max() > 8  # the trained adapter changes the image
+    pipe = copy.deepcopy(ref_pipe)
+    pipe.load_lora_weights(str(adapter))
+    n_file = len({k.split(".")[0] for k in load_file(str(adapter))})
+    n_loaded = sum(1 for _, m in list(pipe.unet.named_modules()) + list(pipe.text_encoder.named_modules()) if hasattr(m, "lora_A") and m.lora_A)
+    assert n_loaded == n_file  # every module of the file found its place in diffusers
+    assert np.abs(adapted - diffusers_png(pipe)).max() <= 1
+    assert "<lora:ad:1>" in Image.open(tmp_path / "ad.png").text["parameters"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--height", "60"], "multiples of 8"),
+    (["--lora", "missing.safetensors"], "missing.safetensors: no such file"),
+    (["--lora", "x.safetensors:1:BOGUS"], "preset"),
+    (["--ckpt", "/nonexistent"], "/nonexistent: no such file"),
+])
+def test_sample_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
+    if "x.safetensors" in argv[1]:
+        (tmp_path / "x.safetensors").write_bytes(b"")
+        argv = ["--lora", str(tmp_path / argv[1])]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + ["--out", str(tmp_path / "o.png")])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_refuses_an_empty_folder_before_loading(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no images"):
+        train.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "x.safetensors")])

@@ -1,0 +1,435 @@
+"""Fine-tune block-wise LoRA / LoCon adapters of a Stable Diffusion 1.x checkpoint on a folder of images.
+
+    python train.py                                   # minisd-tiny + the shipped identity set -> out/identity.safetensors
+    python train.py --data data/style --blocks in0,out3 --out out/style.safetensors     # the paper's style adapter
+    python train.py --ckpt sd-v1-4.ckpt --tokenizer openai/clip-vit-large-patch14 --data photos/ \\
+        --prompt "a photo of sks person" --resolution 512 --rank 16 --steps 1000 --out out/me.safetensors
+    torchrun --nproc-per-node 2 train.py ...           # data-parallel over GPUs (DistributedDataParallel)
+
+Data: png / jpg / webp files with optional same-name .txt captions, else --prompt; kohya-style repeat folders
+"N_name" count each image N times (and "name" is the caption when there is neither). The VAE latents and, when
+the text encoder is frozen, the text embeddings are computed once and cached. The output is a kohya-format
+.safetensors that A1111, ComfyUI, diffusers and sample.py load.
+"""
+import argparse
+import functools
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+import lora
+import minisd
+
+ROOT = Path(__file__).resolve().parent
+ADAPTER = "trained"  # the name of the adapter being trained, inside the model
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("model and data")
+    a.add_argument("--ckpt", default=str(ROOT / "weights" / "tiny"), help="base model: LDM single file or diffusers folder (default: minisd-tiny)")
+    a.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or hub name, for single files")
+    a.add_argument("--data", default=str(ROOT / "data" / "identity"), help="image folder (default: the shipped identity set)")
+    a.add_argument("--prompt", default=None, help="caption for images without a .txt file (instance prompt)")
+    a.add_argument("--resolution", type=int, default=None, help="square training size (default: the model's native size)")
+    a.add_argument("--flip", action="store_true", help="random horizontal flips")
+    a.add_argument("--prior-data", default=None, help="class-image folder for prior preservation (DreamBooth)")
+    a.add_argument("--prior-prompt", default=None, help="caption for class images without a .txt file")
+    a.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior-preservation loss")
+    a = p.add_argument_group("adapter")
+    a.add_argument("--algo", choices=["lora", "locon"], default="lora", help="lora: attention/ff/proj linears; locon: also ResBlock and sampler convs")
+    a.add_argument("--rank", type=int, default=8)
+    a.add_argument("--alpha", type=float, default=None, help="default: = rank (scale 1)")
+    a.add_argument("--conv-rank", type=int, default=None, help="rank of k x k convs with --algo locon (default: --rank)")
+    a.add_argument("--conv-alpha", type=float, default=None, help="default: = conv rank")
+    a.add_argument("--blocks", default="all", help="which blocks and ranks: all, attn-only, in0,out3, in0=8,out3=16, 25 values, or a .toml/.json rank table")
+    a.add_argument("--te-rank", type=int, default=0, help="text-encoder adapter rank (0: text encoder frozen)")
+    a.add_argument("--te-alpha", type=float, default=None)
+    a = p.add_argument_group("training")
+    a.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    a.add_argument("--batch", type=int, default=4, help="images per step (per GPU)")
+    a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a.add_argument("--lr", type=float, default=1e-3, help="adapter learning rate")
+    a.add_argument("--te-lr", type=float, default=None, help="text-encoder adapter learning rate (default: --lr)")
+    a.add_argument("--weight-decay", type=float, default=0.01)
+    a.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    a.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="cosine")
+    a.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto", help="auto: bf16 on GPUs that have it, else fp16 on GPU, none on CPU")
+    a.add_argument("--grad-checkpointing", action="store_true", help="less memory, about 30%% more time")
+    a.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting (5 is common; 0: off)")
+    a.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (0.05-0.1 helps very dark/bright images)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.add_argument_group("output")
+    a.add_argument("--out", default="out/identity.safetensors", help="adapter file (kohya format)")
+    a.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (adapter + resumable state)")
+    a.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from a state file, or the newest one next to --out")
+    a.add_argument("--sample-prompts", default=None, help="prompts separated by '|' (or a .txt file, one per line) to render during training")
+    a.add_argument("--sample-every", type=int, default=0, help="render the sample prompts every N steps (and at the end)")
+    a.add_argument("--sample-steps", type=int, default=25)
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+def find_images(folder, default_caption):
+    """[(path, caption, repeats)] from a folder; 'N_name' subfolders repeat their images N times."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data {folder}: no such folder")
+    items = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        m = re.fullmatch(r"(\d+)_(.*)", path.parent.name) if path.parent != folder else None
+        txt = path.with_suffix(".txt")
+        caption = txt.read_text(errors="replace").strip() if txt.is_file() else default_caption or (m[2] if m else None)
+        if not caption:
+            raise ValueError(f"{path}: no caption (.txt file) and no --prompt")
+        items.append((path, caption, int(m[1]) if m else 1))
+    if not items:
+        raise ValueError(f"--data {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return items
+
+
+def load_image(path, size):
+    """Any readable image -> (3, size, size) float in [-1, 1]: EXIF rotation applied, converted to RGB (alpha over
+    white), resized so the short side is `size` and center-cropped. None (with a warning) if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "P", "PA"):
+                im = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
+            if im.mode in ("I;16", "I;16B", "I"):  # 16-bit grayscale: scale to 8 bits first
+                im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+            im = im.convert("RGB")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+    except Exception as e:  # PIL raises many kinds; one bad photo must not end the run
+        warnings.warn(f"{path}: skipped, unreadable image ({type(e).__name__}: {e})")
+        return None
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def cache_latents(sd, items, size, flip, device):
+    """Encode every image once: (mean, std) of the VAE latent (scaled), for the image and, with --flip, its mirror."""
+    kept, means, stds = [], [], []
+    for path, caption, repeats in tqdm(items, desc="caching latents", leave=False):
+        img = load_image(path, size)
+        if img is None:
+            continue
+        views = torch.stack([img, img.flip(-1)] if flip else [img]).to(device, sd.dtype)
+        mean, logvar = sd.vae.encode(views)
+        kept.append((caption, repeats))
+        means.append(mean.float() * sd.vae.cfg.scale_factor)
+        stds.append((0.5 * logvar.float()).exp() * sd.vae.cfg.scale_factor)
+    if not kept:
+        raise ValueError("no readable images")
+    return kept, torch.stack(means), torch.stack(stds)  # (N, views, 4, h, w)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def lr_factor(step, args):
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[args.schedule]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def state_files(out):
+    return sorted(out.parent.glob(f"{out.stem}-step*.state.pt"))
+
+
+def atomic_save(write, path):
+    """Write to a temporary file beside `path`, then rename: a killed run never leaves a half-written file."""
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def loss_plot(rows, path, width=640, height=240):
+    """A small line plot of the loss (and its running mean), drawn with PIL."""
+    from PIL import ImageDraw
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    losses = np.array([r[1] for r in rows])
+    if len(losses) > 1:
+        smooth = np.convolve(losses, np.ones(min(20, len(losses))) / min(20, len(losses)), mode="valid")
+        lo, hi = float(losses.min()), float(np.percentile(losses, 98)) + 1e-8
+        xy = lambda i, v, n: (40 + i * (width - 50) / max(1, n - 1), height - 20 - (min(v, hi) - lo) / (hi - lo) * (height - 40))
+        d.line([xy(i, v, len(losses)) for i, v in enumerate(losses)], fill=(180, 200, 240))
+        d.line([xy(i + len(losses) - len(smooth), v, len(losses)) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
+        d.text((4, 4), f"loss {hi:.3g}", fill="black")
+        d.text((4, height - 16), f"{lo:.3g}   step 0 .. {rows[-1][0]}", fill="black")
+    im.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (minisd.CheckpointError, ValueError, FileNotFoundError, KeyError, PermissionError, OSError) as e:
+        if args.debug:
+            raise
+        sys.exit(f"error: {e}")
+
+
+def train(args):
+    # -- distributed: one process per GPU under torchrun; rank 0 logs and saves
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:
+        torch.distributed.init_process_group("nccl")
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    main_process = rank == 0
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny weights and activations otherwise hit slow denormal arithmetic
+
+    # -- check everything cheap before any heavy work
+    for flag in ("steps", "batch", "grad_accum", "rank"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: adapters are written as .safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"--out {out}: cannot write to {out.parent}")
+    table = lora.rank_table(args.blocks, rank=args.rank, alphas=args.alpha)
+    if args.conv_rank is not None or args.conv_alpha is not None:  # conv layers follow the same block selection
+        conv = args.conv_rank if args.conv_rank is not None else args.rank
+        table = lora.rank_table(list(table.dims), alphas=list(table.alphas), conv_dims=[conv if d else 0 for d in table.dims],
+                                conv_alphas=args.conv_alpha)
+    items = find_images(args.data, args.prompt)
+    prior_items = find_images(args.prior_data, args.prior_prompt) if args.prior_data else []
+    prompts = _sample_prompts(args.sample_prompts)
+    resume_from = _resume_file(args.resume, out)
+
+    # -- model: frozen base in the compute dtype, adapters in float32
+    amp = {"auto": "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16" if device.type == "cuda" else "no"}.get(
+        args.mixed_precision, args.mixed_precision)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[amp]
+    base_dtype = torch.float32 if amp == "fp16" else amp_dtype  # fp16 base weights would overflow in the backward
+    sd = minisd.load(args.ckpt, device=device, dtype=base_dtype, tokenizer=args.tokenizer)
+    size = args.resolution or sd.native_size
+    if size % sd.vae.cfg.downscale:
+        raise ValueError(f"--resolution must be a multiple of {sd.vae.cfg.downscale}, got {size}")
+    gen = torch.Generator().manual_seed(args.seed)
+    targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
+    lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=sd.text_encoder if args.te_rank else None,
+                te_rank=args.te_rank, te_alpha=args.te_alpha, generator=gen)
+    unet_params = lora.trainable_parameters(sd.unet, ADAPTER)
+    te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
+    if not unet_params and not te_params:
+        raise ValueError(f"--blocks {args.blocks}: every block has rank 0, nothing to train")
+    sd.unet.gradient_checkpointing = args.grad_checkpointing
+
+    # -- data, cached: latents always, text embeddings while the text encoder is frozen
+    data, means, stds = cache_latents(sd, items, size, args.flip, device)
+    index = torch.tensor([i for i, (_, r) in enumerate(data) for _ in range(r)])  # repeats
+    captions = [c for c, _ in data]
+    prior = cache_latents(sd, prior_items, size, args.flip, device) if prior_items else None
+    all_captions = set(captions) | {c for c, _ in prior[0]} if prior else set(captions)
+    text_cache = None if args.te_rank else {c: sd.encode_prompt([c])[0] for c in all_captions}
+
+    def embed(caps):
+        return torch.stack([text_cache[c] for c in caps]) if text_cache else \
+            minisd.text.encode_prompts(sd.tokenizer, sd.text_encoder, caps).to(base_dtype)
+
+    groups = [{"params": unet_params, "lr": args.lr}] + ([{"params": te_params, "lr": args.te_lr or args.lr}] if te_params else [])
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    model = sd.unet
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index])
+    ac = sd.schedule.alphas_cumprod.float().to(device)
+    snr = ac / (1 - ac)
+    step, history = 0, []
+    if resume_from:
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        params = adapter_parameters(sd)
+        if set(state["adapter"]) != set(params) or any(state["adapter"][k].shape != p.shape for k, p in params.items()):
+            raise ValueError(f"--resume {resume_from}: made with other adapter settings (--blocks/--rank/--algo/--te-rank)")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state["adapter"][k])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        gen.set_state(state["rng"])
+        step, history = state["step"], [tuple(r) for r in state["history"]]
+        if main_process:
+            print(f"resumed from {resume_from} at step {step}")
+
+    # -- the loop
+    per_step = args.batch * args.grad_accum * world
+    bar = tqdm(total=args.steps, initial=step, desc="training", disable=args.quiet or not main_process)
+    t0, last_good = time.time(), None
+    sd.unet.train()
+    while step < args.steps:
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lr_factor(step, args)
+        total = 0.0
+        for micro in range(args.grad_accum):
+            # sample k of the global batch: epoch order, then this process's slice
+            k = (step * args.grad_accum + micro) * args.batch * world + rank * args.batch
+            idx = torch.stack([epoch_order(len(index), args.seed, j // len(index))[j % len(index)] for j in range(k, k + args.batch)])
+            rows = index[idx]
+            loss = diffusion_loss(model, means, stds, rows, embed([captions[i] for i in rows]), gen, ac, snr, args, amp_dtype, device)
+            if prior is not None:
+                prow = torch.randint(len(prior[0]), (args.batch,), generator=gen)
+                loss = loss + args.prior_weight * diffusion_loss(model, prior[1], prior[2], prow, embed([prior[0][i][0] for i in prow]),
+                                                                 gen, ac, snr, args, amp_dtype, device)
+            scaler.scale(loss / args.grad_accum).backward()
+            total += loss.item() / args.grad_accum
+        if not math.isfinite(total):
+            bar.close()
+            where = f"; the last good checkpoint is {last_good}" if last_good else ""
+            raise ValueError(f"loss is {total} at step {step}: stopping (try a lower --lr or --mixed-precision bf16){where}")
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(unet_params + te_params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        history.append((step, total, opt.param_groups[0]["lr"], round(time.time() - t0, 2)))
+        bar.set_postfix(loss=f"{total:.4f}", img_s=f"{per_step * bar.n / max(1e-9, time.time() - t0):.1f}" if bar.n else "-")
+        bar.update(1)
+        if main_process and args.save_every and step % args.save_every == 0 and step < args.steps:
+            last_good = save_checkpoint(sd, opt, scaler, gen, step, history, args, out)
+        if main_process and prompts and args.sample_every and step % args.sample_every == 0:
+            render_samples(sd, prompts, args, out, step)
+    bar.close()
+
+    if main_process:
+        if prompts and (not args.sample_every or step % args.sample_every):
+            render_samples(sd, prompts, args, out, step)
+        atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=kohya_args(args, len(data), size, step)), out)
+        write_log(history, out)
+        took = time.time() - t0
+        print(f"trained {step} steps ({per_step} images each) in {took:.0f}s, {per_step * len(history) / max(took, 1e-9):.1f} images/s;"
+              f" final loss {np.mean([h[1] for h in history[-20:]]):.4f}; wrote {out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return out
+
+
+def diffusion_loss(model, means, stds, rows, ctx, gen, ac, snr, args, amp_dtype, device):
+    """Noise-prediction MSE at random timesteps (with optional min-SNR weighting and offset noise)."""
+    view = torch.randint(means.shape[1], (len(rows),), generator=gen)  # the image or its mirror
+    z0 = means[rows, view] + stds[rows, view] * torch.randn(means[rows, view].shape, generator=gen).to(device)
+    noise = torch.randn(z0.shape, generator=gen)
+    if args.noise_offset:
+        noise = noise + args.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=gen)
+    noise = noise.to(device)
+    t = torch.randint(0, len(ac), (len(rows),), generator=gen).to(device)
+    a = ac[t][:, None, None, None]
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype != torch.float32):
+        eps = model(zt.to(ctx.dtype), t, ctx)
+    per_sample = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))
+    if args.min_snr_gamma:
+        per_sample = per_sample * torch.clamp(snr[t], max=args.min_snr_gamma) / snr[t]
+    return per_sample.mean()
+
+
+def save_checkpoint(sd, opt, scaler, gen, step, history, args, out):
+    """The adapter as it is now, and the state that resumes the run exactly (optimizer, scaler, RNG, history)."""
+    adapter = out.with_name(f"{out.stem}-step{step:06d}.safetensors")
+    atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=kohya_args(args, 0, 0, step)), adapter)
+    state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
+             "history": [list(h) for h in history], "adapter": {k: p.detach().cpu() for k, p in adapter_parameters(sd).items()}}
+    path = out.with_name(f"{out.stem}-step{step:06d}.state.pt")
+    atomic_save(lambda p: torch.save(state, p), path)
+    return path
+
+
+def adapter_parameters(sd):
+    """{name: parameter} of the trained adapter, U-Net and text encoder."""
+    return {f"{part}.{k}": p for part, m in (("unet", sd.unet), ("te", sd.text_encoder))
+            for k, p in m.named_parameters() if p.requires_grad}
+
+
+def _resume_file(resume, out):
+    if resume is None:
+        return None
+    if resume != "latest":
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such file")
+        return Path(resume)
+    found = state_files(out)
+    if not found:
+        raise FileNotFoundError(f"--resume: no {out.stem}-step*.state.pt beside {out}")
+    return found[-1]
+
+
+def _sample_prompts(spec):
+    if not spec:
+        return []
+    if spec.endswith(".txt"):
+        return [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+    return [p.strip() for p in spec.split("|") if p.strip()]
+
+
+@torch.no_grad()
+def render_samples(sd, prompts, args, out, step):
+    from sample import grid, to_pil
+    sd.unet.eval()
+    images = to_pil(sd.sample(prompts, steps=args.sample_steps, guidance=7.5, seed=args.seed, progress=False))
+    sd.unet.train()
+    folder = out.with_name(f"{out.stem}-samples")
+    folder.mkdir(exist_ok=True)
+    grid(images, min(4, len(images))).save(folder / f"step{step:06d}.png")
+
+
+def kohya_args(args, n_images, size, step):
+    """Training settings in kohya's ss_* metadata names (strings)."""
+    return {"ss_learning_rate": str(args.lr), "ss_text_encoder_lr": str(args.te_lr or args.lr), "ss_unet_lr": str(args.lr),
+            "ss_max_train_steps": str(args.steps), "ss_steps": str(step), "ss_batch_size_per_device": str(args.batch),
+            "ss_gradient_accumulation_steps": str(args.grad_accum), "ss_lr_scheduler": args.schedule,
+            "ss_lr_warmup_steps": str(args.warmup), "ss_mixed_precision": args.mixed_precision, "ss_seed": str(args.seed),
+            "ss_num_train_images": str(n_images), "ss_resolution": f"({size}, {size})", "ss_min_snr_gamma": str(args.min_snr_gamma),
+            "ss_noise_offset": str(args.noise_offset), "ss_sd_model_name": Path(args.ckpt).name,
+            "minisd_blocks_spec": str(args.blocks), "minisd_algo": args.algo, "ss_training_comment": "minisd train.py"}
+
+
+def write_log(history, out):
+    with open(out.with_name(f"{out.stem}-loss.csv"), "w") as f:
+        f.write("step,loss,lr,seconds\n")
+        f.writelines(f"{s},{l:.6f},{lr:.3g},{t}\n" for s, l, lr, t in history)
+    loss_plot(history, out.with_name(f"{out.stem}-loss.png"))
+
+
+if __name__ == "__main__":
+    main()
