@@ -74,9 +74,9 @@ def names_to_blocks(name, extra=None):
 def parse_items(spec, default, valid, extra=None, what="block"):
     """'NAME[=VALUE],...' -> {block: value-string-or-default} in order; NAMEs expand through names_to_blocks.
     `valid` limits the blocks allowed; errors list the valid names."""
+    items = spec.items() if isinstance(spec, dict) else [i.partition("=")[::2] for i in spec.split(",") if i.strip()]
     out = {}
-    for item in (spec.items() if isinstance(spec, dict) else (i.partition("=")[::2] for i in spec.split(",") if i.strip())):
-        name, value = item
+    for name, value in items:
         blocks = names_to_blocks(str(name), extra)
         if blocks is None or any(b not in valid for b in blocks):
             choices = ", ".join([*sorted(extra or {}), *GROUPS, *valid])
@@ -99,7 +99,7 @@ def expand17(values):
     return [by_name.get(b, 0.0) for b in BLOCKS]
 
 
-def _numbers(spec):
+def parse_numbers(spec):
     """A list of numbers, or a comma string of only numbers -> list of floats; otherwise None."""
     if isinstance(spec, (list, tuple)):
         return [float(v) for v in spec]
@@ -115,7 +115,7 @@ def parse_block_weights(spec):
     """A block-weight spec (see the module docstring) -> {name: weight} for all 26 BLOCKS."""
     if isinstance(spec, str) and spec.strip().upper() in LBW_PRESETS:
         return dict(zip(BLOCKS, map(float, expand17(LBW_PRESETS[spec.strip().upper()]))))
-    values = _numbers(spec)
+    values = parse_numbers(spec)
     if values is not None:
         if len(values) == 17:
             values = expand17(values)

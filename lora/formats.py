@@ -25,6 +25,13 @@ Metadata written by save_kohya (safetensors metadata is str -> str):
     minisd_base_unet_sha256   unet_hash(unet): sha256 of the U-Net's base tensors (merged adapters taken out), in
                               float32, by LDM name: the same whichever layout the base was loaded from
 plus the caller's `metadata` (values that are not strings are JSON-encoded); the derived keys above win.
+
+diffusers 0.42 (`pipe.load_lora_weights`, tested): our files load there completely (LoCon ResNet convs,
+skip_connection, time-embedding projections, samplers and the text encoder included) and give our outputs, as long
+as all U-Net modules share one alpha (and all text-encoder modules one). diffusers drops the per-module alphas of
+attention modules in kohya files (the alpha names it derives for them match no module) and gives them the file's
+most common alpha, so block-wise alphas (including the default alpha = rank with ranks that differ between
+blocks) load with wrong scales there. For diffusers users train with one alpha: rank_table(..., alphas=A).
 """
 import hashlib
 import json
@@ -60,11 +67,13 @@ def module_index(unet, text_encoder=None):
     for path, m in unet.named_modules():
         dif = rename(path, pairs, to_diffusers=True) if isinstance(m, (nn.Linear, nn.Conv2d)) else None
         if dif:
-            index["lora_unet_" + dif.replace(".", "_")] = index["unet." + dif] = ("unet", path)
+            for name in ("lora_unet_" + dif.replace(".", "_"), "unet." + dif):
+                index[name] = ("unet", path)
     for path, m in (text_encoder.named_modules() if text_encoder is not None else ()):
         if isinstance(m, nn.Linear):
-            index["lora_te_" + _te_path(path).replace(".", "_")] = ("te", path)
-            index["text_encoder." + _te_path(path)] = index["text_encoder." + path.removeprefix("text_model.")] = ("te", path)
+            for name in ("lora_te_" + _te_path(path).replace(".", "_"), "text_encoder." + _te_path(path),
+                         "text_encoder." + path.removeprefix("text_model.")):
+                index[name] = ("te", path)
     return index
 
 
@@ -76,16 +85,17 @@ def _hint(keys, shapes=()):
     return ""
 
 
-def _peft_alphas(metadata):
-    """(default alpha or None, {pattern: alpha}) per part, from diffusers' lora_adapter_metadata JSON."""
+def _peft_alphas(metadata, path):
+    """{part: (lora_alpha or None, alpha_pattern)} from diffusers' lora_adapter_metadata JSON, if any."""
     try:
         meta = json.loads((metadata or {}).get("lora_adapter_metadata", "{}"))
     except json.JSONDecodeError:
-        return {}
+        raise CheckpointError(f"{path}: lora_adapter_metadata is not JSON") from None
     out = {}
     for part, prefix in (("unet", "unet."), ("te", "text_encoder.")):
-        if meta.get(prefix + "use_rslora") or meta.get(prefix + "use_dora"):
-            return {"unsupported": "rsLoRA" if meta.get(prefix + "use_rslora") else "DoRA"}
+        for flag, algo in (("use_rslora", "rsLoRA"), ("use_dora", "DoRA")):
+            if meta.get(prefix + flag):
+                raise CheckpointError(f"{path}: {algo} adapters are not supported (lora_adapter_metadata)")
         out[part] = (meta.get(prefix + "lora_alpha"), meta.get(prefix + "alpha_pattern") or {})
     return out
 
@@ -118,10 +128,13 @@ def read_adapter_file(path, unet, text_encoder=None):
                 raise CheckpointError(f"{path}: {algo} adapters are not supported, only LoRA / LoCon ({key})")
     kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in sd)
     parts_of = KOHYA_PARTS if kohya else DIFFUSERS_PARTS
-    groups, odd = {}, []
+    groups, odd = {}, []  # {module name: {"down": t, "up": t, "alpha": t}}, keys of no known kind
     for key, t in sd.items():
         suffix = next((s for s in parts_of if key.endswith("." + s)), None)
-        (odd.append(key) if suffix is None else groups.setdefault(key[:-len(suffix) - 1], {}).__setitem__(parts_of[suffix], t))
+        if suffix is None:
+            odd.append(key)
+        else:
+            groups.setdefault(key[:-len(suffix) - 1], {})[parts_of[suffix]] = t
     if odd or not groups:
         raise CheckpointError(f"{path}: not a LoRA file: keys that are no LoRA factor or alpha ({len(odd)}): "
                               f"{', '.join(odd[:4]) or 'no keys'}{_hint(odd)}")
@@ -131,9 +144,7 @@ def read_adapter_file(path, unet, text_encoder=None):
         te_keys = text_encoder is None and any(n.startswith(("lora_te_", "text_encoder.")) for n in unknown)
         raise CheckpointError(f"{path}: " + ("the file adapts the text encoder; pass text_encoder=" if te_keys else
                               f"{len(unknown)} adapters match no module: {', '.join(unknown[:4])}{_hint(unknown)}"))
-    peft = {} if kohya else _peft_alphas(metadata)
-    if "unsupported" in peft:
-        raise CheckpointError(f"{path}: {peft['unsupported']} adapters are not supported (lora_adapter_metadata)")
+    peft = {} if kohya else _peft_alphas(metadata, path)
     entries = []
     for mod_name, g in groups.items():
         part, mpath = index[mod_name]
@@ -151,7 +162,7 @@ def read_adapter_file(path, unet, text_encoder=None):
                 raise CheckpointError(f"{path}: {mod_name}.alpha has {g['alpha'].numel()} values, expected one")
             alpha = g["alpha"].item()
         else:
-            default, patterns = peft.get(part, (None, {}))
+            default, patterns = peft.get(part, (None, {}))  # peft: alpha_pattern keys match a path's end
             name = mod_name.split(".", 1)[1] if not kohya else mod_name
             alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(.*\.)?{p}", name)), default) or rank
         entries.append((part, mpath, *fitted, float(alpha)))
@@ -199,27 +210,29 @@ def unet_hash(unet):
 
 
 def kohya_metadata(unet, name, text_encoder=None):
-    """The derived metadata of adapter `name` (see the module docstring)."""
-    tables = {k: [0] * 25 for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")}
-    te_dim, te_alpha, blocks = 0, 0.0, set()
+    """The derived metadata of adapter `name` (see the module docstring): ranks and alphas as adapted, per block
+    (the largest where a block's modules differ)."""
+    dims = {kind: [(0, 0.0)] * 25 for kind in ("block", "conv_block")}  # (rank, alpha) per kohya block
+    te, blocks = (0, 0.0), set()
     for path, layer in adapted_layers(unet, text_encoder, name):
         a, block = layer.adapters[name], block_of(path)
         blocks.add(block)
         if block == "BASE":
-            te_dim, te_alpha = max((te_dim, te_alpha), (a.rank, a.alpha))
+            te = max(te, (a.rank, a.alpha))
         elif block in UNET_BLOCKS:
-            i, kind = UNET_BLOCKS.index(block), "conv_block" if getattr(layer, "kernel_size", (1, 1)) != (1, 1) else "block"
-            tables[kind + "_dims"][i], tables[kind + "_alphas"][i] = max((tables[kind + "_dims"][i], tables[kind + "_alphas"][i]), (a.rank, a.alpha))
-    dim, alpha = max(zip(tables["block_dims"], tables["block_alphas"]))
-    conv_dim, conv_alpha = max(zip(tables["conv_block_dims"], tables["conv_block_alphas"]))
-    args = {k: ",".join(f"{v:g}" for v in vals) for k, vals in tables.items()}
+            table = dims["conv_block" if getattr(layer, "kernel_size", (1, 1)) != (1, 1) else "block"]
+            i = UNET_BLOCKS.index(block)
+            table[i] = max(table[i], (a.rank, a.alpha))
+    args = {f"{kind}_{what}": ",".join(f"{pair[j]:g}" for pair in table)
+            for kind, table in dims.items() for j, what in ((0, "dims"), (1, "alphas"))}
+    (dim, alpha), (conv_dim, conv_alpha) = max(dims["block"]), max(dims["conv_block"])
     if conv_dim:
         args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": f"{alpha:g}",
             "ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1", "ss_v2": "False",
             "minisd_adapter_name": name, "minisd_algo": "locon" if conv_dim else "lora",
             "minisd_blocks": ",".join(b for b in ("BASE",) + UNET_BLOCKS if b in blocks),
-            "minisd_te_dim": str(te_dim), "minisd_te_alpha": f"{te_alpha:g}",
+            "minisd_te_dim": str(te[0]), "minisd_te_alpha": f"{te[1]:g}",
             "minisd_base_unet_sha256": unet_hash(unet)}
 
 

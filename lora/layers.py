@@ -16,7 +16,7 @@ forward uses the fused autograd functions (lora.fused) when some adapter is acti
 `layer.fused = False` selects the plain composition (the reference, and the path when the base is trainable).
 Merging adds gain * up @ down into the base weight; the first merge keeps a copy of the unmerged weight and
 unmerging restores from it (then re-adds the adapters still merged), so merge/unmerge cycles never drift.
-Changing a merged adapter's multipliers re-merges it.
+A disabled adapter adds nothing, merged or not; `configure` re-merges a merged adapter whose switches change.
 """
 import math
 import re
@@ -82,27 +82,30 @@ class _Adapted:
         device = self.weight.device
         down = torch.empty(down_shape, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
-        self.adapters[name] = Adapter(down, torch.zeros(up_shape, device=device, dtype=dtype), rank if alpha is None else alpha)
+        up = torch.zeros(up_shape, device=device, dtype=dtype)
+        self.adapters[name] = Adapter(down, up, rank if alpha is None else alpha)
         return self.adapters[name]
 
     def remove_adapter(self, name):
         self.unmerge(name)
         del self.adapters[name]
 
-    def set_multipliers(self, name, multiplier=None, block_multiplier=None):
+    def configure(self, name, multiplier=None, block_multiplier=None, enabled=None):
+        """Change an adapter's switches (None: keep); a merged adapter is merged again with the new ones."""
         a = self.adapters[name]
         merged = a.merged
         self.unmerge(name)
         a.multiplier = a.multiplier if multiplier is None else float(multiplier)
         a.block_multiplier = a.block_multiplier if block_multiplier is None else float(block_multiplier)
+        a.enabled = a.enabled if enabled is None else bool(enabled)
         if merged:
             self.merge(name)
 
     def delta_weight(self, name):
-        """gain * up @ down as a tensor shaped like the base weight, computed in float32."""
+        """gain * up @ down (zero if disabled), shaped like the base weight, computed in float32."""
         a = self.adapters[name]
         delta = a.up.detach().float().flatten(1) @ a.down.detach().float().flatten(1)
-        return (delta * a.gain).view(self.weight.shape)
+        return (delta * (a.gain if a.enabled else 0.0)).view(self.weight.shape)
 
     @torch.no_grad()
     def merge(self, name):
@@ -139,13 +142,13 @@ class _Adapted:
         active = self.active()
         if not active:
             return super().forward(x)
-        dt = compute_dtype(x)
-        w, b = self.weight.to(dt), None if self.bias is None else self.bias.to(dt)
-        downs, ups, gains = [a.down.to(dt) for a in active], [a.up.to(dt) for a in active], [a.gain for a in active]
+        x = x.to(compute_dtype(x))
+        downs, ups, gains = [a.down for a in active], [a.up for a in active], [a.gain for a in active]
         frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if self.fused and frozen:
-            return self.fused_forward(x.to(dt), w, b, downs, ups, gains)
-        return self.plain_forward(x.to(dt), w, b, downs, ups, gains)
+            return self.fused_forward(x, self.weight, self.bias, downs, ups, gains)
+        cast = lambda t: None if t is None else t.to(x.dtype)  # what autocast does, also without autocast
+        return self.plain_forward(x, cast(self.weight), cast(self.bias), [*map(cast, downs)], [*map(cast, ups)], gains)
 
 
 class LoRALinear(_Adapted, nn.Linear):

@@ -45,6 +45,7 @@ def adapted_layers(unet, text_encoder=None, name=None):
 
 
 def adapter_names(unet, text_encoder=None):
+    """The sorted names of the adapters present."""
     return sorted({n for _, layer in adapted_layers(unet, text_encoder) for n in layer.adapters})
 
 
@@ -58,9 +59,9 @@ def _layers_with(unet, text_encoder, name):
 def target_paths(unet, table, targets=LIERLA):
     """[(path, rank, alpha)] that `inject` would adapt in the U-Net for this table and these targets."""
     table = table if isinstance(table, RankTable) else rank_table(table)
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or isinstance(targets, str):
-        raise ValueError(f"unknown targets {unknown or targets!r}; valid: {', '.join(TARGETS)} (a tuple)")
+    unknown = [targets] if isinstance(targets, str) else [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown targets {unknown}; valid: a tuple of {', '.join(TARGETS)}")
     pattern = re.compile("|".join(f"(?:{TARGETS[t]})" for t in targets))
     plan = []
     for path, m in unet.named_modules():
@@ -108,6 +109,7 @@ def add_adapter_at(model, path, name, rank, alpha, dtype=torch.float32):
 
 def remove(unet, name, text_encoder=None):
     """Remove adapter `name` (unmerging it first); layers left without adapters become plain layers again."""
+    _layers_with(unet, text_encoder, name)  # KeyError if there is none
     for model in _models(unet, text_encoder):
         for path, layer in adapted_layers(model, name=name):
             layer.remove_adapter(name)
@@ -122,12 +124,13 @@ def set_weights(unet, name, weight=None, block_weights=None, text_encoder=None):
     Modules outside the 26 blocks (time_embed, out: only in foreign files) keep block weight 1."""
     per_block = None if block_weights is None else parse_block_weights(block_weights)
     for path, layer in _layers_with(unet, text_encoder, name):
-        layer.set_multipliers(name, weight, None if per_block is None else per_block.get(block_of(path), 1.0))
+        layer.configure(name, weight, None if per_block is None else per_block.get(block_of(path), 1.0))
 
 
 def enable(unet, name, on=True, text_encoder=None):
+    """Switch adapter `name` on or off (merged or not)."""
     for _, layer in _layers_with(unet, text_encoder, name):
-        layer.adapters[name].enabled = on
+        layer.configure(name, enabled=on)
 
 
 def merge(unet, name=None, text_encoder=None):
@@ -138,6 +141,7 @@ def merge(unet, name=None, text_encoder=None):
 
 
 def unmerge(unet, name=None, text_encoder=None):
+    """Take adapter `name` (None: every adapter) out of the base weights again, exactly (see lora.layers)."""
     for _, layer in adapted_layers(unet, text_encoder) if name is None else _layers_with(unet, text_encoder, name):
         for n in ([name] if name else list(layer.adapters)):
             layer.unmerge(n)
@@ -174,5 +178,5 @@ def load_base_weights(model, state_dict):
     expected = set(base_state_dict(model))
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
     if missing or unexpected:
-        raise KeyError(f"base weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise ValueError(f"base weights do not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
     model.load_state_dict(state_dict, strict=False)

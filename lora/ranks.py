@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blocks import BLOCKS17, UNET_BLOCKS, _numbers, parse_items
+from .blocks import BLOCKS17, UNET_BLOCKS, parse_numbers, parse_items
 
 RANK_PRESETS = {"all": UNET_BLOCKS, "attn-only": BLOCKS17[1:]}
 FILE_KEYS = ("dims", "alphas", "conv_dims", "conv_alphas", "rank")
@@ -57,7 +57,7 @@ def _table(spec, rank, what):
     """One table spec -> {block: value string or number} for the blocks it mentions."""
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return dict.fromkeys(UNET_BLOCKS, spec)
-    values = _numbers(spec)
+    values = parse_numbers(spec)
     if values is not None and len(values) == 1:
         return dict.fromkeys(UNET_BLOCKS, values[0])
     if values is not None:

@@ -24,3 +24,13 @@ def lora_sd(layouts):
     U-Net / text encoder before adapting them)."""
     import minisd
     return minisd.load(layouts["diffusers"])
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one CPU thread: for tiny tensors threads only add synchronisation, which becomes very slow when
+    other processes share the cores (the LoRA tests use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,265 @@
+"""Adapter files: kohya round trips, metadata, refused files, and interop with diffusers (the reference)."""
+import copy
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora
+import minisd
+from minisd import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
+
+
+@pytest.fixture
+def models(lora_sd):
+    """A private copy of the U-Net and text encoder."""
+    return copy.deepcopy(lora_sd.unet), copy.deepcopy(lora_sd.text_encoder)
+
+
+@pytest.fixture
+def pipe(ref_pipe):
+    """A private copy of the diffusers reference pipeline (load_lora_weights changes it)."""
+    return copy.deepcopy(ref_pipe)
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700]), torch.randn(2, 77, 64, generator=g),
+            torch.randint(0, 1000, (2, 77), generator=g))
+
+
+def randomize(unet, name, text_encoder=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.adapted_layers(unet, text_encoder, name):
+            layer.adapters[name].up.normal_(0, 0.3, generator=g)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def outputs(unet, text_encoder, inputs):
+    x, t, ctx, ids = inputs
+    with torch.no_grad():
+        return unet(x, t, ctx), text_encoder(ids).last_hidden_state
+
+
+def diffusers_outputs(pipe, inputs):
+    x, t, ctx, ids = inputs
+    with torch.no_grad():
+        return pipe.unet(x, t, encoder_hidden_states=ctx).sample, pipe.text_encoder(ids).last_hidden_state
+
+
+def peft_modules(module):
+    return [n for n, m in module.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+
+
+def test_round_trip_is_exact(models, lora_sd, layouts, inputs, tmp_path):
+    unet, te = models
+    table = lora.rank_table("all=4,in0=8,out3=6", alphas="out3=3", conv_dims="mid=2")
+    lora.inject(unet, "identity", table, targets=lora.C3LIER, text_encoder=te, te_rank=3, te_alpha=1.5)
+    randomize(unet, "identity", te)
+    path = tmp_path / "identity.safetensors"
+    lora.save_kohya(path, unet, te, "identity", {"ss_steps": 100, "ss_comment": "test"})
+
+    unet2, te2 = copy.deepcopy(lora_sd.unet), copy.deepcopy(lora_sd.text_encoder)
+    paths = lora.load_kohya(path, unet2, te2)  # the name defaults to the file's stem
+    assert lora.adapter_names(unet2, te2) == ["identity"] and len(paths) == len(lora.adapted_layers(unet, te))
+    for (p1, l1), (p2, l2) in zip(lora.adapted_layers(unet, te), lora.adapted_layers(unet2, te2), strict=True):
+        a1, a2 = l1.adapters["identity"], l2.adapters["identity"]
+        assert p1 == p2 and torch.equal(a1.down, a2.down) and torch.equal(a1.up, a2.up) and a1.alpha == a2.alpha
+    for a, b in zip(outputs(unet, te, inputs), outputs(unet2, te2, inputs)):
+        assert torch.equal(a, b)
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    args = json.loads(meta["ss_network_args"])
+    dims = [int(v) for v in args["block_dims"].split(",")]  # what was adapted: IN00 and the downsampler blocks
+    assert dims == [0, 8, 8, 0, 4, 4, 0, 4, 4, 0] + [4] * 12 + [6, 6, 6]  # have no linear layers
+    assert args["block_alphas"].split(",")[-1] == "3"
+    assert [int(v) for v in args["conv_block_dims"].split(",")] == [0] * 12 + [2] + [0] * 12  # mid only
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "8", "8")
+    assert (meta["minisd_algo"], meta["minisd_te_dim"], meta["minisd_te_alpha"]) == ("locon", "3", "1.5")
+    assert meta["minisd_blocks"].split(",") == ["BASE"] + [b for b in lora.UNET_BLOCKS if b not in ("IN00", "IN03", "IN06", "IN09")]
+    assert (meta["ss_steps"], meta["ss_comment"]) == ("100", "test")
+    # the base hash does not depend on the layout the base came from, and ignores adapters
+    assert meta["minisd_base_unet_sha256"] == lora.unet_hash(lora_sd.unet) == lora.unet_hash(minisd.load(layouts["ckpt"]).unet)
+    lora.merge(unet)
+    assert lora.unet_hash(unet) == meta["minisd_base_unet_sha256"]
+
+
+def test_paper_style_file_has_only_in0_and_out3_keys(models, tmp_path):
+    unet, te = models
+    paths = lora.inject(unet, "style", lora.rank_table("in0,out3", rank=4), targets=lora.C3LIER)
+    assert all(re.match(r"unet\.(input_blocks\.[123]|output_blocks\.(9|10|11))\.", p) for p in paths)
+    lora.save_kohya(tmp_path / "style.safetensors", unet, te)  # the only adapter
+    with safe_open(str(tmp_path / "style.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert len(keys) == 3 * len(paths)
+    assert all(k.startswith(("lora_unet_down_blocks_0_", "lora_unet_up_blocks_3_")) for k in keys)
+    assert "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight" in keys
+    assert meta["minisd_blocks"] == "IN01,IN02,IN03,OUT09,OUT10,OUT11"
+
+
+def test_load_with_weight_and_block_weights(models, lora_sd, inputs, tmp_path):
+    unet, te = models
+    lora.inject(unet, "style", 4, targets=lora.C3LIER, text_encoder=te, te_rank=2)
+    randomize(unet, "style", te)
+    lora.save_kohya(tmp_path / "s.safetensors", unet, te, "style")
+    lora.load_kohya(tmp_path / "s.safetensors", unet, te, name="style2", weight=0.8,
+                    block_weights=lora.parse_block_weights("OUTD"))
+    outd = lora.parse_block_weights("OUTD")
+    for path, layer in lora.adapted_layers(unet, te, "style2"):
+        assert (layer.adapters["style2"].multiplier, layer.adapters["style2"].block_multiplier) == (0.8, outd[lora.block_of(path)])
+    lora.set_weights(unet, "style", 0.8, "OUTD", text_encoder=te)
+    lora.enable(unet, "style2", False, text_encoder=te)
+    y_style = outputs(unet, te, inputs)
+    lora.enable(unet, "style2", text_encoder=te)
+    lora.enable(unet, "style", False, text_encoder=te)
+    for a, b in zip(outputs(unet, te, inputs), y_style):
+        torch.testing.assert_close(a, b)
+
+
+def kohya_tensors(rank, shape_in, shape_out, kernel=None, alpha=None):
+    g = torch.Generator().manual_seed(rank * 1000 + shape_in + shape_out)
+    down = torch.randn((rank, shape_in) + ((kernel, kernel) if kernel else ()), generator=g) * 0.2
+    up = torch.randn((shape_out, rank) + ((1, 1) if kernel else ()), generator=g) * 0.2
+    return {"lora_down.weight": down, "lora_up.weight": up, **({} if alpha is None else {"alpha": torch.tensor(alpha)})}
+
+
+def write(path, modules):
+    save_file({f"{m}.{k}": v.contiguous() for m, parts in modules.items() for k, v in parts.items()}, str(path))
+    return path
+
+
+TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.parametrize("modules,message", [
+    ({TO_Q: {"hada_w1_a": torch.ones(2, 2), "hada_w1_b": torch.ones(2, 2)}}, "LoHa adapters are not supported"),
+    ({TO_Q: {"lokr_w1": torch.ones(2, 2)}}, "LoKr adapters are not supported"),
+    ({TO_Q: {**kohya_tensors(4, 32, 32), "dora_scale": torch.ones(32, 1)}}, "DoRA adapters are not supported"),
+    ({TO_Q: {**kohya_tensors(4, 32, 32), "lora_mid.weight": torch.ones(4, 4, 3, 3)}}, "Tucker"),
+    ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj": kohya_tensors(4, 64, 64)}, "SDXL adapter"),
+    ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": kohya_tensors(4, 64, 64)}, "SDXL adapter"),
+    ({TO_Q.replace("attn1_to_q", "attn2_to_k"): kohya_tensors(4, 1024, 32)}, "SD 2.x adapter"),
+    ({TO_Q.replace("to_q", "to_z"): kohya_tensors(4, 32, 32)}, "1 adapters match no module: " + TO_Q.replace("to_q", "to_z")),
+    ({TO_Q: {**kohya_tensors(4, 32, 32), "lora_up.weight": torch.ones(32, 3)}}, "do not fit"),
+    ({TO_Q: kohya_tensors(4, 32, 32, kernel=3)}, "do not fit"),
+    ({TO_Q: {"lora_down.weight": torch.ones(4, 32)}}, "lacks its lora_up"),
+    ({TO_Q: {**kohya_tensors(4, 32, 32), "alpha": torch.ones(2)}}, "alpha has 2 values"),
+    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": kohya_tensors(4, 64, 64)}, "pass text_encoder="),
+    ({"model": {"weight": torch.ones(2)}}, "not a LoRA file"),
+])
+def test_refused_files(models, tmp_path, modules, message):
+    unet, _ = models
+    path = write(tmp_path / "bad.safetensors", modules)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as e:
+        lora.load_kohya(path, unet, None, name="x")
+    assert str(path) in str(e.value)
+    assert lora.adapter_names(unet) == []  # nothing was changed
+
+
+def test_other_errors(models, tmp_path):
+    unet, te = models
+    with pytest.raises(CheckpointError, match="no such file"):
+        lora.load_kohya(tmp_path / "missing.safetensors", unet)
+    lora.inject(unet, "a", 2)
+    lora.inject(unet, "b", 2)
+    with pytest.raises(ValueError, match="name the adapter to save; adapters: a, b"):
+        lora.save_kohya(tmp_path / "x.safetensors", unet)
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        lora.save_kohya(tmp_path / "x.pt", unet, name="a")
+    lora.save_kohya(tmp_path / "a.safetensors", unet, name="a")
+    with pytest.raises(ValueError, match="exists already"):
+        lora.load_kohya(tmp_path / "a.safetensors", unet)
+
+
+def test_our_file_loads_in_diffusers(models, pipe, inputs, tmp_path):
+    """(a) A file written here, LoCon convs and text encoder included, in diffusers' load_lora_weights: every
+    module is adapted there and the U-Net and text-encoder outputs equal ours."""
+    unet, te = models
+    lora.inject(unet, "identity", lora.rank_table("all=4,out3=8", alphas=3), targets=lora.C3LIER, text_encoder=te, te_rank=2)
+    randomize(unet, "identity", te)
+    path = tmp_path / "ours.safetensors"
+    lora.save_kohya(path, unet, te, "identity")
+    base = diffusers_outputs(pipe, inputs)
+    pipe.load_lora_weights(str(path), adapter_name="identity")
+    assert len(peft_modules(pipe.unet)) == len(lora.adapted_layers(unet))  # nothing left over
+    assert len(peft_modules(pipe.text_encoder)) == len(lora.adapted_layers(te))
+    for ours, theirs, before in zip(outputs(unet, te, inputs), diffusers_outputs(pipe, inputs), base):
+        assert rel_err(ours, theirs) <= 1e-4 and rel_err(before, theirs) > 1e-2
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # peft: alpha_pattern keys that match no module
+@pytest.mark.xfail(strict=True, reason="diffusers 0.42 gives the attention modules of kohya files the file's most "
+                                      "common alpha: block-wise alphas load with wrong scales there")
+def test_blockwise_alphas_in_diffusers(models, pipe, inputs, tmp_path):
+    unet, te = models
+    lora.inject(unet, "style", "in0=4,out3=8")  # alpha = rank: alphas 4 and 8
+    randomize(unet, "style")
+    lora.save_kohya(tmp_path / "style.safetensors", unet, te, "style")
+    pipe.load_lora_weights(str(tmp_path / "style.safetensors"))
+    assert rel_err(outputs(unet, te, inputs)[0], diffusers_outputs(pipe, inputs)[0]) <= 1e-4
+
+
+def test_kohya_file_loads_here_as_in_diffusers(models, pipe, inputs, tmp_path):
+    """(b) A kohya file written independently of lora/ (names straight from diffusers' module names, LoCon
+    ResNet / sampler / shortcut / time-embedding keys, text-encoder keys, mixed ranks). One alpha for all U-Net
+    modules: diffusers 0.42 drops the alphas of attention modules in kohya files (its alpha names for them match
+    no module) and gives them the file's most common alpha, as it does for modules without an alpha (kohya and
+    minisd: alpha = rank). So block-wise alphas load differently there."""
+    modules = {}
+    for i, (name, m) in enumerate(pipe.unet.named_modules()):
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) or name in ("conv_in", "conv_out") or "time_embedding" in name:
+            continue
+        rank, alpha = 1 + i % 5, 3.0
+        conv = isinstance(m, torch.nn.Conv2d)
+        k = m.kernel_size[0] if conv else None
+        modules["lora_unet_" + name.replace(".", "_")] = kohya_tensors(
+            rank, m.in_channels if conv else m.in_features, m.out_channels if conv else m.out_features, k, alpha)
+    for name, m in pipe.text_encoder.named_modules():
+        if isinstance(m, torch.nn.Linear) and re.search(r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$", name):
+            modules["lora_te_text_model_" + name.removeprefix("text_model.").replace(".", "_")] = kohya_tensors(2, m.in_features, m.out_features, alpha=1.0)
+    assert any("conv_shortcut" in n for n in modules) and any("upsamplers" in n for n in modules)
+    path = write(tmp_path / "kohya.safetensors", modules)
+    unet, te = models
+    paths = lora.load_kohya(path, unet, te, name="k")
+    assert len(paths) == len(modules)
+    pipe.load_lora_weights(str(path), adapter_name="k")
+    assert len(peft_modules(pipe.unet)) + len(peft_modules(pipe.text_encoder)) == len(modules)
+    for ours, theirs in zip(outputs(unet, te, inputs), diffusers_outputs(pipe, inputs)):
+        assert rel_err(ours, theirs) <= 1e-4
+
+
+def test_diffusers_peft_file_loads_here(models, pipe, inputs, tmp_path):
+    """A file from diffusers' save_lora_weights (peft lora_A / lora_B, alphas only in its metadata, rank and
+    alpha patterns), and the same tensors under the older `.lora.down / .lora.up` names."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"],
+                        rank_pattern={"conv1": 2}, alpha_pattern={"to_k": 3}, init_lora_weights=False)
+    pipe.unet.add_adapter(config, adapter_name="p")
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="p"),
+                                              unet_lora_adapter_metadata=config.to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    unet, te = models
+    lora.load_kohya(path, unet, te, name="p")
+    theirs = diffusers_outputs(pipe, inputs)[0]
+    assert rel_err(outputs(unet, te, inputs)[0], theirs) <= 1e-4
+    with safe_open(str(path), "pt") as f:
+        old = {k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): f.get_tensor(k)
+               for k in f.keys()}
+        alphas = {k.replace("lora_A.weight", "alpha"): torch.tensor(3.0 if ".to_k." in k else 6.0) for k in f.keys() if "lora_A" in k}
+    save_file({**old, **alphas}, str(tmp_path / "old.safetensors"))
+    lora.remove(unet, "p")
+    lora.load_kohya(tmp_path / "old.safetensors", unet, te, name="p")
+    assert rel_err(outputs(unet, te, inputs)[0], theirs) <= 1e-4
