@@ -2,7 +2,9 @@
 from .checkpoint import CheckpointError
 from .ddim import Schedule
 from .pipeline import StableDiffusion, load
+from .save import save_diffusers, save_single_file
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
-__all__ = ["load", "StableDiffusion", "UNet", "UNetConfig", "AutoencoderKL", "VAEConfig", "Schedule", "CheckpointError"]
+__all__ = ["load", "StableDiffusion", "UNet", "UNetConfig", "AutoencoderKL", "VAEConfig", "Schedule", "CheckpointError",
+           "save_diffusers", "save_single_file"]
