@@ -20,6 +20,7 @@ import minisd
 import sample
 import train
 from tinyworld import classify
+from tinyworld.world import HELDOUT_STYLE, HELDOUT_SUBJECT
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "weights" / "tiny"
@@ -62,10 +63,10 @@ def labelled_grid(columns, scores, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", help="output folder")
-    p.add_argument("--algo", default="lora", choices=["lora", "locon"])
+    p.add_argument("--algo", default="locon", choices=["lora", "locon"], help="locon also adapts the ResBlock convs")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=150, help="training steps per adapter")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=200, help="training steps per adapter")
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +86,8 @@ def main():
     scores = {}
     for title, images in columns.items():
         pred = classify.predict(judge, images)
-        scores[title] = (sum(s == "robot" for s in pred["subject"]) / len(images), sum(s == "rings" for s in pred["style"]) / len(images))
+        scores[title] = (sum(s == HELDOUT_SUBJECT for s in pred["subject"]) / len(images),
+                         sum(s == HELDOUT_STYLE for s in pred["style"]) / len(images))
     labelled_grid(columns, scores, out / "grid.png")
     for title, (ident, style) in scores.items():
         print(f"{title:22s} identity {ident:4.0%}  style {style:4.0%}")
