@@ -11,6 +11,7 @@ With no adapters the image equals diffusers' StableDiffusionPipeline + DDIMSched
 """
 import argparse
 import hashlib
+import os
 import re
 import sys
 import time
@@ -92,6 +93,9 @@ def check(args):
             lora.parse_block_weights(blocks)
     if Path(args.out).suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: must be a .png file")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, not after sampling
+    if Path(args.out).is_dir() or not os.access(Path(args.out).parent, os.W_OK):
+        raise PermissionError(f"--out {args.out}: cannot write a file there")
     return adapters
 
 
@@ -142,7 +146,7 @@ def main(argv=None):
                             block_weights=lora.parse_block_weights(blocks) if blocks else None, dtype=dtype)
         images = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
                                   height=args.height, width=args.width, n=args.n, seed=args.seed))
-    except (minisd.CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+    except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise
         sys.exit(f"error: {e}")

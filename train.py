@@ -190,6 +190,15 @@ def loss_plot(rows, path, width=640, height=240):
     im.save(path)
 
 
+def mixed_precision(choice, device):
+    """auto: bf16 on GPUs that compute it natively (not emulated: pre-Ampere GPUs), else fp16 on GPU, none on CPU."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -219,9 +228,13 @@ def train(args):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not Path(args.ckpt).exists():
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise ValueError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: adapters are written as .safetensors")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out}: is a folder, not an adapter file name")
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise PermissionError(f"--out {out}: cannot write to {out.parent}")
@@ -236,8 +249,7 @@ def train(args):
     resume_from = _resume_file(args.resume, out)
 
     # -- model: frozen base in the compute dtype, adapters in float32
-    amp = {"auto": "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16" if device.type == "cuda" else "no"}.get(
-        args.mixed_precision, args.mixed_precision)
+    amp = mixed_precision(args.mixed_precision, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[amp]
     base_dtype = torch.float32 if amp == "fp16" else amp_dtype  # fp16 base weights would overflow in the backward
     sd = minisd.load(args.ckpt, device=device, dtype=base_dtype, tokenizer=args.tokenizer)
@@ -278,7 +290,7 @@ def train(args):
     snr = ac / (1 - ac)
     step, history = 0, []
     if resume_from:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        state = minisd.checkpoint.read_pickle(resume_from)
         params = adapter_parameters(sd)
         if set(state["adapter"]) != set(params) or any(state["adapter"][k].shape != p.shape for k, p in params.items()):
             raise ValueError(f"--resume {resume_from}: made with other adapter settings (--blocks/--rank/--algo/--te-rank)")
@@ -295,7 +307,7 @@ def train(args):
     # -- the loop
     per_step = args.batch * args.grad_accum * world
     bar = tqdm(total=args.steps, initial=step, desc="training", disable=args.quiet or not main_process)
-    t0, last_good = time.time(), None
+    t0 = time.time()
     sd.unet.train()
     while step < args.steps:
         for g in opt.param_groups:
@@ -315,7 +327,12 @@ def train(args):
             total += loss.item() / args.grad_accum
         if not math.isfinite(total):
             bar.close()
-            where = f"; the last good checkpoint is {last_good}" if last_good else ""
+            for suffix in (".safetensors", ".state.pt") if main_process else ():
+                bad = out.with_name(f"{out.stem}-step{step:06d}{suffix}")
+                if bad.exists():  # saved from the weights that gave this loss: not one to resume from
+                    bad.replace(bad.with_name(bad.name + ".nonfinite"))
+            good = [p for p in state_files(out) if p.name < f"{out.stem}-step{step:06d}"]
+            where = f"; the last good checkpoint is {good[-1]}" if good else ""
             raise ValueError(f"loss is {total} at step {step}: stopping (try a lower --lr or --mixed-precision bf16){where}")
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(unet_params + te_params, 1.0)
@@ -327,7 +344,7 @@ def train(args):
         bar.set_postfix(loss=f"{total:.4f}", img_s=f"{per_step * bar.n / max(1e-9, time.time() - t0):.1f}" if bar.n else "-")
         bar.update(1)
         if main_process and args.save_every and step % args.save_every == 0 and step < args.steps:
-            last_good = save_checkpoint(sd, opt, scaler, gen, step, history, args, out)
+            save_checkpoint(sd, opt, scaler, gen, step, history, args, out)
         if main_process and prompts and args.sample_every and step % args.sample_every == 0:
             render_samples(sd, prompts, args, out, step)
     bar.close()

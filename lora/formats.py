@@ -35,6 +35,7 @@ blocks) load with wrong scales there. For diffusers users train with one alpha: 
 """
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -43,7 +44,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minisd.checkpoint import CheckpointError, read_state_dict, rename, unet_prefixes
+from minisd.checkpoint import CheckpointError, file_errors, read_state_dict, rename, unet_prefixes
 
 from .blocks import UNET_BLOCKS, block_of
 from .network import adapted_layers, adapter_names, add_adapter_at, base_state_dict, set_weights
@@ -116,7 +117,13 @@ def _fit(module, down, up):
 
 
 def read_adapter_file(path, unet, text_encoder=None):
-    """A kohya or diffusers/peft LoRA file -> [(part, module path, down, up, alpha)], checked against the models."""
+    """A kohya or diffusers/peft LoRA file -> [(part, module path, down, up, alpha)], checked against the models.
+    Whatever is wrong with the file ends in one CheckpointError naming it."""
+    with file_errors(path, "not a usable LoRA file"):
+        return _read_adapter_file(path, unet, text_encoder)
+
+
+def _read_adapter_file(path, unet, text_encoder):
     sd = read_state_dict(path)
     metadata = {}
     if Path(path).suffix == ".safetensors":
@@ -157,14 +164,22 @@ def read_adapter_file(path, unet, text_encoder=None):
             raise CheckpointError(f"{path}: {mod_name}: down {tuple(g['down'].shape)} / up {tuple(g['up'].shape)} "
                                   f"do not fit {module}{_hint([mod_name], shapes)}")
         rank = fitted[0].shape[0]
+        if not all(t.is_floating_point() for t in fitted) or rank == 0:
+            raise CheckpointError(f"{path}: {mod_name}: factors of {fitted[0].dtype} / {fitted[1].dtype} and rank {rank}; "
+                                  f"expected floating point and rank >= 1")
+        if not all(t.float().isfinite().all() for t in fitted):
+            raise CheckpointError(f"{path}: {mod_name}: the factors hold NaN or infinite values")
         if "alpha" in g:
             if g["alpha"].numel() != 1:
                 raise CheckpointError(f"{path}: {mod_name}.alpha has {g['alpha'].numel()} values, expected one")
             alpha = g["alpha"].item()
         else:
-            default, patterns = peft.get(part, (None, {}))  # peft: alpha_pattern keys match a path's end
+            # peft: alpha_pattern keys match a path's end; compared as text, since a regex from a file can hang
+            default, patterns = peft.get(part, (None, {}))
             name = mod_name.split(".", 1)[1] if not kohya else mod_name
-            alpha = next((a for p, a in patterns.items() if re.fullmatch(rf"(.*\.)?{p}", name)), default) or rank
+            alpha = next((a for p, a in patterns.items() if name == p or name.endswith("." + p)), default) or rank
+        if not math.isfinite(float(alpha)):
+            raise CheckpointError(f"{path}: {mod_name}: alpha is {alpha}")
         entries.append((part, mpath, *fitted, float(alpha)))
     return entries
 

@@ -7,6 +7,7 @@ other global in the pickle is refused before it is called.
 """
 import _codecs
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +48,7 @@ def read_state_dict(path):
             return load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = _first_line(e)
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            found = re.findall(r"GLOBAL ([\w.]+)", str(e)) or re.findall(r"global ([\w.]+)", str(e))
-            msg = f"refused to unpickle {found[0] if found else 'a global'}: the file tries to load code, not only tensors"
-        raise CheckpointError(f"{path}: {msg}") from None
+    obj = read_pickle(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # lightning .ckpt
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -63,13 +56,43 @@ def read_state_dict(path):
     return obj
 
 
+def read_pickle(path):
+    """torch.load with the weights-only unpickler (and the stand-ins above), on the CPU; errors name the file."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e)) or re.findall(r"global ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(f"{path}: refused to unpickle {found[0]}: the file tries to load code, not only tensors") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()  # not torch's advice to load it unsafely
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}{': ' + detail[0][:300] if detail else ''})") from None
+
+
 def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
+@contextmanager
+def file_errors(path, what):
+    """Whatever else goes wrong while making sense of the file `path` becomes one CheckpointError naming it: a
+    corrupt or hostile file reaches code paths no check foresaw (the cause stays attached, for --debug)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: {what} ({type(e).__name__}: {_first_line(e)})") from e
+
+
 def load_strict(module, sd, path, what):
     """load_state_dict that names the missing, unexpected and mis-shaped keys and the file."""
-    expected = module.state_dict()
+    check_fits(module.state_dict(), sd, path, what)
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def check_fits(expected, sd, path, what):
+    """A CheckpointError naming the file and its missing, unexpected, mis-shaped or non-float tensors, if any."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
@@ -80,7 +103,6 @@ def load_strict(module, sd, path, what):
     dtypes = {v.dtype for v in sd.values()}
     if not all(d.is_floating_point for d in dtypes):
         raise CheckpointError(f"{path}: {what} has non-float tensors ({', '.join(sorted(map(str, dtypes)))})")
-    module.load_state_dict(sd, strict=True, assign=True)
 
 
 # ---------------------------------------------------------------------------------------------

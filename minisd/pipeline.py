@@ -6,7 +6,8 @@ import torch
 from tqdm import tqdm
 from transformers import CLIPTextConfig
 
-from .checkpoint import CheckpointError, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
+from . import graphs
+from .checkpoint import CheckpointError, file_errors, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
 from .ddim import Schedule, ddim_alphas, ddim_step
 from .text import SD14_TOKENIZER, build_text_encoder, encode_prompts, load_tokenizer
 from .unet import UNet, UNetConfig
@@ -46,27 +47,36 @@ class StableDiffusion:
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, height=None, width=None,
-               n=1, seed=0, progress=True):
+               n=1, seed=0, progress=True, cuda_graph=False):
         """DDIM with classifier-free guidance. Returns images (len(prompts) * n, 3, H, W) in [0, 1].
 
         The initial latents are torch.randn((B, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))
-        in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 noise continues the same stream."""
+        in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 noise continues the same stream.
+        cuda_graph=True (CUDA only): each guided U-Net step is one replay of a CUDA graph (minisd.graphs), captured
+        on first use per batch, size, dtype and guidance, without the kernel-launch overhead; it also stores the
+        U-Net's conv weights channels_last (same function, other cuDNN kernels: fp16-rounding-level differences)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = height or self.native_size, width or self.native_size
         f = self.vae.cfg.downscale
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+        if height <= 0 or width <= 0 or height % f or width % f:
+            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0 (<= 1: no classifier-free guidance), got {guidance}")
         prompts = [p for p in prompts for _ in range(n)]
         B = len(prompts)
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
         cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
         ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts)
+        graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None) if cuda_graph else None
         for t, a, a_prev in tqdm(ddim_alphas(self.schedule, steps), desc="sampling", disable=not progress):
-            eps = self.unet(torch.cat([x, x]) if cfg else x, torch.tensor(t, device=self.device), ctx)
-            if cfg:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            if graphed:  # the guided eps below, replayed from a CUDA graph
+                eps = graphed(x, t, ctx)
+            else:
+                eps = self.unet(torch.cat([x, x]) if cfg else x, torch.tensor(t, device=self.device), ctx)
+                if cfg:
+                    eps_uncond, eps_text = eps.chunk(2)
+                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
             noise = torch.randn(x.shape, generator=g).to(self.device, self.dtype) if eta > 0 else None
             x = ddim_step(x, eps, a, a_prev, eta, noise)
         return self.decode(x)
@@ -75,18 +85,16 @@ class StableDiffusion:
 def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
     """Load SD 1.x from an LDM single file (.safetensors / .ckpt) or a diffusers folder."""
     path = Path(path)
-    if path.is_dir():
-        parts = _read_diffusers_folder(path)
-    elif path.exists():
-        parts = _read_single_file(path)
-    else:
+    if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, text_cfg, schedule, sample_size = parts
-    with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file
-        unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
-    load_strict(unet, unet_sd, path, "U-Net")
-    load_strict(vae, vae_sd, path, "VAE")
-    text_encoder = build_text_encoder(text_sd, path, text_cfg)
+    with file_errors(path, "not a usable SD 1.x checkpoint"):
+        parts = _read_diffusers_folder(path) if path.is_dir() else _read_single_file(path)
+        unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, text_cfg, schedule, sample_size = parts
+        with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file
+            unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
+        load_strict(unet, unet_sd, path, "U-Net")
+        load_strict(vae, vae_sd, path, "VAE")
+        text_encoder = build_text_encoder(text_sd, path, text_cfg)
     tok = load_tokenizer(tokenizer or (path / "tokenizer" if path.is_dir() else SD14_TOKENIZER))
     for m in (unet, vae, text_encoder):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -145,7 +153,7 @@ def infer_vae_config(sd, path):
         n_levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
         return VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
                          ch=ch, ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels)),
-                         num_res_blocks=1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block.")),
+                         num_res_blocks=len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")}),
                          z_channels=sd["post_quant_conv.weight"].shape[0])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: not an SD 1.x VAE (cannot find {e})") from None

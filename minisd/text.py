@@ -1,8 +1,10 @@
 """Text conditioning: transformers' CLIPTextModel and CLIPTokenizer (SD 1.x uses the last hidden state)."""
+import warnings
+
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .checkpoint import CheckpointError, load_strict
+from .checkpoint import CheckpointError, check_fits, load_strict
 
 SD14_TOKENIZER = "openai/clip-vit-large-patch14"
 
@@ -10,7 +12,7 @@ SD14_TOKENIZER = "openai/clip-vit-large-patch14"
 def clip_config_from_weights(sd):
     """The CLIPTextConfig that fits a text-encoder state dict (SD 1.x: ViT-L/14's text tower, heads of width 64)."""
     vocab, width = sd["embeddings.token_embedding.weight"].shape
-    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})  # a count: a hostile index asks for no more
     return CLIPTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
                           intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
                           max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
@@ -26,9 +28,13 @@ def normalize_clip_keys(sd):
 
 def build_text_encoder(sd, path, config=None):
     sd = normalize_clip_keys(sd)
-    model = CLIPTextModel(config or clip_config_from_weights(sd)).eval()
-    if any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 4.x module layout
+    config = config or clip_config_from_weights(sd)
+    with torch.device("meta"):  # the file must fit the model before that is allocated (a few kB could ask for GBs)
+        expected = CLIPTextModel(config).state_dict()
+    if any(k.startswith("text_model.") for k in expected):  # transformers 4.x module layout
         sd = {"text_model." + k: v for k, v in sd.items()}
+    check_fits({k: v for k, v in expected.items() if not k.endswith("position_ids")}, sd, path, "text encoder")
+    model = CLIPTextModel(config).eval()
     for k, v in model.state_dict().items():  # a persistent position_ids buffer (transformers 4.x) is not a weight
         if k.endswith("position_ids"):
             sd.setdefault(k, v)
@@ -48,7 +54,11 @@ def load_tokenizer(path):
 
 
 def encode_prompts(tokenizer, text_encoder, prompts):
-    """list of str -> (B, 77, width): padded to the model's length with the end-of-text token, truncated beyond it."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    """list of str -> (B, 77, width): padded to the model's length with the end-of-text token, truncated beyond it
+    (with a warning that says how many tokens were dropped)."""
+    prompts, n = list(prompts), tokenizer.model_max_length
+    for prompt, full in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
+        if len(full) > n:
+            warnings.warn(f"prompt longer than {n} tokens, the last {len(full) - n} dropped: {prompt[:60]!r}...", stacklevel=2)
+    ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state

@@ -1,0 +1,292 @@
+"""Sampling speed: minisd (eager, CUDA graph) against diffusers (eager, optionally torch.compile), same weights.
+
+    python bench/sampling.py --out out/bench/sampling.json              # SD 1.4 architecture, 512x512, 50 DDIM steps
+    python bench/sampling.py --tiny --steps 2 --out /tmp/s.json         # small config, a CPU smoke test
+
+Per dtype (fp16, bf16) and batch (1, 4 images, CFG 7.5, so the U-Net sees 2, 8):
+  step      one guided U-Net step (U-Net on [x, x] + guidance): ms, steps/s, TFLOP/s; minisd's graph also with
+            cudnn.benchmark, channels_last and each SDPA backend (fp16 only)
+  pipeline  the whole sampler (text encoder, 50 DDIM steps, VAE decode): s per batch, images/s, peak memory; the
+            graph path's images and latents against the eager path's (rel err)
+  adapters  minisd with 1 and 2 unmerged rank-16 LoRA adapters (attn + ff, random non-zero ups) and with both
+            merged, eager and graph; diffusers + peft with 2 unmerged adapters, eager
+"""
+import argparse
+import contextlib
+import time
+
+import torch
+
+import common
+from common import (DTYPES, Recorder, build_pipelines, count_flops, environment, free, log, matmul_peak_tflops,
+                    peak_gb, reset_peak, table, time_ms, wall_s)
+
+import lora
+from minisd import graphs
+
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def rel(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@contextlib.contextmanager
+def settings(unet, benchmark=False, channels_last=False, sdpa=None):
+    """cudnn.benchmark, channels_last weights and an SDPA backend, restored afterwards."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    try:
+        with sdpa_kernel([getattr(SDPBackend, sdpa)]) if sdpa else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+        if channels_last:
+            unet.to(memory_format=torch.contiguous_format)
+        graphs.release(unet)
+
+
+def variant_name(v):
+    return "+".join([k if v[k] is True else f"{k}={v[k]}" for k in v if v[k]]) or "default"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="small config (CPU smoke test)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", default="fp16,bf16")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--reps", type=int, default=2, help="timed whole-pipeline runs (median)")
+    p.add_argument("--sections", default="step,pipeline,adapters", help="any of step,pipeline,adapters,compile")
+    p.add_argument("--out", default=None, help="JSON file")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    common.QUICK = args.tiny
+    cuda = dev.type == "cuda"
+    sections = set(args.sections.split(","))
+    batches = [int(b) for b in args.batches.split(",")]
+    rec = Recorder(args.out, {"bench": "sampling", "args": vars(args), "env": environment(dev)})
+    rec.meta["bf16_matmul_peak_tflops"] = peak = matmul_peak_tflops(dev)
+    log(f"env {rec.meta['env']}; bf16 matmul peak {peak} TFLOP/s")
+    for dname in args.dtypes.split(","):
+        dt = DTYPES[dname]
+        t0 = time.time()
+        pipe, sd = build_pipelines(dev, dt, args.tiny)
+        h = pipe.unet.config.sample_size
+        D = pipe.unet.config.cross_attention_dim
+        log(f"[{dname}] built both pipelines in {time.time() - t0:.1f}s")
+        for B in batches:
+            g = torch.Generator(dev).manual_seed(B)
+            x = torch.randn(B, 4, h, h, generator=g, device=dev).to(dt)
+            ctx = torch.randn(2 * B, 77, D, generator=g, device=dev).to(dt)
+            gs, t = args.guidance, 501
+
+            def eager_minisd():
+                e_u, e_c = sd.unet(torch.cat([x, x]), torch.tensor(t, device=dev), ctx).chunk(2)
+                return e_u + gs * (e_c - e_u)
+
+            def eager_diffusers():
+                e_u, e_c = pipe.unet(torch.cat([x, x]), torch.tensor(t, device=dev), encoder_hidden_states=ctx).sample.chunk(2)
+                return e_u + gs * (e_c - e_u)
+
+            with torch.no_grad():
+                flops = count_flops(lambda: sd.unet(torch.cat([x, x]), torch.tensor(t, device=dev), ctx))
+            base = dict(dtype=dname, batch=B)
+
+            def step_row(impl, ms, **extra):
+                tf = flops / ms / 1e9
+                return rec.add(section="step", impl=impl, **base, ms=round(ms, 3), steps_per_s=round(1e3 / ms, 2),
+                               tflops=round(tf, 1), pct_of_peak=round(100 * tf / peak, 1) if peak else None, **extra)
+
+            if "step" in sections:
+                log(f"[{dname} b{B}] guided U-Net step ({flops / 1e12:.2f} TFLOP)")
+                with torch.no_grad():
+                    for impl, fn in (("diffusers-eager", eager_diffusers), ("minisd-eager", eager_minisd)):
+                        try:
+                            step_row(impl, time_ms(fn, dev))
+                        except Exception as e:
+                            rec.error(f"step {impl} {dname} b{B}", e)
+                    ref = eager_minisd().float()
+                    rec.add(section="check", **base, step_eps_minisd_vs_diffusers=float(f"{rel(eager_diffusers().float(), ref):.3g}"))
+                    if cuda:
+                        with settings(sd.unet, channels_last=True):
+                            step_row("minisd-eager", time_ms(eager_minisd, dev), variant="channels_last")
+                    variants = [{}, dict(channels_last=True)]
+                    if cuda and not args.tiny and dname == "fp16":
+                        variants += [dict(benchmark=True, channels_last=True), dict(channels_last=True, sdpa="FLASH_ATTENTION"),
+                                     dict(channels_last=True, sdpa="CUDNN_ATTENTION")]
+                    for v in variants if cuda else []:
+                        try:
+                            with settings(sd.unet, **v):
+                                t1 = time.time()
+                                graph = graphs.GuidedUNetGraph(sd.unet, x, ctx, gs)
+                                capture_s = time.time() - t1
+                                err = rel(graph(x, t, ctx).float(), ref)
+                                ms = time_ms(lambda: graph(x, t, ctx), dev, iters=20)
+                                del graph
+                            step_row("minisd-graph", ms, variant=variant_name(v), capture_s=round(capture_s, 2),
+                                     rel_err_vs_eager=float(f"{err:.3g}"))
+                        except Exception as e:
+                            rec.error(f"step graph {variant_name(v)} {dname} b{B}", e)
+                        free(dev)
+
+            if "pipeline" in sections:
+                log(f"[{dname} b{B}] whole sampler, {args.steps} steps")
+                prompts = [f"a photo of cat number {i}" for i in range(B)]
+                kept = {}
+
+                def ours(steps, graph, key):
+                    decode = sd.decode
+                    sd.decode = lambda lat: (kept.__setitem__(key + "_latents", lat.float().cpu()), decode(lat))[1]
+                    try:
+                        kept[key] = sd.sample(prompts, steps=steps, guidance=gs, seed=0, progress=False, cuda_graph=graph)
+                    finally:
+                        del sd.decode
+
+                def theirs(steps):
+                    kept["diffusers"] = pipe(prompts, num_inference_steps=steps, guidance_scale=gs, output_type="pt",
+                                             generator=torch.Generator("cpu").manual_seed(0)).images.float().cpu()
+
+                runs = [("diffusers-eager", theirs), ("minisd-eager", lambda steps: ours(steps, False, "eager"))]
+                if cuda:
+                    runs.append(("minisd-graph", lambda steps: ours(steps, True, "graph")))
+                for impl, fn in runs:
+                    try:
+                        fn(min(3, args.steps))  # warm-up (and, for the graph path, the capture)
+                        reset_peak(dev)
+                        s = wall_s(lambda: fn(args.steps), dev, reps=args.reps)
+                        rec.add(section="pipeline", impl=impl, **base, s_per_batch=round(s, 4), s_per_image=round(s / B, 4),
+                                images_per_s=round(B / s, 3), peak_gb=peak_gb(dev))
+                    except Exception as e:
+                        rec.error(f"pipeline {impl} {dname} b{B}", e)
+                    free(dev)
+                checks = {}
+                if "graph" in kept:
+                    checks["graph_vs_eager_images"] = rel(kept["graph"], kept["eager"])  # eager on contiguous weights
+                    checks["graph_vs_eager_latents"] = rel(kept["graph_latents"], kept["eager_latents"])
+                    try:  # eager on the channels_last weights the graph path left: the same kernels
+                        ours(args.steps, False, "eager_cl")
+                        checks["graph_vs_eager_cl_images"] = rel(kept["graph"], kept["eager_cl"])
+                        checks["graph_vs_eager_cl_latents"] = rel(kept["graph_latents"], kept["eager_cl_latents"])
+                    except Exception as e:
+                        rec.error("same-layout check", e)
+                sd.unet.to(memory_format=torch.contiguous_format)
+                graphs.release(sd.unet)
+                if "eager" in kept and "diffusers" in kept:
+                    checks["eager_vs_diffusers_images"] = rel(kept["eager"], kept["diffusers"])
+                checks["latents_finite"] = bool(torch.isfinite(kept["eager_latents"]).all()) if "eager_latents" in kept else None
+                try:
+                    lat = torch.randn(B, 4, h, h, device=dev, dtype=dt)
+                    with torch.no_grad():
+                        checks["vae_decode_ms"] = round(time_ms(lambda: sd.decode(lat), dev, iters=2, reps=2, warmup=1), 2)
+                        checks["text_encode_ms"] = round(time_ms(lambda: sd.encode_prompt([""] * B + prompts), dev, iters=3, reps=2), 2)
+                except Exception as e:
+                    rec.error("decode timing", e)
+                rec.add(section="check", **base, **{k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in checks.items()})
+
+            if "adapters" in sections and (dname == args.dtypes.split(",")[0]):
+                log(f"[{dname} b{B}] adapters")
+                try:
+                    gen = torch.Generator(dev).manual_seed(7)
+                    for name in ("a", "b"):
+                        lora.inject(sd.unet, name, 16, targets=("attn", "ff"), dtype=dt, generator=gen)
+                        with torch.no_grad():
+                            for _, layer in lora.adapted_layers(sd.unet, name=name):
+                                layer.adapters[name].up.normal_(0, 0.02, generator=gen)
+                    cases = [("none", lambda: None), ("1 unmerged", lambda: lora.enable(sd.unet, "b", False)),
+                             ("2 unmerged", lambda: lora.enable(sd.unet, "b", True)),
+                             ("2 merged", lambda: lora.merge(sd.unet))]
+                    if cuda:
+                        sd.unet.to(memory_format=torch.channels_last)  # as the graph path runs it
+                    with torch.no_grad():
+                        for label, prepare in cases:
+                            if label == "none":
+                                lora.enable(sd.unet, "a", False)
+                                lora.enable(sd.unet, "b", False)
+                            elif label == "1 unmerged":
+                                lora.enable(sd.unet, "a", True)
+                            prepare()
+                            step_row("minisd-eager", time_ms(eager_minisd, dev), adapters=label, variant="channels_last")
+                            ref = eager_minisd().float()
+                            packings = ("weight", "factors", None) if label in ("1 unmerged", "2 unmerged") else ("weight",)
+                            for pack in packings if cuda else ():
+                                free(dev)
+                                before = torch.cuda.memory_allocated()
+                                graph = graphs.GuidedUNetGraph(sd.unet, x, ctx, gs, pack_adapters=pack)
+                                extra = (torch.cuda.memory_allocated() - before) / 2 ** 30
+                                err = rel(graph(x, t, ctx).float(), ref)
+                                step_row("minisd-graph", time_ms(lambda: graph(x, t, ctx), dev, iters=20), adapters=label,
+                                         variant=f"channels_last+pack={pack or 'none (lora.fused)'}",
+                                         rel_err_vs_eager=float(f"{err:.3g}"), graph_extra_gb=round(extra, 3))
+                                del graph
+                    lora.unmerge(sd.unet)
+                    sd.unet.to(memory_format=torch.contiguous_format)
+                    lora.remove(sd.unet, "a")
+                    lora.remove(sd.unet, "b")
+                    graphs.release(sd.unet)
+                except Exception as e:
+                    rec.error(f"adapters minisd {dname} b{B}", e)
+                free(dev)
+                try:
+                    from peft import LoraConfig
+                    for name in ("a", "b"):
+                        pipe.unet.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=PEFT_TARGETS), adapter_name=name)
+                    pipe.unet.set_adapters(["a", "b"])
+                    with torch.no_grad():
+                        for n, prm in pipe.unet.named_parameters():
+                            if "lora_B" in n:
+                                prm.normal_(0, 0.02, generator=gen)
+                    pipe.unet.to(dt)
+                    with torch.no_grad():
+                        step_row("diffusers-eager", time_ms(eager_diffusers, dev), adapters="2 unmerged (peft)")
+                    pipe.unet.delete_adapters(["a", "b"])
+                except Exception as e:
+                    rec.error(f"adapters peft {dname} b{B}", e)
+                free(dev)
+
+            if "compile" in sections and cuda:
+                try:
+                    compiled = torch.compile(pipe.unet)
+                    t1 = time.time()
+                    with torch.no_grad():
+                        compiled(torch.cat([x, x]), torch.tensor(t, device=dev), encoder_hidden_states=ctx)
+                        torch.cuda.synchronize()
+                        compile_s = time.time() - t1
+
+                        def fn():
+                            e_u, e_c = compiled(torch.cat([x, x]), torch.tensor(t, device=dev), encoder_hidden_states=ctx).sample.chunk(2)
+                            return e_u + gs * (e_c - e_u)
+                        step_row("diffusers-compile", time_ms(fn, dev), compile_s=round(compile_s, 1))
+                except Exception as e:
+                    rec.error(f"compile {dname} b{B}", e)
+        del pipe, sd
+        free(dev)
+
+    cols = ["section", "impl", "dtype", "batch", "variant", "adapters", "ms", "steps_per_s", "tflops", "pct_of_peak",
+            "s_per_batch", "images_per_s", "peak_gb", "rel_err_vs_eager", "graph_extra_gb"]
+    log(table([r for r in rec.rows if r["section"] != "check"], cols))
+    log(table([r for r in rec.rows if r["section"] == "check"],
+              ["dtype", "batch", "step_eps_minisd_vs_diffusers", "graph_vs_eager_images", "graph_vs_eager_latents",
+               "graph_vs_eager_cl_images", "graph_vs_eager_cl_latents", "eager_vs_diffusers_images", "latents_finite",
+               "vae_decode_ms", "text_encode_ms"]))
+    ratios = []
+    for r in rec.rows:
+        if r["section"] == "pipeline" and r["impl"].startswith("minisd"):
+            peer = next((q for q in rec.rows if q["section"] == "pipeline" and q["impl"] == "diffusers-eager"
+                         and q["dtype"] == r["dtype"] and q["batch"] == r["batch"]), None)
+            if peer:
+                ratios.append(dict(impl=r["impl"], dtype=r["dtype"], batch=r["batch"],
+                                   speedup_vs_diffusers=round(r["images_per_s"] / peer["images_per_s"], 2)))
+    rec.meta["ratios"] = ratios
+    rec.save()
+    log(table(ratios, ["impl", "dtype", "batch", "speedup_vs_diffusers"]))
+
+
+if __name__ == "__main__":
+    main()

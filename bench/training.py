@@ -1,0 +1,185 @@
+"""LoRA training speed: minisd + lora (fused, plain, CUDA-graph step) against diffusers + peft, same weights.
+
+    python bench/training.py --out out/bench/training.json
+    python bench/training.py --tiny --batches 1,2 --out /tmp/t.json          # small config, a CPU smoke test
+
+The setting of train.py with cached latents and text embeddings: frozen bf16 base, rank-16 adapters (float32
+masters) on to_q/k/v/out.0 + ff.net.0.proj/ff.net.2 (minisd: lora.inject targets attn + ff; diffusers: peft
+LoraConfig(r=16, target_modules=[...]), the same 160 layers), bf16 autocast, MSE on eps at random timesteps,
+clip_grad_norm_(1.0), AdamW. One step = draw t and noise, forward, backward, clip, AdamW step.
+  minisd-eager        lora's fused autograd functions (the default)
+  minisd-eager-plain  lora.use_fused(unet, False): the plain composition
+  minisd-graph        minisd.graphs.TrainStepGraph: forward + backward + clip + AdamW(capturable) in one CUDA graph
+  diffusers-eager     diffusers UNet2DConditionModel + peft
+Also: the graph step's gradients against the eager step's on the same inputs, and TFLOP/s (FlopCounterMode count
+of one step) against a measured bf16 matmul peak.
+"""
+import argparse
+import time
+
+import torch
+
+import common
+from common import (Recorder, build_unets, count_flops, environment, free, log, matmul_peak_tflops, peak_gb, reset_peak,
+                    table, time_ms)
+
+import lora
+from minisd.ddim import Schedule
+from minisd.graphs import TrainStepGraph
+
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--variants", default="diffusers-eager,minisd-eager,minisd-eager-plain,minisd-graph,minisd-graph-plain,"
+                                         "minisd-graph-plain-cl")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    common.QUICK = args.tiny
+    cuda = dev.type == "cuda"
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = args.variants.split(",")
+    rec = Recorder(args.out, {"bench": "training", "args": vars(args), "env": environment(dev)})
+    rec.meta["bf16_matmul_peak_tflops"] = peak = matmul_peak_tflops(dev)
+    log(f"env {rec.meta['env']}; bf16 matmul peak {peak} TFLOP/s")
+
+    t0 = time.time()
+    ref, ours = build_unets(dev, torch.bfloat16, args.tiny)
+    h, D = ref.config.sample_size, ref.config.cross_attention_dim
+    gen = torch.Generator(dev).manual_seed(0)
+    paths = lora.inject(ours, "trained", args.rank, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
+    ours_params = lora.trainable_parameters(ours, "trained")
+    from peft import LoraConfig
+    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS), adapter_name="trained")
+    ref_params = [q for q in ref.parameters() if q.requires_grad]
+    for q in ref_params:
+        q.data = q.data.float()  # float32 masters, as minisd's adapters (and diffusers' scripts: cast_training_params)
+    n_peft = sum(1 for n, _ in ref.named_modules() if n.endswith("lora_A.trained"))
+    rec.meta.update(adapted_layers_minisd=len(paths), adapted_layers_peft=n_peft,
+                    trainable_minisd=sum(q.numel() for q in ours_params), trainable_peft=sum(q.numel() for q in ref_params))
+    log(f"built in {time.time() - t0:.1f}s; adapted layers minisd {len(paths)}, peft {n_peft}; trainable "
+        f"{rec.meta['trainable_minisd']} / {rec.meta['trainable_peft']}")
+    ours.train()
+    ref.train()
+    N = max(batches)
+    lat = torch.randn(N, 4, h, h, device=dev, generator=gen)  # "cached" latents (scaled) and text embeddings
+    txt = torch.randn(N, 77, D, device=dev, generator=gen).to(torch.bfloat16)
+    ac = Schedule().alphas_cumprod.float().to(dev)
+
+    def make_loss(call):
+        def loss_fn(z0, ctx, t, noise):
+            a = ac[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):
+                eps = call(zt.to(ctx.dtype), t, ctx)
+            return ((eps.float() - noise) ** 2).mean()
+        return loss_fn
+
+    loss_ours = make_loss(lambda x, t, c: ours(x, t, c))
+    loss_ref = make_loss(lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample)
+
+    def draw(B):
+        return (lat[:B], txt[:B], torch.randint(0, 1000, (B,), device=dev, generator=gen),
+                torch.randn(B, 4, h, h, device=dev, generator=gen))
+
+    def eager_step(loss_fn, opt, params, B):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(*draw(B))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        return loss
+
+    # the graph step's gradients against the eager step's, same inputs (lr 0, no clipping: p.grad is the raw gradient)
+    if cuda and any(v.startswith("minisd-graph") for v in variants):
+        try:
+            B = batches[0]
+            inputs = draw(B)
+            opt = torch.optim.AdamW(ours_params, lr=0.0, capturable=True)
+            graph = TrainStepGraph(loss_ours, opt, inputs, clip_norm=None)
+            loss_g = graph(*inputs).item()
+            grads_g = torch.cat([q.grad.flatten().float() for q in ours_params])
+            opt.zero_grad(set_to_none=True)
+            loss_e = loss_ours(*inputs)
+            loss_e.backward()
+            grads_e = torch.cat([q.grad.flatten().float() for q in ours_params])
+            err = ((grads_g - grads_e).norm() / grads_e.norm()).item()
+            rec.add(section="check", batch=B, loss_graph=loss_g, loss_eager=loss_e.item(), grad_rel_err=float(f"{err:.3g}"),
+                    grad_norm=grads_e.norm().item())
+            del graph, opt, loss_e  # a live autograd graph would bind the next capture to this one's streams
+            for q in ours_params:
+                q.grad = None
+        except Exception as e:
+            rec.error("graph gradient check", e)
+        free(dev)
+
+    for B in batches:
+        flops = None
+        try:
+            opt = torch.optim.AdamW(ours_params, lr=1e-4, weight_decay=0.01)
+            flops = count_flops(lambda: loss_ours(*draw(B)).backward())
+            del opt
+            for q in ours_params:
+                q.grad = None
+        except Exception as e:
+            rec.error(f"flop count b{B}", e)
+        iters = max(2, 16 // B)
+        for v in variants:
+            is_graph = v.startswith("minisd-graph")
+            if is_graph and not cuda:
+                continue
+            try:
+                free(dev)
+                lora.use_fused(ours, "plain" not in v)
+                if v.endswith("-cl"):
+                    ours.to(memory_format=torch.channels_last)
+                model_params, loss_fn = (ref_params, loss_ref) if v.startswith("diffusers") else (ours_params, loss_ours)
+                capture_s = None
+                if is_graph:
+                    opt = torch.optim.AdamW(model_params, lr=1e-4, weight_decay=0.01, capturable=True)
+                    t1 = time.time()
+                    graph = TrainStepGraph(loss_fn, opt, draw(B), clip_norm=1.0)
+                    capture_s = round(time.time() - t1, 2)
+                    step = lambda: graph(*draw(B))
+                else:
+                    opt = torch.optim.AdamW(model_params, lr=1e-4, weight_decay=0.01)
+                    step = lambda: eager_step(loss_fn, opt, model_params, B)
+                reset_peak(dev)
+                ms = time_ms(step, dev, iters=iters, reps=3, warmup=2)
+                loss = step().item()
+                tf = flops / ms / 1e9 if flops else None
+                rec.add(section="train", impl=v, batch=B, ms=round(ms, 2), samples_per_s=round(B * 1e3 / ms, 2),
+                        tflops=round(tf, 1) if tf else None, pct_of_peak=round(100 * tf / peak, 1) if tf and peak else None,
+                        peak_gb=peak_gb(dev), capture_s=capture_s, loss=round(loss, 4))
+                del opt, step
+                if is_graph:
+                    del graph
+                for q in model_params:
+                    q.grad = None
+            except Exception as e:
+                rec.error(f"train {v} b{B}", e)
+            ours.to(memory_format=torch.contiguous_format)
+        lora.use_fused(ours, True)
+        free(dev)
+
+    rows = [r for r in rec.rows if r["section"] == "train"]
+    log(table(rows, ["impl", "batch", "ms", "samples_per_s", "tflops", "pct_of_peak", "peak_gb", "capture_s", "loss"]))
+    ratios = []
+    for r in rows:
+        peer = next((q for q in rows if q["impl"] == "diffusers-eager" and q["batch"] == r["batch"]), None)
+        if peer and r["impl"] != "diffusers-eager":
+            ratios.append(dict(impl=r["impl"], batch=r["batch"], speedup_vs_diffusers=round(r["samples_per_s"] / peer["samples_per_s"], 2)))
+    rec.meta["ratios"] = ratios
+    rec.save()
+    log(table(ratios, ["impl", "batch", "speedup_vs_diffusers"]))
+    log(table([r for r in rec.rows if r["section"] == "check"], ["batch", "loss_graph", "loss_eager", "grad_rel_err", "grad_norm"]))
+
+
+if __name__ == "__main__":
+    main()

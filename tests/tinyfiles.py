@@ -1,0 +1,55 @@
+"""The smallest valid files the loaders take, for the reliability and fuzz tests: an SD 1.x LDM checkpoint of a
+few hundred kB (as .safetensors and as a lightning .ckpt), a character tokenizer, and a kohya adapter for it.
+
+Built from minisd's own modules with fixed seeds, so no diffusers import and no download; every load of them
+takes tens of milliseconds.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import lora
+from minisd import AutoencoderKL, StableDiffusion, UNet, UNetConfig, VAEConfig
+from minisd.save import save_single_file
+from sdfixtures import redraw, save_lightning_ckpt, write_char_tokenizer
+
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 1), num_res_blocks=1, attention_levels=(0, 1), context_dim=64)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1)  # downscale 2: 16 px images -> 8 x 8 latents
+TINY_CLIP = CLIPTextConfig(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+                           max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def tiny_model(tokenizer_folder):
+    """A random-weight StableDiffusion of the tiny configs (the char tokenizer has fewer than 100 tokens)."""
+    torch.manual_seed(0)
+    unet = redraw(UNet(TINY_UNET), 0)
+    vae = redraw(AutoencoderKL(TINY_VAE), 1)
+    text = redraw(CLIPTextModel(TINY_CLIP), 2).eval()
+    tok = CLIPTokenizer.from_pretrained(str(write_char_tokenizer(tokenizer_folder)))
+    return StableDiffusion(unet, vae, text, tok)
+
+
+def write_tiny_files(root):
+    """{'safetensors', 'ckpt', 'tokenizer', 'adapter'}: the tiny model in both LDM single-file forms and an adapter
+    (LoRA on the attention and LoCon on the convs, rank 2, text encoder too) as kohya .safetensors."""
+    root = Path(root)
+    sd = tiny_model(root / "tokenizer")
+    save_single_file(sd, root / "tiny.safetensors", dtype=torch.float16)
+    from safetensors.torch import load_file
+    save_lightning_ckpt(load_file(str(root / "tiny.safetensors")), root / "tiny.ckpt")
+    lora.inject(sd.unet, "a", 2, targets=lora.C3LIER, text_encoder=sd.text_encoder, te_rank=2)
+    with torch.no_grad():
+        for _, layer in lora.adapted_layers(sd.unet, sd.text_encoder, "a"):
+            layer.adapters["a"].up.normal_(0, 0.1)
+    lora.save_kohya(root / "adapter.safetensors", sd.unet, sd.text_encoder, "a")
+    lora.remove(sd.unet, "a", sd.text_encoder)
+    return {"safetensors": root / "tiny.safetensors", "ckpt": root / "tiny.ckpt", "tokenizer": root / "tokenizer",
+            "adapter": root / "adapter.safetensors", "model": sd}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """write_tiny_files, once per session (import it into a test module to use it)."""
+    return write_tiny_files(tmp_path_factory.mktemp("tiny"))
