@@ -5,7 +5,8 @@
 
 train: bf16 autocast, frozen bf16 base, one rank-16 adapter in float32, forward + backward (grads of x and factors).
 infer: fp16, no autograd, two rank-16 adapters unmerged; also the merged layer (a plain nn.Linear, the floor) and
-       the packed form that minisd.graphs captures (stacked downs, scaled ups prepared once).
+       the two packed forms that minisd.graphs captures (pack=weight: a private merged copy; pack=factors: stacked
+       downs and scaled ups prepared once, two extra kernels).
 Each case is captured in a CUDA graph and its replays are timed (launch gaps mostly gone), median of 3 x 50.
 """
 import argparse
@@ -102,11 +103,12 @@ def main(argv=None):
         dt = torch.float16
         cases = {"merged": nn.Linear(inf, outf, device=dev, dtype=dt),
                  "fused": ours(inf, outf, 2, dt, dt, True, dev, gen), "plain": ours(inf, outf, 2, dt, dt, False, dev, gen),
-                 "packed": ours(inf, outf, 2, dt, dt, True, dev, gen), "peft": peft_layer(inf, outf, 2, dt, dt, dev, gen)}
+                 "pack=weight": ours(inf, outf, 2, dt, dt, True, dev, gen),
+                 "pack=factors": ours(inf, outf, 2, dt, dt, True, dev, gen), "peft": peft_layer(inf, outf, 2, dt, dt, dev, gen)}
         for impl, layer in cases.items():
             try:
-                keep = []
-                with torch.no_grad(), _packed_adapters(layer, keep) if impl == "packed" else contextlib.nullcontext():
+                packing = _packed_adapters(layer, {}, impl[5:]) if impl.startswith("pack=") else contextlib.nullcontext()
+                with torch.no_grad(), packing:
                     fn = graphed(lambda: layer(x), dev)
                 with torch.no_grad():
                     ms = time_ms(fn, dev, iters=50)
