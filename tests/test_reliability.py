@@ -1,10 +1,10 @@
 """Hostile and corrupt files, bad images, prompts and flags, interrupted and diverging training runs.
 
-Everything runs on the tiny model of tests/tinyfiles.py (a few hundred kB, single-threaded). The figures of
+Everything runs on the tiny model of tests/tinyfiles.py (a 1.4 MB checkpoint), single-threaded. The figures of
 docs/reliability.md come from here and from tests/test_fuzz.py:
 
     python -m pytest tests/test_reliability.py tests/test_fuzz.py
-    MINISD_KILLS=40 python -m pytest tests/test_reliability.py -k sigkill     # more kills (default 4)
+    MINISD_KILLS=24 python -m pytest tests/test_reliability.py -k sigkill -s     # more kills (default 4)
 """
 import copy
 import json
@@ -390,7 +390,7 @@ def test_small_and_very_large_images(tmp_path):
 
 
 def bad_images(folder):
-    """Files with image names that are no usable images: {path: what}."""
+    """Files with image names that are no usable images; returns their names."""
     png_header_only(folder / "bomb.png", 30000, 30000)
     (folder / "noise.png").write_bytes(random.Random(2).randbytes(2000))
     (folder / "empty.webp").write_bytes(b"")

@@ -1,5 +1,5 @@
-"""The smallest valid files the loaders take, for the reliability and fuzz tests: an SD 1.x LDM checkpoint of a
-few hundred kB (as .safetensors and as a lightning .ckpt), a character tokenizer, and a kohya adapter for it.
+"""The smallest valid files the loaders take, for the reliability and fuzz tests: an SD 1.x LDM checkpoint of
+1.4 MB (as .safetensors and as a lightning .ckpt), a character tokenizer, and a kohya adapter for it (190 kB).
 
 Built from minisd's own modules with fixed seeds, so no diffusers import and no download; every load of them
 takes tens of milliseconds.
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import lora
@@ -32,12 +33,12 @@ def tiny_model(tokenizer_folder):
 
 
 def write_tiny_files(root):
-    """{'safetensors', 'ckpt', 'tokenizer', 'adapter'}: the tiny model in both LDM single-file forms and an adapter
-    (LoRA on the attention and LoCon on the convs, rank 2, text encoder too) as kohya .safetensors."""
+    """{'safetensors', 'ckpt', 'tokenizer', 'adapter', 'model'}: the tiny model in both LDM single-file forms, an
+    adapter (LoRA on the attention and LoCon on the convs, rank 2, text encoder too) as kohya .safetensors, and the
+    model itself (float32; tests that change it work on a copy)."""
     root = Path(root)
     sd = tiny_model(root / "tokenizer")
     save_single_file(sd, root / "tiny.safetensors", dtype=torch.float16)
-    from safetensors.torch import load_file
     save_lightning_ckpt(load_file(str(root / "tiny.safetensors")), root / "tiny.ckpt")
     lora.inject(sd.unet, "a", 2, targets=lora.C3LIER, text_encoder=sd.text_encoder, te_rank=2)
     with torch.no_grad():
