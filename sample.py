@@ -8,6 +8,8 @@
 --lora FILE[:WEIGHT[:BLOCKS]]: BLOCKS is a lora-block-weight preset (NONE ALL INS IND INALL MIDD OUTD OUTS OUTALL),
 17 or 26 comma-separated weights, or the paper's coarse groups ("in0,out3" or "in0=1,out3=0.5").
 With no adapters the image equals diffusers' StableDiffusionPipeline + DDIMScheduler with the same seed.
+--cuda-graph (CUDA only): each guided U-Net step is one replay of a CUDA graph, without Python's kernel-launch
+overhead; the same function, but the conv weights go channels_last (other kernels: pixels may differ by rounding).
 """
 import argparse
 import hashlib
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT[:BLOCKS]]", help="an adapter; repeatable")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each U-Net step from a CUDA graph (CUDA only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -80,6 +83,8 @@ def check(args):
         raise ValueError(f"--n must be positive, got {args.n}")
     if args.guidance < 0:
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        raise ValueError("--cuda-graph needs a CUDA device")
     for size in (args.height, args.width):
         if size is not None and (size <= 0 or size % 8):
             raise ValueError(f"--height and --width must be positive multiples of 8, got {size}")
@@ -145,7 +150,7 @@ def main(argv=None):
             lora.load_kohya(path, sd.unet, sd.text_encoder, weight=weight,
                             block_weights=lora.parse_block_weights(blocks) if blocks else None, dtype=dtype)
         images = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                  height=args.height, width=args.width, n=args.n, seed=args.seed))
+                                  height=args.height, width=args.width, n=args.n, seed=args.seed, cuda_graph=args.cuda_graph))
     except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise

@@ -5,6 +5,7 @@
     python train.py --ckpt sd-v1-4.ckpt --tokenizer openai/clip-vit-large-patch14 --data photos/ \\
         --prompt "a photo of sks person" --resolution 512 --rank 16 --steps 1000 --out out/me.safetensors
     torchrun --nproc-per-node 2 train.py ...           # data-parallel over GPUs (DistributedDataParallel)
+    python train.py --cuda-graph ...                   # one GPU: each step replayed from a CUDA graph
 
 Data: png / jpg / webp files with optional same-name .txt captions, else --prompt; kohya-style repeat folders
 "N_name" count each image N times (and "name" is the caption when there is neither). The VAE latents and, when
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     a.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="cosine")
     a.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto", help="auto: bf16 on GPUs that have it, else fp16 on GPU, none on CPU")
     a.add_argument("--grad-checkpointing", action="store_true", help="less memory, about 30%% more time")
+    a.add_argument("--cuda-graph", action="store_true", help="replay each step (forward, backward, clipping, AdamW) from a "
+                   "CUDA graph: same data and random draws, fewer kernel launches; not with fp16, --grad-accum > 1, "
+                   "--prior-data, --te-rank, --grad-checkpointing or torchrun")
     a.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting (5 is common; 0: off)")
     a.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (0.05-0.1 helps very dark/bright images)")
     a.add_argument("--seed", type=int, default=0)
@@ -127,10 +131,10 @@ def load_image(path, size):
 
 
 @torch.no_grad()
-def cache_latents(sd, items, size, flip, device):
+def cache_latents(sd, items, size, flip, device, quiet=False):
     """Encode every image once: (mean, std) of the VAE latent (scaled), for the image and, with --flip, its mirror."""
     kept, means, stds = [], [], []
-    for path, caption, repeats in tqdm(items, desc="caching latents", leave=False):
+    for path, caption, repeats in tqdm(items, desc="caching latents", leave=False, disable=quiet):
         img = load_image(path, size)
         if img is None:
             continue
@@ -213,6 +217,8 @@ def train(args):
     # -- distributed: one process per GPU under torchrun; rank 0 logs and saves
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    if args.cuda_graph:
+        check_cuda_graph(args, world)
     if world > 1:
         torch.distributed.init_process_group("nccl")
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -258,19 +264,21 @@ def train(args):
         raise ValueError(f"--resolution must be a multiple of {sd.vae.cfg.downscale}, got {size}")
     gen = torch.Generator().manual_seed(args.seed)
     targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
-    lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=sd.text_encoder if args.te_rank else None,
-                te_rank=args.te_rank, te_alpha=args.te_alpha, generator=gen)
-    unet_params = lora.trainable_parameters(sd.unet, ADAPTER)
+    adapted = lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=sd.text_encoder if args.te_rank else None,
+                          te_rank=args.te_rank, te_alpha=args.te_alpha, generator=gen)
+    if not adapted:
+        raise ValueError(f"--blocks {args.blocks}: nothing to train, no {args.algo} target layer in a block of nonzero rank"
+                         " (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do not"
+                         " have; --algo locon also adapts convolutions)")
+    unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
     te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
-    if not unet_params and not te_params:
-        raise ValueError(f"--blocks {args.blocks}: every block has rank 0, nothing to train")
     sd.unet.gradient_checkpointing = args.grad_checkpointing
 
     # -- data, cached: latents always, text embeddings while the text encoder is frozen
-    data, means, stds = cache_latents(sd, items, size, args.flip, device)
+    data, means, stds = cache_latents(sd, items, size, args.flip, device, args.quiet)
     index = torch.tensor([i for i, (_, r) in enumerate(data) for _ in range(r)])  # repeats
     captions = [c for c, _ in data]
-    prior = cache_latents(sd, prior_items, size, args.flip, device) if prior_items else None
+    prior = cache_latents(sd, prior_items, size, args.flip, device, args.quiet) if prior_items else None
     all_captions = set(captions) | {c for c, _ in prior[0]} if prior else set(captions)
     text_cache = None if args.te_rank else {c: sd.encode_prompt([c])[0] for c in all_captions}
 
@@ -279,13 +287,16 @@ def train(args):
             minisd.text.encode_prompts(sd.tokenizer, sd.text_encoder, caps).to(base_dtype)
 
     groups = [{"params": unet_params, "lr": args.lr}] + ([{"params": te_params, "lr": args.te_lr or args.lr}] if te_params else [])
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, capturable=args.cuda_graph)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
+        if args.cuda_graph:  # a GPU tensor that the schedule fills in place: the captured AdamW step reads it
+            g["lr"] = torch.tensor(g["lr"], device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     model = sd.unet
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index])
+        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index], static_graph=True,
+                                                          gradient_as_bucket_view=True)
     ac = sd.schedule.alphas_cumprod.float().to(device)
     snr = ac / (1 - ac)
     step, history = 0, []
@@ -297,34 +308,54 @@ def train(args):
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(state["adapter"][k])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(opt, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         gen.set_state(state["rng"])
         step, history = state["step"], [tuple(r) for r in state["history"]]
         if main_process:
             print(f"resumed from {resume_from} at step {step}")
 
+    def batch_inputs(micro):
+        """z0, noise, t and text context of this step's micro-batch `micro` (random draws from `gen`)."""
+        # sample k of the global batch: epoch order, then this process's slice
+        k = (step * args.grad_accum + micro) * args.batch * world + rank * args.batch
+        idx = torch.stack([epoch_order(len(index), args.seed, j // len(index))[j % len(index)] for j in range(k, k + args.batch)])
+        rows = index[idx]
+        return (*draw_inputs(means, stds, rows, gen, len(ac), args, device), embed([captions[i] for i in rows]))
+
     # -- the loop
     per_step = args.batch * args.grad_accum * world
     bar = tqdm(total=args.steps, initial=step, desc="training", disable=args.quiet or not main_process)
     t0 = time.time()
     sd.unet.train()
+    graph = None
+    if args.cuda_graph:  # the deterministic part of a step, captured once (zero inputs: `gen` is not touched)
+        # The graph reads the parameters and buffers where they are now: nothing may replace them afterwards.
+        B, latent = args.batch, means.shape[2:]
+        example = (means.new_zeros(B, *latent), means.new_zeros(B, *latent), torch.zeros(B, dtype=torch.long, device=device),
+                   embed(captions[:1] * B))
+        loss_fn = lambda z0, noise, t, ctx: diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device)
+        graph = minisd.graphs.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0)
     while step < args.steps:
+        factor = lr_factor(step, args)
         for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * lr_factor(step, args)
-        total = 0.0
-        for micro in range(args.grad_accum):
-            # sample k of the global batch: epoch order, then this process's slice
-            k = (step * args.grad_accum + micro) * args.batch * world + rank * args.batch
-            idx = torch.stack([epoch_order(len(index), args.seed, j // len(index))[j % len(index)] for j in range(k, k + args.batch)])
-            rows = index[idx]
-            loss = diffusion_loss(model, means, stds, rows, embed([captions[i] for i in rows]), gen, ac, snr, args, amp_dtype, device)
-            if prior is not None:
-                prow = torch.randint(len(prior[0]), (args.batch,), generator=gen)
-                loss = loss + args.prior_weight * diffusion_loss(model, prior[1], prior[2], prow, embed([prior[0][i][0] for i in prow]),
-                                                                 gen, ac, snr, args, amp_dtype, device)
-            scaler.scale(loss / args.grad_accum).backward()
-            total += loss.item() / args.grad_accum
+            if graph:
+                g["lr"].fill_(g["initial_lr"] * factor)
+            else:
+                g["lr"] = g["initial_lr"] * factor
+        if graph:  # forward, backward, clipping and the AdamW step in one replay, on the eager path's draws
+            total = graph(*batch_inputs(0)).item()
+        else:
+            total = 0.0
+            for micro in range(args.grad_accum):
+                loss = diffusion_loss(model, *batch_inputs(micro), ac, snr, args, amp_dtype, device)
+                if prior is not None:
+                    prow = torch.randint(len(prior[0]), (args.batch,), generator=gen)
+                    pz0, pnoise, pt = draw_inputs(prior[1], prior[2], prow, gen, len(ac), args, device)
+                    loss = loss + args.prior_weight * diffusion_loss(model, pz0, pnoise, pt, embed([prior[0][i][0] for i in prow]),
+                                                                     ac, snr, args, amp_dtype, device)
+                scaler.scale(loss / args.grad_accum).backward()
+                total += loss.item() / args.grad_accum
         if not math.isfinite(total):
             bar.close()
             for suffix in (".safetensors", ".state.pt") if main_process else ():
@@ -334,13 +365,17 @@ def train(args):
             good = [p for p in state_files(out) if p.name < f"{out.stem}-step{step:06d}"]
             where = f"; the last good checkpoint is {good[-1]}" if good else ""
             raise ValueError(f"loss is {total} at step {step}: stopping (try a lower --lr or --mixed-precision bf16){where}")
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(unet_params + te_params, 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        if not graph:
+            if world > 1 and te_params:  # DDP averages the U-Net's gradients; the text encoder's are averaged here
+                for p in te_params:
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(unet_params + te_params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
         step += 1
-        history.append((step, total, opt.param_groups[0]["lr"], round(time.time() - t0, 2)))
+        history.append((step, total, opt.param_groups[0]["initial_lr"] * factor, round(time.time() - t0, 2)))
         bar.set_postfix(loss=f"{total:.4f}", img_s=f"{per_step * bar.n / max(1e-9, time.time() - t0):.1f}" if bar.n else "-")
         bar.update(1)
         if main_process and args.save_every and step % args.save_every == 0 and step < args.steps:
@@ -362,23 +397,56 @@ def train(args):
     return out
 
 
-def diffusion_loss(model, means, stds, rows, ctx, gen, ac, snr, args, amp_dtype, device):
-    """Noise-prediction MSE at random timesteps (with optional min-SNR weighting and offset noise)."""
+def draw_inputs(means, stds, rows, gen, timesteps, args, device):
+    """The random part of a training example, drawn from the CPU generator `gen`: latents z0 sampled from the cached
+    VAE posterior (of the image or its mirror), noise (with optional offset noise) and timesteps t."""
     view = torch.randint(means.shape[1], (len(rows),), generator=gen)  # the image or its mirror
     z0 = means[rows, view] + stds[rows, view] * torch.randn(means[rows, view].shape, generator=gen).to(device)
     noise = torch.randn(z0.shape, generator=gen)
     if args.noise_offset:
         noise = noise + args.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=gen)
-    noise = noise.to(device)
-    t = torch.randint(0, len(ac), (len(rows),), generator=gen).to(device)
+    t = torch.randint(0, timesteps, (len(rows),), generator=gen).to(device)
+    return z0, noise.to(device), t
+
+
+def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
+    """Noise-prediction MSE at timesteps t (with optional min-SNR weighting); no random draws, so --cuda-graph
+    captures it. cache_enabled=False: autocast's weight cache cannot live across graph replays (same values)."""
     a = ac[t][:, None, None, None]
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype != torch.float32):
+    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype != torch.float32, cache_enabled=False):
         eps = model(zt.to(ctx.dtype), t, ctx)
     per_sample = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))
     if args.min_snr_gamma:
         per_sample = per_sample * torch.clamp(snr[t], max=args.min_snr_gamma) / snr[t]
     return per_sample.mean()
+
+
+def check_cuda_graph(args, world):
+    """--cuda-graph captures one step of fixed shapes: one U-Net call, one optimizer step, no GradScaler and no
+    text-encoder pass; activation checkpointing reads and resets the CUDA RNG state, which a capture may refuse
+    (depends on the torch version; not tried). Refuse what it cannot do, before any heavy work."""
+    fp16 = mixed_precision(args.mixed_precision, torch.device(args.device)) == "fp16"
+    unsupported = {"fp16 mixed precision (use --mixed-precision bf16 or no)": fp16, "--grad-accum > 1": args.grad_accum > 1,
+                   "--prior-data": args.prior_data, "--te-rank > 0": args.te_rank > 0,
+                   "--grad-checkpointing": args.grad_checkpointing, "torchrun (one GPU only)": world > 1}
+    for what, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"--cuda-graph does not work with {what}")
+    if torch.device(args.device).type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
+
+
+def load_optimizer_state(opt, saved):
+    """opt.load_state_dict(saved), keeping opt's own lr and capturable setting (load_state_dict takes both from the
+    file), so that a state saved with or without --cuda-graph resumes either way."""
+    own = [(g["lr"], g["capturable"]) for g in opt.param_groups]
+    opt.load_state_dict(saved)
+    for g, (lr, capturable) in zip(opt.param_groups, own):
+        g["lr"], g["capturable"] = lr, capturable
+        for p in g["params"]:
+            if p in opt.state:  # AdamW keeps its step count beside the parameter when capturable, else on the CPU
+                opt.state[p]["step"] = opt.state[p]["step"].to(p.device if capturable else "cpu", torch.float32)
 
 
 def save_checkpoint(sd, opt, scaler, gen, step, history, args, out):

@@ -80,8 +80,10 @@ class _Adapted:
             raise ValueError(f"rank must be >= 1, got {rank}")
         down_shape, up_shape = self.factor_shapes(rank)
         device = self.weight.device
-        down = torch.empty(down_shape, device=device, dtype=dtype)
+        # drawn where the generator lives (a CPU generator: the same initial adapter on a CPU and on a GPU)
+        down = torch.empty(down_shape, device=generator.device if generator is not None else device, dtype=dtype)
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        down = down.to(device)
         up = torch.zeros(up_shape, device=device, dtype=dtype)
         self.adapters[name] = Adapter(down, up, rank if alpha is None else alpha)
         return self.adapters[name]

@@ -31,6 +31,7 @@ gradient accumulators, bound to another stream, and the capture fails.
 The outputs are static tensors, overwritten by the next replay: use (or clone) them before calling again.
 """
 import contextlib
+import warnings
 import weakref
 
 import torch
@@ -182,7 +183,9 @@ class TrainStepGraph:
             optimizer.zero_grad(set_to_none=True)
             return self._step()
 
-        _warm_up(step, warmup)  # also creates the optimizer state, which must exist before the capture
+        with warnings.catch_warnings():  # torch warns that a capturable optimizer steps uncaptured: intended here
+            warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
+            _warm_up(step, warmup)  # also creates the optimizer state, which must exist before the capture
         optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

@@ -34,7 +34,7 @@ import train
 from minisd import CheckpointError
 from minisd.checkpoint import read_pickle, read_state_dict
 from minisd.text import encode_prompts, load_tokenizer
-from tinyfiles import tiny  # noqa: F401 (a fixture)
+from tinyfiles import images, one_line_exit, tiny  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
 
@@ -44,30 +44,9 @@ TE = "cond_stage_model.transformer."
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    """Four 16 x 16 images (the tiny model's VAE halves them to 8 x 8 latents)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        a = np.zeros((16, 16, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
-        a[4:12, 2 * i:2 * i + 6] = rng.integers(0, 255, 3, dtype=np.uint8)
-        Image.fromarray(a).save(folder / f"{i}.png")
-    return folder
-
-
 def train_argv(tiny, images, out, *extra):
     return ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images), "--prompt",
             "a box", "--resolution", "16", "--batch", "2", "--seed", "3", "--out", str(out), "--quiet", *map(str, extra)]
-
-
-def one_line_exit(main, argv):
-    """main(argv) must end in SystemExit with one line 'error: ...'; returns that line."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 # ------------------------------------------------------------------------------------------------ 1. files
@@ -300,6 +279,13 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tiny, images, tmp
     assert f"{bad}: not a readable safetensors file" in one_line_exit(train.main, argv)
     with pytest.raises(CheckpointError):
         train.main(argv + ["--debug"])
+
+
+def test_blocks_without_target_layers_are_a_clear_error(tiny, images, tmp_path):
+    # the tiny U-Net has two levels: in3 (LDM input_blocks 10-11) does not exist, so LoRA has nothing to adapt there
+    argv = train_argv(tiny, images, tmp_path / "a.safetensors", "--steps", 1, "--blocks", "in3")
+    assert "--blocks in3: nothing to train, no lora target layer" in one_line_exit(train.main, argv)
+    assert not (tmp_path / "a.safetensors").exists()
 
 
 def test_cli_error_in_a_subprocess_has_no_traceback(tmp_path):

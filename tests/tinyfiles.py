@@ -1,4 +1,4 @@
-"""The smallest valid files the loaders take, for the reliability and fuzz tests: an SD 1.x LDM checkpoint of
+"""The smallest valid files the loaders take, for the reliability, fuzz and script tests: an SD 1.x LDM checkpoint of
 1.4 MB (as .safetensors and as a lightning .ckpt), a character tokenizer, and a kohya adapter for it (190 kB).
 
 Built from minisd's own modules with fixed seeds, so no diffusers import and no download; every load of them
@@ -6,8 +6,10 @@ takes tens of milliseconds.
 """
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -54,3 +56,24 @@ def write_tiny_files(root):
 def tiny(tmp_path_factory):
     """write_tiny_files, once per session (import it into a test module to use it)."""
     return write_tiny_files(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four 16 x 16 images (the tiny model's VAE halves them to 8 x 8 latents)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        a = np.zeros((16, 16, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+        a[4:12, 2 * i:2 * i + 6] = rng.integers(0, 255, 3, dtype=np.uint8)
+        Image.fromarray(a).save(folder / f"{i}.png")
+    return folder
+
+
+def one_line_exit(main, argv):
+    """main(argv) must end in SystemExit with one line 'error: ...'; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message

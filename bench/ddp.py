@@ -1,0 +1,102 @@
+"""train.py's own speed: the same LoRA run on 1 GPU (eager, and with --cuda-graph) and on N GPUs (torchrun,
+DistributedDataParallel), on a random-weight SD 1.4-architecture model (written as a diffusers folder, so train.py
+loads it like a real one) at 512², from the shipped images. Per-GPU batch fixed: N GPUs train on N times the images
+per step.
+
+    python bench/ddp.py --batches 8,16 --out out/bench/ddp.json     # >= 2 GPUs
+    python bench/ddp.py --tiny --gpus 1 --out /tmp/ddp.json       # smoke test on a CPU: minisd-tiny, one process
+
+images/s are taken from train.py's loss log (<out>-loss.csv, seconds since the loop started), after --warmup steps.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_sd14(folder):
+    """Random SD 1.4 U-Net + VAE + 12-layer CLIP text tower (the tiny world's tokenizer: token ids fit any vocab)."""
+    import minisd
+    from transformers import CLIPTextConfig, CLIPTextModel
+    tiny = minisd.load(ROOT / "weights" / "tiny")
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")).eval()
+    sd = minisd.StableDiffusion(minisd.UNet(minisd.UNetConfig()), minisd.AutoencoderKL(minisd.VAEConfig()), te, tiny.tokenizer)
+    minisd.save_diffusers(sd, folder)
+
+
+def images_per_s(log, warmup):
+    rows = list(csv.DictReader(open(log)))
+    (s0, t0), (s1, t1) = [(int(r["step"]), float(r["seconds"])) for r in (rows[warmup - 1], rows[-1])]
+    return (s1 - s0) / (t1 - t0), [float(r["loss"]) for r in rows]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=torch.cuda.device_count(), help="the N of the N-GPU run")
+    p.add_argument("--batches", default="8", help="comma-separated images per step per GPU")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    p.add_argument("--tiny", action="store_true", help="minisd-tiny at 64², for a smoke test")
+    p.add_argument("--out", default="out/bench/ddp.json")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.tiny:
+            ckpt, size = ROOT / "weights" / "tiny", 64
+        else:
+            ckpt, size = tmp / "sd14", 512
+            t0 = time.time()
+            build_sd14(ckpt)
+            print(f"random SD 1.4 written in {time.time() - t0:.0f}s", flush=True)
+        rows = []
+        runs = [(1, False), (1, True), (args.gpus, False)] if torch.cuda.is_available() else [(1, False)]
+        for batch in map(int, args.batches.split(",")):
+            for n, graph in dict.fromkeys(runs):
+                launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                          f"--nproc-per-node={n}"]
+                out = tmp / f"gpus{n}-b{batch}{'-graph' if graph else ''}.safetensors"
+                cmd = launch + [str(ROOT / "train.py"), "--ckpt", str(ckpt), "--data", str(ROOT / "data" / "identity"),
+                                "--resolution", str(size), "--rank", "16", "--batch", str(batch), "--steps", str(args.steps),
+                                "--lr", "1e-4", "--out", str(out), "--quiet"] + (["--cuda-graph"] if graph else []) + \
+                    (["--device", "cpu"] if not torch.cuda.is_available() else [])
+                t0 = time.time()
+                if subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode:
+                    print(f"failed: {' '.join(cmd)}", flush=True)
+                    continue
+                steps_s, losses = images_per_s(out.with_name(f"{out.stem}-loss.csv"), args.warmup)
+                rows.append({"gpus": n, "cuda_graph": graph, "batch_per_gpu": batch, "steps_per_s": steps_s,
+                             "images_per_s": steps_s * batch * n, "wall_s": time.time() - t0, "first_losses": losses[:3],
+                             "final_loss_mean20": sum(losses[-20:]) / len(losses[-20:])})
+                print(json.dumps(rows[-1]), flush=True)
+                save(rows, args)
+    for r in save(rows, args):
+        print(f"batch {r['batch_per_gpu']}/GPU, {r['gpus']} GPU(s){' cuda-graph' if r['cuda_graph'] else ''}: "
+              f"{r['images_per_s']:.1f} images/s ({r['vs_1gpu_eager']:.2f}x)")
+
+
+def save(rows, args):
+    """Rewritten after every run: a time limit leaves the finished rows."""
+    for r in rows:  # against one GPU, eager, same per-GPU batch
+        r["vs_1gpu_eager"] = r["images_per_s"] / next(q["images_per_s"] for q in rows if q["batch_per_gpu"] == r["batch_per_gpu"])
+    meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "model": "minisd-tiny 64²" if args.tiny else "random SD 1.4 512²", "lora": "rank 16, attention + ff + proj (LoRA-LierLa)",
+            "mixed_precision": "auto (bf16 on GPU)", "steps": args.steps, "warmup": args.warmup}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

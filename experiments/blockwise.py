@@ -1,0 +1,286 @@
+"""The paper's experiments in miniature (Block-wise LoRA, arXiv 2403.07500), on minisd-tiny, scored by the world's
+classifier instead of by eye.
+
+    python experiments/blockwise.py                                 # small sweep, one seed: CPU, about 25 minutes
+    python experiments/blockwise.py --sweep full --seeds 0,1,2 --full-seeds 1 --workers 4 --cuda-graph   # GPU(s)
+
+For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
+blocks; style adapters ("zwx style", data/style) on all blocks and block-wise on subsets of the paper's coarse blocks
+{in0..in3, mid, out0..out3} (full sweep: every single block and every in+out pair, the paper's in0+out3 among them).
+Each setting renders the same held-out "sks character in zwx style" prompts with the same noise and is scored:
+  identity  the classifier reads the held-out character       style   it reads the held-out style
+  both      both at once in one image                          prompt  it reads the background the prompt asked for
+  iou       pixels that differ from the asked background vs the character's true silhouette (position, size, shape)
+Settings: identity alone; style alone; identity + style(all) (the paper's conflict); the same with the style adapter's
+blocks weighted at inference (lora-block-weight presets, and its in0+out3 blocks only: block-wise inference); identity
++ style trained block-wise on each subset. Means over seeds with 95% t-intervals (one seed: over images).
+
+Writes under --out: adapters/ (kept: a rerun skips trained ones), results.json, results.md, fig_conflict_*.png,
+fig_blocks_*.png. It refuses to run if the classifier is too weak on ground-truth renders of the held-out subject and
+style (the metric would not separate the settings).
+"""
+import argparse
+import concurrent.futures as cf
+import functools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lora  # noqa: E402
+import minisd  # noqa: E402
+from tinyworld import classify  # noqa: E402
+from tinyworld.world import BACKGROUNDS, HELDOUT_STYLE, HELDOUT_SUBJECT, dataset  # noqa: E402
+
+TINY = ROOT / "weights" / "tiny"
+INS, OUTS = ("in0", "in1", "in2", "in3"), ("out0", "out1", "out2", "out3")
+COARSE = INS + ("mid",) + OUTS
+LBW = ("OUTD", "OUTS", "INS", "IND", "MIDD")  # lora-block-weight presets tried on the all-block style adapter
+MIN_CLASSIFIER_ACCURACY = 0.95  # on ground-truth renders of the held-out subject and style
+METRICS = ("identity", "style", "both", "prompt", "iou")
+TARGETS = {"lora": lora.LIERLA, "locon": lora.C3LIER}  # what train.py --algo adapts
+T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%
+
+
+def style_subsets(sweep, algo):
+    """Block subsets the style adapter is trained on, besides "all". With LoRA (attention, feed-forward and proj
+    layers only) in3 and out0 have nothing to adapt (no attention at the 8x8 level): subsets that adapt nothing or
+    the same layers as an earlier subset are left out."""
+    subsets = ["in0,out3", "in0", "out3", "mid"] if sweep == "small" else [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]
+    seen, kept = set(), []
+    for s in subsets:
+        layers = frozenset(path for path, _, _ in lora.target_paths(_tiny_unet(), lora.rank_table(s, rank=1), TARGETS[algo]))
+        if layers and layers not in seen:
+            seen.add(layers)
+            kept.append(s)
+    return kept
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_unet():
+    return minisd.load(TINY).unet
+
+
+def settings(sweep, algo):
+    """[(title, style adapter or None, inference block weights of the style adapter or None, identity on?)]."""
+    rows = [("identity only", None, None, True), ("style only", "all", None, False), ("id + style(all)", "all", None, True)]
+    rows += [(f"id + style(all) @{p}", "all", p, True) for p in LBW]
+    rows += [("id + style(all) @in0,out3", "all", "in0=1,out3=1", True)]
+    rows += [(f"id + style({s})", s, None, True) for s in style_subsets(sweep, algo)]
+    return rows
+
+
+def adapter_file(out, algo, seed, data, blocks):
+    return out / "adapters" / algo / f"seed{seed}" / f"{data}_{blocks.replace(',', '+')}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def train_job(job):
+    """One adapter, in a worker process: train.main with the recipe's flags, in float32 on any device (the tiny
+    model's results then do not depend on where it ran)."""
+    argv, device, threads, cuda_graph = job
+    torch.set_num_threads(threads)
+    import train
+    graph = cuda_graph and "--te-rank" not in argv  # the graph path keeps the text encoder frozen
+    train.main(argv + ["--device", device, "--mixed-precision", "no", "--quiet"] + (["--cuda-graph"] if graph else []))
+    return argv[argv.index("--out") + 1]
+
+
+def training_jobs(args, out):
+    jobs = []
+    for algo in args.algos:
+        for seed in args.seeds:
+            sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
+            for data, blocks in [("identity", "all"), ("style", "all")] + [("style", s) for s in style_subsets(sweep, algo)]:
+                path = adapter_file(out, algo, seed, data, blocks)
+                te = ["--te-rank", str(args.te_rank)] if data == "identity" and args.te_rank else []
+                if not path.exists():
+                    jobs.append(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--algo", algo,
+                                 "--rank", str(args.rank), "--steps", str(args.steps), "--lr", str(args.lr),
+                                 "--batch", "4", "--seed", str(seed), "--out", str(path)] + te)
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+def eval_scenes(n):
+    """n held-out "sks character in zwx style" scenes (fixed), their captions and true silhouettes."""
+    from tinyworld.world import render
+    scenes = [s for _, _, s in dataset(n, seed=2024, split="combo")]
+    return scenes, [s.caption() for s in scenes], np.stack([render(s)[1] for s in scenes])
+
+
+def silhouette_iou(images, scenes, masks, threshold=60.0):
+    """IoU of {pixels further than `threshold` (RGB, 0-255) from the prompt's background colour} with the character's
+    true silhouette: high only if the character has the right place, size and outline, whatever its colours."""
+    rgb = images.permute(0, 2, 3, 1).numpy() * 255
+    bg = np.array([BACKGROUNDS[s.background] for s in scenes], np.float32)[:, None, None]
+    fg = np.linalg.norm(rgb - bg, axis=-1) > threshold
+    return (fg & masks).sum((1, 2)) / np.maximum((fg | masks).sum((1, 2)), 1)
+
+
+def eval_job(job):
+    """Every setting of one (algo, seed): {title: {metric: per-image values}} and the first images of each."""
+    algo, seed, out, sweep, n, steps, guidance, device, threads = job
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    sd = minisd.load(TINY, device=device)
+    judge = classify.load(TINY / "classifier.safetensors", device=device)
+    scenes, prompts, masks = eval_scenes(n)
+    results, thumbs = {}, {}
+    for title, style, block_weights, with_identity in settings(sweep, algo):
+        if style and not adapter_file(out, algo, seed, "style", style).exists():
+            continue  # a seed that ran the small sweep only
+        names = []
+        if with_identity:
+            lora.load_kohya(adapter_file(out, algo, seed, "identity", "all"), sd.unet, sd.text_encoder, name="identity")
+            names.append("identity")
+        if style:
+            lora.load_kohya(adapter_file(out, algo, seed, "style", style), sd.unet, name="style", block_weights=block_weights)
+            names.append("style")
+        images = sd.sample(prompts, steps=steps, guidance=guidance, seed=1000 + seed, progress=False,
+                           cuda_graph=device.startswith("cuda")).float().cpu()
+        for name in names:
+            lora.remove(sd.unet, name, sd.text_encoder)
+        pred = classify.predict(judge, images)
+        identity = np.array([p == HELDOUT_SUBJECT for p in pred["subject"]])
+        style_ok = np.array([p == HELDOUT_STYLE for p in pred["style"]])
+        results[title] = {"identity": identity.tolist(), "style": style_ok.tolist(), "both": (identity & style_ok).tolist(),
+                          "prompt": [p == s.background for p, s in zip(pred["background"], scenes)],
+                          "iou": silhouette_iou(images, scenes, masks).tolist()}
+        thumbs[title] = (images[:4] * 255).round().to(torch.uint8)
+    return algo, seed, results, thumbs
+
+
+def summarize(per_seed):
+    """{seed: {metric: values}} -> {metric: (mean, 95% half-width)}: t-interval over seed means, or over images
+    when there is one seed; and "seeds": how many."""
+    summary = {"seeds": len(per_seed)}
+    for m in METRICS:
+        if len(per_seed) > 1:
+            means = np.array([np.mean(v[m]) for v in per_seed.values()])
+            half = T975.get(len(means) - 1, 1.96) * means.std(ddof=1) / math.sqrt(len(means))
+        else:
+            means = np.asarray(next(iter(per_seed.values()))[m], np.float64)
+            half = 1.96 * means.std(ddof=1) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+        summary[m] = (float(means.mean()), float(half))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def check_classifier(judge):
+    table = classify.accuracy(judge, n=200)
+    weak = [f"{split}/{head} {acc:.1%}" for split, heads in table.items() for head, acc in heads.items()
+            if head in ("subject", "style") and acc < MIN_CLASSIFIER_ACCURACY]
+    if weak:
+        sys.exit(f"error: the classifier is too weak to score identity and style ({', '.join(weak)} < "
+                 f"{MIN_CLASSIFIER_ACCURACY:.0%} on ground-truth renders); retrain it: python -m tinyworld.classify")
+    return table
+
+
+def run_pool(fn, jobs, workers):
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", choices=["small", "full"], default="small",
+                   help="small: style on all, in0+out3, in0, out3, mid; full: all, every single block, every in+out pair")
+    p.add_argument("--algos", default="lora,locon", help="comma-separated: lora, locon")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--full-seeds", type=int, default=None,
+                   help="with --sweep full: only the first N seeds train every subset, the others the small sweep's")
+    p.add_argument("--steps", type=int, default=200, help="training steps per adapter")
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--te-rank", type=int, default=0, help="text-encoder rank of the identity adapter (0: U-Net only)")
+    p.add_argument("--n", type=int, default=16, help="images per setting and seed")
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=max(1, torch.cuda.device_count()),
+                   help="parallel processes, spread over the GPUs (default: one per GPU, else 1)")
+    p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
+    p.add_argument("--out", default="out/blockwise")
+    args = p.parse_args(argv)
+    args.algos = [a.strip() for a in args.algos.split(",")]
+    if set(args.algos) - {"lora", "locon"}:
+        p.error(f"--algos: lora and/or locon, got {args.algos}")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.full_seeds = len(args.seeds) if args.full_seeds is None else args.full_seeds
+    out, t0 = Path(args.out), time.time()
+    gpus = torch.cuda.device_count()
+    devices = [f"cuda:{i % gpus}" for i in range(args.workers)] if gpus else ["cpu"] * args.workers
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if not gpus else 1
+    classifier_table = check_classifier(classify.load(TINY / "classifier.safetensors"))
+
+    jobs = training_jobs(args, out)
+    print(f"training {len(jobs)} adapters on {args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
+    run_pool(train_job, [(j, devices[i % len(devices)], threads, args.cuda_graph) for i, j in enumerate(jobs)], args.workers)
+    t_train = time.time() - t0
+
+    evals = [(a, s, out, args.sweep, args.n, args.sample_steps, args.guidance, devices[i % len(devices)], threads)
+             for i, (a, s) in enumerate((a, s) for a in args.algos for s in args.seeds)]
+    print(f"rendering and scoring {len(evals)} (algo, seed) pairs", flush=True)
+    raw, thumbs = {}, {}
+    for algo, seed, results, th in run_pool(eval_job, evals, args.workers):
+        for title, r in results.items():
+            raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
+        thumbs[algo, seed] = th
+    table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
+
+    report = {"args": {k: v for k, v in vars(args).items()}, "classifier_accuracy": classifier_table,
+              "seconds": {"training": round(t_train), "total": round(time.time() - t0)},
+              "device": torch.cuda.get_device_name(0) if gpus else f"cpu ({os.cpu_count()} cores)",
+              "summary": table, "per_image": raw}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    figures(thumbs, table, args, out)
+    print(markdown(report))
+    print(f"done in {time.time() - t0:.0f}s (training {t_train:.0f}s); wrote {out}/results.md, results.json, fig_*.png")
+
+
+def markdown(report):
+    a = report["args"]
+    lines = [f"Block-wise LoRA on minisd-tiny: {a['sweep']} sweep, seeds {a['seeds']}, {a['n']} images per setting and seed, "
+             f"rank {a['rank']}, {a['steps']} steps at lr {a['lr']}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
+             f"{report['device']}, {report['seconds']['total']} s.", "",
+             "Classifier accuracy on ground-truth renders (200 per split): " + "; ".join(
+                 f"{split} subject {h['subject']:.1%} style {h['style']:.1%}" for split, h in report["classifier_accuracy"].items()), ""]
+    for algo, rows in report["summary"].items():
+        lines += [f"### {algo}", "", "| setting | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+        for title, s in rows.items():
+            lines.append(f"| {title} | {s['seeds']} | " + " | ".join(f"{s[m][0]:.2f} ± {s[m][1]:.2f}" for m in METRICS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def figures(thumbs, table, args, out):
+    """Paper-style grids for the first seed: the conflict and its inference-time fixes (Fig. 2-3), the block sweep (Fig. 4)."""
+    from demo import labelled_grid
+    seed = args.seeds[0]
+    for algo in args.algos:
+        th = thumbs[algo, seed]
+        score = {t: (table[algo][t]["identity"][0], table[algo][t]["style"][0]) for t in th}
+        conflict = [t for t in th if not t.startswith("id + style(") or t.startswith("id + style(all)") or t == "id + style(in0,out3)"]
+        blocks = ["id + style(all)"] + [t for t in th if t.startswith("id + style(") and "all" not in t]
+        for name, titles in (("conflict", conflict), ("blocks", blocks)):
+            labelled_grid({t.replace("id + ", "+"): th[t].float() / 255 for t in titles},
+                          {t.replace("id + ", "+"): score[t] for t in titles}, out / f"fig_{name}_{algo}.png")
+
+
+if __name__ == "__main__":
+    main()
