@@ -270,6 +270,7 @@ def train(args):
         raise ValueError(f"--blocks {args.blocks}: nothing to train, no {args.algo} target layer in a block of nonzero rank"
                          " (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do not"
                          " have; --algo locon also adapts convolutions)")
+    lora.use_fused(sd.unet, device.type == "cuda", sd.text_encoder if args.te_rank else None)  # plain is faster on a CPU
     unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
     te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
     sd.unet.gradient_checkpointing = args.grad_checkpointing
@@ -295,8 +296,7 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     model = sd.unet
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index], static_graph=True,
-                                                          gradient_as_bucket_view=True)
+        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index])
     ac = sd.schedule.alphas_cumprod.float().to(device)
     snr = ac / (1 - ac)
     step, history = 0, []
