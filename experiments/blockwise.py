@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import lora  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import classify  # noqa: E402
-from tinyworld.world import BACKGROUNDS, HELDOUT_STYLE, HELDOUT_SUBJECT, dataset  # noqa: E402
+from tinyworld.world import BACKGROUNDS, HELDOUT_STYLE, HELDOUT_SUBJECT, dataset, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 INS, OUTS = ("in0", "in1", "in2", "in3"), ("out0", "out1", "out2", "out3")
@@ -115,7 +115,6 @@ def training_jobs(args, out):
 
 def eval_scenes(n):
     """n held-out "sks character in zwx style" scenes (fixed), their captions and true silhouettes."""
-    from tinyworld.world import render
     scenes = [s for _, _, s in dataset(n, seed=2024, split="combo")]
     return scenes, [s.caption() for s in scenes], np.stack([render(s)[1] for s in scenes])
 
