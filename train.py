@@ -220,9 +220,13 @@ def train(args):
     if args.cuda_graph:
         check_cuda_graph(args, world)
     if world > 1:
-        torch.distributed.init_process_group("nccl")
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
+        if args.prior_data:  # two forward passes before one backward: DDP would need another reducer setup
+            raise ValueError("--prior-data does not work under torchrun yet: train on one process")
+        cuda = not args.device.startswith("cpu")  # --device cpu: gloo on CPU processes (tests, laptops)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
     main_process = rank == 0
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -296,7 +300,7 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     model = sd.unet
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index])
+        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index] if device.type == "cuda" else None)
     ac = sd.schedule.alphas_cumprod.float().to(device)
     snr = ac / (1 - ac)
     step, history = 0, []
@@ -315,13 +319,18 @@ def train(args):
         if main_process:
             print(f"resumed from {resume_from} at step {step}")
 
+    mine = slice(rank * args.batch, (rank + 1) * args.batch)  # this process's share of a global batch
+
     def batch_inputs(micro):
-        """z0, noise, t and text context of this step's micro-batch `micro` (random draws from `gen`)."""
-        # sample k of the global batch: epoch order, then this process's slice
-        k = (step * args.grad_accum + micro) * args.batch * world + rank * args.batch
-        idx = torch.stack([epoch_order(len(index), args.seed, j // len(index))[j % len(index)] for j in range(k, k + args.batch)])
+        """z0, noise, t and text context of this process's share of micro-batch `micro`. Every process draws the
+        whole global batch from `gen` and keeps its slice: N processes see what one process with an N times larger
+        batch sees (data order and random draws), so the result is one GPU's up to the batch split."""
+        k = (step * args.grad_accum + micro) * args.batch * world  # the global batch's first sample, in epoch order
+        idx = torch.stack([epoch_order(len(index), args.seed, j // len(index))[j % len(index)]
+                           for j in range(k, k + args.batch * world)])
         rows = index[idx]
-        return (*draw_inputs(means, stds, rows, gen, len(ac), args, device), embed([captions[i] for i in rows]))
+        z0, noise, t = draw_inputs(means, stds, rows, gen, len(ac), args, device)
+        return z0[mine], noise[mine], t[mine], embed([captions[i] for i in rows[mine]])
 
     # -- the loop
     per_step = args.batch * args.grad_accum * world
@@ -368,7 +377,8 @@ def train(args):
         if not graph:
             if world > 1 and te_params:  # DDP averages the U-Net's gradients; the text encoder's are averaged here
                 for p in te_params:
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+                    torch.distributed.all_reduce(p.grad)  # a sum (gloo has no average)
+                    p.grad /= world
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(unet_params + te_params, 1.0)
             scaler.step(opt)

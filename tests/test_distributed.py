@@ -1,0 +1,33 @@
+"""train.py under torchrun (DistributedDataParallel): two CPU processes (gloo) give the result of one process with
+the whole batch, since every process draws the global batch and keeps its slice."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tinyfiles import images, tiny  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tiny, images, tmp_path):
+    argv = ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images),
+            "--prompt", "a box", "--resolution", "16", "--seed", "3", "--steps", "3", "--lr", "1e-2",
+            "--te-rank", "2", "--device", "cpu", "--quiet"]  # --te-rank: its gradients are averaged by hand
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, str(ROOT / "train.py"), *argv, "--batch", "2", "--out", str(tmp_path / "one.safetensors")]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py"),
+           *argv, "--batch", "1", "--out", str(tmp_path / "two.safetensors")]
+    for cmd in (one, two):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("lora_te_") for k in a)
+    ups = [k for k in a if "lora_up" in k]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm() / torch.cat([a[k].flatten() for k in ups]).norm()
+    assert 0 < torch.cat([a[k].flatten() for k in ups]).norm() and diff < 1e-4, diff
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # rank 0 alone writes
+        ["one.safetensors", "one-loss.csv", "one-loss.png", "two.safetensors", "two-loss.csv", "two-loss.png"])
