@@ -36,7 +36,8 @@ def build_sd14(folder):
     minisd.save_diffusers(sd, folder)
 
 
-def images_per_s(log, warmup):
+def steps_per_s(log, warmup):
+    """Optimizer steps per second after `warmup` steps, and every logged loss."""
     rows = list(csv.DictReader(open(log)))
     (s0, t0), (s1, t1) = [(int(r["step"]), float(r["seconds"])) for r in (rows[warmup - 1], rows[-1])]
     return (s1 - s0) / (t1 - t0), [float(r["loss"]) for r in rows]
@@ -75,7 +76,7 @@ def main():
                 if subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode:
                     print(f"failed: {' '.join(cmd)}", flush=True)
                     continue
-                steps_s, losses = images_per_s(out.with_name(f"{out.stem}-loss.csv"), args.warmup)
+                steps_s, losses = steps_per_s(out.with_name(f"{out.stem}-loss.csv"), args.warmup)
                 rows.append({"gpus": n, "cuda_graph": graph, "batch_per_gpu": batch, "steps_per_s": steps_s,
                              "images_per_s": steps_s * batch * n, "wall_s": time.time() - t0, "first_losses": losses[:3],
                              "final_loss_mean20": sum(losses[-20:]) / len(losses[-20:])})
