@@ -136,6 +136,22 @@ def time_ms(fn, device, iters=10, reps=3, warmup=2):
     return statistics.median(out)
 
 
+def graphed(fn, device, warmup=3):
+    """A callable replaying fn from a CUDA graph (fn itself off CUDA); fn's tensors become the graph's buffers."""
+    if torch.device(device).type != "cuda":
+        return fn
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def wall_s(fn, device, reps=2):
     """Median wall time of whole calls (synchronised), in s."""
     out = []

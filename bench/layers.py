@@ -1,12 +1,14 @@
-"""One LoRA Linear layer at SD 1.4 shapes: lora's fused functions vs the plain composition vs peft's LoRA Linear.
+"""One adapted layer at SD 1.4 shapes: lora's fused functions vs the plain composition vs peft's LoRA layer.
 
     python bench/layers.py --out out/bench/layers.json
-    python bench/layers.py --tiny --out /tmp/l.json                 # CPU smoke test (shapes / 16)
+    python bench/layers.py --tiny --ranks 4 --out /tmp/l.json        # CPU smoke test (shapes / 16)
 
-train: bf16 autocast, frozen bf16 base, one rank-16 adapter in float32, forward + backward (grads of x and factors).
-infer: fp16, no autograd, two rank-16 adapters unmerged; also the merged layer (a plain nn.Linear, the floor) and
-       the two packed forms that minisd.graphs captures (pack=weight: a private merged copy; pack=factors: stacked
-       downs and scaled ups prepared once, two extra kernels).
+train: bf16 autocast, frozen bf16 base, one adapter in float32 (ranks 4, 16, 64), forward + backward (grads of x
+       and of the factors). Linear layers of attention and feed-forward, and the 3x3 convs of each level (LoCon;
+       peft's Conv2d LoRA is the same k x k down / 1x1 up pair). `none` is the frozen layer alone (grad of x only).
+infer: fp16, no autograd, two rank-16 adapters unmerged; also the merged layer (the floor) and the two packed
+       forms that minisd.graphs captures (pack=weight: a private merged copy; pack=factors: stacked downs and
+       scaled ups prepared once, two extra kernels). Linear layers only.
 Each case is captured in a CUDA graph and its replays are timed (launch gaps mostly gone), median of 3 x 50.
 """
 import argparse
@@ -16,32 +18,46 @@ import torch
 import torch.nn as nn
 
 import common
-from common import Recorder, environment, log, table, time_ms
+from common import Recorder, environment, graphed, log, table, time_ms
 
-from lora.layers import LoRALinear
+from lora.layers import wrap
 from minisd.graphs import _packed_adapters
 
-# (name, tokens, in, out): CFG batch 2 at 64x64 latents (level 0: 4096 tokens per image, level 2: 256)
-SHAPES = [("L0 attn1.to_q", 8192, 320, 320), ("L0 ff.net.0.proj", 8192, 320, 2560), ("L0 ff.net.2", 8192, 1280, 320),
-          ("L0 attn2.to_k", 154, 768, 320), ("L2 attn1.to_q", 512, 1280, 1280)]
+# (name, input shape, layer): CFG batch 2 at 64x64 latents (level 0: 4096 tokens per image, level 2: 256)
+SHAPES = [("L0 attn1.to_q", (8192, 320), lambda: nn.Linear(320, 320)),
+          ("L0 ff.net.0.proj", (8192, 320), lambda: nn.Linear(320, 2560)),
+          ("L0 ff.net.2", (8192, 1280), lambda: nn.Linear(1280, 320)),
+          ("L0 attn2.to_k", (154, 768), lambda: nn.Linear(768, 320)),
+          ("L1 ff.net.0.proj", (2048, 640), lambda: nn.Linear(640, 5120)),
+          ("L2 attn1.to_q", (512, 1280), lambda: nn.Linear(1280, 1280)),
+          ("L2 ff.net.2", (512, 5120), lambda: nn.Linear(5120, 1280)),
+          ("L0 conv 3x3", (2, 320, 64, 64), lambda: nn.Conv2d(320, 320, 3, padding=1)),
+          ("L1 conv 3x3", (2, 640, 32, 32), lambda: nn.Conv2d(640, 640, 3, padding=1)),
+          ("L2 conv 3x3", (2, 1280, 16, 16), lambda: nn.Conv2d(1280, 1280, 3, padding=1)),
+          ("L3 conv 3x3", (2, 1280, 8, 8), lambda: nn.Conv2d(1280, 1280, 3, padding=1)),
+          ("L0 downsample", (2, 320, 64, 64), lambda: nn.Conv2d(320, 320, 3, stride=2, padding=1))]
 
 
-def ours(inf, outf, n, dtype, adapter_dtype, fused, dev, gen):
-    layer = LoRALinear(nn.Linear(inf, outf, device=dev, dtype=dtype).requires_grad_(False))
+def ours(make, n, rank, dtype, adapter_dtype, fused, dev, gen):
+    layer = wrap(make().to(dev, dtype).requires_grad_(False))
+    if layer.weight.dim() == 4:
+        layer.to(memory_format=torch.channels_last)
     for name in "ab"[:n]:
-        a = layer.add_adapter(name, 16, dtype=adapter_dtype)
+        a = layer.add_adapter(name, rank, dtype=adapter_dtype)
         with torch.no_grad():
             a.up.normal_(0, 0.02, generator=gen)
     layer.fused = fused
     return layer
 
 
-def peft_layer(inf, outf, n, dtype, adapter_dtype, dev, gen):
+def peft_layer(make, n, rank, dtype, adapter_dtype, dev, gen):
     from peft import LoraConfig, inject_adapter_in_model
     model = nn.Sequential()
-    model.add_module("proj", nn.Linear(inf, outf, device=dev, dtype=dtype).requires_grad_(False))
+    model.add_module("proj", make().to(dev, dtype).requires_grad_(False))
+    if model.proj.weight.dim() == 4:
+        model.to(memory_format=torch.channels_last)
     for name in "ab"[:n]:
-        model = inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=["proj"]), model, adapter_name=name)
+        model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["proj"]), model, adapter_name=name)
     model.proj.set_adapter(list("ab"[:n]))
     for pname, q in model.named_parameters():
         if "lora_" in pname:
@@ -52,59 +68,51 @@ def peft_layer(inf, outf, n, dtype, adapter_dtype, dev, gen):
     return model
 
 
-def graphed(fn, dev):
-    """A callable replaying fn from a CUDA graph (eager on the CPU)."""
-    if dev.type != "cuda":
-        return fn
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ranks", default="4,16,64")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     common.QUICK = args.tiny
     rec = Recorder(args.out, {"bench": "layers", "args": vars(args), "env": environment(dev)})
     gen = torch.Generator(dev).manual_seed(0)
-    for shape, N, inf, outf in SHAPES:
-        N = max(8, N // 16) if args.tiny else N
+    for shape, in_shape, make in SHAPES:
+        if args.tiny:
+            in_shape = (max(8, in_shape[0] // 16), *in_shape[1:]) if len(in_shape) == 2 else (1, *in_shape[1:3], 8)
+        conv = len(in_shape) == 4
+        fmt = torch.channels_last if conv else torch.contiguous_format
+        out_shape = make().to("meta")(torch.empty(in_shape, device="meta")).shape
         # train: fwd + bwd, one adapter
-        x = torch.randn(N, inf, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
-        gy = torch.randn(N, outf, device=dev, dtype=torch.bfloat16, generator=gen)
-        cases = {"fused": ours(inf, outf, 1, torch.bfloat16, torch.float32, True, dev, gen),
-                 "plain": ours(inf, outf, 1, torch.bfloat16, torch.float32, False, dev, gen),
-                 "peft": peft_layer(inf, outf, 1, torch.bfloat16, torch.float32, dev, gen)}
-        for impl, layer in cases.items():
-            try:
-                params = [q for q in layer.parameters() if q.requires_grad]
+        x = torch.randn(in_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt).requires_grad_(True)
+        gy = torch.randn(out_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt)
+        for rank in map(int, args.ranks.split(",")):
+            cases = {"none": ours(make, 0, rank, torch.bfloat16, torch.float32, True, dev, gen),
+                     "fused": ours(make, 1, rank, torch.bfloat16, torch.float32, True, dev, gen),
+                     "plain": ours(make, 1, rank, torch.bfloat16, torch.float32, False, dev, gen),
+                     "peft": peft_layer(make, 1, rank, torch.bfloat16, torch.float32, dev, gen)}
+            for impl, layer in cases.items():
+                try:
+                    params = [q for q in layer.parameters() if q.requires_grad]
 
-                def fwd_bwd():
-                    with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):
-                        y = layer(x)
-                    return torch.autograd.grad(y, [x, *params], gy)
-                ms = time_ms(graphed(fwd_bwd, dev), dev, iters=50)
-                rec.add(mode="train", shape=shape, tokens=N, impl=impl, us=round(ms * 1e3, 1))
-            except Exception as e:
-                rec.error(f"train {impl} {shape}", e)
+                    def fwd_bwd():
+                        with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):
+                            y = layer(x)
+                        return torch.autograd.grad(y, [x, *params], gy)
+                    ms = time_ms(graphed(fwd_bwd, dev), dev, iters=50)
+                    rec.add(mode="train", shape=shape, rank=rank, impl=impl, us=round(ms * 1e3, 1))
+                except Exception as e:
+                    rec.error(f"train {impl} {shape} r{rank}", e)
+        if conv:
+            continue
         # infer: two adapters, fp16, no autograd
-        x = torch.randn(N, inf, device=dev, dtype=torch.float16, generator=gen)
+        x = torch.randn(in_shape, device=dev, dtype=torch.float16, generator=gen)
         dt = torch.float16
-        cases = {"merged": nn.Linear(inf, outf, device=dev, dtype=dt),
-                 "fused": ours(inf, outf, 2, dt, dt, True, dev, gen), "plain": ours(inf, outf, 2, dt, dt, False, dev, gen),
-                 "pack=weight": ours(inf, outf, 2, dt, dt, True, dev, gen),
-                 "pack=factors": ours(inf, outf, 2, dt, dt, True, dev, gen), "peft": peft_layer(inf, outf, 2, dt, dt, dev, gen)}
+        cases = {"merged": make().to(dev, dt), "fused": ours(make, 2, 16, dt, dt, True, dev, gen),
+                 "plain": ours(make, 2, 16, dt, dt, False, dev, gen), "pack=weight": ours(make, 2, 16, dt, dt, True, dev, gen),
+                 "pack=factors": ours(make, 2, 16, dt, dt, True, dev, gen), "peft": peft_layer(make, 2, 16, dt, dt, dev, gen)}
         for impl, layer in cases.items():
             try:
                 packing = _packed_adapters(layer, {}, impl[5:]) if impl.startswith("pack=") else contextlib.nullcontext()
@@ -112,10 +120,20 @@ def main(argv=None):
                     fn = graphed(lambda: layer(x), dev)
                 with torch.no_grad():
                     ms = time_ms(fn, dev, iters=50)
-                rec.add(mode="infer", shape=shape, tokens=N, impl=impl, us=round(ms * 1e3, 1))
+                rec.add(mode="infer", shape=shape, rank=16, impl=impl, us=round(ms * 1e3, 1))
             except Exception as e:
                 rec.error(f"infer {impl} {shape}", e)
-    log(table(rec.rows, ["mode", "shape", "tokens", "impl", "us"]))
+    # one row per (mode, shape, rank): the implementations side by side
+    wide = {}
+    for r in rec.rows:
+        wide.setdefault((r["mode"], r["shape"], r["rank"]), {"mode": r["mode"], "shape": r["shape"], "rank": r["rank"]})[r["impl"]] = r["us"]
+    for w in wide.values():
+        if w["mode"] == "train" and all(k in w for k in ("fused", "plain", "peft")):
+            w["fused_fastest"] = w["fused"] <= min(w["plain"], w["peft"])
+    rec.meta["wide"] = list(wide.values())
+    rec.save()
+    log(table(list(wide.values()), ["mode", "shape", "rank", "none", "merged", "fused", "plain", "peft", "pack=weight",
+                                    "pack=factors", "fused_fastest"]))
 
 
 if __name__ == "__main__":

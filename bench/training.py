@@ -11,6 +11,8 @@ clip_grad_norm_(1.0), AdamW. One step = draw t and noise, forward, backward, cli
   minisd-eager-plain  lora.use_fused(unet, False): the plain composition
   minisd-graph        minisd.graphs.TrainStepGraph: forward + backward + clip + AdamW(capturable) in one CUDA graph
   diffusers-eager     diffusers UNet2DConditionModel + peft
+  ...-cl              minisd's U-Net channels_last
+  ...-bf16            no autocast: the bf16 base as it is (autocast runs the norms in float32, casting around them)
 Also: the graph step's gradients against the eager step's on the same inputs, and TFLOP/s (FlopCounterMode count
 of one step) against a measured bf16 matmul peak.
 """
@@ -72,17 +74,18 @@ def main(argv=None):
     txt = torch.randn(N, 77, D, device=dev, generator=gen).to(torch.bfloat16)
     ac = Schedule().alphas_cumprod.float().to(dev)
 
-    def make_loss(call):
+    def make_loss(call, amp=True):
         def loss_fn(z0, ctx, t, noise):
             a = ac[t].view(-1, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp, cache_enabled=False):
                 eps = call(zt.to(ctx.dtype), t, ctx)
             return ((eps.float() - noise) ** 2).mean()
         return loss_fn
 
     loss_ours = make_loss(lambda x, t, c: ours(x, t, c))
     loss_ref = make_loss(lambda x, t, c: ref(x, t, encoder_hidden_states=c).sample)
+    loss_ours_bf16 = make_loss(lambda x, t, c: ours(x, t, c), amp=False)
 
     def draw(B):
         return (lat[:B], txt[:B], torch.randint(0, 1000, (B,), device=dev, generator=gen),
@@ -137,9 +140,11 @@ def main(argv=None):
             try:
                 free(dev)
                 lora.use_fused(ours, "plain" not in v)
-                if v.endswith("-cl"):
+                if "-cl" in v:
                     ours.to(memory_format=torch.channels_last)
                 model_params, loss_fn = (ref_params, loss_ref) if v.startswith("diffusers") else (ours_params, loss_ours)
+                if "-bf16" in v:
+                    loss_fn = loss_ours_bf16
                 capture_s = None
                 if is_graph:
                     opt = torch.optim.AdamW(model_params, lr=1e-4, weight_decay=0.01, capturable=True)

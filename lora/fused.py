@@ -1,56 +1,82 @@
 """Fused low-rank forward/backward for a frozen base layer plus n adapters, in plain PyTorch.
 
-Linear, with A_i = down [r_i, in], B_i = up [out, r_i], g_i = the adapter's gain (alpha/r * multipliers):
+Linear, with A_i = down [r_i, in], B_i = up [out, r_i], g_i = the adapter's gain (alpha/r * multipliers), and all
+adapters stacked: A = [A_1; ...; A_n] [R, in], gB = [g_1 B_1, ..., g_n B_n] [out, R]:
 
-    y = x W^T + b + sum_i g_i (x A_i^T) B_i^T
+    y = x W^T + b + sum_i g_i (x A_i^T) B_i^T  =  x W'^T + b,    W' = W + gB A   (folded: one small addmm)
 
-forward:  h = x [W; A_1; ...; A_n]^T + [b; 0]    one GEMM gives the base output and every z_i = x A_i^T
-          y = h[:, :out] + z [g_1 B_1, ..., g_n B_n]^T     one addmm for all up projections (gains folded into B)
-saved:    x (alive anyway for the previous layer), W as given (no copy) and z [N, sum r] (small)
-backward: gz = gy [g B]                      [N, R]
-          gA = gz^T x                        one GEMM for all downs, split by rank
-          gB_i = g_i gy^T z_i                one GEMM for all ups, split by rank
-          gx = gy W + gz [A]                 mm + in-place addmm
+forward:  W' = W + gB A                    [out, in], as many elements as the one copy autocast makes of W anyway
+          y  = x W'^T + b                  the base layer's own GEMM, nothing more over [N, out]
+          z  = x A^T                       [N, R], saved with x and W as given
+backward: W' recomputed                    (cheaper than keeping a copy of every adapted weight alive)
+          gx = gy W'                       one GEMM, as for the base layer alone
+          gz = gy gB                       [N, R]
+          gA = gz^T x,  gB_i = g_i gy^T z_i     one GEMM each for all adapters, split by rank
           no gradient for W and b: the base is frozen (callers use the plain path when it is not).
+So beyond the frozen layer's own two GEMMs: one rank-R product per pass and three in the backward, each reading
+one [N, in] or [N, out] activation once; the plain composition adds more launches and two extra passes over the
+[N, out] output in each direction (scale, add).
 
-Conv2d is the same with a k x k conv for [W; A] (the layer's stride/padding/dilation, concatenated along the
-output channels) and a 1x1 conv (a matmul over channels) for the ups; its backward runs one transposed conv of
-[gy, gz] through [W; A] for gx.
+With fewer rows than W has columns (see _fold) forming W' costs more than it saves, and the adapters are added
+unfolded: y = (x W^T + b) + z gB^T (one addmm), gx = (gy W) + gz A (in place). Without autograd (sampling with
+unmerged adapters) only the forward's GEMM(s) run.
 
-Cost: stacking [W; A] copies W once per forward (and in the conv backward). Under autocast that is the copy
-autocast makes anyway; with base and activations already in one dtype it is an extra pass over W that the plain
-path does not make (small next to the GEMM for SD-sized activations). On an H200 at SD-1.4 layer sizes (bf16
-autocast, 2 adapters) single layers are launch-bound (~1-2 ms forward+backward either way) and fused and plain
-were within about 20 % of each other, either way round; a whole-U-Net benchmark decides.
+Conv2d is the same with W' = W + gB A over the flattened k x k kernels, the layer's conv (stride/padding/dilation)
+for y and z, its transposed conv for gx, and 1x1 convs (matmuls over channels) for the up projection.
 
-Everything is computed in x's dtype: the layers cast x to the autocast dtype (or leave it), and W, b and the
-factors are converted inside ([W; A] stacked and converted in one copy, as autocast would make one copy of W), so
-these functions never depend on the autocast state, which may differ between forward and backward. Gradients come
-back in each factor's own dtype (float32 masters stay float32).
+Precision: W' is rounded once to the compute dtype, as a merged weight is; in bf16 that is the same relative
+error as the plain path's rounding of y0 + u. The factors' gradients never go through W'.
+Everything is computed in x's dtype: the layers cast x to the autocast dtype (or leave it) and W, b and the factors
+are converted here, so these functions never depend on the autocast state, which may differ between forward and
+backward. Gradients come back in each factor's own dtype (float32 masters stay float32).
 """
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
 
 
-def _stack(parts, dtype):
-    """torch.cat(parts) converted to dtype in one pass: one copy of the base weight per call, as autocast makes."""
-    if all(p.dtype == dtype for p in parts):
-        return torch.cat(parts)
-    out = parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype)
-    i = 0
-    for p in parts:
-        out[i:i + p.shape[0]].copy_(p)
-        i += p.shape[0]
-    return out
+def _factors(downs, ups, gains, dtype):
+    """A = [A_1; ...] [R, in(*kh*kw)] and gB = [g_1 B_1, ...] [out, R], in dtype (small copies; with one adapter
+    no concatenation, and no multiply at gain 1: in an eager loop every kernel launch counts)."""
+    ups = [u.flatten(1) if g == 1 else u.flatten(1) * g for u, g in zip(ups, gains)]
+    down = downs[0].flatten(1) if len(downs) == 1 else torch.cat([d.flatten(1) for d in downs])
+    up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+    return down.to(dtype), up.to(dtype)
 
 
-def _scaled_ups(ups, gains, dtype):
-    return torch.cat([u * g for u, g in zip(ups, gains)], dim=1).to(dtype)  # [out, R(, 1, 1)], small
+def _folded(weight, down, up, dtype):
+    """W + gB A in dtype, shaped (and laid out) like W: one addmm, rounded once."""
+    if weight.dim() == 4 and not weight.is_contiguous():  # a channels_last kernel: fold over [out, kh, kw, in]
+        w = weight.permute(0, 2, 3, 1)
+        down = down.view(-1, *weight.shape[1:]).permute(0, 2, 3, 1).reshape(down.shape[0], -1)
+        return torch.addmm(w.reshape(w.shape[0], -1).to(dtype), up, down).view(w.shape).permute(0, 3, 1, 2)
+    return torch.addmm(weight.flatten(1).to(dtype), up, down).view(weight.shape)
 
 
-def _padded_bias(bias, extra, dtype):
-    return None if bias is None else torch.cat([bias.to(dtype), bias.new_zeros(extra, dtype=dtype)])
+def _fold(rows, weight):
+    """Fold the adapters into W when the activation has at least as many rows (tokens, or output pixels for a
+    conv) as W has columns: then W' costs less than the extra passes over the activations it saves. With fewer
+    rows (the text encoder's 77 tokens into a 768-wide layer, small maps at batch 1) the forward adds z gB^T to the
+    base output and the backward adds gz A to gy W instead."""
+    return rows >= weight[0].numel()
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _linear(x2, weight, bias, down, up, z):
+    """x2 [N, in] -> [N, out]: folded (z None) or the base output plus z gB^T."""
+    dt = x2.dtype
+    if z is None:
+        return F.linear(x2, _folded(weight, down, up, dt), _cast(bias, dt))
+    return torch.addmm(F.linear(x2, weight.to(dt), _cast(bias, dt)), z, up.t())
+
+
+def _conv(x, weight, bias, down, up, z, conv):
+    dt = x.dtype
+    if z is None:
+        return F.conv2d(x, _folded(weight, down, up, dt), _cast(bias, dt), *conv)
+    return F.conv2d(x, weight.to(dt), _cast(bias, dt), *conv) + F.conv2d(z, up[:, :, None, None])
 
 
 def _grads_like(grads, tensors):
@@ -61,15 +87,14 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gains, *factors):
         n, dt = len(gains), x.dtype
-        downs, ups = factors[:n], factors[n:]
-        out = weight.shape[0]
+        down, up = _factors(factors[:n], factors[n:], gains, dt)
         x2 = x.reshape(-1, x.shape[-1])
-        h = F.linear(x2, _stack([weight, *downs], dt), _padded_bias(bias, sum(d.shape[0] for d in downs), dt))
-        z = h[:, out:].contiguous()  # a copy, so that the [N, out] part of h is not kept alive
-        y = torch.addmm(h[:, :out], z, _scaled_ups(ups, gains, dt).t())
+        z = x2 @ down.t()  # [N, R]
+        ctx.fold = _fold(x2.shape[0], weight)
+        y = _linear(x2, weight, bias, down, up, None if ctx.fold else z)
         ctx.save_for_backward(x, weight, z, *factors)  # the weight as given: no low-precision copy is kept
         ctx.gains = gains
-        return y.view(*x.shape[:-1], out)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
@@ -78,12 +103,14 @@ class LoRALinearFunction(torch.autograd.Function):
         n = len(gains)
         downs, ups = factors[:n], factors[n:]
         ranks = [d.shape[0] for d in downs]
+        down, up = _factors(downs, ups, gains, dt)
         x2, gy2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, weight.shape[0]).to(dt)
-        gz = gy2 @ _scaled_ups(ups, gains, dt)  # [N, R]
+        gz = gy2 @ up  # [N, R]
         gx = None
-        if need[0]:  # gy W + gz [A]: mm, then addmm in place (no copy of gy, none of W when it is in dtype already)
-            gx = torch.mm(gy2, weight.to(dt)).addmm_(gz, _stack(downs, dt)).view(x.shape)
-        gdowns = _grads_like((gz.t() @ x2).split(ranks), downs) if any(need[4:4 + n]) else (None,) * n
+        if need[0]:
+            gx = gy2 @ _folded(weight, down, up, dt) if ctx.fold else (gy2 @ weight.to(dt)).addmm_(gz, down)
+            gx = gx.view(x.shape)
+        gdowns = _grads_like(gz.t().mm(x2).split(ranks), downs) if any(need[4:4 + n]) else (None,) * n
         gups = (None,) * n
         if any(need[4 + n:]):
             gups = _grads_like([g * s for g, s in zip((gy2.t() @ z).split(ranks, dim=1), gains)], ups)
@@ -94,11 +121,11 @@ class LoConConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv, gains, *factors):
         n, dt = len(gains), x.dtype
-        downs, ups = factors[:n], factors[n:]
-        out = weight.shape[0]
-        h = F.conv2d(x, _stack([weight, *downs], dt), _padded_bias(bias, sum(d.shape[0] for d in downs), dt), *conv)
-        z = h[:, out:].contiguous()  # [N, R, H', W']
-        y = h[:, :out] + F.conv2d(z, _scaled_ups(ups, gains, dt))
+        downs = factors[:n]
+        down, up = _factors(downs, factors[n:], gains, dt)
+        z = F.conv2d(x, down.view(-1, *downs[0].shape[1:]), None, *conv)  # [N, R, H', W']
+        ctx.fold = _fold(z[:, 0].numel(), weight)
+        y = _conv(x, weight, bias, down, up, None if ctx.fold else z, conv)
         ctx.save_for_backward(x, weight, z, *factors)
         ctx.gains, ctx.conv = gains, conv
         return y
@@ -110,29 +137,60 @@ class LoConConv2dFunction(torch.autograd.Function):
         n = len(gains)
         downs, ups = factors[:n], factors[n:]
         ranks = [d.shape[0] for d in downs]
+        down, up = _factors(downs, ups, gains, dt)
         gy = gy.to(dt)
-        up = _scaled_ups(ups, gains, dt)  # [out, R, 1, 1]
-        gz = F.conv2d(gy, up.transpose(0, 1))  # the 1x1 up conv's input gradient, [N, R, H', W']
+        down = down.view(-1, *weight.shape[1:])  # [R, in, kh, kw]
+        gz = F.conv2d(gy, up.t()[:, :, None, None])  # the 1x1 up conv's input gradient, [N, R, H', W']
         gx = None
-        if need[0]:  # one transposed conv through [W; A] with [gy, gz]
-            gx = conv2d_input(x.shape, _stack([weight, *downs], dt), torch.cat([gy, gz], dim=1), *conv)
+        if need[0]:
+            w = _folded(weight, down.flatten(1), up, dt) if ctx.fold else weight.to(dt)
+            gx = _conv_grad(gy, x, w, conv, input=True)
+            if not ctx.fold:
+                gx += _conv_grad(gz, x, down, conv, input=True)
         gdowns = (None,) * n
         if any(need[5:5 + n]):
-            gdowns = _grads_like(conv2d_weight(x, (sum(ranks), *downs[0].shape[1:]), gz, *conv).split(ranks), downs)
+            gdowns = _grads_like(_conv_grad(gz, x, down, conv).split(ranks), downs)
         gups = (None,) * n
         if any(need[5 + n:]):
-            gups = _grads_like([g * s for g, s in zip(conv2d_weight(z, up.shape, gy).split(ranks, dim=1), gains)], ups)
+            gup = _conv_grad(gy, z, up[:, :, None, None], ((1, 1), (0, 0), (1, 1)))
+            gups = _grads_like([g * s for g, s in zip(gup.split(ranks, dim=1), gains)], ups)
         return (gx, None, None, None, None, *gdowns, *gups)
+
+
+def _conv_grad(gy, x, w, conv, input=False):
+    """The input gradient (input=True) or the weight gradient of conv2d(x, w, *conv), from aten's convolution
+    backward with the real x and w, so that cuDNN sees their layouts (channels_last stays channels_last)."""
+    stride, padding, dilation = conv
+    gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, (0, 0), 1,
+                                                   (input, not input, False))
+    return gx if input else gw
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def lora_linear(x, weight, bias, downs, ups, gains):
     """x [..., in] -> [..., out] through the fused function, computed in x's dtype (the other tensors may be
-    of any float dtype, e.g. float32 masters under autocast; their gradients come back in their own dtype)."""
+    of any float dtype, e.g. float32 masters under autocast; their gradients come back in their own dtype).
+    Without autograd it is the folded weight's one GEMM."""
+    if not _wants_grad(x, *downs, *ups):
+        down, up = _factors(downs, ups, gains, x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        z = None if _fold(x2.shape[0], weight) else x2 @ down.t()
+        return _linear(x2, weight, bias, down, up, z).view(*x.shape[:-1], weight.shape[0])
     return LoRALinearFunction.apply(x, weight, bias, tuple(gains), *downs, *ups)
 
 
 def locon_conv2d(x, weight, bias, downs, ups, gains, stride, padding, dilation):
     """x [N, in, H, W] -> [N, out, H', W'] through the fused function (groups=1), computed in x's dtype."""
+    if not _wants_grad(x, *downs, *ups):
+        down, up = _factors(downs, ups, gains, x.dtype)
+        conv = (stride, padding, dilation)
+        z = None
+        if not _fold(x.shape[0] * (x.shape[2] // stride[0]) * (x.shape[3] // stride[1]), weight):  # ~ output pixels
+            z = F.conv2d(x, down.view(-1, *weight.shape[1:]), None, *conv)
+        return _conv(x, weight, bias, down, up, z, conv)
     return LoConConv2dFunction.apply(x, weight, bias, (stride, padding, dilation), tuple(gains), *downs, *ups)
 
 

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .groupnorm import GroupNorm
+
 
 @dataclass
 class UNetConfig:
@@ -43,9 +45,9 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim, groups):
         super().__init__()
         # GroupNorm eps 1e-5 (PyTorch's default) in ResBlocks; the transformers and the VAE use 1e-6.
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
-        self.out_layers = nn.Sequential(nn.GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1))
+        self.out_layers = nn.Sequential(GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1))
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):
@@ -108,7 +110,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     def __init__(self, channels, context_dim, heads, groups):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)  # SD 1.x: 1x1 convs, not Linear (that is SD 2.x)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim, heads)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -195,7 +197,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context):
         """x (B, 4, h, w) latents, t (B,) or scalar integer timesteps, context (B, 77, context_dim) -> eps (B, 4, h, w)."""

@@ -38,9 +38,10 @@ def run(layer, x, fused):
     return y, grads
 
 
-def assert_same(layer, x, fn):
+def assert_same(layer, x, fn, fold=None):
     y_fused, g_fused = run(layer, x, True)
     assert isinstance(y_fused.grad_fn, fn._backward_cls), "the fused path was not taken"
+    assert fold is None or y_fused.grad_fn.fold == fold
     y_plain, g_plain = run(layer, x, False)
     torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_fused, g_plain, strict=True):
@@ -49,16 +50,44 @@ def assert_same(layer, x, fn):
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_fused_equals_plain(n, bias):
+@pytest.mark.parametrize("tokens,fold", [(7, False), (16, True)])  # 14 or 32 rows against 24 input features
+def test_linear_fused_equals_plain(n, bias, tokens, fold):
     layer = adapted(nn.Linear(24, 20, bias=bias), n)
-    assert_same(layer, torch.randn(2, 7, 24), LoRALinearFunction)
+    assert_same(layer, torch.randn(2, tokens, 24), LoRALinearFunction, fold)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 2, 0, 1), (3, 1, 2, 2), (1, 1, 0, 1)])
-def test_conv_fused_equals_plain(n, kernel, stride, padding, dilation):
+@pytest.mark.parametrize("size", [(9, 11), (4, 3)])  # folded at 9x11; at 4x3 the output has fewer pixels than 6*k*k
+def test_conv_fused_equals_plain(n, kernel, stride, padding, dilation, size):
     layer = adapted(nn.Conv2d(6, 10, kernel, stride, padding, dilation), n)
-    assert_same(layer, torch.randn(2, 6, 9, 11), LoConConv2dFunction)
+    x = torch.randn(2, 6, *size)
+    out = nn.functional.conv2d(x, layer.weight, None, stride, padding, dilation)
+    assert_same(layer, x, LoConConv2dFunction, out[:, 0].numel() >= 6 * kernel * kernel)
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_conv_fused_equals_plain_channels_last(kernel):
+    """A channels_last kernel is folded in its own layout and the output stays channels_last."""
+    layer = adapted(nn.Conv2d(6, 10, kernel, padding=kernel // 2), 2).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 9, 11).to(memory_format=torch.channels_last)
+    assert_same(layer, x, LoConConv2dFunction)
+    assert layer(x).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Linear(16, 12), (16, 16)), (lambda: nn.Conv2d(4, 6, 3, 2, 1), (4, 4, 8, 8))])
+def test_no_grad_uses_folded_weight(make, shape):
+    """Without autograd the fused path runs only the forward's ops (folded: one base op on W + sum g B A)."""
+    layer = adapted(make(), 3)
+    x = torch.randn(shape)
+    for x in (x, x[:1]):  # folded, and (fewer rows than weight columns) not
+        with torch.no_grad():
+            layer.fused = True
+            y = layer(x)
+            layer.fused = False
+            y_plain = layer(x)
+        assert y.grad_fn is None
+        torch.testing.assert_close(y, y_plain, rtol=1e-5, atol=1e-5)
 
 
 def test_base_gets_no_gradient_and_trainable_base_uses_plain_path():

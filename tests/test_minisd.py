@@ -171,3 +171,38 @@ def test_export_round_trips_and_diffusers_reads_the_folder(layouts, tmp_path):
     theirs = pipe("a cat", num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
     assert (ours - theirs).abs().max() < 1 / 255
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_channels_last_group_norm_matches_pytorch(dtype, tol):
+    """minisd.groupnorm's channels_last path: values and input gradient against F.group_norm (float32), with a
+    mean of the size of the spread (E[x^2] - mean^2 must not lose the variance)."""
+    from minisd.groupnorm import group_norm_nhwc
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 64, 6, 5, generator=g) * 2 + 3).to(dtype).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g) * 0.5 + 1, torch.randn(64, generator=g) * 0.1
+    gy = torch.randn(2, 64, 6, 5, generator=g)
+    ref = x.detach().float().requires_grad_()
+    y_ref = torch.nn.functional.group_norm(ref, 32, w, b, 1e-5)
+    gx_ref, = torch.autograd.grad(y_ref, ref, gy)
+    x.requires_grad_()
+    y = group_norm_nhwc(x, 32, w, b, 1e-5)
+    gx, = torch.autograd.grad(y, x, gy.to(dtype))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    for a, r in ((y, y_ref), (gx, gx_ref)):
+        assert ((a.float() - r).norm() / r.norm()).item() < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unet_channels_last_on_cuda_matches_nchw():
+    """The U-Net on CUDA, channels_last (minisd.groupnorm's path) against NCHW (PyTorch's group_norm), float32."""
+    from minisd.unet import UNet, UNetConfig
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), context_dim=64)).cuda()
+    x, t, ctx = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([10, 900], device="cuda"), torch.randn(2, 7, 64, device="cuda")
+    with torch.no_grad():
+        ref = unet(x, t, ctx)
+        unet.to(memory_format=torch.channels_last)
+        out = unet(x.to(memory_format=torch.channels_last), t, ctx)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-3  # TF32 convs

@@ -1,0 +1,163 @@
+"""Where minisd's GPU time goes: a kernel-level profile of the training step's model work and of a guided step.
+
+    python bench/kernels.py --out out/bench/kernels.json
+
+train: forward + backward of the frozen SD 1.4 U-Net with rank-16 adapters on attention + feed-forward (bf16
+       base, bf16 autocast or none, channels_last), as bench/overhead.py's minisd+fused rows; batch 8 and 32.
+       Also which lines copy how many MB (forward: the calling lines; backward: the autograd node).
+sample: one guided step (fp16, CFG: the U-Net on batch 2), no autograd, channels_last.
+Eager calls under torch.profiler (the kernels are those the CUDA graphs replay); CUDA time summed per kernel name
+and per kind. Also: the training row timed from a CUDA graph with each SDPA backend forced.
+"""
+import argparse
+import re
+from collections import defaultdict
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import common
+from common import Recorder, build_unets, environment, free, graphed, log, table, time_ms
+
+import lora
+
+KINDS = [("attention", r"fmha|flash|attention|sdpa|softmax"), ("conv", r"conv|fprop|dgrad|wgrad|implicit"),
+         ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|splitk"), ("norm", r"norm|moments|welford"),
+         ("copy/cast/cat", r"copy|cat|transpose|permute"), ("elementwise", r"elementwise|vectorized|unrolled|pointwise"),
+         ("reduce", r"reduce")]
+
+
+def kind(name):
+    low = name.lower()
+    return next((k for k, pat in KINDS if re.search(pat, low)), "other")
+
+
+def profile(fn, steps=2):
+    from torch.profiler import ProfilerActivity, profile as prof
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name][0] += e.device_time / 1e3 / steps  # ms per call
+            per_kernel[e.name][1] += 1 / steps
+    return per_kernel
+
+
+def copies(fn):
+    """MB moved by copy-like aten ops (copy_, _to_copy, clone, cat, contiguous) per source: the minisd/lora lines
+    that called them in the forward, the autograd node in the backward."""
+    import traceback
+    from torch.utils._python_dispatch import TorchDispatchMode
+    moved, calls = defaultdict(float), defaultdict(int)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if re.search(r"copy|clone|cat|contiguous", name):
+                node = torch._C._current_autograd_node()
+                where = node.name() if node is not None else " < ".join(
+                    f"{f.filename.split('/')[-1]}:{f.lineno}" for f in reversed(traceback.extract_stack())
+                    if re.search(r"minisd|lora", f.filename))[:90]
+                t = out if isinstance(out, torch.Tensor) else args[0]
+                moved[f"{name} {where}"] += t.numel() * t.element_size() / 2 ** 20
+                calls[f"{name} {where}"] += 1
+            return out
+    with Count():
+        fn()
+    return [dict(source=k, mb=round(v, 1), calls=calls[k]) for k, v in sorted(moved.items(), key=lambda kv: -kv[1])]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    rec = Recorder(args.out, {"bench": "kernels", "args": vars(args), "env": environment(dev)})
+    _, unet = build_unets(dev, torch.bfloat16, False)
+    unet.to(memory_format=torch.channels_last)
+    lora.inject(unet, "a", 16, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
+    params = lora.trainable_parameters(unet, "a")
+    g = torch.Generator(dev).manual_seed(2)
+
+    def train_case(B, amp=True):
+        x = torch.randn(B, 4, 64, 64, device=dev, generator=g, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        t = torch.randint(0, 1000, (B,), device=dev, generator=g)
+        ctx = torch.randn(B, 77, 768, device=dev, generator=g, dtype=torch.bfloat16)
+
+        def fwd_bwd():
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp, cache_enabled=False):
+                eps = unet(x, t, ctx)
+            return torch.autograd.grad(eps.float().square().mean(), params)
+        return fwd_bwd
+
+    batches = list(map(int, args.batches.split(",")))
+    cases = [(f"train b{B}{' bf16' if not amp else ''}", train_case(B, amp)) for B in batches for amp in (True, False)]
+    for amp in (True, False):
+        try:
+            rows = copies(train_case(batches[0], amp))[:args.top]
+            rec.meta.setdefault("copies", {})[f"train b{batches[0]} amp={amp}"] = rows
+            log(f"copies, train b{batches[0]}, autocast={amp}: {sum(r['mb'] for r in rows):.0f} MB in the top {args.top}")
+            log(table(rows, ["mb", "calls", "source"]))
+        except Exception as e:
+            rec.error(f"copies amp={amp}", e)
+    unet_h = None
+
+    def sample_step():
+        nonlocal unet_h
+        if unet_h is None:
+            unet_h = build_unets(dev, torch.float16, False)[1].to(memory_format=torch.channels_last)
+        x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
+        t, ctx = torch.tensor([500, 500], device=dev), torch.randn(2, 77, 768, device=dev, dtype=torch.float16)
+        return lambda: unet_h(x, t, ctx)
+    for name, fn in cases + [("sample fp16 b1", None)]:
+        try:
+            free(dev)
+            if fn is None:
+                with torch.no_grad():
+                    step = sample_step()
+                    per_kernel = profile(step)
+            else:
+                per_kernel = profile(fn)
+            total = sum(v[0] for v in per_kernel.values())
+            kinds = defaultdict(float)
+            for k, (ms, _) in per_kernel.items():
+                kinds[kind(k)] += ms
+            rec.add(section="kinds", case=name, total_ms=round(total, 2),
+                    **{k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+            top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
+            rows = [dict(case=name, kernel=k[:110], kind=kind(k), ms=round(ms, 3), pct=round(100 * ms / total, 1),
+                         calls=round(n)) for k, (ms, n) in top]
+            rec.meta.setdefault("top", {})[name] = rows
+            log(table(rows, ["kind", "ms", "pct", "calls", "kernel"]))
+        except Exception as e:
+            rec.error(name, e)
+    # SDPA backends on the training row, replayed from a graph
+    for B in batches:
+        for backend in ["default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"]:
+            try:
+                free(dev)
+                fn = train_case(B)
+                if backend != "default":
+                    inner, be = fn, getattr(SDPBackend, backend)
+
+                    def fn():
+                        with sdpa_kernel(be):
+                            return inner()
+                ms = time_ms(graphed(fn, dev), dev, iters=max(2, 16 // B))
+                rec.add(section="sdpa", batch=B, backend=backend, ms=round(ms, 2))
+            except Exception as e:
+                rec.error(f"sdpa {backend} b{B}", e)
+    log(table([r for r in rec.rows if r["section"] == "kinds"], ["case", "total_ms", *(k for k, _ in KINDS), "other"]))
+    log(table([r for r in rec.rows if r["section"] == "sdpa"], ["batch", "backend", "ms"]))
+
+
+if __name__ == "__main__":
+    main()

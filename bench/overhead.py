@@ -1,0 +1,108 @@
+"""What rank-16 adapters add to the whole U-Net: forward + backward of the frozen SD 1.4 U-Net, with and without.
+
+    python bench/overhead.py --out out/bench/overhead.json
+    python bench/overhead.py --tiny --batches 1 --out /tmp/o.json        # small config, a CPU smoke test
+
+The model work of one LoRA training step (train.py's setting without the optimizer): bf16 base, bf16 autocast,
+random latents, timesteps and text embeddings, loss = mean((eps - noise)^2). With adapters the backward runs to
+their factors (float32 masters, rank 16 on to_q/k/v/out.0 + ff.net.0.proj/ff.net.2: the same 160 layers in both
+stacks); without, it runs to the latents, so both rows make the same backward pass through the frozen network.
+  minisd            minisd.UNet, adapters disabled
+  minisd+fused      lora's fused autograd functions (the default)
+  minisd+plain      lora.use_fused(unet, False): the plain composition
+  diffusers         UNet2DConditionModel
+  diffusers+peft    with peft's LoraConfig(r=16) on the same layers
+  .../bf16          the same without autocast: the bf16 base runs as it is (autocast would run every GroupNorm and
+                    LayerNorm in float32, with a cast on each side)
+Each is timed eager and replayed from a CUDA graph (`graph` rows: launch latency removed, so the GPU cost shows);
+overhead = time / the same stack's time without adapters - 1. minisd runs channels_last (as its graph paths do).
+"""
+import argparse
+import time
+
+import torch
+
+import common
+from common import Recorder, build_unets, environment, free, graphed, log, peak_gb, reset_peak, table, time_ms
+
+import lora
+
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    common.QUICK = args.tiny
+    rec = Recorder(args.out, {"bench": "overhead", "args": vars(args), "env": environment(dev)})
+    t0 = time.time()
+    ref, ours = build_unets(dev, torch.bfloat16, args.tiny)
+    ours.to(memory_format=torch.channels_last)
+    lora.inject(ours, "a", args.rank, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
+    ours_params = lora.trainable_parameters(ours, "a")
+    from peft import LoraConfig
+    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS), adapter_name="a")
+    ref_params = [q for q in ref.parameters() if q.requires_grad]
+    g = torch.Generator(dev).manual_seed(2)
+    with torch.no_grad():  # non-zero ups, float32 masters on both sides
+        for q in (*ours_params, *ref_params):
+            q.data = q.data.float()
+            q.normal_(0, 0.01, generator=g)
+    log(f"built in {time.time() - t0:.1f}s; trainable {sum(q.numel() for q in ours_params)} / "
+        f"{sum(q.numel() for q in ref_params)}")
+    h, D = ref.config.sample_size, ref.config.cross_attention_dim
+
+    def case(variant, B):
+        x = torch.randn(B, 4, h, h, device=dev, generator=g, dtype=torch.bfloat16)
+        noise = torch.randn(B, 4, h, h, device=dev, generator=g)
+        t = torch.randint(0, 1000, (B,), device=dev, generator=g)
+        ctx = torch.randn(B, 77, D, device=dev, generator=g, dtype=torch.bfloat16)
+        adapters = "+" in variant
+        amp = not variant.endswith("/bf16")  # /bf16: the bf16 base run as it is, no autocast (norms in bf16)
+        if variant.startswith("minisd"):
+            lora.enable(ours, "a", adapters)
+            lora.use_fused(ours, "plain" not in variant)
+            model, params = (lambda z: ours(z, t, ctx)), ours_params
+            x = x.to(memory_format=torch.channels_last)
+        else:
+            (ref.enable_adapters if adapters else ref.disable_adapters)()
+            model, params = (lambda z: ref(z, t, encoder_hidden_states=ctx).sample), ref_params
+        wrt = params if adapters else [x.requires_grad_(True)]
+
+        def fwd_bwd():
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp, cache_enabled=False):
+                eps = model(x)
+            loss = ((eps.float() - noise) ** 2).mean()
+            return torch.autograd.grad(loss, wrt)
+        return fwd_bwd
+
+    for B in [int(b) for b in args.batches.split(",")]:
+        for variant in ["minisd", "minisd+fused", "minisd+plain", "diffusers", "diffusers+peft", "minisd/bf16",
+                        "minisd+fused/bf16", "minisd+plain/bf16", "diffusers/bf16", "diffusers+peft/bf16"]:
+            for mode in ["eager", "graph"] if dev.type == "cuda" else ["eager"]:
+                try:
+                    free(dev)
+                    fn = case(variant, B)
+                    reset_peak(dev)
+                    fn = graphed(fn, dev) if mode == "graph" else fn
+                    ms = time_ms(fn, dev, iters=max(2, 16 // B), reps=3, warmup=2)
+                    rec.add(batch=B, impl=variant, mode=mode, ms=round(ms, 2), peak_gb=peak_gb(dev))
+                    del fn
+                except Exception as e:
+                    rec.error(f"{variant} {mode} b{B}", e)
+    for r in rec.rows:
+        base = next((q for q in rec.rows if q["batch"] == r["batch"] and q["mode"] == r["mode"]
+                     and q["impl"] == r["impl"].split("+")[0] + ("/bf16" if r["impl"].endswith("/bf16") else "")), None)
+        r["overhead_pct"] = round(100 * (r["ms"] / base["ms"] - 1), 1) if base and base is not r else None
+    rec.save()
+    log(table(rec.rows, ["batch", "mode", "impl", "ms", "overhead_pct", "peak_gb"]))
+
+
+if __name__ == "__main__":
+    main()
