@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
@@ -73,10 +74,33 @@ def copies(fn):
     return [dict(source=k, mb=round(v, 1), calls=calls[k]) for k, v in sorted(moved.items(), key=lambda kv: -kv[1])]
 
 
+def groupnorm_rows(dev):
+    """GroupNorm on a channels_last activation, replayed from a graph: PyTorch's (which returns NCHW; the
+    channels_last copy the next conv makes is counted) vs minisd.groupnorm's. fp16 forward; bf16 forward + backward."""
+    from minisd.groupnorm import group_norm_nhwc
+    rows = []
+    for B, C, H in [(2, 320, 64), (2, 640, 32), (2, 1280, 16), (2, 1280, 8), (8, 320, 64), (8, 1280, 16), (32, 320, 64),
+                    (32, 1280, 16)]:
+        w, b = torch.randn(C, device=dev) * 0.1 + 1, torch.randn(C, device=dev) * 0.1
+        for dt, train in ((torch.float16, False), (torch.bfloat16, True)):
+            x = torch.randn(B, C, H, H, device=dev, dtype=dt).to(memory_format=torch.channels_last).requires_grad_(train)
+            gy = torch.randn_like(x)
+            wd, bd = w.to(dt), b.to(dt)
+            row = dict(section="groupnorm", shape=f"{B}x{C}x{H}x{H}", dtype=str(dt)[6:], mode="fwd+bwd" if train else "fwd")
+            for impl, f in (("pytorch", lambda: F.group_norm(x, 32, wd, bd, 1e-5).contiguous(memory_format=torch.channels_last)),
+                            ("nhwc", lambda: group_norm_nhwc(x, 32, wd, bd, 1e-5))):
+                fn = (lambda f=f: torch.autograd.grad(f(), x, gy)) if train else f
+                with torch.set_grad_enabled(train):
+                    row[impl + "_us"] = round(time_ms(graphed(fn, dev), dev, iters=50) * 1e3, 1)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="8,32")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--sections", default="groupnorm,copies,profile,sdpa")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -100,7 +124,7 @@ def main(argv=None):
 
     batches = list(map(int, args.batches.split(",")))
     cases = [(f"train b{B}{' bf16' if not amp else ''}", train_case(B, amp)) for B in batches for amp in (True, False)]
-    for amp in (True, False):
+    for amp in (True, False) if "copies" in sections else ():
         try:
             rows = copies(train_case(batches[0], amp))[:args.top]
             rec.meta.setdefault("copies", {})[f"train b{batches[0]} amp={amp}"] = rows
@@ -117,7 +141,11 @@ def main(argv=None):
         x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
         t, ctx = torch.tensor([500, 500], device=dev), torch.randn(2, 77, 768, device=dev, dtype=torch.float16)
         return lambda: unet_h(x, t, ctx)
-    for name, fn in cases + [("sample fp16 b1", None)]:
+    sections = args.sections.split(",")
+    for row in groupnorm_rows(dev) if "groupnorm" in sections else []:
+        rec.add(**row)
+    log(table([r for r in rec.rows if r["section"] == "groupnorm"], ["shape", "dtype", "mode", "pytorch_us", "nhwc_us"]))
+    for name, fn in cases + [("sample fp16 b1", None)] if "profile" in sections else []:
         try:
             free(dev)
             if fn is None:
@@ -140,7 +168,7 @@ def main(argv=None):
         except Exception as e:
             rec.error(name, e)
     # SDPA backends on the training row, replayed from a graph
-    for B in batches:
+    for B in batches if "sdpa" in sections else []:
         for backend in ["default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"]:
             try:
                 free(dev)
