@@ -424,7 +424,9 @@ def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
     captures it. cache_enabled=False: autocast's weight cache cannot live across graph replays (same values)."""
     a = ac[t][:, None, None, None]
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype != torch.float32, cache_enabled=False):
+    # fp16: float32 base under autocast. bf16: the base is bf16 already and runs as it is; autocast would only move
+    # every GroupNorm and LayerNorm to float32, with a cast on each side (docs/performance.md: 8 % of a step)
+    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype == torch.float16, cache_enabled=False):
         eps = model(zt.to(ctx.dtype), t, ctx)
     per_sample = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))
     if args.min_snr_gamma:

@@ -123,6 +123,7 @@ def main(argv=None):
         return fwd_bwd
 
     batches = list(map(int, args.batches.split(",")))
+    sections = args.sections.split(",")
     cases = [(f"train b{B}{' bf16' if not amp else ''}", train_case(B, amp)) for B in batches for amp in (True, False)]
     for amp in (True, False) if "copies" in sections else ():
         try:
@@ -141,7 +142,6 @@ def main(argv=None):
         x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
         t, ctx = torch.tensor([500, 500], device=dev), torch.randn(2, 77, 768, device=dev, dtype=torch.float16)
         return lambda: unet_h(x, t, ctx)
-    sections = args.sections.split(",")
     for row in groupnorm_rows(dev) if "groupnorm" in sections else []:
         rec.add(**row)
     log(table([r for r in rec.rows if r["section"] == "groupnorm"], ["shape", "dtype", "mode", "pytorch_us", "nhwc_us"]))

@@ -33,11 +33,15 @@ def rel(a, b):
 
 
 @contextlib.contextmanager
-def settings(unet, benchmark=False, channels_last=False, sdpa=None):
-    """cudnn.benchmark, channels_last weights and an SDPA backend, restored afterwards."""
+def settings(unet, benchmark=False, channels_last=False, sdpa=None, pytorch_groupnorm=False):
+    """cudnn.benchmark, channels_last weights, an SDPA backend and PyTorch's GroupNorm instead of
+    minisd.groupnorm's channels_last path (a comparison row), restored afterwards."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from minisd.groupnorm import GroupNorm
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark
+    if pytorch_groupnorm:
+        GroupNorm.forward = torch.nn.GroupNorm.forward
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     try:
@@ -45,6 +49,8 @@ def settings(unet, benchmark=False, channels_last=False, sdpa=None):
             yield
     finally:
         torch.backends.cudnn.benchmark = old
+        if pytorch_groupnorm:
+            del GroupNorm.forward  # minisd's own again
         if channels_last:
             unet.to(memory_format=torch.contiguous_format)
         graphs.release(unet)
@@ -64,6 +70,7 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--reps", type=int, default=2, help="timed whole-pipeline runs (median)")
     p.add_argument("--sections", default="step,pipeline,adapters", help="any of step,pipeline,adapters,compile")
+    p.add_argument("--all-variants", action="store_true", help="also cudnn.benchmark and each SDPA backend")
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -119,6 +126,8 @@ def main(argv=None):
                             step_row("minisd-eager", time_ms(eager_minisd, dev), variant="channels_last")
                     variants = [{}, dict(channels_last=True)]
                     if cuda and not args.tiny and dname == "fp16":
+                        variants += [dict(channels_last=True, pytorch_groupnorm=True)]
+                    if cuda and not args.tiny and dname == "fp16" and args.all_variants:
                         variants += [dict(benchmark=True, channels_last=True), dict(channels_last=True, sdpa="FLASH_ATTENTION"),
                                      dict(channels_last=True, sdpa="CUDNN_ATTENTION")]
                     for v in variants if cuda else []:

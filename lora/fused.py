@@ -76,7 +76,12 @@ def _conv(x, weight, bias, down, up, z, conv):
     dt = x.dtype
     if z is None:
         return F.conv2d(x, _folded(weight, down, up, dt), _cast(bias, dt), *conv)
-    return F.conv2d(x, weight.to(dt), _cast(bias, dt), *conv) + F.conv2d(z, up[:, :, None, None])
+    y = F.conv2d(x, weight.to(dt), _cast(bias, dt), *conv)
+    if not (y.is_contiguous(memory_format=torch.channels_last) and z.is_contiguous(memory_format=torch.channels_last)):
+        return y + F.conv2d(z, up[:, :, None, None])
+    rows = lambda t: t.permute(0, 2, 3, 1).view(-1, t.shape[1])  # channels_last [N, C, H, W] = [N*H*W, C]: a view
+    rows(y).addmm_(rows(z), up.t())  # the 1x1 up conv and the sum in one GEMM
+    return y
 
 
 def _grads_like(grads, tensors):

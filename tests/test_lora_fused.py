@@ -67,11 +67,13 @@ def test_conv_fused_equals_plain(n, kernel, stride, padding, dilation, size):
 
 
 @pytest.mark.parametrize("kernel", [3, 1])
-def test_conv_fused_equals_plain_channels_last(kernel):
-    """A channels_last kernel is folded in its own layout and the output stays channels_last."""
+@pytest.mark.parametrize("size", [(9, 11), (2, 2)])
+def test_conv_fused_equals_plain_channels_last(kernel, size):
+    """channels_last: folded in the kernel's own layout, or (small maps) the up projection as one GEMM on the
+    [N*H*W, C] view; the output stays channels_last."""
     layer = adapted(nn.Conv2d(6, 10, kernel, padding=kernel // 2), 2).to(memory_format=torch.channels_last)
-    x = torch.randn(2, 6, 9, 11).to(memory_format=torch.channels_last)
-    assert_same(layer, x, LoConConv2dFunction)
+    x = torch.randn(2, 6, *size).to(memory_format=torch.channels_last)
+    assert_same(layer, x, LoConConv2dFunction, 2 * size[0] * size[1] >= 6 * kernel * kernel)
     assert layer(x).is_contiguous(memory_format=torch.channels_last)
 
 

@@ -109,3 +109,12 @@ def test_train_refuses_an_empty_folder_before_loading(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no images"):
         train.main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_bf16_training_follows_float32(layouts, images, tmp_path):
+    """--mixed-precision bf16 (a bf16 base run as it is, no autocast) computes the float32 run's losses up to bf16
+    rounding, for LoRA and LoCon."""
+    for algo in ("lora", "locon"):
+        runs = [losses(run_train(layouts, images, tmp_path / f"{algo}-{mp}.safetensors", "--steps", "4", "--algo", algo,
+                                 "--mixed-precision", mp)) for mp in ("no", "bf16")]
+        np.testing.assert_allclose(runs[1], runs[0], rtol=0.05)
