@@ -275,6 +275,8 @@ def train(args):
                          " (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do not"
                          " have; --algo locon also adapts convolutions)")
     lora.use_fused(sd.unet, device.type == "cuda", sd.text_encoder if args.te_rank else None)  # plain is faster on a CPU
+    if args.cuda_graph:  # cuDNN's NHWC kernels, and minisd.groupnorm keeps the big activations NHWC (docs/performance.md)
+        sd.unet.to(memory_format=torch.channels_last)
     unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
     te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
     sd.unet.gradient_checkpointing = args.grad_checkpointing
@@ -300,7 +302,10 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     model = sd.unet
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index] if device.type == "cuda" else None)
+        # the same adapters take part in every step (static_graph: DDP skips its per-step search for unused
+        # parameters); gradients live in the all-reduce buckets (no copy into them)
+        model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index] if device.type == "cuda" else None,
+                                                          static_graph=True, gradient_as_bucket_view=True)
     ac = sd.schedule.alphas_cumprod.float().to(device)
     snr = ac / (1 - ac)
     step, history = 0, []

@@ -74,14 +74,35 @@ class CrossAttention(nn.Module):
         return self.to_out(h.transpose(1, 2).reshape(B, N, C))
 
 
+class GatedGELU(torch.autograd.Function):
+    """h = [a, gate] -> a * gelu(gate) (exact, erf GELU). Saves only h and recomputes gelu(gate) in the backward,
+    writing both halves of dh into one tensor: autograd's version would also keep gelu(gate) (a quarter of the
+    feed-forward's saved activations) and concatenate the two halves' gradients."""
+
+    @staticmethod
+    def forward(ctx, h):
+        a, gate = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return a * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, = ctx.saved_tensors
+        a, gate = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        da, dgate = dh.chunk(2, dim=-1)
+        torch.mul(g, F.gelu(gate), out=da)
+        torch.ops.aten.gelu_backward.grad_input(g * a, gate, grad_input=dgate)
+        return dh
+
+
 class GEGLU(nn.Module):
     def __init__(self, dim, inner):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)  # exact (erf) GELU
+        return GatedGELU.apply(self.proj(x))
 
 
 class FeedForward(nn.Module):

@@ -206,3 +206,12 @@ def test_unet_channels_last_on_cuda_matches_nchw():
         unet.to(memory_format=torch.channels_last)
         out = unet(x.to(memory_format=torch.channels_last), t, ctx)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-3  # TF32 convs
+
+
+def test_gated_gelu_gradient():
+    """The feed-forward's GEGLU autograd function: float64 gradcheck, and the values of a * gelu(gate)."""
+    from minisd.unet import GatedGELU
+    h = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(GatedGELU.apply, (h,))
+    a, gate = h.chunk(2, dim=-1)
+    torch.testing.assert_close(GatedGELU.apply(h), a * torch.nn.functional.gelu(gate), rtol=0, atol=0)
