@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# All benchmarks in one GPU call (see docs/performance.md). Writes under ${OUT:-out/bench}; each part has its own
-# time limit so that one slow part cannot eat the others; the JSON files are rewritten after every result row.
+# All single-GPU benchmarks (see docs/performance.md). Writes under ${OUT:-out/bench}; each part has its own time
+# limit (together 13 minutes: more than one 10-minute device call, so run the parts there) so that one slow part
+# cannot eat the others; the JSON files are rewritten after every result row.
 #   OUT=out/bench bash bench/run_all.sh      # COMPILE=1: also diffusers+torch.compile, if BUDGET_S leaves time
 set -u
 OUT=${OUT:-out/bench}
@@ -10,10 +11,11 @@ cd "$(dirname "$0")/.."
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
   python3 -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__)"
-  timeout 50 python3 bench/layers.py --out "$OUT/layers.json" || echo "layers: exit $?"
+  timeout 150 python3 bench/layers.py --out "$OUT/layers.json" || echo "layers: exit $?"
+  timeout 200 python3 bench/overhead.py --out "$OUT/overhead.json" || echo "overhead: exit $?"
   timeout 270 python3 bench/sampling.py --out "$OUT/sampling.json" || echo "sampling: exit $?"
   timeout 170 python3 bench/training.py --out "$OUT/training.json" || echo "training: exit $?"
-  left=$(( ${BUDGET_S:-520} - SECONDS ))
+  left=$(( ${BUDGET_S:-900} - SECONDS ))
   echo "seconds used: $SECONDS, left for the optional compile row (COMPILE=1): $left"
   if [ "${COMPILE:-0}" = 1 ] && [ "$left" -gt 90 ]; then
     timeout $(( left - 15 )) python3 bench/sampling.py --dtypes fp16 --batches 1 --sections compile --out "$OUT/compile.json" \

@@ -38,8 +38,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--variants", default="diffusers-eager,minisd-eager,minisd-eager-plain,minisd-graph,minisd-graph-plain,"
-                                         "minisd-graph-plain-cl")
+    p.add_argument("--variants", default="diffusers-eager,minisd-eager,minisd-eager-plain,minisd-graph-cl,"
+                                         "minisd-graph-cl-bf16,minisd-graph-plain-cl-bf16")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device(args.device)
