@@ -31,6 +31,7 @@ TINY = dict(unet=dict(sample_size=8, block_out_channels=(32, 64, 64, 64), layers
             clip=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
                       max_position_embeddings=77, hidden_act="quick_gelu"))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # = lora.inject(targets=("attn", "ff"))
 QUICK = False  # --tiny: time 2 calls once (a smoke test of the code paths, not a measurement)
 
 
@@ -140,12 +141,8 @@ def graphed(fn, device, warmup=3):
     """A callable replaying fn from a CUDA graph (fn itself off CUDA); fn's tensors become the graph's buffers."""
     if torch.device(device).type != "cuda":
         return fn
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
+    from minisd.graphs import _warm_up
+    _warm_up(fn, warmup)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()

@@ -126,7 +126,8 @@ def main(argv=None):
     # one row per (mode, shape, rank): the implementations side by side
     wide = {}
     for r in rec.rows:
-        wide.setdefault((r["mode"], r["shape"], r["rank"]), {"mode": r["mode"], "shape": r["shape"], "rank": r["rank"]})[r["impl"]] = r["us"]
+        key = {k: r[k] for k in ("mode", "shape", "rank")}
+        wide.setdefault(tuple(key.values()), key)[r["impl"]] = r["us"]
     for w in wide.values():
         if w["mode"] == "train" and all(k in w for k in ("fused", "plain", "peft")):
             w["fused_fastest"] = w["fused"] <= min(w["plain"], w["peft"])

@@ -23,12 +23,9 @@ import time
 import torch
 
 import common
-from common import Recorder, build_unets, environment, free, graphed, log, peak_gb, reset_peak, table, time_ms
+from common import PEFT_TARGETS, Recorder, build_unets, environment, free, graphed, log, peak_gb, reset_peak, table, time_ms
 
 import lora
-
-PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,13 +18,11 @@ import time
 import torch
 
 import common
-from common import (DTYPES, Recorder, build_pipelines, count_flops, environment, free, log, matmul_peak_tflops,
+from common import (DTYPES, PEFT_TARGETS, Recorder, build_pipelines, count_flops, environment, free, log, matmul_peak_tflops,
                     peak_gb, reset_peak, table, time_ms, wall_s)
 
 import lora
 from minisd import graphs
-
-PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 
 
 def rel(a, b):

@@ -22,15 +22,12 @@ import time
 import torch
 
 import common
-from common import (Recorder, build_unets, count_flops, environment, free, log, matmul_peak_tflops, peak_gb, reset_peak,
-                    table, time_ms)
+from common import (PEFT_TARGETS, Recorder, build_unets, count_flops, environment, free, log, matmul_peak_tflops, peak_gb,
+                    reset_peak, table, time_ms)
 
 import lora
 from minisd.ddim import Schedule
 from minisd.graphs import TrainStepGraph
-
-PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
