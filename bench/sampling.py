@@ -36,7 +36,7 @@ def settings(unet, benchmark=False, channels_last=False, sdpa=None, pytorch_grou
     minisd.groupnorm's channels_last path (a comparison row), restored afterwards."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from minisd.groupnorm import GroupNorm
-    old = torch.backends.cudnn.benchmark
+    old, own_forward = torch.backends.cudnn.benchmark, GroupNorm.forward
     torch.backends.cudnn.benchmark = benchmark
     if pytorch_groupnorm:
         GroupNorm.forward = torch.nn.GroupNorm.forward
@@ -47,8 +47,7 @@ def settings(unet, benchmark=False, channels_last=False, sdpa=None, pytorch_grou
             yield
     finally:
         torch.backends.cudnn.benchmark = old
-        if pytorch_groupnorm:
-            del GroupNorm.forward  # minisd's own again
+        GroupNorm.forward = own_forward
         if channels_last:
             unet.to(memory_format=torch.contiguous_format)
         graphs.release(unet)

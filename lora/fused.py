@@ -57,31 +57,39 @@ def _fold(rows, weight):
     conv) as W has columns: then W' costs less than the extra passes over the activations it saves. With fewer
     rows (the text encoder's 77 tokens into a 768-wide layer, small maps at batch 1) the forward adds z gB^T to the
     base output and the backward adds gz A to gy W instead."""
-    return rows >= weight[0].numel()
+    return rows >= weight.numel() // weight.shape[0]
 
 
 def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _linear(x2, weight, bias, down, up, z):
-    """x2 [N, in] -> [N, out]: folded (z None) or the base output plus z gB^T."""
-    dt = x2.dtype
-    if z is None:
-        return F.linear(x2, _folded(weight, down, up, dt), _cast(bias, dt))
-    return torch.addmm(F.linear(x2, weight.to(dt), _cast(bias, dt)), z, up.t())
+def _linear(x2, weight, bias, down, up, keep_z):
+    """x2 [N, in] -> (y [N, out], z = x2 A^T [N, R] or None, folded?): y folded, or the base output plus z gB^T.
+    z is computed when kept for the backward or needed unfolded."""
+    dt, fold = x2.dtype, _fold(x2.shape[0], weight)
+    z = x2 @ down.t() if keep_z or not fold else None
+    if fold:
+        return F.linear(x2, _folded(weight, down, up, dt), _cast(bias, dt)), z, fold
+    return torch.addmm(F.linear(x2, weight.to(dt), _cast(bias, dt)), z, up.t()), z, fold
 
 
-def _conv(x, weight, bias, down, up, z, conv):
-    dt = x.dtype
-    if z is None:
-        return F.conv2d(x, _folded(weight, down, up, dt), _cast(bias, dt), *conv)
+def _conv(x, weight, bias, down, up, conv, keep_z):
+    """The conv analogue of _linear: (y, z = conv(x, A) [N, R, H', W'] or None, folded?)."""
+    dt, (stride, padding, dilation) = x.dtype, conv
+    pixels = x.shape[0]
+    for i in (0, 1):  # output height and width
+        pixels *= (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+    fold = _fold(pixels, weight)
+    z = F.conv2d(x, down.view(-1, *weight.shape[1:]), None, *conv) if keep_z or not fold else None
+    if fold:
+        return F.conv2d(x, _folded(weight, down, up, dt), _cast(bias, dt), *conv), z, fold
     y = F.conv2d(x, weight.to(dt), _cast(bias, dt), *conv)
     if not (y.is_contiguous(memory_format=torch.channels_last) and z.is_contiguous(memory_format=torch.channels_last)):
-        return y + F.conv2d(z, up[:, :, None, None])
+        return y + F.conv2d(z, up[:, :, None, None]), z, fold
     rows = lambda t: t.permute(0, 2, 3, 1).view(-1, t.shape[1])  # channels_last [N, C, H, W] = [N*H*W, C]: a view
     rows(y).addmm_(rows(z), up.t())  # the 1x1 up conv and the sum in one GEMM
-    return y
+    return y, z, fold
 
 
 def _grads_like(grads, tensors):
@@ -93,10 +101,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, gains, *factors):
         n, dt = len(gains), x.dtype
         down, up = _factors(factors[:n], factors[n:], gains, dt)
-        x2 = x.reshape(-1, x.shape[-1])
-        z = x2 @ down.t()  # [N, R]
-        ctx.fold = _fold(x2.shape[0], weight)
-        y = _linear(x2, weight, bias, down, up, None if ctx.fold else z)
+        y, z, ctx.fold = _linear(x.reshape(-1, x.shape[-1]), weight, bias, down, up, keep_z=True)
         ctx.save_for_backward(x, weight, z, *factors)  # the weight as given: no low-precision copy is kept
         ctx.gains = gains
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -126,11 +131,8 @@ class LoConConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, conv, gains, *factors):
         n, dt = len(gains), x.dtype
-        downs = factors[:n]
-        down, up = _factors(downs, factors[n:], gains, dt)
-        z = F.conv2d(x, down.view(-1, *downs[0].shape[1:]), None, *conv)  # [N, R, H', W']
-        ctx.fold = _fold(z[:, 0].numel(), weight)
-        y = _conv(x, weight, bias, down, up, None if ctx.fold else z, conv)
+        down, up = _factors(factors[:n], factors[n:], gains, dt)
+        y, z, ctx.fold = _conv(x, weight, bias, down, up, conv, keep_z=True)
         ctx.save_for_backward(x, weight, z, *factors)
         ctx.gains, ctx.conv = gains, conv
         return y
@@ -180,10 +182,8 @@ def lora_linear(x, weight, bias, downs, ups, gains):
     of any float dtype, e.g. float32 masters under autocast; their gradients come back in their own dtype).
     Without autograd it is the folded weight's one GEMM."""
     if not _wants_grad(x, *downs, *ups):
-        down, up = _factors(downs, ups, gains, x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        z = None if _fold(x2.shape[0], weight) else x2 @ down.t()
-        return _linear(x2, weight, bias, down, up, z).view(*x.shape[:-1], weight.shape[0])
+        y, _, _ = _linear(x.reshape(-1, x.shape[-1]), weight, bias, *_factors(downs, ups, gains, x.dtype), keep_z=False)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return LoRALinearFunction.apply(x, weight, bias, tuple(gains), *downs, *ups)
 
 
@@ -191,11 +191,7 @@ def locon_conv2d(x, weight, bias, downs, ups, gains, stride, padding, dilation):
     """x [N, in, H, W] -> [N, out, H', W'] through the fused function (groups=1), computed in x's dtype."""
     if not _wants_grad(x, *downs, *ups):
         down, up = _factors(downs, ups, gains, x.dtype)
-        conv = (stride, padding, dilation)
-        z = None
-        if not _fold(x.shape[0] * (x.shape[2] // stride[0]) * (x.shape[3] // stride[1]), weight):  # ~ output pixels
-            z = F.conv2d(x, down.view(-1, *weight.shape[1:]), None, *conv)
-        return _conv(x, weight, bias, down, up, z, conv)
+        return _conv(x, weight, bias, down, up, (stride, padding, dilation), keep_z=False)[0]
     return LoConConv2dFunction.apply(x, weight, bias, (stride, padding, dilation), tuple(gains), *downs, *ups)
 
 
