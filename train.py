@@ -70,7 +70,7 @@ def parse_args(argv=None):
     a.add_argument("--grad-checkpointing", action="store_true", help="less memory, about 30%% more time")
     a.add_argument("--cuda-graph", action="store_true", help="replay each step (forward, backward, clipping, AdamW) from a "
                    "CUDA graph: same data and random draws, fewer kernel launches; not with fp16, --grad-accum > 1, "
-                   "--prior-data, --te-rank, --grad-checkpointing or torchrun")
+                   "--prior-data, --te-rank or torchrun")
     a.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting (5 is common; 0: off)")
     a.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (0.05-0.1 helps very dark/bright images)")
     a.add_argument("--seed", type=int, default=0)
@@ -441,12 +441,11 @@ def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
 
 def check_cuda_graph(args, world):
     """--cuda-graph captures one step of fixed shapes: one U-Net call, one optimizer step, no GradScaler and no
-    text-encoder pass; activation checkpointing reads and resets the CUDA RNG state, which a capture may refuse
-    (depends on the torch version; not tried). Refuse what it cannot do, before any heavy work."""
+    text-encoder pass; under torchrun, DDP's gradient all-reduce is not captured (an all-reduce captured inside the
+    graph hung on 2 H200s, docs/performance.md). Refuse what it cannot do, before any heavy work."""
     fp16 = mixed_precision(args.mixed_precision, torch.device(args.device)) == "fp16"
     unsupported = {"fp16 mixed precision (use --mixed-precision bf16 or no)": fp16, "--grad-accum > 1": args.grad_accum > 1,
-                   "--prior-data": args.prior_data, "--te-rank > 0": args.te_rank > 0,
-                   "--grad-checkpointing": args.grad_checkpointing, "torchrun (one GPU only)": world > 1}
+                   "--prior-data": args.prior_data, "--te-rank > 0": args.te_rank > 0, "torchrun (one GPU only)": world > 1}
     for what, bad in unsupported.items():
         if bad:
             raise ValueError(f"--cuda-graph does not work with {what}")

@@ -49,6 +49,7 @@ def main():
     p.add_argument("--batches", default="8", help="comma-separated images per step per GPU")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    p.add_argument("--runs", default="1,1g,N", help="which runs: 1 or N GPUs, g: --cuda-graph (one GPU only)")
     p.add_argument("--tiny", action="store_true", help="minisd-tiny at 64², for a smoke test")
     p.add_argument("--out", default="out/bench/ddp.json")
     args = p.parse_args()
@@ -62,7 +63,8 @@ def main():
             build_sd14(ckpt)
             print(f"random SD 1.4 written in {time.time() - t0:.0f}s", flush=True)
         rows = []
-        runs = [(1, False), (1, True), (args.gpus, False)] if torch.cuda.is_available() else [(1, False)]
+        runs = [(1 if r[0] == "1" else args.gpus, r.endswith("g")) for r in args.runs.split(",")]
+        runs = runs if torch.cuda.is_available() else [(1, False)]
         for batch in map(int, args.batches.split(",")):
             for n, graph in dict.fromkeys(runs):
                 launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -84,13 +86,13 @@ def main():
                 save(rows, args)
     for r in save(rows, args):
         print(f"batch {r['batch_per_gpu']}/GPU, {r['gpus']} GPU(s){' cuda-graph' if r['cuda_graph'] else ''}: "
-              f"{r['images_per_s']:.1f} images/s ({r['vs_1gpu_eager']:.2f}x)")
+              f"{r['images_per_s']:.1f} images/s ({r['vs_first_run']:.2f}x the first run)")
 
 
 def save(rows, args):
     """Rewritten after every run: a time limit leaves the finished rows."""
-    for r in rows:  # against one GPU, eager, same per-GPU batch
-        r["vs_1gpu_eager"] = r["images_per_s"] / next(q["images_per_s"] for q in rows if q["batch_per_gpu"] == r["batch_per_gpu"])
+    for r in rows:  # against the first run (by default one GPU, eager) of the same per-GPU batch
+        r["vs_first_run"] = r["images_per_s"] / next(q["images_per_s"] for q in rows if q["batch_per_gpu"] == r["batch_per_gpu"])
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "model": "minisd-tiny 64²" if args.tiny else "random SD 1.4 512²", "lora": "rank 16, attention + ff + proj (LoRA-LierLa)",
             "mixed_precision": "auto (bf16 on GPU)", "steps": args.steps, "warmup": args.warmup}

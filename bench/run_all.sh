@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
   left=$(( ${BUDGET_S:-900} - SECONDS ))
   echo "seconds used: $SECONDS, left for the optional compile row (COMPILE=1): $left"
   if [ "${COMPILE:-0}" = 1 ] && [ "$left" -gt 90 ]; then
-    timeout $(( left - 15 )) python3 bench/sampling.py --dtypes fp16 --batches 1 --sections compile --out "$OUT/compile.json" \
+    timeout $(( left - 15 )) python3 bench/sampling.py --dtypes fp16 --batches 1 --sections pipeline,compile --out "$OUT/compile.json" \
       || echo "compile: exit $?"
   fi
 } 2>&1 | grep --line-buffered -v "^\[transformers\]\|There are modules in" | tee "$OUT/log.txt"

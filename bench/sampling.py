@@ -6,8 +6,11 @@
 Per dtype (fp16, bf16) and batch (1, 4 images, CFG 7.5, so the U-Net sees 2, 8):
   step      one guided U-Net step (U-Net on [x, x] + guidance): ms, steps/s, TFLOP/s; minisd's graph also with
             cudnn.benchmark, channels_last and each SDPA backend (fp16 only)
-  pipeline  the whole sampler (text encoder, 50 DDIM steps, VAE decode): s per batch, images/s, peak memory; the
-            graph path's images and latents against the eager path's (rel err)
+  pipeline  the whole sampler (text encoder, 50 DDIM steps, VAE decode): s per batch, images/s, peak memory (each
+            stack's own: the other one's U-Net and VAE wait on the CPU; the text encoder is shared); the graph
+            path's images and latents against the eager path's (rel err)
+  compile   with pipeline: also diffusers with torch.compile(unet, mode="reduce-overhead", fullgraph=True) and a
+            channels_last U-Net (the stretch goal of issue 7), compile time reported
   adapters  minisd with 1 and 2 unmerged rank-16 LoRA adapters (attn + ff, random non-zero ups) and with both
             merged, eager and graph; diffusers + peft with 2 unmerged adapters, eager
 """
@@ -85,6 +88,12 @@ def main(argv=None):
         h = pipe.unet.config.sample_size
         D = pipe.unet.config.cross_attention_dim
         log(f"[{dname}] built both pipelines in {time.time() - t0:.1f}s")
+        def resident(which):  # "diffusers", "minisd" or "both" on the GPU, the other U-Net and VAE on the CPU
+            for name, mods in (("diffusers", (pipe.unet, pipe.vae)), ("minisd", (sd.unet, sd.vae))):
+                for m in mods:
+                    m.to(dev if which in (name, "both") else "cpu")
+            free(dev)
+
         for B in batches:
             g = torch.Generator(dev).manual_seed(B)
             x = torch.randn(B, 4, h, h, generator=g, device=dev).to(dt)
@@ -159,19 +168,33 @@ def main(argv=None):
                     kept["diffusers"] = pipe(prompts, num_inference_steps=steps, guidance_scale=gs, output_type="pt",
                                              generator=torch.Generator("cpu").manual_seed(0)).images.float().cpu()
 
+                def theirs_compiled(steps):
+                    if not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule):
+                        pipe.unet = torch.compile(pipe.unet.to(memory_format=torch.channels_last), mode="reduce-overhead",
+                                                  fullgraph=True)
+                    theirs(steps)
+
                 runs = [("diffusers-eager", theirs), ("minisd-eager", lambda steps: ours(steps, False, "eager"))]
                 if cuda:
                     runs.append(("minisd-graph", lambda steps: ours(steps, True, "graph")))
+                if cuda and "compile" in sections:
+                    runs.append(("diffusers-compile", theirs_compiled))
                 for impl, fn in runs:
                     try:
-                        fn(min(3, args.steps))  # warm-up (and, for the graph path, the capture)
+                        resident(impl.split("-")[0])
+                        t1 = time.time()
+                        fn(min(3, args.steps))  # warm-up (and the graph capture, the compilation)
+                        warm_s = time.time() - t1
                         reset_peak(dev)
                         s = wall_s(lambda: fn(args.steps), dev, reps=args.reps)
                         rec.add(section="pipeline", impl=impl, **base, s_per_batch=round(s, 4), s_per_image=round(s / B, 4),
-                                images_per_s=round(B / s, 3), peak_gb=peak_gb(dev))
+                                images_per_s=round(B / s, 3), peak_gb=peak_gb(dev), warmup_s=round(warm_s, 1))
                     except Exception as e:
                         rec.error(f"pipeline {impl} {dname} b{B}", e)
                     free(dev)
+                if isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule):
+                    pipe.unet = pipe.unet._orig_mod.to(memory_format=torch.contiguous_format)
+                resident("both")
                 checks = {}
                 if "graph" in kept:
                     checks["graph_vs_eager_images"] = rel(kept["graph"], kept["eager"])  # eager on contiguous weights
@@ -194,6 +217,20 @@ def main(argv=None):
                         checks["text_encode_ms"] = round(time_ms(lambda: sd.encode_prompt([""] * B + prompts), dev, iters=3, reps=2), 2)
                 except Exception as e:
                     rec.error("decode timing", e)
+                for stack, decode, step in (("minisd", lambda: sd.vae.decode(lat), eager_minisd),
+                                            ("diffusers", lambda: pipe.vae.decode(lat).sample, eager_diffusers)):
+                    try:  # where each pipeline's peak comes from: resident weights, VAE decode, one eager U-Net step
+                        resident(stack)
+                        with torch.no_grad():
+                            for part, fn in (("decode", decode), ("step", step)):
+                                reset_peak(dev)
+                                base_gb = torch.cuda.memory_allocated() / 2 ** 30 if cuda else 0
+                                fn()
+                                checks[f"{part}_peak_gb_{stack}"] = peak_gb(dev)
+                            checks[f"resident_gb_{stack}"] = round(base_gb, 2)
+                    except Exception as e:
+                        rec.error(f"memory {stack}", e)
+                resident("both")
                 rec.add(section="check", **base, **{k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in checks.items()})
 
             if "adapters" in sections and (dname == args.dtypes.split(",")[0]):
@@ -256,42 +293,32 @@ def main(argv=None):
                     rec.error(f"adapters peft {dname} b{B}", e)
                 free(dev)
 
-            if "compile" in sections and cuda:
-                try:
-                    compiled = torch.compile(pipe.unet)
-                    t1 = time.time()
-                    with torch.no_grad():
-                        compiled(torch.cat([x, x]), torch.tensor(t, device=dev), encoder_hidden_states=ctx)
-                        torch.cuda.synchronize()
-                        compile_s = time.time() - t1
-
-                        def fn():
-                            e_u, e_c = compiled(torch.cat([x, x]), torch.tensor(t, device=dev), encoder_hidden_states=ctx).sample.chunk(2)
-                            return e_u + gs * (e_c - e_u)
-                        step_row("diffusers-compile", time_ms(fn, dev), compile_s=round(compile_s, 1))
-                except Exception as e:
-                    rec.error(f"compile {dname} b{B}", e)
         del pipe, sd
         free(dev)
 
-    cols = ["section", "impl", "dtype", "batch", "variant", "adapters", "ms", "steps_per_s", "tflops", "pct_of_peak",
+    cols = ["section", "impl", "dtype", "batch", "variant", "adapters", "ms", "steps_per_s", "tflops", "pct_of_peak", "warmup_s",
             "s_per_batch", "images_per_s", "peak_gb", "rel_err_vs_eager", "graph_extra_gb"]
     log(table([r for r in rec.rows if r["section"] != "check"], cols))
     log(table([r for r in rec.rows if r["section"] == "check"],
               ["dtype", "batch", "step_eps_minisd_vs_diffusers", "graph_vs_eager_images", "graph_vs_eager_latents",
                "graph_vs_eager_cl_images", "graph_vs_eager_cl_latents", "eager_vs_diffusers_images", "latents_finite",
                "vae_decode_ms", "text_encode_ms"]))
+    log(table([r for r in rec.rows if r["section"] == "check"],
+              ["dtype", "batch"] + [f"{k}_{s}" for s in ("minisd", "diffusers") for k in ("resident_gb", "decode_peak_gb", "step_peak_gb")]))
     ratios = []
     for r in rec.rows:
         if r["section"] == "pipeline" and r["impl"].startswith("minisd"):
             peer = next((q for q in rec.rows if q["section"] == "pipeline" and q["impl"] == "diffusers-eager"
                          and q["dtype"] == r["dtype"] and q["batch"] == r["batch"]), None)
+            compiled = next((q for q in rec.rows if q["section"] == "pipeline" and q["impl"] == "diffusers-compile"
+                             and q["dtype"] == r["dtype"] and q["batch"] == r["batch"]), None)
             if peer:
                 ratios.append(dict(impl=r["impl"], dtype=r["dtype"], batch=r["batch"],
-                                   speedup_vs_diffusers=round(r["images_per_s"] / peer["images_per_s"], 2)))
+                                   speedup_vs_diffusers=round(r["images_per_s"] / peer["images_per_s"], 2),
+                                   vs_diffusers_compile=round(r["images_per_s"] / compiled["images_per_s"], 2) if compiled else None))
     rec.meta["ratios"] = ratios
     rec.save()
-    log(table(ratios, ["impl", "dtype", "batch", "speedup_vs_diffusers"]))
+    log(table(ratios, ["impl", "dtype", "batch", "speedup_vs_diffusers", "vs_diffusers_compile"]))
 
 
 if __name__ == "__main__":

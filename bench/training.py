@@ -13,6 +13,8 @@ clip_grad_norm_(1.0), AdamW. One step = draw t and noise, forward, backward, cli
   diffusers-eager     diffusers UNet2DConditionModel + peft
   ...-cl              minisd's U-Net channels_last
   ...-bf16            no autocast: the bf16 base as it is (autocast runs the norms in float32, casting around them)
+  ...-ckpt            activation checkpointing (each U-Net block recomputed in the backward; inside the graph)
+Peak memory is each stack's own: the other U-Net waits on the CPU while one is measured.
 Also: the graph step's gradients against the eager step's on the same inputs, and TFLOP/s (FlopCounterMode count
 of one step) against a measured bf16 matmul peak.
 """
@@ -119,8 +121,14 @@ def main(argv=None):
             rec.error("graph gradient check", e)
         free(dev)
 
+    def resident(on_gpu, on_cpu):  # peak memory is then this stack's alone
+        on_cpu.to("cpu")
+        on_gpu.to(dev)
+        free(dev)
+
     for B in batches:
         flops = None
+        resident(ours, ref)
         try:
             opt = torch.optim.AdamW(ours_params, lr=1e-4, weight_decay=0.01)
             flops = count_flops(lambda: loss_ours(*draw(B)).backward())
@@ -135,8 +143,9 @@ def main(argv=None):
             if is_graph and not cuda:
                 continue
             try:
-                free(dev)
+                resident(*((ref, ours) if v.startswith("diffusers") else (ours, ref)))
                 lora.use_fused(ours, "plain" not in v)
+                ours.gradient_checkpointing = "-ckpt" in v
                 if "-cl" in v:
                     ours.to(memory_format=torch.channels_last)
                 model_params, loss_fn = (ref_params, loss_ref) if v.startswith("diffusers") else (ours_params, loss_ours)
@@ -167,6 +176,7 @@ def main(argv=None):
             except Exception as e:
                 rec.error(f"train {v} b{B}", e)
             ours.to(memory_format=torch.contiguous_format)
+            ours.gradient_checkpointing = False
         lora.use_fused(ours, True)
         free(dev)
 

@@ -236,4 +236,6 @@ class UNet(nn.Module):
 
     @staticmethod
     def _checkpointed(block, *args):
-        return checkpoint(block, *args, use_reentrant=False)
+        # the U-Net draws no random numbers (dropout 0): no RNG state to save and restore, which also lets a
+        # checkpointed step be captured in a CUDA graph (minisd.graphs.TrainStepGraph)
+        return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
