@@ -53,8 +53,10 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (t.flatten(2).transpose(1, 2)[:, None] for t in (self.q(h), self.k(h), self.v(h)))  # (B, 1, HW, C)
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        # the 1x1 convs as matmuls over pixels: q, k, v come out with unit stride along C, which SDPA's fused kernels
+        # need (else it falls back to the math path, which stores the HW x HW attention matrix)
+        q, k, v = (F.linear(h, m.weight.flatten(1), m.bias)[:, None] for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
