@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
   timeout 150 python3 bench/layers.py --out "$OUT/layers.json" || echo "layers: exit $?"
   timeout 200 python3 bench/overhead.py --out "$OUT/overhead.json" || echo "overhead: exit $?"
   timeout 270 python3 bench/sampling.py --out "$OUT/sampling.json" || echo "sampling: exit $?"
-  timeout 170 python3 bench/training.py --out "$OUT/training.json" || echo "training: exit $?"
+  timeout 170 python3 bench/training.py --variants diffusers-eager,minisd-graph-cl-bf16,minisd-graph-cl-bf16-ckpt --out "$OUT/training.json" || echo "training: exit $?"
   left=$(( ${BUDGET_S:-900} - SECONDS ))
   echo "seconds used: $SECONDS, left for the optional compile row (COMPILE=1): $left"
   if [ "${COMPILE:-0}" = 1 ] && [ "$left" -gt 90 ]; then

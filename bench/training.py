@@ -7,6 +7,8 @@ The setting of train.py with cached latents and text embeddings: frozen bf16 bas
 masters) on to_q/k/v/out.0 + ff.net.0.proj/ff.net.2 (minisd: lora.inject targets attn + ff; diffusers: peft
 LoraConfig(r=16, target_modules=[...]), the same 160 layers), bf16 autocast, MSE on eps at random timesteps,
 clip_grad_norm_(1.0), AdamW. One step = draw t and noise, forward, backward, clip, AdamW step.
+--algos locon: also every ResBlock and sampler conv (3x3 convs at --conv-rank 8, k x k down / 1x1 up; the 1x1
+shortcuts and time-embedding projections at rank 16); peft: the same modules, rank_pattern for the 3x3 convs.
   minisd-eager        lora's fused autograd functions (the default)
   minisd-eager-plain  lora.use_fused(unet, False): the plain composition
   minisd-graph        minisd.graphs.TrainStepGraph: forward + backward + clip + AdamW(capturable) in one CUDA graph
@@ -31,12 +33,20 @@ import lora
 from minisd.ddim import Schedule
 from minisd.graphs import TrainStepGraph
 
+# LoCon: also every ResBlock (3x3 convs at the conv rank, the 1x1 shortcut and the time-embedding projection at the
+# linear rank) and the down/upsampler convs = lora.inject(targets=("attn", "ff", "resnet", "sampler"))
+LOCON_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+CONV3x3 = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--conv-rank", type=int, default=8, help="LoCon's 3x3 convs")
+    p.add_argument("--algos", default="lora,locon")
     p.add_argument("--variants", default="diffusers-eager,minisd-eager,minisd-eager-plain,minisd-graph-cl,"
                                          "minisd-graph-cl-bf16,minisd-graph-plain-cl-bf16")
     p.add_argument("--out", default=None)
@@ -54,18 +64,31 @@ def main(argv=None):
     ref, ours = build_unets(dev, torch.bfloat16, args.tiny)
     h, D = ref.config.sample_size, ref.config.cross_attention_dim
     gen = torch.Generator(dev).manual_seed(0)
-    paths = lora.inject(ours, "trained", args.rank, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
-    ours_params = lora.trainable_parameters(ours, "trained")
     from peft import LoraConfig
-    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS), adapter_name="trained")
-    ref_params = [q for q in ref.parameters() if q.requires_grad]
-    for q in ref_params:
-        q.data = q.data.float()  # float32 masters, as minisd's adapters (and diffusers' scripts: cast_training_params)
-    n_peft = sum(1 for n, _ in ref.named_modules() if n.endswith("lora_A.trained"))
-    rec.meta.update(adapted_layers_minisd=len(paths), adapted_layers_peft=n_peft,
-                    trainable_minisd=sum(q.numel() for q in ours_params), trainable_peft=sum(q.numel() for q in ref_params))
-    log(f"built in {time.time() - t0:.1f}s; adapted layers minisd {len(paths)}, peft {n_peft}; trainable "
-        f"{rec.meta['trainable_minisd']} / {rec.meta['trainable_peft']}")
+
+    def fresh_adapters(algo):
+        """New adapters "trained" on both U-Nets (the previous algo's removed): (ours_params, ref_params)."""
+        if "trained" in lora.adapter_names(ours):
+            lora.remove(ours, "trained")
+            ref.delete_adapters("trained")
+        locon = algo == "locon"
+        table = lora.rank_table(args.rank, conv_dims=args.conv_rank)
+        paths = lora.inject(ours, "trained", table, targets=("attn", "ff") + (("resnet", "sampler") if locon else ()),
+                            generator=torch.Generator(dev).manual_seed(1))
+        ours_params = lora.trainable_parameters(ours, "trained")
+        conv = {f"{n}$": args.conv_rank for n in CONV3x3} if locon else {}
+        ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS + (LOCON_TARGETS if locon else []),
+                                   rank_pattern=conv, alpha_pattern=conv), adapter_name="trained")
+        ref_params = [q for q in ref.parameters() if q.requires_grad]
+        for q in ref_params:
+            q.data = q.data.float()  # float32 masters, as minisd's adapters (and diffusers' scripts: cast_training_params)
+        n_peft = sum(1 for n, _ in ref.named_modules() if n.endswith("lora_A.trained"))
+        counts = dict(adapted_layers_minisd=len(paths), adapted_layers_peft=n_peft,
+                      trainable_minisd=sum(q.numel() for q in ours_params), trainable_peft=sum(q.numel() for q in ref_params))
+        rec.meta.setdefault("adapters", {})[algo] = counts
+        log(f"{algo}: {counts}")
+        return ours_params, ref_params
+
     ours.train()
     ref.train()
     N = max(batches)
@@ -98,99 +121,104 @@ def main(argv=None):
         opt.step()
         return loss
 
-    # the graph step's gradients against the eager step's, same inputs (lr 0, no clipping: p.grad is the raw gradient)
-    if cuda and any(v.startswith("minisd-graph") for v in variants):
-        try:
-            B = batches[0]
-            inputs = draw(B)
-            opt = torch.optim.AdamW(ours_params, lr=0.0, capturable=True)
-            graph = TrainStepGraph(loss_ours, opt, inputs, clip_norm=None)
-            loss_g = graph(*inputs).item()
-            grads_g = torch.cat([q.grad.flatten().float() for q in ours_params])
-            opt.zero_grad(set_to_none=True)
-            loss_e = loss_ours(*inputs)
-            loss_e.backward()
-            grads_e = torch.cat([q.grad.flatten().float() for q in ours_params])
-            err = ((grads_g - grads_e).norm() / grads_e.norm()).item()
-            rec.add(section="check", batch=B, loss_graph=loss_g, loss_eager=loss_e.item(), grad_rel_err=float(f"{err:.3g}"),
-                    grad_norm=grads_e.norm().item())
-            del graph, opt, loss_e  # a live autograd graph would bind the next capture to this one's streams
-            for q in ours_params:
-                q.grad = None
-        except Exception as e:
-            rec.error("graph gradient check", e)
-        free(dev)
-
     def resident(on_gpu, on_cpu):  # peak memory is then this stack's alone
         on_cpu.to("cpu")
         on_gpu.to(dev)
         free(dev)
 
-    for B in batches:
-        flops = None
+    for algo in args.algos.split(","):
         resident(ours, ref)
-        try:
-            opt = torch.optim.AdamW(ours_params, lr=1e-4, weight_decay=0.01)
-            flops = count_flops(lambda: loss_ours(*draw(B)).backward())
-            del opt
-            for q in ours_params:
-                q.grad = None
-        except Exception as e:
-            rec.error(f"flop count b{B}", e)
-        iters = max(2, 16 // B)
-        for v in variants:
-            is_graph = v.startswith("minisd-graph")
-            if is_graph and not cuda:
-                continue
+        ours_params, ref_params = fresh_adapters(algo)
+        # the graph step's gradients against the eager step's, same inputs (lr 0, no clipping: p.grad is the raw gradient)
+        if cuda and any(v.startswith("minisd-graph") for v in variants):
             try:
-                resident(*((ref, ours) if v.startswith("diffusers") else (ours, ref)))
-                lora.use_fused(ours, "plain" not in v)
-                ours.gradient_checkpointing = "-ckpt" in v
-                if "-cl" in v:
-                    ours.to(memory_format=torch.channels_last)
-                model_params, loss_fn = (ref_params, loss_ref) if v.startswith("diffusers") else (ours_params, loss_ours)
-                if "-bf16" in v:
-                    loss_fn = loss_ours_bf16
-                capture_s = None
-                reset_peak(dev)  # the graph rows' peak includes the warm-up and the capture (the graph's own pool)
-                if is_graph:
-                    opt = torch.optim.AdamW(model_params, lr=1e-4, weight_decay=0.01, capturable=True)
-                    t1 = time.time()
-                    graph = TrainStepGraph(loss_fn, opt, draw(B), clip_norm=1.0)
-                    capture_s = round(time.time() - t1, 2)
-                    step = lambda: graph(*draw(B))
-                else:
-                    opt = torch.optim.AdamW(model_params, lr=1e-4, weight_decay=0.01)
-                    step = lambda: eager_step(loss_fn, opt, model_params, B)
-                ms = time_ms(step, dev, iters=iters, reps=3, warmup=2)
-                loss = step().item()
-                tf = flops / ms / 1e9 if flops else None
-                rec.add(section="train", impl=v, batch=B, ms=round(ms, 2), samples_per_s=round(B * 1e3 / ms, 2),
-                        tflops=round(tf, 1) if tf else None, pct_of_peak=round(100 * tf / peak, 1) if tf and peak else None,
-                        peak_gb=peak_gb(dev), capture_s=capture_s, loss=round(loss, 4))
-                del opt, step
-                if is_graph:
-                    del graph
-                for q in model_params:
+                B = batches[0]
+                inputs = draw(B)
+                opt = torch.optim.AdamW(ours_params, lr=0.0, capturable=True)
+                graph = TrainStepGraph(loss_ours, opt, inputs, clip_norm=None)
+                loss_g = graph(*inputs).item()
+                grads_g = torch.cat([q.grad.flatten().float() for q in ours_params])
+                opt.zero_grad(set_to_none=True)
+                loss_e = loss_ours(*inputs)
+                loss_e.backward()
+                grads_e = torch.cat([q.grad.flatten().float() for q in ours_params])
+                err = ((grads_g - grads_e).norm() / grads_e.norm()).item()
+                rec.add(section="check", algo=algo, batch=B, loss_graph=loss_g, loss_eager=loss_e.item(), grad_rel_err=float(f"{err:.3g}"),
+                        grad_norm=grads_e.norm().item())
+                del graph, opt, loss_e  # a live autograd graph would bind the next capture to this one's streams
+                for q in ours_params:
                     q.grad = None
             except Exception as e:
-                rec.error(f"train {v} b{B}", e)
-            ours.to(memory_format=torch.contiguous_format)
-            ours.gradient_checkpointing = False
-        lora.use_fused(ours, True)
-        free(dev)
+                rec.error(f"graph gradient check {algo}", e)
+            free(dev)
+
+        for B in batches:
+            flops = None
+            resident(ours, ref)
+            try:
+                opt = torch.optim.AdamW(ours_params, lr=1e-4, weight_decay=0.01)
+                flops = count_flops(lambda: loss_ours(*draw(B)).backward())
+                del opt
+                for q in ours_params:
+                    q.grad = None
+            except Exception as e:
+                rec.error(f"flop count {algo} b{B}", e)
+            iters = max(2, 16 // B)
+            for v in variants:
+                is_graph = v.startswith("minisd-graph")
+                if is_graph and not cuda:
+                    continue
+                try:
+                    resident(*((ref, ours) if v.startswith("diffusers") else (ours, ref)))
+                    lora.use_fused(ours, "plain" not in v)
+                    ours.gradient_checkpointing = "-ckpt" in v
+                    if "-cl" in v:
+                        ours.to(memory_format=torch.channels_last)
+                    model_params, loss_fn = (ref_params, loss_ref) if v.startswith("diffusers") else (ours_params, loss_ours)
+                    if "-bf16" in v:
+                        loss_fn = loss_ours_bf16
+                    capture_s = None
+                    reset_peak(dev)  # the graph rows' peak includes the warm-up and the capture (the graph's own pool)
+                    if is_graph:
+                        opt = torch.optim.AdamW(model_params, lr=1e-4, weight_decay=0.01, capturable=True)
+                        t1 = time.time()
+                        graph = TrainStepGraph(loss_fn, opt, draw(B), clip_norm=1.0)
+                        capture_s = round(time.time() - t1, 2)
+                        step = lambda: graph(*draw(B))
+                    else:
+                        opt = torch.optim.AdamW(model_params, lr=1e-4, weight_decay=0.01)
+                        step = lambda: eager_step(loss_fn, opt, model_params, B)
+                    ms = time_ms(step, dev, iters=iters, reps=3, warmup=2)
+                    loss = step().item()
+                    tf = flops / ms / 1e9 if flops else None
+                    rec.add(section="train", algo=algo, impl=v, batch=B, ms=round(ms, 2), samples_per_s=round(B * 1e3 / ms, 2),
+                            tflops=round(tf, 1) if tf else None, pct_of_peak=round(100 * tf / peak, 1) if tf and peak else None,
+                            peak_gb=peak_gb(dev), capture_s=capture_s, loss=round(loss, 4))
+                    del opt, step
+                    if is_graph:
+                        del graph
+                    for q in model_params:
+                        q.grad = None
+                except Exception as e:
+                    rec.error(f"train {algo} {v} b{B}", e)
+                ours.to(memory_format=torch.contiguous_format)
+                ours.gradient_checkpointing = False
+            lora.use_fused(ours, True)
+            free(dev)
 
     rows = [r for r in rec.rows if r["section"] == "train"]
-    log(table(rows, ["impl", "batch", "ms", "samples_per_s", "tflops", "pct_of_peak", "peak_gb", "capture_s", "loss"]))
+    log(table(rows, ["algo", "impl", "batch", "ms", "samples_per_s", "tflops", "pct_of_peak", "peak_gb", "capture_s", "loss"]))
     ratios = []
     for r in rows:
-        peer = next((q for q in rows if q["impl"] == "diffusers-eager" and q["batch"] == r["batch"]), None)
+        peer = next((q for q in rows if q["impl"] == "diffusers-eager" and (q["algo"], q["batch"]) == (r["algo"], r["batch"])), None)
         if peer and r["impl"] != "diffusers-eager":
-            ratios.append(dict(impl=r["impl"], batch=r["batch"], speedup_vs_diffusers=round(r["samples_per_s"] / peer["samples_per_s"], 2)))
+            ratios.append(dict(algo=r["algo"], impl=r["impl"], batch=r["batch"],
+                               speedup_vs_diffusers=round(r["samples_per_s"] / peer["samples_per_s"], 2),
+                               memory_vs_diffusers=round(r["peak_gb"] / peer["peak_gb"], 2) if r["peak_gb"] and peer["peak_gb"] else None))
     rec.meta["ratios"] = ratios
     rec.save()
-    log(table(ratios, ["impl", "batch", "speedup_vs_diffusers"]))
-    log(table([r for r in rec.rows if r["section"] == "check"], ["batch", "loss_graph", "loss_eager", "grad_rel_err", "grad_norm"]))
+    log(table(ratios, ["algo", "impl", "batch", "speedup_vs_diffusers", "memory_vs_diffusers"]))
+    log(table([r for r in rec.rows if r["section"] == "check"], ["algo", "batch", "loss_graph", "loss_eager", "grad_rel_err", "grad_norm"]))
 
 
 if __name__ == "__main__":
