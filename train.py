@@ -67,7 +67,8 @@ def parse_args(argv=None):
     a.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     a.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="cosine")
     a.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto", help="auto: bf16 on GPUs that have it, else fp16 on GPU, none on CPU")
-    a.add_argument("--grad-checkpointing", action="store_true", help="less memory, about 30%% more time")
+    a.add_argument("--grad-checkpointing", action="store_true",
+                   help="less memory (SD 1.4 512², batch 8: 8.6 -> 3.5 GB), about 35%% more time")
     a.add_argument("--cuda-graph", action="store_true", help="replay each step (forward, backward, clipping, AdamW) from a "
                    "CUDA graph: same data and random draws, fewer kernel launches; not with fp16, --grad-accum > 1, "
                    "--prior-data, --te-rank or torchrun")

@@ -4,8 +4,9 @@
     python bench/sampling.py --tiny --steps 2 --out /tmp/s.json         # small config, a CPU smoke test
 
 Per dtype (fp16, bf16) and batch (1, 4 images, CFG 7.5, so the U-Net sees 2, 8):
-  step      one guided U-Net step (U-Net on [x, x] + guidance): ms, steps/s, TFLOP/s; minisd's graph also with
-            cudnn.benchmark, channels_last and each SDPA backend (fp16 only)
+  step      one guided U-Net step (U-Net on [x, x] + guidance): ms, steps/s, TFLOP/s; diffusers' also replayed
+            from a CUDA graph (the GPU-bound peer); minisd's graph also with cudnn.benchmark, channels_last and
+            each SDPA backend (fp16 only)
   pipeline  the whole sampler (text encoder, 50 DDIM steps, VAE decode): s per batch, images/s, peak memory (each
             stack's own: the other one's U-Net and VAE wait on the CPU; the text encoder is shared); the graph
             path's images and latents against the eager path's (rel err)
@@ -21,8 +22,8 @@ import time
 import torch
 
 import common
-from common import (DTYPES, PEFT_TARGETS, Recorder, build_pipelines, count_flops, environment, free, log, matmul_peak_tflops,
-                    peak_gb, reset_peak, table, time_ms, wall_s)
+from common import (DTYPES, PEFT_TARGETS, Recorder, build_pipelines, count_flops, environment, free, graphed, log,
+                    matmul_peak_tflops, peak_gb, reset_peak, table, time_ms, wall_s)
 
 import lora
 from minisd import graphs
@@ -125,6 +126,20 @@ def main(argv=None):
                             step_row(impl, time_ms(fn, dev))
                         except Exception as e:
                             rec.error(f"step {impl} {dname} b{B}", e)
+                    tt = torch.tensor(t, device=dev)
+
+                    def diffusers_static():  # eager_diffusers on a fixed timestep tensor: a capture cannot copy from the host
+                        e_u, e_c = pipe.unet(torch.cat([x, x]), tt, encoder_hidden_states=ctx).sample.chunk(2)
+                        return e_u + gs * (e_c - e_u)
+                    for fmt in (torch.contiguous_format, torch.channels_last) if cuda else ():
+                        try:  # the GPU-bound peer: diffusers' step replayed from a CUDA graph
+                            pipe.unet.to(memory_format=fmt)
+                            step_row("diffusers-graph", time_ms(graphed(diffusers_static, dev), dev, iters=20),
+                                     variant="channels_last" if fmt == torch.channels_last else None)
+                        except Exception as e:
+                            rec.error(f"step diffusers-graph {fmt} {dname} b{B}", e)
+                        pipe.unet.to(memory_format=torch.contiguous_format)
+                        free(dev)
                     ref = eager_minisd().float()
                     rec.add(section="check", **base, step_eps_minisd_vs_diffusers=float(f"{rel(eager_diffusers().float(), ref):.3g}"))
                     if cuda:
