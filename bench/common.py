@@ -5,6 +5,7 @@ every parameter re-drawn (norm weights near 1, the rest ~ 1/sqrt(fan_in), as tes
 U-Net and VAE get copies of those weights through minisd.checkpoint's name map. Both pipelines share the text
 encoder (the same transformers CLIPTextModel class in both) and a character-level CLIP tokenizer (no downloads).
 """
+import argparse
 import json
 import math
 import platform
@@ -33,6 +34,23 @@ TINY = dict(unet=dict(sample_size=8, block_out_channels=(32, 64, 64, 64), layers
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # = lora.inject(targets=("attn", "ff"))
 QUICK = False  # --tiny: time 2 calls once (a smoke test of the code paths, not a measurement)
+
+
+def parser(doc):
+    """The options every benchmark has: --tiny, --device, --out; the script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="the tests' small config (a CPU smoke test)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="JSON file")
+    return p
+
+
+def start(name, args):
+    """(device, Recorder) of a benchmark run; --tiny sets QUICK."""
+    global QUICK
+    QUICK = args.tiny
+    dev = torch.device(args.device)
+    return dev, Recorder(args.out, {"bench": name, "args": vars(args), "env": environment(dev)})
 
 
 def log(*a):

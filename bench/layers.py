@@ -11,14 +11,13 @@ infer: fp16, no autograd, two rank-16 adapters unmerged; also the merged layer (
        scaled ups prepared once, two extra kernels). Linear layers only.
 Each case is captured in a CUDA graph and its replays are timed (launch gaps mostly gone), median of 3 x 50.
 """
-import argparse
 import contextlib
 
 import torch
 import torch.nn as nn
 
 import common
-from common import Recorder, environment, graphed, log, table, time_ms
+from common import graphed, log, table, time_ms
 
 from lora.layers import wrap
 from minisd.graphs import _packed_adapters
@@ -69,15 +68,10 @@ def peft_layer(make, n, rank, dtype, adapter_dtype, dev, gen):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = common.parser(__doc__)
     p.add_argument("--ranks", default="4,16,64")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    dev = torch.device(args.device)
-    common.QUICK = args.tiny
-    rec = Recorder(args.out, {"bench": "layers", "args": vars(args), "env": environment(dev)})
+    dev, rec = common.start("layers", args)
     gen = torch.Generator(dev).manual_seed(0)
     for shape, in_shape, make in SHAPES:
         if args.tiny:

@@ -17,27 +17,21 @@ stacks); without, it runs to the latents, so both rows make the same backward pa
 Each is timed eager and replayed from a CUDA graph (`graph` rows: launch latency removed, so the GPU cost shows);
 overhead = time / the same stack's time without adapters - 1. minisd runs channels_last (as its graph paths do).
 """
-import argparse
 import time
 
 import torch
 
 import common
-from common import PEFT_TARGETS, Recorder, build_unets, environment, free, graphed, log, peak_gb, reset_peak, table, time_ms
+from common import PEFT_TARGETS, build_unets, free, graphed, log, peak_gb, reset_peak, table, time_ms
 
 import lora
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = common.parser(__doc__)
     p.add_argument("--batches", default="8,32")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    dev = torch.device(args.device)
-    common.QUICK = args.tiny
-    rec = Recorder(args.out, {"bench": "overhead", "args": vars(args), "env": environment(dev)})
+    dev, rec = common.start("overhead", args)
     t0 = time.time()
     ref, ours = build_unets(dev, torch.bfloat16, args.tiny)
     ours.to(memory_format=torch.channels_last)

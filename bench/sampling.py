@@ -15,14 +15,13 @@ Per dtype (fp16, bf16) and batch (1, 4 images, CFG 7.5, so the U-Net sees 2, 8):
   adapters  minisd with 1 and 2 unmerged rank-16 LoRA adapters (attn + ff, random non-zero ups) and with both
             merged, eager and graph; diffusers + peft with 2 unmerged adapters, eager
 """
-import argparse
 import contextlib
 import time
 
 import torch
 
 import common
-from common import (DTYPES, PEFT_TARGETS, Recorder, build_pipelines, count_flops, environment, free, graphed, log,
+from common import (DTYPES, PEFT_TARGETS, build_pipelines, count_flops, free, graphed, log,
                     matmul_peak_tflops, peak_gb, reset_peak, table, time_ms, wall_s)
 
 import lora
@@ -62,9 +61,7 @@ def variant_name(v):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="small config (CPU smoke test)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = common.parser(__doc__)
     p.add_argument("--dtypes", default="fp16,bf16")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--steps", type=int, default=50)
@@ -72,14 +69,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2, help="timed whole-pipeline runs (median)")
     p.add_argument("--sections", default="step,pipeline,adapters", help="any of step,pipeline,adapters,compile")
     p.add_argument("--all-variants", action="store_true", help="also cudnn.benchmark and each SDPA backend")
-    p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args(argv)
-    dev = torch.device(args.device)
-    common.QUICK = args.tiny
+    dev, rec = common.start("sampling", args)
     cuda = dev.type == "cuda"
     sections = set(args.sections.split(","))
     batches = [int(b) for b in args.batches.split(",")]
-    rec = Recorder(args.out, {"bench": "sampling", "args": vars(args), "env": environment(dev)})
     rec.meta["bf16_matmul_peak_tflops"] = peak = matmul_peak_tflops(dev)
     log(f"env {rec.meta['env']}; bf16 matmul peak {peak} TFLOP/s")
     for dname in args.dtypes.split(","):

@@ -20,13 +20,12 @@ Peak memory is each stack's own: the other U-Net waits on the CPU while one is m
 Also: the graph step's gradients against the eager step's on the same inputs, and TFLOP/s (FlopCounterMode count
 of one step) against a measured bf16 matmul peak.
 """
-import argparse
 import time
 
 import torch
 
 import common
-from common import (PEFT_TARGETS, Recorder, build_unets, count_flops, environment, free, log, matmul_peak_tflops, peak_gb,
+from common import (PEFT_TARGETS, build_unets, count_flops, free, log, matmul_peak_tflops, peak_gb,
                     reset_peak, table, time_ms)
 
 import lora
@@ -40,23 +39,18 @@ CONV3x3 = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = common.parser(__doc__)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--conv-rank", type=int, default=8, help="LoCon's 3x3 convs")
     p.add_argument("--algos", default="lora,locon")
     p.add_argument("--variants", default="diffusers-eager,minisd-eager,minisd-eager-plain,minisd-graph-cl,"
                                          "minisd-graph-cl-bf16,minisd-graph-plain-cl-bf16")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    dev = torch.device(args.device)
-    common.QUICK = args.tiny
+    dev, rec = common.start("training", args)
     cuda = dev.type == "cuda"
     batches = [int(b) for b in args.batches.split(",")]
     variants = args.variants.split(",")
-    rec = Recorder(args.out, {"bench": "training", "args": vars(args), "env": environment(dev)})
     rec.meta["bf16_matmul_peak_tflops"] = peak = matmul_peak_tflops(dev)
     log(f"env {rec.meta['env']}; bf16 matmul peak {peak} TFLOP/s")
 
