@@ -71,7 +71,7 @@ def parse_args(argv=None):
                    help="less memory (SD 1.4 512², batch 8: 8.6 -> 3.5 GB), about 35%% more time")
     a.add_argument("--cuda-graph", action="store_true", help="replay each step (forward, backward, clipping, AdamW) from a "
                    "CUDA graph: same data and random draws, fewer kernel launches; not with fp16, --grad-accum > 1, "
-                   "--prior-data, --te-rank or torchrun")
+                   "--prior-data or --te-rank")
     a.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting (5 is common; 0: off)")
     a.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (0.05-0.1 helps very dark/bright images)")
     a.add_argument("--seed", type=int, default=0)
@@ -302,7 +302,10 @@ def train(args):
             g["lr"] = torch.tensor(g["lr"], device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     model = sd.unet
-    if world > 1:
+    if world > 1 and args.cuda_graph:  # DDP's hooks cannot run inside a capture: one all-reduce between two graphs
+        for p in unet_params:  # what DDP does at wrapping: every process starts from rank 0's adapters
+            torch.distributed.broadcast(p.data, 0)
+    elif world > 1:
         # the same adapters take part in every step (static_graph: DDP skips its per-step search for unused
         # parameters); gradients live in the all-reduce buckets (no copy into them)
         model = torch.nn.parallel.DistributedDataParallel(sd.unet, device_ids=[device.index] if device.type == "cuda" else None,
@@ -350,7 +353,8 @@ def train(args):
         example = (means.new_zeros(B, *latent), means.new_zeros(B, *latent), torch.zeros(B, dtype=torch.long, device=device),
                    embed(captions[:1] * B))
         loss_fn = lambda z0, noise, t, ctx: diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device)
-        graph = minisd.graphs.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0)
+        average = (lambda g: torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.AVG)) if world > 1 else None
+        graph = minisd.graphs.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0, reduce_grads=average)
     while step < args.steps:
         factor = lr_factor(step, args)
         for g in opt.param_groups:
@@ -442,11 +446,11 @@ def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
 
 def check_cuda_graph(args, world):
     """--cuda-graph captures one step of fixed shapes: one U-Net call, one optimizer step, no GradScaler and no
-    text-encoder pass; under torchrun, DDP's gradient all-reduce is not captured (an all-reduce captured inside the
-    graph hung on 2 H200s, docs/performance.md). Refuse what it cannot do, before any heavy work."""
+    text-encoder pass; under torchrun the gradients are averaged by one all-reduce between two graphs (forward +
+    backward; clipping + AdamW). Refuse what it cannot do, before any heavy work."""
     fp16 = mixed_precision(args.mixed_precision, torch.device(args.device)) == "fp16"
     unsupported = {"fp16 mixed precision (use --mixed-precision bf16 or no)": fp16, "--grad-accum > 1": args.grad_accum > 1,
-                   "--prior-data": args.prior_data, "--te-rank > 0": args.te_rank > 0, "torchrun (one GPU only)": world > 1}
+                   "--prior-data": args.prior_data, "--te-rank > 0": args.te_rank > 0}
     for what, bad in unsupported.items():
         if bad:
             raise ValueError(f"--cuda-graph does not work with {what}")

@@ -1,5 +1,5 @@
-"""train.py's own speed: the same LoRA run on 1 GPU (eager, and with --cuda-graph) and on N GPUs (torchrun,
-DistributedDataParallel), on a random-weight SD 1.4-architecture model (written as a diffusers folder, so train.py
+"""train.py's own speed: the same LoRA run on 1 GPU and on N GPUs (torchrun: DistributedDataParallel eager; with
+--cuda-graph one all-reduce between two graph replays), each eager and with --cuda-graph, on a random-weight SD 1.4-architecture model (written as a diffusers folder, so train.py
 loads it like a real one) at 512², from the shipped images. Per-GPU batch fixed: N GPUs train on N times the images
 per step.
 
@@ -49,7 +49,7 @@ def main():
     p.add_argument("--batches", default="8", help="comma-separated images per step per GPU")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
-    p.add_argument("--runs", default="1,1g,N", help="which runs: 1 or N GPUs, g: --cuda-graph (one GPU only)")
+    p.add_argument("--runs", default="1,1g,N,Ng", help="which runs: 1 or N GPUs, g: --cuda-graph")
     p.add_argument("--tiny", action="store_true", help="minisd-tiny at 64², for a smoke test")
     p.add_argument("--out", default="out/bench/ddp.json")
     args = p.parse_args()
@@ -86,13 +86,16 @@ def main():
                 save(rows, args)
     for r in save(rows, args):
         print(f"batch {r['batch_per_gpu']}/GPU, {r['gpus']} GPU(s){' cuda-graph' if r['cuda_graph'] else ''}: "
-              f"{r['images_per_s']:.1f} images/s ({r['vs_first_run']:.2f}x the first run)")
+              f"{r['images_per_s']:.1f} images/s ({r['vs_first_run']:.2f}x the first run"
+              + (f", {r['scaling']:.2f}x one GPU in the same mode)" if r["scaling"] else ")"))
 
 
 def save(rows, args):
     """Rewritten after every run: a time limit leaves the finished rows."""
-    for r in rows:  # against the first run (by default one GPU, eager) of the same per-GPU batch
+    for r in rows:  # against the first run (by default one GPU, eager) of the same per-GPU batch, and one GPU in the same mode
         r["vs_first_run"] = r["images_per_s"] / next(q["images_per_s"] for q in rows if q["batch_per_gpu"] == r["batch_per_gpu"])
+        one = [q for q in rows if q["gpus"] == 1 and (q["batch_per_gpu"], q["cuda_graph"]) == (r["batch_per_gpu"], r["cuda_graph"])]
+        r["scaling"] = r["images_per_s"] / one[0]["images_per_s"] if one else None
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "model": "minisd-tiny 64²" if args.tiny else "random SD 1.4 512²", "lora": "rank 16, attention + ff + proj (LoRA-LierLa)",
             "mixed_precision": "auto (bf16 on GPU)", "steps": args.steps, "warmup": args.warmup}

@@ -169,27 +169,54 @@ class TrainStepGraph:
 
     inputs: example tensors fixing shapes and dtypes; each call copies its tensors into these static buffers.
     loss_fn may draw random numbers on the GPU (timesteps, noise): graph replays advance the generator.
-    The gradients live in the graph's memory and are written (not accumulated) by each replay."""
+    The gradients live in the graph's memory and are written (not accumulated) by each replay.
 
-    def __init__(self, loss_fn, optimizer, inputs, clip_norm=None, warmup=3):
-        self.loss_fn, self.optimizer, self.clip_norm = loss_fn, optimizer, clip_norm
+    reduce_grads: a function run on one flat tensor holding every gradient, between the backward and the clipping,
+    outside the graphs: e.g. `lambda g: dist.all_reduce(g, op=dist.ReduceOp.AVG)` under torchrun. The step is then
+    two graphs (forward + backward; clipping + optimizer step) with one eager call between them. (An all-reduce
+    captured inside the graph hung on 2 H200s, docs/performance.md; the gradients are views of the flat tensor, as
+    DDP's gradient_as_bucket_view, so the call moves them all at once.)"""
+
+    def __init__(self, loss_fn, optimizer, inputs, clip_norm=None, warmup=3, reduce_grads=None):
+        self.loss_fn, self.optimizer, self.clip_norm, self.reduce_grads = loss_fn, optimizer, clip_norm, reduce_grads
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.inputs = [t.detach().clone() for t in inputs]
+        self.flat = None
+        if reduce_grads is not None:
+            if len({(p.dtype, p.device) for p in self.params}) != 1:
+                raise ValueError("reduce_grads needs parameters of one dtype on one device")
+            self.flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
+            offsets = [0] + [p.numel() for p in self.params]
+            for p, start, n in zip(self.params, torch.tensor(offsets).cumsum(0).tolist(), offsets[1:]):
+                p.grad = self.flat[start:start + n].view_as(p)
         saved = [p.detach().clone() for p in self.params]
         saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
                        for p in self.params if p in optimizer.state}
 
         def step():
-            optimizer.zero_grad(set_to_none=True)
-            return self._step()
+            self._zero_grads()
+            loss = self._forward_backward()
+            self._reduce()
+            self._update()
+            return loss
 
         with warnings.catch_warnings():  # torch warns that a capturable optimizer steps uncaptured: intended here
             warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
             _warm_up(step, warmup)  # also creates the optimizer state, which must exist before the capture
-        optimizer.zero_grad(set_to_none=True)
+        self._zero_grads()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._step()
+        if reduce_grads is None:
+            with torch.cuda.graph(self.graph):
+                self.loss = self._forward_backward()
+                self._update()
+            self.update_graph = None
+        else:  # two graphs sharing one memory pool; the flat gradient tensor was allocated outside both
+            self.update_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.flat.zero_()
+                self.loss = self._forward_backward()
+            with torch.cuda.graph(self.update_graph, pool=self.graph.pool()):
+                self._update()
         with torch.no_grad():  # undo the warm-up steps: the graph starts from the state we were given
             for p, s in zip(self.params, saved):
                 p.copy_(s)
@@ -198,17 +225,32 @@ class TrainStepGraph:
                     if torch.is_tensor(v):
                         v.copy_(saved_state[id(p)][k]) if id(p) in saved_state else v.zero_()
 
-    def _step(self):
+    def _zero_grads(self):
+        if self.flat is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.flat.zero_()  # the gradients stay views of it
+
+    def _forward_backward(self):
         loss = self.loss_fn(*self.inputs)
         loss.backward()
+        return loss.detach()
+
+    def _reduce(self):
+        if self.reduce_grads is not None:
+            self.reduce_grads(self.flat)
+
+    def _update(self):
         if self.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm, foreach=True)
         self.optimizer.step()
-        return loss.detach()
 
     def __call__(self, *inputs):
         """One training step on these inputs; returns the loss (a static tensor, overwritten by the next call)."""
         for buf, t in zip(self.inputs, inputs):
             buf.copy_(t)
         self.graph.replay()
+        if self.update_graph is not None:
+            self._reduce()
+            self.update_graph.replay()
         return self.loss

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -31,3 +32,21 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tiny, images, tmp_
     assert 0 < torch.cat([a[k].flatten() for k in ups]).norm() and diff < 1e-4, diff
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # rank 0 alone writes
         ["one.safetensors", "one-loss.csv", "one-loss.png", "two.safetensors", "two-loss.csv", "two-loss.png"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_with_cuda_graph_equal_one_gpu_with_the_whole_batch(tiny, images, tmp_path):
+    """--cuda-graph under torchrun: the gradients are averaged by one all-reduce between two graph replays."""
+    argv = ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images),
+            "--prompt", "a box", "--resolution", "16", "--seed", "3", "--steps", "3", "--lr", "1e-2",
+            "--mixed-precision", "no", "--cuda-graph", "--quiet"]
+    one = [sys.executable, str(ROOT / "train.py"), *argv, "--batch", "2", "--out", str(tmp_path / "one.safetensors")]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py"),
+           *argv, "--batch", "1", "--out", str(tmp_path / "two.safetensors")]
+    for cmd in (one, two):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    ups = [k for k in a if "lora_up" in k]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm() / torch.cat([a[k].flatten() for k in ups]).norm()
+    assert 0 < torch.cat([a[k].flatten() for k in ups]).norm() and diff < 1e-3, diff

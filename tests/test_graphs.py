@@ -79,12 +79,8 @@ def test_graph_sampling_matches_eager(lora_sd):
     (["--grad-accum", "2"], "--cuda-graph does not work with --grad-accum > 1"),
     (["--prior-data", "IMAGES"], "--cuda-graph does not work with --prior-data"),
     (["--te-rank", "2"], "--cuda-graph does not work with --te-rank > 0"),
-    ("torchrun", "--cuda-graph does not work with torchrun"),
 ])
-def test_train_cuda_graph_refusals_are_one_line_before_the_model_is_read(argv, message, images, tmp_path, monkeypatch):
-    if argv == "torchrun":
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        argv = []
+def test_train_cuda_graph_refusals_are_one_line_before_the_model_is_read(argv, message, images, tmp_path):
     bad = tmp_path / "bad.ckpt"  # never read: its error would show otherwise
     bad.write_bytes(b"")
     argv = [a.replace("IMAGES", str(images)) for a in argv]
@@ -135,6 +131,40 @@ def assert_close_runs(a, b):
     assert np.abs(loss_a - loss_b).mean() < 5e-3 * np.abs(loss_a).mean(), (loss_a, loss_b)
     # eager runs NCHW, the graph channels_last (other cuDNN kernels): bf16 rounding that 20 Adam steps carry on
     assert ((w_a - w_b).norm() / w_a.norm()).item() < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_step_graph_with_reduce_grads_is_the_one_graph_step():
+    """reduce_grads splits the step into two graphs around one call on the flat gradients (train.py's all-reduce
+    under torchrun): with a call that halves them, the parameters follow an eager loop that halves each gradient."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    data = torch.randn(5, 8, 16, device=dev), torch.randn(5, 8, 4, device=dev)
+    runs, calls = [], []
+
+    def reduce(flat):
+        calls.append(flat.numel())
+        flat.mul_(0.5)
+    for mode in ("eager", "graph"):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, capturable=mode == "graph")
+        loss_fn = lambda x, y: (net(x) - y).square().mean()
+        graph = graphs.TrainStepGraph(loss_fn, opt, [d[0] for d in data], clip_norm=0.5, reduce_grads=reduce) \
+            if mode == "graph" else None
+        for x, y in zip(*data):
+            if graph:
+                graph(x, y)
+                continue
+            opt.zero_grad()
+            loss_fn(x, y).backward()
+            for p in net.parameters():
+                p.grad.mul_(0.5)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.5)
+            opt.step()
+        runs.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    assert rel(runs[1], runs[0]) < 1e-5 and calls[-1] == sum(p.numel() for p in net.parameters())
+    assert len(calls) == 3 + 5  # the warm-up steps, then one per replay
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
