@@ -5,7 +5,7 @@
     python train.py --ckpt sd-v1-4.ckpt --tokenizer openai/clip-vit-large-patch14 --data photos/ \\
         --prompt "a photo of sks person" --resolution 512 --rank 16 --steps 1000 --out out/me.safetensors
     torchrun --nproc-per-node 2 train.py ...           # data-parallel over GPUs (DistributedDataParallel)
-    python train.py --cuda-graph ...                   # one GPU: each step replayed from a CUDA graph
+    python train.py --cuda-graph ...                   # each step replayed from CUDA graphs (also under torchrun)
 
 Data: png / jpg / webp files with optional same-name .txt captions, else --prompt; kohya-style repeat folders
 "N_name" count each image N times (and "name" is the caption when there is neither). The VAE latents and, when

@@ -6,6 +6,7 @@ train: forward + backward of the frozen SD 1.4 U-Net with rank-16 adapters on at
        base, bf16 autocast or none, channels_last), as bench/overhead.py's minisd+fused rows; batch 8 and 32.
        Also which lines copy how many MB (forward: the calling lines; backward: the autograd node).
 sample: one guided step (fp16, CFG: the U-Net on batch 2), no autograd, channels_last.
+ops: the same step per aten op and input shapes (torch.profiler's self CUDA time; kernel rows left out).
 Eager calls under torch.profiler (the kernels are those the CUDA graphs replay); CUDA time summed per kernel name
 and per kind. Also: the training row timed from a CUDA graph with each SDPA backend forced.
 """
@@ -47,6 +48,23 @@ def profile(fn, steps=2):
             per_kernel[e.name][0] += e.device_time / 1e3 / steps  # ms per call
             per_kernel[e.name][1] += 1 / steps
     return per_kernel
+
+
+def per_op(fn, top):
+    """Self CUDA time of each aten op (grouped by input shapes) in one call of fn, in ms: the op rows only, so no
+    kernel is counted twice."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as p:
+        fn()
+        torch.cuda.synchronize()
+    ops = [e for e in p.key_averages(group_by_input_shape=True) if e.key.startswith("aten::") and e.self_device_time_total]
+    total = sum(e.self_device_time_total for e in ops) / 1e3
+    rows = [dict(op=e.key, calls=e.count, ms=round(e.self_device_time_total / 1e3, 3),
+                 pct=round(100 * e.self_device_time_total / 1e3 / total, 1), shapes=str(e.input_shapes)[:100])
+            for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:top]]
+    return total, rows
 
 
 def copies(fn):
@@ -100,7 +118,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="8,32")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--sections", default="groupnorm,copies,profile,sdpa")
+    p.add_argument("--sections", default="groupnorm,copies,profile,ops,sdpa")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -167,6 +185,12 @@ def main(argv=None):
             log(table(rows, ["kind", "ms", "pct", "calls", "kernel"]))
         except Exception as e:
             rec.error(name, e)
+    if "ops" in sections:
+        with torch.no_grad():
+            total, rows = per_op(sample_step(), args.top)
+        rec.meta["ops"] = {"sample fp16 b1": rows}
+        rec.add(section="ops", case="sample fp16 b1", total_ms=round(total, 2))  # also writes the JSON
+        log(table(rows, ["ms", "pct", "calls", "op", "shapes"]))
     # SDPA backends on the training row, replayed from a graph
     for B in batches if "sdpa" in sections else []:
         for backend in ["default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"]:

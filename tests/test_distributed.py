@@ -35,18 +35,23 @@ def test_two_processes_equal_one_process_with_the_whole_batch(tiny, images, tmp_
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_two_gpus_with_cuda_graph_equal_one_gpu_with_the_whole_batch(tiny, images, tmp_path):
-    """--cuda-graph under torchrun: the gradients are averaged by one all-reduce between two graph replays."""
+def test_two_gpus_with_cuda_graph_follow_one_gpu_with_the_whole_batch(tiny, images, tmp_path):
+    """--cuda-graph under torchrun: the gradients are averaged by one all-reduce between two graph replays. Other
+    batch splits pick other (TF32) conv kernels, so the runs agree closely, not bitwise: much closer than a one-GPU run
+    at half the batch (about what each of two processes without the all-reduce would train)."""
     argv = ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images),
-            "--prompt", "a box", "--resolution", "16", "--seed", "3", "--steps", "3", "--lr", "1e-2",
+            "--prompt", "a box", "--resolution", "16", "--seed", "3", "--steps", "5", "--lr", "1e-2",
             "--mixed-precision", "no", "--cuda-graph", "--quiet"]
-    one = [sys.executable, str(ROOT / "train.py"), *argv, "--batch", "2", "--out", str(tmp_path / "one.safetensors")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py"),
-           *argv, "--batch", "1", "--out", str(tmp_path / "two.safetensors")]
-    for cmd in (one, two):
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    runs = {"one": [sys.executable, str(ROOT / "train.py"), *argv, "--batch", "2"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(ROOT / "train.py"), *argv, "--batch", "1"],
+            "half": [sys.executable, str(ROOT / "train.py"), *argv, "--batch", "1"]}
+    w = {}
+    for name, cmd in runs.items():
+        run = subprocess.run(cmd + ["--out", str(tmp_path / f"{name}.safetensors")], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
-    ups = [k for k in a if "lora_up" in k]
-    diff = torch.cat([(a[k] - b[k]).flatten() for k in ups]).norm() / torch.cat([a[k].flatten() for k in ups]).norm()
-    assert 0 < torch.cat([a[k].flatten() for k in ups]).norm() and diff < 1e-3, diff
+        f = load_file(tmp_path / f"{name}.safetensors")
+        w[name] = torch.cat([f[k].double().flatten() for k in sorted(f) if "lora_up" in k])
+    rel = lambda a, b: ((w[a] - w[b]).norm() / w[b].norm()).item()
+    assert w["one"].norm() > 0 and rel("two", "one") < 2e-2 and rel("two", "one") < rel("half", "one") / 5, \
+        (rel("two", "one"), rel("half", "one"))
