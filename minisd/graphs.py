@@ -23,7 +23,8 @@ LoRA layers (lora.LoRALinear) with unmerged adapters are captured in a packed fo
   None       the layers' own forward (lora.fused), which re-stacks the factors on every call
 
 TrainStepGraph: forward + backward + gradient clipping + optimizer step captured as one graph (the optimizer must be
-capturable, e.g. torch.optim.AdamW(..., capturable=True); under autocast pass cache_enabled=False). The warm-up
+capturable, e.g. torch.optim.AdamW(..., capturable=True); under autocast pass cache_enabled=False), or as two graphs
+around an eager call on the flat gradients (reduce_grads: the all-reduce of data-parallel training). The warm-up
 steps that must run before a capture are undone: parameters and optimizer state are restored afterwards. No autograd
 graph through the parameters may be alive at capture (a kept `loss` from an eager step): autograd would reuse its
 gradient accumulators, bound to another stream, and the capture fails.
@@ -186,9 +187,10 @@ class TrainStepGraph:
             if len({(p.dtype, p.device) for p in self.params}) != 1:
                 raise ValueError("reduce_grads needs parameters of one dtype on one device")
             self.flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
-            offsets = [0] + [p.numel() for p in self.params]
-            for p, start, n in zip(self.params, torch.tensor(offsets).cumsum(0).tolist(), offsets[1:]):
-                p.grad = self.flat[start:start + n].view_as(p)
+            start = 0
+            for p in self.params:
+                p.grad = self.flat[start:start + p.numel()].view_as(p)
+                start += p.numel()
         saved = [p.detach().clone() for p in self.params]
         saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
                        for p in self.params if p in optimizer.state}
