@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All single-GPU benchmarks (see docs/performance.md). Writes under ${OUT:-out/bench}; each part has its own time
-# limit (together 13 minutes: more than one 10-minute device call, so run the parts there) so that one slow part
+# limit (together 16 minutes: more than one 10-minute device call, so run the parts there) so that one slow part
 # cannot eat the others; the JSON files are rewritten after every result row.
 #   OUT=out/bench bash bench/run_all.sh      # COMPILE=1: also diffusers+torch.compile, if BUDGET_S leaves time
 set -u
@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
   timeout 200 python3 bench/overhead.py --out "$OUT/overhead.json" || echo "overhead: exit $?"
   timeout 270 python3 bench/sampling.py --out "$OUT/sampling.json" || echo "sampling: exit $?"
   timeout 170 python3 bench/training.py --variants diffusers-eager,minisd-graph-cl-bf16,minisd-graph-cl-bf16-ckpt --out "$OUT/training.json" || echo "training: exit $?"
-  left=$(( ${BUDGET_S:-900} - SECONDS ))
+  timeout 60 python3 bench/groupnorm.py --out "$OUT/groupnorm.json" || echo "groupnorm: exit $?"
+  timeout 100 python3 bench/layout.py --out "$OUT/layout.json" || echo "layout: exit $?"
+  left=$(( ${BUDGET_S:-1080} - SECONDS ))
   echo "seconds used: $SECONDS, left for the optional compile row (COMPILE=1): $left"
   if [ "${COMPILE:-0}" = 1 ] && [ "$left" -gt 90 ]; then
     timeout $(( left - 15 )) python3 bench/sampling.py --dtypes fp16 --batches 1 --sections pipeline,compile --out "$OUT/compile.json" \
