@@ -44,3 +44,16 @@ def test_sampling_bench_pipelines_agree(bench_module, tmp_path, single_thread):
     step = next(r for r in result["rows"] if r["section"] == "check" and "step_eps_minisd_vs_diffusers" in r)
     assert step["step_eps_minisd_vs_diffusers"] < 1e-4
     assert {r["impl"] for r in result["rows"] if r["section"] == "pipeline"} == {"diffusers-eager", "minisd-eager"}
+
+
+def test_ddp_bench_scaling_is_against_one_gpu_in_the_same_mode(bench_module, tmp_path):
+    """bench/ddp.py's ratios: vs_first_run against the first run of a per-GPU batch, scaling against the one-GPU run
+    of the same batch and mode (eager or --cuda-graph); hand-computed from made-up rows."""
+    import argparse
+    rows = [dict(gpus=g, cuda_graph=c, batch_per_gpu=b, images_per_s=v) for g, c, b, v in
+            [(1, False, 8, 50.0), (1, True, 8, 100.0), (2, False, 8, 60.0), (2, True, 8, 196.0), (2, True, 16, 240.0)]]
+    args = argparse.Namespace(tiny=True, steps=10, warmup=2, out=str(tmp_path / "ddp.json"))
+    bench_module("ddp").save(rows, args)
+    saved = json.loads(Path(args.out).read_text())["rows"]
+    assert [r["vs_first_run"] for r in saved] == [1.0, 2.0, 1.2, 3.92, 1.0]
+    assert [r["scaling"] for r in saved] == [1.0, 1.0, 1.2, 1.96, None]  # batch 16 has no one-GPU run
