@@ -169,13 +169,22 @@ def state_files(out):
 
 
 def atomic_save(write, path):
-    """Write to a temporary file beside `path`, then rename: a killed run never leaves a half-written file."""
+    """Write to a temporary file beside `path`, flush it to the disk, then rename: neither a killed run nor a power
+    loss leaves a half-written file under `path`."""
     tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # the data reaches the disk before the name points at it
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):  # and the rename itself (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def loss_plot(rows, path, width=640, height=240):

@@ -564,6 +564,29 @@ def test_sigkill_while_saving_loses_no_checkpoint_and_resume_continues(tiny, ima
           f"{len(good)} checkpoints seen, {lost} lost; {steps} steps")
 
 
+def test_checkpoints_reach_the_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """Power loss (not testable here): atomic_save fsyncs the temporary file, then renames it, then fsyncs the
+    folder, so the name never points at data still in the page cache."""
+    import stat
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.stat(a).st_ino))
+        real_replace(a, b)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "a.safetensors"
+    train.atomic_save(lambda p: p.write_bytes(b"weights"), path)
+    ino = path.stat().st_ino
+    assert events == [("file", ino), ("replace", ino), ("dir", tmp_path.stat().st_ino)]
+    assert path.read_bytes() == b"weights" and os.listdir(tmp_path) == ["a.safetensors"]
+
+
 # ----------------------------------------------------------------------------------------------- 6. numerics
 
 def test_non_finite_loss_stops_and_names_a_good_checkpoint(tiny, images, tmp_path):
