@@ -54,6 +54,9 @@ DIFFUSERS_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.we
                    "lora.up.weight": "up", "alpha": "alpha"}
 UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
                "lora_mid": "LoCon with Tucker decomposition (lora_mid)"}
+# Every value of a LoRA file fits float16 (the dtype kohya and diffusers usually save in); a larger one (a flipped
+# exponent bit can make 1e38) would overflow the layer's output: refused as damage.
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
 SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "label_emb", "add_embedding", "input_blocks", "output_blocks")
 
 
@@ -167,8 +170,11 @@ def _read_adapter_file(path, unet, text_encoder):
         if not all(t.is_floating_point() for t in fitted) or rank == 0:
             raise CheckpointError(f"{path}: {mod_name}: factors of {fitted[0].dtype} / {fitted[1].dtype} and rank {rank}; "
                                   f"expected floating point and rank >= 1")
-        if not all(t.float().isfinite().all() for t in fitted):
+        largest = torch.stack([t.float().abs().max() for t in fitted]).max().item()  # NaN if any value is
+        if not math.isfinite(largest):
             raise CheckpointError(f"{path}: {mod_name}: the factors hold NaN or infinite values")
+        if largest > FP16_MAX:
+            raise CheckpointError(f"{path}: {mod_name}: a factor value of {largest:.3g}, beyond float16's range: a damaged file")
         if "alpha" in g:
             if g["alpha"].numel() != 1:
                 raise CheckpointError(f"{path}: {mod_name}.alpha has {g['alpha'].numel()} values, expected one")
@@ -180,6 +186,8 @@ def _read_adapter_file(path, unet, text_encoder):
             alpha = next((a for p, a in patterns.items() if name == p or name.endswith("." + p)), default) or rank
         if not math.isfinite(float(alpha)):
             raise CheckpointError(f"{path}: {mod_name}: alpha is {alpha}")
+        if abs(float(alpha)) > FP16_MAX:
+            raise CheckpointError(f"{path}: {mod_name}: alpha is {float(alpha):.3g}, beyond float16's range: a damaged file")
         entries.append((part, mpath, *fitted, float(alpha)))
     return entries
 

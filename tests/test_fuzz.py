@@ -7,7 +7,6 @@ one line naming the file: no other exception type, no hang, no runaway memory.
 """
 import io
 import json
-import math
 import os
 import re
 import resource
@@ -290,14 +289,9 @@ def test_fuzz_adapter_loading(tiny, tmp_path):
         except CheckpointError:
             assert lora.adapter_names(sd.unet, sd.text_encoder) == []  # nothing changed
             raise
-        try:  # a file that loads is usable: the adapted model runs. NaN and inf must be refused, but a flipped
-            with torch.no_grad():  # exponent can make a finite 1e38 that overflows the outputs: counted apart
-                if sd.unet(x, t, ctx).isfinite().all():
-                    return None
-            adapters = [layer.adapters["fuzz"] for _, layer in lora.adapted_layers(sd.unet, sd.text_encoder, "fuzz")]
-            assert all(a.down.isfinite().all() and a.up.isfinite().all() and math.isfinite(a.alpha) for a in adapters), \
-                "loaded NaN or infinite values"
-            return "loaded, huge values overflow the outputs"
+        try:  # a file that loads is usable: the adapted model runs to finite outputs (NaN, inf and values beyond
+            with torch.no_grad():  # float16's range, such as a flipped exponent bit's 1e38, are refused)
+                assert sd.unet(x, t, ctx).isfinite().all(), "a loaded adapter overflows the outputs"
         finally:
             lora.remove(sd.unet, "fuzz", sd.text_encoder)
     failures = fuzz("adapter .safetensors", tiny["adapter"], ".safetensors", load, tmp_path)
