@@ -228,7 +228,7 @@ def train(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if args.cuda_graph:
-        check_cuda_graph(args, world)
+        check_cuda_graph(args)
     if world > 1:
         if args.prior_data:  # two forward passes before one backward: DDP would need another reducer setup
             raise ValueError("--prior-data does not work under torchrun yet: train on one process")
@@ -453,7 +453,7 @@ def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
     return per_sample.mean()
 
 
-def check_cuda_graph(args, world):
+def check_cuda_graph(args):
     """--cuda-graph captures one step of fixed shapes: one U-Net call, one optimizer step, no GradScaler and no
     text-encoder pass; under torchrun the gradients are averaged by one all-reduce between two graphs (forward +
     backward; clipping + AdamW). Refuse what it cannot do, before any heavy work."""

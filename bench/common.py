@@ -155,15 +155,17 @@ def time_ms(fn, device, iters=10, reps=3, warmup=2):
     return statistics.median(out)
 
 
-def graphed(fn, device, warmup=3):
-    """A callable replaying fn from a CUDA graph (fn itself off CUDA); fn's tensors become the graph's buffers."""
+def graphed(fn, device, warmup=3, repeat=1):
+    """A callable replaying fn (`repeat` calls of it, in one graph) from a CUDA graph (fn itself off CUDA); fn's
+    tensors become the graph's buffers."""
     if torch.device(device).type != "cuda":
         return fn
     from minisd.graphs import _warm_up
     _warm_up(fn, warmup)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for _ in range(repeat):
+            fn()
     return g.replay
 
 

@@ -1,6 +1,7 @@
-"""train.py's own speed: the same LoRA run on 1 GPU and on N GPUs (torchrun: DistributedDataParallel eager; with
---cuda-graph one all-reduce between two graph replays), each eager and with --cuda-graph, on a random-weight SD 1.4-architecture model (written as a diffusers folder, so train.py
-loads it like a real one) at 512², from the shipped images. Per-GPU batch fixed: N GPUs train on N times the images
+"""train.py's own speed: the same LoRA run on 1 GPU and on N GPUs (torchrun), each eager (under torchrun:
+DistributedDataParallel) and with --cuda-graph (under torchrun: one all-reduce between two graph replays), on a
+random-weight SD 1.4-architecture model (written as a diffusers folder, so train.py loads it like a real one) at
+512², from the shipped images. Per-GPU batch fixed: N GPUs train on N times the images
 per step.
 
     python bench/ddp.py --batches 8,16 --out out/bench/ddp.json     # >= 2 GPUs

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import log, table, time_ms
-from minisd.graphs import _warm_up
+from common import graphed, log, table, time_ms
 from minisd.groupnorm import group_norm_nhwc
 
 SHAPES = [(2, 320, 64), (2, 640, 64), (2, 960, 64), (2, 640, 32), (2, 1280, 32), (2, 1280, 16), (2, 2560, 16),
@@ -56,12 +55,7 @@ def var_mean(x, G, w, b, eps):
 
 def per_call_us(fn, dev, n=20):
     """fn's time per call: n calls captured in one graph, replayed."""
-    _warm_up(fn, 3)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n):
-            fn()
-    return time_ms(g.replay, dev, iters=20) * 1e3 / n
+    return time_ms(graphed(fn, dev, repeat=n), dev, iters=20) * 1e3 / n
 
 
 def main(argv=None):

@@ -198,7 +198,8 @@ class TrainStepGraph:
         def step():
             self._zero_grads()
             loss = self._forward_backward()
-            self._reduce()
+            if reduce_grads is not None:
+                reduce_grads(self.flat)
             self._update()
             return loss
 
@@ -238,10 +239,6 @@ class TrainStepGraph:
         loss.backward()
         return loss.detach()
 
-    def _reduce(self):
-        if self.reduce_grads is not None:
-            self.reduce_grads(self.flat)
-
     def _update(self):
         if self.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm, foreach=True)
@@ -253,6 +250,6 @@ class TrainStepGraph:
             buf.copy_(t)
         self.graph.replay()
         if self.update_graph is not None:
-            self._reduce()
+            self.reduce_grads(self.flat)
             self.update_graph.replay()
         return self.loss
