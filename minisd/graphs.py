@@ -38,6 +38,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .unet import BasicTransformerBlock
+
 _GRAPHS = weakref.WeakKeyDictionary()  # unet -> {"sig": signature, "graphs": {key: GuidedUNetGraph}, "packs": {}}
 
 
@@ -52,21 +54,41 @@ def _warm_up(fn, n):
 
 
 class GuidedUNetGraph:
-    """One captured guided U-Net step for fixed shapes. guidance None: no CFG (ctx has the batch of x)."""
+    """One captured guided U-Net step for fixed shapes. guidance None: no CFG (ctx has the batch of x).
 
-    def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None):
+    Two capture-time forms of layers, the same functions with fewer kernels (each on by default; docs/performance.md):
+    context_kv  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
+                fixed for a whole sampling run: a second, small graph computes them when the context changes, and
+                the step graph reads them (32 fewer GEMMs per step)
+    gemm_1x1    plain 1x1 convolutions (proj_in, proj_out, the ResBlock skips) run as one GEMM on the channels_last
+                activation, F.linear(x_nhwc, W, b): cuBLAS adds the bias inside the GEMM, where cuDNN's convolution
+                adds it in a kernel of its own"""
+
+    def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, context_kv=True, gemm_1x1=True):
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
         self.unet, self.guidance = unet, guidance
         self.x, self.ctx = x.detach().clone(), ctx.detach().clone()
         self.t = torch.zeros((), dtype=torch.int64, device=x.device)  # as torch.tensor(t, device=...) in the eager loop
         self.packs = {} if packs is None else packs  # tensors the graph reads besides the model's own
-        packing = _packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else contextlib.nullcontext()
-        with torch.no_grad(), packing:
-            _warm_up(self._step, warmup)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.eps = self._step()
+        self.kv_graph, self.context_of = None, (ctx, ctx._version)  # the context the keys and values were made from
+        with torch.no_grad(), _forms(_packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
+            forms = _gemm_1x1(unet) if gemm_1x1 else {}
+            if context_kv:
+                blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+                projections = [p for b in blocks for p in (b.attn2.to_k, b.attn2.to_v)]
+                kv = lambda: [p(self.ctx) for p in projections]
+                _warm_up(kv, 1)
+                self.kv_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.kv_graph):
+                    outputs = kv()
+                self.kv_graph.replay()
+                forms.update({p: (lambda c, out=out: out) for p, out in zip(projections, outputs)})
+            with _forms(forms):
+                _warm_up(self._step, warmup)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, pool=self.kv_graph.pool() if self.kv_graph else None):
+                    self.eps = self._step()
 
     def _step(self):
         if self.guidance is None:
@@ -78,10 +100,42 @@ class GuidedUNetGraph:
         """Guided eps for latents x at integer timestep t; the result is overwritten by the next call."""
         self.x.copy_(x)
         self.t.fill_(int(t))
-        if ctx.data_ptr() != self.ctx.data_ptr():
+        if ctx is not self.context_of[0] or ctx._version != self.context_of[1]:  # another tensor, or changed in place
             self.ctx.copy_(ctx)
+            if self.kv_graph is not None:
+                self.kv_graph.replay()
+            self.context_of = (ctx, ctx._version)  # holds the tensor: its id cannot pass to another one
         self.graph.replay()
         return self.eps
+
+
+@contextlib.contextmanager
+def _forms(forwards):
+    """Run these modules with these forward functions ({module: function}); whatever they ran before comes back."""
+    before = {m: m.__dict__.get("forward") for m in forwards}
+    for m, f in forwards.items():
+        m.forward = f
+    try:
+        yield
+    finally:
+        for m, f in before.items():
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
+
+
+def _gemm_1x1(unet):
+    """{conv: forward} for plain nn.Conv2d 1x1 layers (not adapter wrappers): y = x W^T + b on the NHWC view."""
+    forms = {}
+    for m in unet.modules():
+        if (type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
+                and m.dilation == (1, 1) and m.groups == 1):
+            def forward(x, m=m):  # x channels_last: both permutes are views, and the result is channels_last
+                w = m.weight.view(m.out_channels, m.in_channels)
+                return F.linear(x.permute(0, 2, 3, 1), w, m.bias).permute(0, 3, 1, 2)
+            forms[m] = forward
+    return forms
 
 
 def _lora_linears(unet):
@@ -93,16 +147,15 @@ def _lora_linears(unet):
                 yield m, active
 
 
-@contextlib.contextmanager
 def _packed_adapters(unet, packs, mode="weight"):
-    """While capturing, LoRA Linear layers with unmerged adapters run from tensors prepared once here and kept in
-    `packs` (keyed by mode and layer; a dict shared by the graphs of one signature, so that batch sizes share them):
+    """{layer: forward} for a capture: LoRA Linear layers with unmerged adapters run from tensors prepared once here
+    and kept in `packs` (keyed by mode and layer; a dict shared by the graphs of one signature, so that batch sizes share them):
     "weight": W' = W + sum g U A (in float32, then the layer's dtype, as lora merges), y = F.linear(x, W', b);
     "factors": the stacked downs A and scaled ups g U (as lora.fused builds them), y = x W^T + b; y += (x A^T)(g U)^T.
-    Inference only (no autograd); the layers' own forward is restored afterwards."""
+    Inference only (no autograd)."""
     if mode not in ("weight", "factors"):
         raise ValueError(f"pack_adapters must be 'weight', 'factors' or None, got {mode!r}")
-    patched = []
+    forms = {}
     for m, active in _lora_linears(unet):
         dt, key = m.weight.dtype, (mode, id(m))
         if key not in packs:
@@ -122,13 +175,8 @@ def _packed_adapters(unet, packs, mode="weight"):
                 y = F.linear(x, m.weight, m.bias)
                 y.view(-1, y.shape[-1]).addmm_(F.linear(x, downs).view(-1, downs.shape[0]), ups.t())
                 return y
-        m.forward = forward
-        patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
+        forms[m] = forward
+    return forms
 
 
 def _signature(unet):
@@ -147,9 +195,8 @@ def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_
     if x.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
     guidance = None if guidance is None else float(guidance)
-    if channels_last and any(m.weight.ndim == 4 and not m.weight.is_contiguous(memory_format=torch.channels_last)
-                             for m in unet.modules() if isinstance(m, torch.nn.Conv2d)):
-        unet.to(memory_format=torch.channels_last)
+    if channels_last:
+        to_channels_last(unet)
     sig = _signature(unet)
     entry = _GRAPHS.get(unet)
     if entry is None or entry["sig"] != sig:  # new weights or other adapters: old graphs would replay stale kernels
@@ -158,6 +205,14 @@ def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_
     if key not in entry["graphs"]:
         entry["graphs"][key] = GuidedUNetGraph(unet, x, ctx, guidance, warmup, pack_adapters, entry["packs"])
     return entry["graphs"][key]
+
+
+def to_channels_last(module):
+    """Store a module's convolution weights channels_last (in place, once): cuDNN then runs its NHWC kernels, and
+    their outputs stay channels_last (minisd.groupnorm keeps them so through the norms)."""
+    if any(m.weight.ndim == 4 and not m.weight.is_contiguous(memory_format=torch.channels_last)
+           for m in module.modules() if isinstance(m, torch.nn.Conv2d)):
+        module.to(memory_format=torch.channels_last)
 
 
 def release(unet):

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .groupnorm import GroupNorm
+
 
 @dataclass
 class VAEConfig:
@@ -27,7 +29,8 @@ class VAEConfig:
 
 
 def Norm(cfg, c):
-    return nn.GroupNorm(cfg.norm_groups, c, eps=1e-6)  # eps 1e-6 everywhere in the VAE
+    # eps 1e-6 everywhere in the VAE. nn.GroupNorm's parameters; keeps a channels_last activation channels_last
+    return GroupNorm(cfg.norm_groups, c, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

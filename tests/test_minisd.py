@@ -195,17 +195,31 @@ def test_channels_last_group_norm_matches_pytorch(dtype, tol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_unet_channels_last_on_cuda_matches_nchw():
-    """The U-Net on CUDA, channels_last (minisd.groupnorm's path) against NCHW (PyTorch's group_norm), float32."""
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_channels_last_on_cuda_matches_nchw(part, monkeypatch):
+    """The U-Net and the VAE decoder on CUDA, channels_last (minisd.groupnorm's path, at activations big enough to take
+    it) against NCHW (PyTorch's group_norm), float32 without TF32."""
+    import minisd.groupnorm
     from minisd.unet import UNet, UNetConfig
+    from minisd.vae import AutoencoderKL, VAEConfig
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    calls = []
+    own = minisd.groupnorm.group_norm_nhwc
+    monkeypatch.setattr(minisd.groupnorm, "group_norm_nhwc", lambda *a: calls.append(a[0].shape) or own(*a))
     torch.manual_seed(0)
-    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), context_dim=64)).cuda()
-    x, t, ctx = torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([10, 900], device="cuda"), torch.randn(2, 7, 64, device="cuda")
+    if part == "unet":  # 2 x 32 x 256 x 256 activations: 2^22 elements
+        net = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), context_dim=64)).cuda()
+        t, ctx = torch.tensor([10, 900], device="cuda"), torch.randn(2, 7, 64, device="cuda")
+        run, x = (lambda x: net(x, t, ctx)), torch.randn(2, 4, 256, 256, device="cuda")
+    else:  # a 512² image: 1 x 32 x 512 x 512 activations
+        net = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2))).cuda()
+        run, x = net.decode, torch.randn(1, 4, 64, 64, device="cuda")
     with torch.no_grad():
-        ref = unet(x, t, ctx)
-        unet.to(memory_format=torch.channels_last)
-        out = unet(x.to(memory_format=torch.channels_last), t, ctx)
-    assert ((out - ref).norm() / ref.norm()).item() < 1e-3  # TF32 convs
+        ref = run(x)
+        assert not calls
+        net.to(memory_format=torch.channels_last)
+        out = run(x.to(memory_format=torch.channels_last))
+    assert calls and ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_gated_gelu_gradient():
