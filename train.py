@@ -339,16 +339,20 @@ def train(args):
 
     mine = slice(rank * args.batch, (rank + 1) * args.batch)  # this process's share of a global batch
 
-    def batch_inputs(micro):
-        """z0, noise, t and text context of this process's share of micro-batch `micro`. Every process draws the
-        whole global batch from `gen` and keeps its slice: N processes see what one process with an N times larger
-        batch sees (data order and random draws), so the result is one GPU's up to the batch split."""
+    def draw_batch(step, micro):
+        """The CPU part of this process's share of micro-batch `micro` of `step`: draw_inputs' CPU tensors and the
+        captions. Every process draws the whole global batch from `gen` and keeps its slice: N processes see what one
+        process with an N times larger batch sees (data order and random draws), so the result is one GPU's up to
+        the batch split."""
         k = (step * args.grad_accum + micro) * args.batch * world  # the global batch's first sample, in epoch order
         idx = torch.stack([epoch_order(len(index), args.seed, j // len(index))[j % len(index)]
                            for j in range(k, k + args.batch * world)])
-        rows = index[idx]
-        z0, noise, t = draw_inputs(means, stds, rows, gen, len(ac), args, device)
-        return z0[mine], noise[mine], t[mine], embed([captions[i] for i in rows[mine]])
+        draws = [d[mine] for d in draw_inputs(index[idx], means.shape, gen, len(ac), args)]
+        return draws, [captions[i] for i in draws[0]]
+
+    def batch_inputs(draws, caps):
+        """z0, noise, t and text context on the device, from draw_batch's draws and captions."""
+        return (*inputs_on_device(means, stds, *draws, device), embed(caps))
 
     # -- the loop
     per_step = args.batch * args.grad_accum * world
@@ -364,6 +368,7 @@ def train(args):
         loss_fn = lambda z0, noise, t, ctx: diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device)
         average = (lambda g: torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.AVG)) if world > 1 else None
         graph = minisd.graphs.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0, reduce_grads=average)
+    batch = draw_batch(step, 0) if step < args.steps else None  # each step's first micro-batch is drawn a step ahead
     while step < args.steps:
         factor = lr_factor(step, args)
         for g in opt.param_groups:
@@ -372,18 +377,27 @@ def train(args):
             else:
                 g["lr"] = g["initial_lr"] * factor
         if graph:  # forward, backward, clipping and the AdamW step in one replay, on the eager path's draws
-            total = graph(*batch_inputs(0)).item()
+            loss = graph(*batch_inputs(*batch))  # launched, not waited for
         else:
             total = 0.0
             for micro in range(args.grad_accum):
-                loss = diffusion_loss(model, *batch_inputs(micro), ac, snr, args, amp_dtype, device)
+                if micro:
+                    batch = draw_batch(step, micro)
+                loss = diffusion_loss(model, *batch_inputs(*batch), ac, snr, args, amp_dtype, device)
                 if prior is not None:
                     prow = torch.randint(len(prior[0]), (args.batch,), generator=gen)
-                    pz0, pnoise, pt = draw_inputs(prior[1], prior[2], prow, gen, len(ac), args, device)
+                    prior_draws = draw_inputs(prow, prior[1].shape, gen, len(ac), args)
+                    pz0, pnoise, pt = inputs_on_device(prior[1], prior[2], *prior_draws, device)
                     loss = loss + args.prior_weight * diffusion_loss(model, pz0, pnoise, pt, embed([prior[0][i][0] for i in prow]),
                                                                      ac, snr, args, amp_dtype, device)
                 scaler.scale(loss / args.grad_accum).backward()
                 total += loss.item() / args.grad_accum
+        # The next step's CPU draws, before waiting for the loss: with --cuda-graph the GPU still runs this step. A
+        # checkpoint saved after this step keeps `gen`'s state from before them: a run resumed from it draws them again.
+        rng_state = gen.get_state()
+        batch = draw_batch(step + 1, 0) if step + 1 < args.steps else None
+        if graph:
+            total = loss.item()
         if not math.isfinite(total):
             bar.close()
             for suffix in (".safetensors", ".state.pt") if main_process else ():
@@ -408,7 +422,7 @@ def train(args):
         bar.set_postfix(loss=f"{total:.4f}", img_s=f"{per_step * bar.n / max(1e-9, time.time() - t0):.1f}" if bar.n else "-")
         bar.update(1)
         if main_process and args.save_every and step % args.save_every == 0 and step < args.steps:
-            save_checkpoint(sd, opt, scaler, gen, step, history, args, out)
+            save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out)
         if main_process and prompts and args.sample_every and step % args.sample_every == 0:
             render_samples(sd, prompts, args, out, step)
     bar.close()
@@ -426,16 +440,23 @@ def train(args):
     return out
 
 
-def draw_inputs(means, stds, rows, gen, timesteps, args, device):
-    """The random part of a training example, drawn from the CPU generator `gen`: latents z0 sampled from the cached
-    VAE posterior (of the image or its mirror), noise (with optional offset noise) and timesteps t."""
-    view = torch.randint(means.shape[1], (len(rows),), generator=gen)  # the image or its mirror
-    z0 = means[rows, view] + stds[rows, view] * torch.randn(means[rows, view].shape, generator=gen).to(device)
-    noise = torch.randn(z0.shape, generator=gen)
+def draw_inputs(rows, latents_shape, gen, timesteps, args):
+    """The random part of the training examples of cached latents `rows` (cache shape `latents_shape`: images, views,
+    C, H, W), drawn on the CPU from `gen`: rows, which view (the image or its mirror), the standard normal sample of
+    the VAE posterior, noise (with optional offset noise) and timesteps t, all CPU tensors."""
+    view = torch.randint(latents_shape[1], (len(rows),), generator=gen)
+    normal = torch.randn((len(rows), *latents_shape[2:]), generator=gen)
+    noise = torch.randn(normal.shape, generator=gen)
     if args.noise_offset:
-        noise = noise + args.noise_offset * torch.randn(z0.shape[:2] + (1, 1), generator=gen)
-    t = torch.randint(0, timesteps, (len(rows),), generator=gen).to(device)
-    return z0, noise.to(device), t
+        noise = noise + args.noise_offset * torch.randn(normal.shape[:2] + (1, 1), generator=gen)
+    t = torch.randint(0, timesteps, (len(rows),), generator=gen)
+    return rows, view, normal, noise, t
+
+
+def inputs_on_device(means, stds, rows, view, normal, noise, t, device):
+    """z0 (sampled from the cached VAE posterior), noise and t on the device, from draw_inputs' draws."""
+    z0 = means[rows, view] + stds[rows, view] * normal.to(device)
+    return z0, noise.to(device), t.to(device)
 
 
 def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
@@ -479,11 +500,11 @@ def load_optimizer_state(opt, saved):
                 opt.state[p]["step"] = opt.state[p]["step"].to(p.device if capturable else "cpu", torch.float32)
 
 
-def save_checkpoint(sd, opt, scaler, gen, step, history, args, out):
+def save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out):
     """The adapter as it is now, and the state that resumes the run exactly (optimizer, scaler, RNG, history)."""
     adapter = out.with_name(f"{out.stem}-step{step:06d}.safetensors")
     atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=kohya_args(args, 0, 0, step)), adapter)
-    state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": gen.get_state(),
+    state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state,
              "history": [list(h) for h in history], "adapter": {k: p.detach().cpu() for k, p in adapter_parameters(sd).items()}}
     path = out.with_name(f"{out.stem}-step{step:06d}.state.pt")
     atomic_save(lambda p: torch.save(state, p), path)

@@ -6,8 +6,8 @@
 Per dtype (fp16, bf16) and batch (1, 4 images, CFG 7.5, so the U-Net sees 2, 8):
   step      one guided U-Net step (U-Net on [x, x] + guidance): ms, steps/s, TFLOP/s; diffusers' also replayed
             from a CUDA graph (the GPU-bound peer); minisd's graph also without channels_last, with PyTorch's
-            GroupNorm, without the cached cross-attention keys/values (plain_context) and the 1x1 convolutions as
-            GEMMs (plain_1x1), and (--all-variants) with cudnn.benchmark and each SDPA backend (fp16 only)
+            GroupNorm, without each of minisd.graphs.FORMS and without all of them, and (--all-variants) with
+            cudnn.benchmark and each SDPA backend (fp16 only)
   pipeline  the whole sampler (text encoder, 50 DDIM steps, VAE decode): s per batch, images/s, peak memory (each
             stack's own: the other one's U-Net and VAE wait on the CPU; the text encoder is shared); the graph
             path's images and latents against the eager path's (rel err)
@@ -143,17 +143,17 @@ def main(argv=None):
                     variants = [{}, dict(channels_last=True)]
                     if cuda and not args.tiny and dname == "fp16":  # without each capture-time form, and without both
                         variants += [dict(channels_last=True, pytorch_groupnorm=True),
-                                     dict(channels_last=True, plain_context=True), dict(channels_last=True, plain_1x1=True),
-                                     dict(channels_last=True, plain_context=True, plain_1x1=True)]
+                                     *[dict(channels_last=True, without=f) for f in graphs.FORMS],
+                                     dict(channels_last=True, without="all_forms")]
                     if cuda and not args.tiny and dname == "fp16" and args.all_variants:
                         variants += [dict(benchmark=True, channels_last=True), dict(channels_last=True, sdpa="FLASH_ATTENTION"),
                                      dict(channels_last=True, sdpa="CUDNN_ATTENTION")]
                     for v in variants if cuda else []:
                         try:
-                            forms = dict(context_kv=not v.get("plain_context"), gemm_1x1=not v.get("plain_1x1"))
-                            with settings(sd.unet, **{k: v[k] for k in v if not k.startswith("plain_")}):
+                            forms = tuple(f for f in graphs.FORMS if v.get("without") not in (f, "all_forms"))
+                            with settings(sd.unet, **{k: v[k] for k in v if k != "without"}):
                                 t1 = time.time()
-                                graph = graphs.GuidedUNetGraph(sd.unet, x, ctx, gs, **forms)
+                                graph = graphs.GuidedUNetGraph(sd.unet, x, ctx, gs, forms=forms)
                                 capture_s = time.time() - t1
                                 err = rel(graph(x, t, ctx).float(), ref)
                                 ms = time_ms(lambda: graph(x, t, ctx), dev, iters=20)

@@ -38,7 +38,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .unet import BasicTransformerBlock
+from .unet import BasicTransformerBlock, ResBlock
 
 _GRAPHS = weakref.WeakKeyDictionary()  # unet -> {"sig": signature, "graphs": {key: GuidedUNetGraph}, "packs": {}}
 
@@ -53,38 +53,48 @@ def _warm_up(fn, n):
     torch.cuda.current_stream().wait_stream(side)
 
 
+FORMS = ("context_kv", "gemm_1x1", "biases")
+
+
 class GuidedUNetGraph:
     """One captured guided U-Net step for fixed shapes. guidance None: no CFG (ctx has the batch of x).
 
-    Two capture-time forms of layers, the same functions with fewer kernels (each on by default; docs/performance.md):
-    context_kv  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
-                fixed for a whole sampling run: a second, small graph computes them when the context changes, and
-                the step graph reads them (32 fewer GEMMs per step)
-    gemm_1x1    plain 1x1 convolutions (proj_in, proj_out, the ResBlock skips) run as one GEMM on the channels_last
-                activation, F.linear(x_nhwc, W, b): cuBLAS adds the bias inside the GEMM, where cuDNN's convolution
-                adds it in a kernel of its own"""
+    Capture-time forms of layers: the same functions with fewer kernels (`forms`, all by default; docs/performance.md):
+    "context_kv"  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
+                  fixed for a whole sampling run: a second, small graph computes them when the context changes, and
+                  the step graph reads them (32 fewer GEMMs per step)
+    "gemm_1x1"    plain 1x1 convolutions (proj_in, proj_out, the ResBlock skips) run as one GEMM on the channels_last
+                  activation, F.linear(x_nhwc, W, b): cuBLAS adds the bias inside the GEMM, where cuDNN's convolution
+                  adds it in a kernel of its own
+    "biases"      a ResBlock's in-conv bias joins the time-embedding projection's (conv1(h) + b1 + e: one broadcast
+                  add), and its out-conv bias joins the 1x1 skip's (skip(x) + conv2(h) + b2)
+    Layers wrapped by LoRA adapters keep their own forward (or pack_adapters' form)."""
 
-    def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, context_kv=True, gemm_1x1=True):
+    def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, forms=FORMS):
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
+        if set(forms) - set(FORMS):
+            raise ValueError(f"forms: unknown {sorted(set(forms) - set(FORMS))}; choose from {FORMS}")
         self.unet, self.guidance = unet, guidance
         self.x, self.ctx = x.detach().clone(), ctx.detach().clone()
         self.t = torch.zeros((), dtype=torch.int64, device=x.device)  # as torch.tensor(t, device=...) in the eager loop
         self.packs = {} if packs is None else packs  # tensors the graph reads besides the model's own
         self.kv_graph, self.context_of = None, (ctx, ctx._version)  # the context the keys and values were made from
         with torch.no_grad(), _forms(_packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
-            forms = _gemm_1x1(unet) if gemm_1x1 else {}
-            if context_kv:
+            layer_forms = _gemm_1x1(unet) if "gemm_1x1" in forms else {}
+            if "biases" in forms:
+                layer_forms.update(_folded_biases(unet, "gemm_1x1" in forms, self.packs))
+            if "context_kv" in forms:
                 blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
                 projections = [p for b in blocks for p in (b.attn2.to_k, b.attn2.to_v)]
                 kv = lambda: [p(self.ctx) for p in projections]
                 _warm_up(kv, 1)
                 self.kv_graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.kv_graph):
-                    outputs = kv()
+                    self.kv = kv()  # static outputs, which the step graph reads
                 self.kv_graph.replay()
-                forms.update({p: (lambda c, out=out: out) for p, out in zip(projections, outputs)})
-            with _forms(forms):
+                layer_forms.update({p: (lambda c, out=out: out) for p, out in zip(projections, self.kv)})
+            with _forms(layer_forms):
                 _warm_up(self._step, warmup)
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph, pool=self.kv_graph.pool() if self.kv_graph else None):
@@ -135,6 +145,31 @@ def _gemm_1x1(unet):
                 w = m.weight.view(m.out_channels, m.in_channels)
                 return F.linear(x.permute(0, 2, 3, 1), w, m.bias).permute(0, 3, 1, 2)
             forms[m] = forward
+    return forms
+
+
+def _plain(m, kind):
+    return type(m) is kind and m.bias is not None  # not an adapter wrapper (a subclass)
+
+
+def _folded_biases(unet, gemm_1x1, packs):
+    """{layer: forward} moving ResBlock conv biases into an add that happens anyway (see GuidedUNetGraph). The summed
+    biases are kept in `packs`: a graph reads them at their address for as long as it lives."""
+    forms = {}
+    no_bias = lambda x, m: m._conv_forward(x, m.weight, None)
+    for r in unet.modules():
+        if not isinstance(r, ResBlock):
+            continue
+        conv1, emb, conv2, skip = r.in_layers[2], r.emb_layers[1], r.out_layers[3], r.skip_connection
+        if _plain(conv1, torch.nn.Conv2d) and _plain(emb, torch.nn.Linear):
+            b = packs.setdefault(("bias", id(emb)), emb.bias + conv1.bias)
+            forms[conv1] = lambda x, m=conv1: no_bias(x, m)
+            forms[emb] = lambda e, m=emb, b=b: F.linear(e, m.weight, b)
+        if gemm_1x1 and _plain(conv2, torch.nn.Conv2d) and _plain(skip, torch.nn.Conv2d) and skip.kernel_size == (1, 1):
+            b = packs.setdefault(("bias", id(skip)), skip.bias + conv2.bias)
+            w = skip.weight.view(skip.out_channels, skip.in_channels)
+            forms[conv2] = lambda x, m=conv2: no_bias(x, m)
+            forms[skip] = lambda x, w=w, b=b: F.linear(x.permute(0, 2, 3, 1), w, b).permute(0, 3, 1, 2)
     return forms
 
 

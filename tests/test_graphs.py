@@ -41,26 +41,33 @@ def test_packed_adapters_compute_what_the_layer_computes(single_thread):
             layer.unmerge("a")
 
 
-def test_1x1_convolutions_as_gemms_compute_the_convolutions(lora_sd, single_thread):
-    """The capture-time form of 1x1 convolutions (F.linear on the NHWC view) against the U-Net's own convolutions, on
-    a channels_last U-Net as the graphs run it; adapter-wrapped convolutions keep their own forward."""
+def test_capture_time_forms_compute_the_layers(lora_sd, single_thread):
+    """The graph's forms of 1x1 convolutions (GEMMs on the NHWC view) and of ResBlock conv biases (folded into the
+    time-embedding projection and the 1x1 skip) against the U-Net's own layers, on a channels_last U-Net as the
+    graphs run it; adapter-wrapped layers keep their own forward."""
     import copy
     unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
     lora.inject(unet, "a", 4, targets=("proj",))  # proj_in / proj_out become adapter wrappers
-    forms = graphs._gemm_1x1(unet)
-    names = {n for n, m in unet.named_modules() if m in forms}
+    gemms = graphs._gemm_1x1(unet)
+    names = {n for n, m in unet.named_modules() if m in gemms}
     assert names and all(n.endswith("skip_connection") for n in names)
     assert len(names) == sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and not hasattr(m, "adapters")
                              for m in unet.modules())
+    packs = {}
+    biases = graphs._folded_biases(unet, True, packs)
+    assert sum(n.endswith(("in_layers.2", "emb_layers.1")) for n, m in unet.named_modules() if m in biases) == 2 * sum(
+        n.endswith("emb_layers") for n, _ in unet.named_modules())  # every ResBlock
+    assert len(packs) == len(biases) // 2  # the summed biases, kept for as long as a graph reads them
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
     ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g)
     with torch.no_grad():
         ref = unet(x, 500, ctx)
-        with graphs._forms(forms):
-            out = unet(x, 500, ctx)
-        assert not any("forward" in vars(m) for m in forms)
-    assert rel(out, ref) < 1e-5 and not torch.equal(out, ref)  # other kernels, the same function
+        for forms in (gemms, {**gemms, **biases}):
+            with graphs._forms(forms):
+                out = unet(x, 500, ctx)
+            assert not any("forward" in vars(m) for m in forms)
+            assert rel(out, ref) < 1e-5 and not torch.equal(out, ref)  # other kernels, the same function
 
 
 def test_signature_follows_adapter_changes(lora_sd):
@@ -97,15 +104,16 @@ def test_graph_sampling_matches_eager(lora_sd, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_guided_graph_forms_and_a_new_context(lora_sd, monkeypatch):
-    """The step with the cross-attention keys/values of the context cached and 1x1 convolutions as GEMMs equals the
-    plain captured step, and follows a new context: another tensor, or the same one changed in place."""
+    """The step with every capture-time form (the context's cross-attention keys/values cached, 1x1 convolutions as
+    GEMMs, folded biases) equals the plain captured step, and follows a new context: another tensor, or the same one
+    changed in place."""
     import copy
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuBLAS runs the 1x1 convolutions in float32
     unet = copy.deepcopy(lora_sd.unet).cuda().to(memory_format=torch.channels_last)
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g, device="cuda")
     c1, c2 = (torch.randn(4, 77, unet.cfg.context_dim, generator=g, device="cuda") for _ in range(2))
-    plain = graphs.GuidedUNetGraph(unet, x, c1, 7.5, context_kv=False, gemm_1x1=False)
+    plain = graphs.GuidedUNetGraph(unet, x, c1, 7.5, forms=())
     fast = graphs.GuidedUNetGraph(unet, x, c1, 7.5)
     assert fast.kv_graph is not None and plain.kv_graph is None
     for ctx in (c1, c2, c2.mul_(0.5), c1):  # c2 changed in place: its version moved on
