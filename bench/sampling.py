@@ -226,7 +226,10 @@ def main(argv=None):
                 try:
                     lat = torch.randn(B, 4, h, h, device=dev, dtype=dt)
                     with torch.no_grad():
-                        checks["vae_decode_ms"] = round(time_ms(lambda: sd.decode(lat), dev, iters=2, reps=2, warmup=1), 2)
+                        for layout, fmt in (("nchw", torch.contiguous_format), ("cl", torch.channels_last)):
+                            sd.vae.to(memory_format=fmt)  # channels_last: what sample(cuda_graph=True) leaves
+                            checks[f"vae_decode_ms_{layout}"] = round(time_ms(lambda: sd.decode(lat), dev, iters=2, reps=2,
+                                                                              warmup=1), 2)
                         checks["text_encode_ms"] = round(time_ms(lambda: sd.encode_prompt([""] * B + prompts), dev, iters=3, reps=2), 2)
                 except Exception as e:
                     rec.error("decode timing", e)
@@ -315,7 +318,7 @@ def main(argv=None):
     log(table([r for r in rec.rows if r["section"] == "check"],
               ["dtype", "batch", "step_eps_minisd_vs_diffusers", "graph_vs_eager_images", "graph_vs_eager_latents",
                "graph_vs_eager_cl_images", "graph_vs_eager_cl_latents", "eager_vs_diffusers_images", "latents_finite",
-               "vae_decode_ms", "text_encode_ms"]))
+               "vae_decode_ms_nchw", "vae_decode_ms_cl", "text_encode_ms"]))
     log(table([r for r in rec.rows if r["section"] == "check"],
               ["dtype", "batch"] + [f"{k}_{s}" for s in ("minisd", "diffusers") for k in ("resident_gb", "decode_peak_gb", "step_peak_gb")]))
     ratios = []
