@@ -11,6 +11,9 @@ float32 F.group_norm. Columns:
   minisd         minisd.groupnorm: float32 column sums of x and x^2, then one addcmul
   two_stage      the same sums reduced over W, then over H
   var_mean       one torch.var_mean over (H*W, C/G) of the [B, H*W, G, C/G] view
+  bn_per_sample  PyTorch's channels_last batch-norm kernels, one sample at a time: torch.batch_norm_stats (channel
+                 means and variances, Welford), combined into the groups', then torch.batch_norm in eval mode with
+                 each channel given its group's mean and variance
   silu           F.silu on the same tensor: one elementwise pass, for scale
 """
 import torch
@@ -53,6 +56,20 @@ def var_mean(x, G, w, b, eps):
     return torch.addcmul(c.view(B, 1, C), x3, a.view(B, 1, C), out=torch.empty_like(x3)).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
+def bn_per_sample(x, G, w, b, eps):
+    B, C, H, W = x.shape
+    stats = [torch.batch_norm_stats(x[i:i + 1], eps) for i in range(B)]  # float32 channel mean, 1/sqrt(var + eps)
+    mean_c = torch.stack([m for m, _ in stats]).view(B, G, -1)
+    var_c = torch.stack([s for _, s in stats]).view(B, G, -1).pow(-2) - eps
+    mean_g = mean_c.mean(2, keepdim=True)
+    var_g = (var_c + (mean_c - mean_g).square()).mean(2, keepdim=True)  # the groups' variance from their channels'
+    rm, rv = (v.expand(B, G, C // G).reshape(B, C) for v in (mean_g, var_g))
+    y = torch.empty_like(x)
+    for i in range(B):
+        y[i:i + 1] = torch.batch_norm(x[i:i + 1], w, b, rm[i], rv[i], False, 0.0, eps, True)
+    return y
+
+
 def per_call_us(fn, dev, n=20):
     """fn's time per call: n calls captured in one graph, replayed."""
     return time_ms(graphed(fn, dev, repeat=n), dev, iters=20) * 1e3 / n
@@ -71,7 +88,7 @@ def main(argv=None):
         impls = dict(pytorch_nchw=lambda: F.group_norm(xn, 32, w, b, 1e-5),
                      pytorch_cl=lambda: F.group_norm(x, 32, w, b, 1e-5).contiguous(memory_format=torch.channels_last),
                      minisd=lambda: group_norm_nhwc(x, 32, w, b, 1e-5), two_stage=lambda: two_stage(x, 32, w, b, 1e-5),
-                     var_mean=lambda: var_mean(x, 32, w, b, 1e-5))
+                     var_mean=lambda: var_mean(x, 32, w, b, 1e-5), bn_per_sample=lambda: bn_per_sample(x, 32, w, b, 1e-5))
         row = dict(shape=f"{B}x{C}x{H}x{H}")
         with torch.no_grad():
             for name, fn in impls.items():
@@ -79,7 +96,8 @@ def main(argv=None):
                 row[name] = round(per_call_us(fn, dev), 1)
             row["silu"] = round(per_call_us(lambda: F.silu(x), dev), 1)
         rec.add(**row)
-    log(table(rec.rows, ["shape", "pytorch_nchw", "pytorch_cl", "minisd", "two_stage", "var_mean", "silu", "minisd_err"]))
+    log(table(rec.rows, ["shape", "pytorch_nchw", "pytorch_cl", "minisd", "two_stage", "var_mean", "bn_per_sample", "silu",
+                          "minisd_err", "bn_per_sample_err"]))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ These are wrappers around the unchanged model: nothing here forks the model code
 
 GuidedUNetGraph: static input buffers (latents x, timestep t, context ctx); one replay runs the U-Net on [x, x]
 against [uncond; cond] and returns the guided eps, eps_u + guidance (eps_c - eps_u), with the guidance folded into
-the graph as a constant (the same arithmetic as the eager loop).
+the graph as a constant (the same arithmetic as the eager loop). While capturing, some layers run in forms that
+compute the same with fewer kernels (the text's cross-attention keys/values from a second graph, 1x1 convolutions
+as GEMMs, conv biases folded into adds; GuidedUNetGraph's docstring); the model code is unchanged.
 
 guided_unet keeps one graph per (unet, batch, latent size, dtype, guidance) and captures again whenever something the
 capture depends on changes: a parameter replaced or changed in place (merging an adapter), or which LoRA adapters
@@ -173,10 +175,16 @@ def _folded_biases(unet, gemm_1x1, packs):
     return forms
 
 
+def _adapted(m):
+    """A lora layer, duck-typed (minisd does not import lora): named adapters and an `active()` method. (Not hasattr:
+    for a missing attribute nn.Module.__getattr__ raises, slow over the ~1,000 modules of an SD U-Net.)"""
+    return "adapters" in m._modules and callable(getattr(type(m), "active", None))
+
+
 def _lora_linears(unet):
-    """LoRA Linear layers (duck-typed, so that minisd does not import lora) with their active unmerged adapters."""
+    """LoRA Linear layers with their active unmerged adapters."""
     for m in unet.modules():
-        if isinstance(m, torch.nn.Linear) and hasattr(m, "adapters") and callable(getattr(m, "active", None)):
+        if isinstance(m, torch.nn.Linear) and _adapted(m):
             active = m.active()
             if active:
                 yield m, active
@@ -219,7 +227,7 @@ def _signature(unet):
     changes: packed adapters are copies) and, for LoRA layers, which adapters run, fused or not, and their gains."""
     sig = [(t.data_ptr(), t._version) for t in unet.parameters()] + [t.data_ptr() for t in unet.buffers()]
     for m in unet.modules():
-        if hasattr(m, "adapters") and callable(getattr(m, "active", None)):
+        if _adapted(m):
             sig.append((id(m), getattr(m, "fused", None),
                         tuple((id(a), a.gain, a.down._version, a.up._version) for a in m.active())))
     return hash(tuple(sig))

@@ -74,7 +74,7 @@ class StableDiffusion:
         graphed = None
         if cuda_graph:
             graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None)
-            graphs.to_channels_last(self.vae)  # decoding 512², batch 1: 22 -> 14 ms on an H200 (docs/performance.md)
+            graphs.to_channels_last(self.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
         for t, a, a_prev in tqdm(ddim_alphas(self.schedule, steps), desc="sampling", disable=not progress):
             if graphed:  # the guided eps below, replayed from a CUDA graph
                 eps = graphed(x, t, ctx)
