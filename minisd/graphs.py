@@ -10,7 +10,8 @@ GuidedUNetGraph: static input buffers (latents x, timestep t, context ctx); one 
 against [uncond; cond] and returns the guided eps, eps_u + guidance (eps_c - eps_u), with the guidance folded into
 the graph as a constant (the same arithmetic as the eager loop). While capturing, some layers run in forms that
 compute the same with fewer kernels (the text's cross-attention keys/values from a second graph, 1x1 convolutions
-as GEMMs, conv biases folded into adds; GuidedUNetGraph's docstring); the model code is unchanged.
+as GEMMs, conv biases folded into adds, the time embedding read from a table; GuidedUNetGraph's docstring); the
+model code is unchanged.
 
 guided_unet keeps one graph per (unet, batch, latent size, dtype, guidance) and captures again whenever something the
 capture depends on changes: a parameter replaced or changed in place (merging an adapter), or which LoRA adapters
@@ -40,7 +41,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .unet import BasicTransformerBlock, ResBlock
+from .unet import BasicTransformerBlock, ResBlock, timestep_embedding
 
 _GRAPHS = weakref.WeakKeyDictionary()  # unet -> {"sig": signature, "graphs": {key: GuidedUNetGraph}, "packs": {}}
 
@@ -55,7 +56,7 @@ def _warm_up(fn, n):
     torch.cuda.current_stream().wait_stream(side)
 
 
-FORMS = ("context_kv", "gemm_1x1", "biases")
+FORMS = ("context_kv", "gemm_1x1", "biases", "time_table")
 
 
 class GuidedUNetGraph:
@@ -70,9 +71,13 @@ class GuidedUNetGraph:
                   adds it in a kernel of its own
     "biases"      a ResBlock's in-conv bias joins the time-embedding projection's (conv1(h) + b1 + e: one broadcast
                   add), and its out-conv bias joins the 1x1 skip's (skip(x) + conv2(h) + b2)
+    "time_table"  the time-embedding MLP and every ResBlock's projection of it depend only on the integer timestep:
+                  tabulated once for t in [0, timesteps) (SD 1.4: 1000 x 17,600 values, 35 MB in fp16), and the step
+                  gathers its row (one kernel for ~50)
     Layers wrapped by LoRA adapters keep their own forward (or pack_adapters' form)."""
 
-    def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, forms=FORMS):
+    def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, forms=FORMS,
+                 timesteps=1000):
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
         if set(forms) - set(FORMS):
@@ -82,6 +87,7 @@ class GuidedUNetGraph:
         self.t = torch.zeros((), dtype=torch.int64, device=x.device)  # as torch.tensor(t, device=...) in the eager loop
         self.packs = {} if packs is None else packs  # tensors the graph reads besides the model's own
         self.kv_graph, self.context_of = None, (ctx, ctx._version)  # the context the keys and values were made from
+        self.timesteps = timesteps if "time_table" in forms else None
         with torch.no_grad(), _forms(_packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
             layer_forms = _gemm_1x1(unet) if "gemm_1x1" in forms else {}
             if "biases" in forms:
@@ -96,6 +102,11 @@ class GuidedUNetGraph:
                     self.kv = kv()  # static outputs, which the step graph reads
                 self.kv_graph.replay()
                 layer_forms.update({p: (lambda c, out=out: out) for p, out in zip(projections, self.kv)})
+            if "time_table" in forms:
+                with _forms(layer_forms):  # the table holds what the forms so far compute (folded biases, adapters)
+                    table = _time_table(unet, timesteps, x.dtype, self.packs, key=(tuple(sorted(forms)), pack_adapters))
+                self.emb_row = table.new_empty(1, table.shape[1])  # read by the graph: lives as long as it
+                layer_forms.update(_table_forms(unet, table, self.t, self.emb_row))
             with _forms(layer_forms):
                 _warm_up(self._step, warmup)
                 self.graph = torch.cuda.CUDAGraph()
@@ -110,6 +121,8 @@ class GuidedUNetGraph:
 
     def __call__(self, x, t, ctx):
         """Guided eps for latents x at integer timestep t; the result is overwritten by the next call."""
+        if self.timesteps is not None and not 0 <= int(t) < self.timesteps:  # else the gather reads out of bounds
+            raise ValueError(f"timestep {t} is outside the table of timesteps 0..{self.timesteps - 1}")
         self.x.copy_(x)
         self.t.fill_(int(t))
         if ctx is not self.context_of[0] or ctx._version != self.context_of[1]:  # another tensor, or changed in place
@@ -181,6 +194,30 @@ def _adapted(m):
     return "adapters" in m._modules and callable(getattr(type(m), "active", None))
 
 
+def _time_table(unet, timesteps, dtype, packs, key=()):
+    """[timesteps, sum of widths]: every ResBlock's emb_layers(time_embed(timestep_embedding(t))), side by side, kept
+    in `packs` under `key` (what else shapes the values: the forms and the adapter packing in effect)."""
+    key = ("time_table", timesteps, dtype, key)
+    if key not in packs:
+        device = next(unet.parameters()).device
+        emb = unet.time_embed(timestep_embedding(torch.arange(timesteps, device=device), unet.cfg.model_channels).to(dtype))
+        packs[key] = torch.cat([r.emb_layers(emb) for r in unet.modules() if isinstance(r, ResBlock)], dim=1)
+    return packs[key]
+
+
+def _table_forms(unet, table, t, row):
+    """{module: forward}: time_embed gathers row = table[t] (t a 0-d tensor), each ResBlock's emb_layers returns its
+    slice of it: [1, width], which broadcasts over the batch (one timestep for all samples, as the sampler runs)."""
+    forms = {unet.time_embed: lambda e: torch.index_select(table, 0, t.view(1), out=row)}
+    start = 0
+    for r in unet.modules():
+        if isinstance(r, ResBlock):
+            width = r.emb_layers[1].out_features
+            forms[r.emb_layers] = lambda e, s=slice(start, start + width): row[:, s]
+            start += width
+    return forms
+
+
 def _lora_linears(unet):
     """LoRA Linear layers with their active unmerged adapters."""
     for m in unet.modules():
@@ -235,7 +272,7 @@ def _signature(unet):
     return hash(tuple(sig))
 
 
-def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_adapters="weight"):
+def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_adapters="weight", timesteps=1000):
     """The GuidedUNetGraph for these shapes (captured on first use, then cached on the U-Net)."""
     if x.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
@@ -246,9 +283,10 @@ def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_
     entry = _GRAPHS.get(unet)
     if entry is None or entry["sig"] != sig:  # new weights or other adapters: old graphs would replay stale kernels
         entry = _GRAPHS[unet] = {"sig": sig, "graphs": {}, "packs": {}}
-    key = (tuple(x.shape), x.dtype, x.device, tuple(ctx.shape), ctx.dtype, guidance, pack_adapters)
+    key = (tuple(x.shape), x.dtype, x.device, tuple(ctx.shape), ctx.dtype, guidance, pack_adapters, timesteps)
     if key not in entry["graphs"]:
-        entry["graphs"][key] = GuidedUNetGraph(unet, x, ctx, guidance, warmup, pack_adapters, entry["packs"])
+        entry["graphs"][key] = GuidedUNetGraph(unet, x, ctx, guidance, warmup, pack_adapters, entry["packs"],
+                                               timesteps=timesteps)
     return entry["graphs"][key]
 
 

@@ -73,7 +73,8 @@ class StableDiffusion:
         ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts)
         graphed = None
         if cuda_graph:
-            graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None)
+            graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None,
+                                         timesteps=self.schedule.num_train_timesteps)
             graphs.to_channels_last(self.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
         for t, a, a_prev in tqdm(ddim_alphas(self.schedule, steps), desc="sampling", disable=not progress):
             if graphed:  # the guided eps below, replayed from a CUDA graph

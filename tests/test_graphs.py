@@ -42,9 +42,10 @@ def test_packed_adapters_compute_what_the_layer_computes(single_thread):
 
 
 def test_capture_time_forms_compute_the_layers(lora_sd, single_thread):
-    """The graph's forms of 1x1 convolutions (GEMMs on the NHWC view) and of ResBlock conv biases (folded into the
-    time-embedding projection and the 1x1 skip) against the U-Net's own layers, on a channels_last U-Net as the
-    graphs run it; adapter-wrapped layers keep their own forward."""
+    """The graph's forms of 1x1 convolutions (GEMMs on the NHWC view), of ResBlock conv biases (folded into the
+    time-embedding projection and the 1x1 skip) and of the time-embedding path (a row of a table over the timesteps)
+    against the U-Net's own layers, on a channels_last U-Net as the graphs run it; adapter-wrapped layers keep their
+    own forward."""
     import copy
     unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
     lora.inject(unet, "a", 4, targets=("proj",))  # proj_in / proj_out become adapter wrappers
@@ -63,7 +64,12 @@ def test_capture_time_forms_compute_the_layers(lora_sd, single_thread):
     ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g)
     with torch.no_grad():
         ref = unet(x, 500, ctx)
-        for forms in (gemms, {**gemms, **biases}):
+        with graphs._forms(biases):  # the time-embedding table, with the in-conv biases folded in, read at t = 500
+            table = graphs._time_table(unet, 1000, torch.float32, packs)
+        t, row = torch.tensor(500), table.new_empty(1, table.shape[1])
+        tabled = graphs._table_forms(unet, table, t, row)
+        assert table.shape == (1000, sum(m.out_features for n, m in unet.named_modules() if n.endswith("emb_layers.1")))
+        for forms in (gemms, {**gemms, **biases}, {**gemms, **biases, **tabled}):
             with graphs._forms(forms):
                 out = unet(x, 500, ctx)
             assert not any("forward" in vars(m) for m in forms)
@@ -120,6 +126,9 @@ def test_guided_graph_forms_and_a_new_context(lora_sd, monkeypatch):
         ref = plain(x, 301, ctx).clone()
         assert rel(fast(x, 301, ctx), ref) < 1e-5
     assert rel(fast(x, 301, c2), plain(x, 301, c1).clone()) > 1e-2  # the context matters: the check above can fail
+    assert rel(fast(x, 901, c1), plain(x, 901, c1).clone()) < 1e-5  # another row of the time table
+    with pytest.raises(ValueError, match="timestep 1000 is outside"):
+        fast(x, 1000, c1)
 
 
 # ---------------------------------------------------------------------------------- train.py / sample.py --cuda-graph
