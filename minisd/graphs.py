@@ -10,8 +10,8 @@ GuidedUNetGraph: static input buffers (latents x, timestep t, context ctx); one 
 against [uncond; cond] and returns the guided eps, eps_u + guidance (eps_c - eps_u), with the guidance folded into
 the graph as a constant (the same arithmetic as the eager loop). While capturing, some layers run in forms that
 compute the same with fewer kernels (the text's cross-attention keys/values from a second graph, 1x1 convolutions
-as GEMMs, conv biases folded into adds, the time embedding read from a table; GuidedUNetGraph's docstring); the
-model code is unchanged.
+as GEMMs, conv biases folded into adds, the time embedding read from a table: minisd.forms); the model code is
+unchanged.
 
 guided_unet keeps one graph per (unet, batch, latent size, dtype, guidance) and captures again whenever something the
 capture depends on changes: a parameter replaced or changed in place (merging an adapter), or which LoRA adapters
@@ -34,14 +34,13 @@ gradient accumulators, bound to another stream, and the capture fails.
 
 The outputs are static tensors, overwritten by the next replay: use (or clone) them before calling again.
 """
-import contextlib
 import warnings
 import weakref
 
 import torch
-import torch.nn.functional as F
 
-from .unet import BasicTransformerBlock, ResBlock, timestep_embedding
+from .forms import FORMS, adapted, applied, folded_biases, gemm_1x1, packed_adapters, table_forms, time_table
+from .unet import BasicTransformerBlock
 
 _GRAPHS = weakref.WeakKeyDictionary()  # unet -> {"sig": signature, "graphs": {key: GuidedUNetGraph}, "packs": {}}
 
@@ -56,25 +55,11 @@ def _warm_up(fn, n):
     torch.cuda.current_stream().wait_stream(side)
 
 
-FORMS = ("context_kv", "gemm_1x1", "biases", "time_table")
-
-
 class GuidedUNetGraph:
     """One captured guided U-Net step for fixed shapes. guidance None: no CFG (ctx has the batch of x).
 
-    Capture-time forms of layers: the same functions with fewer kernels (`forms`, all by default; docs/performance.md):
-    "context_kv"  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
-                  fixed for a whole sampling run: a second, small graph computes them when the context changes, and
-                  the step graph reads them (32 fewer GEMMs per step)
-    "gemm_1x1"    plain 1x1 convolutions (proj_in, proj_out, the ResBlock skips) run as one GEMM on the channels_last
-                  activation, F.linear(x_nhwc, W, b): cuBLAS adds the bias inside the GEMM, where cuDNN's convolution
-                  adds it in a kernel of its own
-    "biases"      a ResBlock's in-conv bias joins the time-embedding projection's (conv1(h) + b1 + e: one broadcast
-                  add), and its out-conv bias joins the 1x1 skip's (skip(x) + conv2(h) + b2)
-    "time_table"  the time-embedding MLP and every ResBlock's projection of it depend only on the integer timestep:
-                  tabulated once for t in [0, timesteps) (SD 1.4: 1000 x 17,600 values, 35 MB in fp16), and the step
-                  gathers its row (one kernel for ~50)
-    Layers wrapped by LoRA adapters keep their own forward (or pack_adapters' form)."""
+    forms: which of minisd.forms.FORMS the capture uses (all by default): layers run in forms that compute the same
+    function with fewer kernels. timesteps: the size of the time-embedding table (the schedule's training steps)."""
 
     def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, forms=FORMS,
                  timesteps=1000):
@@ -88,10 +73,10 @@ class GuidedUNetGraph:
         self.packs = {} if packs is None else packs  # tensors the graph reads besides the model's own
         self.kv_graph, self.context_of = None, (ctx, ctx._version)  # the context the keys and values were made from
         self.timesteps = timesteps if "time_table" in forms else None
-        with torch.no_grad(), _forms(_packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
-            layer_forms = _gemm_1x1(unet) if "gemm_1x1" in forms else {}
+        with torch.no_grad(), applied(packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
+            layer_forms = gemm_1x1(unet) if "gemm_1x1" in forms else {}
             if "biases" in forms:
-                layer_forms.update(_folded_biases(unet, "gemm_1x1" in forms, self.packs))
+                layer_forms.update(folded_biases(unet, self.packs, fold_skip="gemm_1x1" in forms))
             if "context_kv" in forms:
                 blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
                 projections = [p for b in blocks for p in (b.attn2.to_k, b.attn2.to_v)]
@@ -103,11 +88,11 @@ class GuidedUNetGraph:
                 self.kv_graph.replay()
                 layer_forms.update({p: (lambda c, out=out: out) for p, out in zip(projections, self.kv)})
             if "time_table" in forms:
-                with _forms(layer_forms):  # the table holds what the forms so far compute (folded biases, adapters)
-                    table = _time_table(unet, timesteps, x.dtype, self.packs, key=(tuple(sorted(forms)), pack_adapters))
+                with applied(layer_forms):  # the table holds what the forms so far compute (folded biases, adapters)
+                    table = time_table(unet, timesteps, x.dtype, self.packs, key=(tuple(sorted(forms)), pack_adapters))
                 self.emb_row = table.new_empty(1, table.shape[1])  # read by the graph: lives as long as it
-                layer_forms.update(_table_forms(unet, table, self.t, self.emb_row))
-            with _forms(layer_forms):
+                layer_forms.update(table_forms(unet, table, self.t, self.emb_row))
+            with applied(layer_forms):
                 _warm_up(self._step, warmup)
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph, pool=self.kv_graph.pool() if self.kv_graph else None):
@@ -134,131 +119,6 @@ class GuidedUNetGraph:
         return self.eps
 
 
-@contextlib.contextmanager
-def _forms(forwards):
-    """Run these modules with these forward functions ({module: function}); whatever they ran before comes back."""
-    before = {m: m.__dict__.get("forward") for m in forwards}
-    for m, f in forwards.items():
-        m.forward = f
-    try:
-        yield
-    finally:
-        for m, f in before.items():
-            if f is None:
-                del m.forward
-            else:
-                m.forward = f
-
-
-def _gemm_1x1(unet):
-    """{conv: forward} for plain nn.Conv2d 1x1 layers (not adapter wrappers): y = x W^T + b on the NHWC view."""
-    forms = {}
-    for m in unet.modules():
-        if (type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
-                and m.dilation == (1, 1) and m.groups == 1):
-            def forward(x, m=m):  # x channels_last: both permutes are views, and the result is channels_last
-                w = m.weight.view(m.out_channels, m.in_channels)
-                return F.linear(x.permute(0, 2, 3, 1), w, m.bias).permute(0, 3, 1, 2)
-            forms[m] = forward
-    return forms
-
-
-def _plain(m, kind):
-    return type(m) is kind and m.bias is not None  # not an adapter wrapper (a subclass)
-
-
-def _folded_biases(unet, gemm_1x1, packs):
-    """{layer: forward} moving ResBlock conv biases into an add that happens anyway (see GuidedUNetGraph). The summed
-    biases are kept in `packs`: a graph reads them at their address for as long as it lives."""
-    forms = {}
-    no_bias = lambda x, m: m._conv_forward(x, m.weight, None)
-    for r in unet.modules():
-        if not isinstance(r, ResBlock):
-            continue
-        conv1, emb, conv2, skip = r.in_layers[2], r.emb_layers[1], r.out_layers[3], r.skip_connection
-        if _plain(conv1, torch.nn.Conv2d) and _plain(emb, torch.nn.Linear):
-            b = packs.setdefault(("bias", id(emb)), emb.bias + conv1.bias)
-            forms[conv1] = lambda x, m=conv1: no_bias(x, m)
-            forms[emb] = lambda e, m=emb, b=b: F.linear(e, m.weight, b)
-        if gemm_1x1 and _plain(conv2, torch.nn.Conv2d) and _plain(skip, torch.nn.Conv2d) and skip.kernel_size == (1, 1):
-            b = packs.setdefault(("bias", id(skip)), skip.bias + conv2.bias)
-            w = skip.weight.view(skip.out_channels, skip.in_channels)
-            forms[conv2] = lambda x, m=conv2: no_bias(x, m)
-            forms[skip] = lambda x, w=w, b=b: F.linear(x.permute(0, 2, 3, 1), w, b).permute(0, 3, 1, 2)
-    return forms
-
-
-def _adapted(m):
-    """A lora layer, duck-typed (minisd does not import lora): named adapters and an `active()` method. (Not hasattr:
-    for a missing attribute nn.Module.__getattr__ raises, slow over the ~1,000 modules of an SD U-Net.)"""
-    return "adapters" in m._modules and callable(getattr(type(m), "active", None))
-
-
-def _time_table(unet, timesteps, dtype, packs, key=()):
-    """[timesteps, sum of widths]: every ResBlock's emb_layers(time_embed(timestep_embedding(t))), side by side, kept
-    in `packs` under `key` (what else shapes the values: the forms and the adapter packing in effect)."""
-    key = ("time_table", timesteps, dtype, key)
-    if key not in packs:
-        device = next(unet.parameters()).device
-        emb = unet.time_embed(timestep_embedding(torch.arange(timesteps, device=device), unet.cfg.model_channels).to(dtype))
-        packs[key] = torch.cat([r.emb_layers(emb) for r in unet.modules() if isinstance(r, ResBlock)], dim=1)
-    return packs[key]
-
-
-def _table_forms(unet, table, t, row):
-    """{module: forward}: time_embed gathers row = table[t] (t a 0-d tensor), each ResBlock's emb_layers returns its
-    slice of it: [1, width], which broadcasts over the batch (one timestep for all samples, as the sampler runs)."""
-    forms = {unet.time_embed: lambda e: torch.index_select(table, 0, t.view(1), out=row)}
-    start = 0
-    for r in unet.modules():
-        if isinstance(r, ResBlock):
-            width = r.emb_layers[1].out_features
-            forms[r.emb_layers] = lambda e, s=slice(start, start + width): row[:, s]
-            start += width
-    return forms
-
-
-def _lora_linears(unet):
-    """LoRA Linear layers with their active unmerged adapters."""
-    for m in unet.modules():
-        if isinstance(m, torch.nn.Linear) and _adapted(m):
-            active = m.active()
-            if active:
-                yield m, active
-
-
-def _packed_adapters(unet, packs, mode="weight"):
-    """{layer: forward} for a capture: LoRA Linear layers with unmerged adapters run from tensors prepared once here
-    and kept in `packs` (keyed by mode and layer; a dict shared by the graphs of one signature, so that batch sizes share them):
-    "weight": W' = W + sum g U A (in float32, then the layer's dtype, as lora merges), y = F.linear(x, W', b);
-    "factors": the stacked downs A and scaled ups g U (as lora.fused builds them), y = x W^T + b; y += (x A^T)(g U)^T.
-    Inference only (no autograd)."""
-    if mode not in ("weight", "factors"):
-        raise ValueError(f"pack_adapters must be 'weight', 'factors' or None, got {mode!r}")
-    forms = {}
-    for m, active in _lora_linears(unet):
-        dt, key = m.weight.dtype, (mode, id(m))
-        if key not in packs:
-            if mode == "weight":
-                w = m.weight.detach().float()
-                for a in active:
-                    w = w.addmm(a.up.detach().float(), a.down.detach().float(), alpha=a.gain)
-                packs[key] = (w.to(dt),)
-            else:
-                packs[key] = (torch.cat([a.down.detach() for a in active]).to(dt),
-                              torch.cat([a.up.detach() * a.gain for a in active], dim=1).to(dt))
-        if mode == "weight":
-            def forward(x, m=m, w=packs[key][0]):
-                return F.linear(x, w, m.bias)
-        else:
-            def forward(x, m=m, downs=packs[key][0], ups=packs[key][1]):
-                y = F.linear(x, m.weight, m.bias)
-                y.view(-1, y.shape[-1]).addmm_(F.linear(x, downs).view(-1, downs.shape[0]), ups.t())
-                return y
-        forms[m] = forward
-    return forms
-
-
 def _signature(unet):
     """What a capture depends on besides shapes: the parameter/buffer storages, the parameters' versions (in-place
     changes: packed adapters are copies) and, for LoRA layers, which adapters run, fused or not, and their gains."""
@@ -266,7 +126,7 @@ def _signature(unet):
     for m in unet.modules():  # one walk over the modules (not parameters(), buffers() and modules(): 3x the Python)
         sig += [(t.data_ptr(), t._version) for t in m._parameters.values() if t is not None]
         sig += [t.data_ptr() for t in m._buffers.values() if t is not None]
-        if _adapted(m):
+        if adapted(m):
             sig.append((id(m), getattr(m, "fused", None),
                         tuple((id(a), a.gain, a.down._version, a.up._version) for a in m.active())))
     return hash(tuple(sig))

@@ -11,7 +11,7 @@ import lora
 import sample
 import train
 from lora.layers import LoRALinear
-from minisd import graphs
+from minisd import forms, graphs
 from tinyfiles import images, one_line_exit, tiny  # noqa: F401 (fixtures)
 
 
@@ -30,13 +30,13 @@ def test_packed_adapters_compute_what_the_layer_computes(single_thread):
         for mode in ("weight", "factors"):
             ref = layer(x)
             packs = {}
-            with graphs._forms(graphs._packed_adapters(layer, packs, mode)):
+            with forms.applied(forms.packed_adapters(layer, packs, mode)):
                 packed = layer(x)
             assert "forward" not in vars(layer)  # the layer's own forward is back
             assert rel(packed, ref) < 1e-6 and len(packs) == 1
             layer.merge("a")  # only "b" remains unmerged
             ref = layer(x)
-            with graphs._forms(graphs._packed_adapters(layer, {}, mode)):
+            with forms.applied(forms.packed_adapters(layer, {}, mode)):
                 assert rel(layer(x), ref) < 1e-6
             layer.unmerge("a")
 
@@ -49,13 +49,13 @@ def test_capture_time_forms_compute_the_layers(lora_sd, single_thread):
     import copy
     unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
     lora.inject(unet, "a", 4, targets=("proj",))  # proj_in / proj_out become adapter wrappers
-    gemms = graphs._gemm_1x1(unet)
+    gemms = forms.gemm_1x1(unet)
     names = {n for n, m in unet.named_modules() if m in gemms}
     assert names and all(n.endswith("skip_connection") for n in names)
     assert len(names) == sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and not hasattr(m, "adapters")
                              for m in unet.modules())
     packs = {}
-    biases = graphs._folded_biases(unet, True, packs)
+    biases = forms.folded_biases(unet, packs)
     assert sum(n.endswith(("in_layers.2", "emb_layers.1")) for n, m in unet.named_modules() if m in biases) == 2 * sum(
         n.endswith("emb_layers") for n, _ in unet.named_modules())  # every ResBlock
     assert len(packs) == len(biases) // 2  # the summed biases, kept for as long as a graph reads them
@@ -64,15 +64,15 @@ def test_capture_time_forms_compute_the_layers(lora_sd, single_thread):
     ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g)
     with torch.no_grad():
         ref = unet(x, 500, ctx)
-        with graphs._forms(biases):  # the time-embedding table, with the in-conv biases folded in, read at t = 500
-            table = graphs._time_table(unet, 1000, torch.float32, packs)
+        with forms.applied(biases):  # the time-embedding table, with the in-conv biases folded in, read at t = 500
+            table = forms.time_table(unet, 1000, torch.float32, packs)
         t, row = torch.tensor(500), table.new_empty(1, table.shape[1])
-        tabled = graphs._table_forms(unet, table, t, row)
+        tabled = forms.table_forms(unet, table, t, row)
         assert table.shape == (1000, sum(m.out_features for n, m in unet.named_modules() if n.endswith("emb_layers.1")))
-        for forms in (gemms, {**gemms, **biases}, {**gemms, **biases, **tabled}):
-            with graphs._forms(forms):
+        for active in (gemms, {**gemms, **biases}, {**gemms, **biases, **tabled}):
+            with forms.applied(active):
                 out = unet(x, 500, ctx)
-            assert not any("forward" in vars(m) for m in forms)
+            assert not any("forward" in vars(m) for m in active)
             assert rel(out, ref) < 1e-5 and not torch.equal(out, ref)  # other kernels, the same function
 
 

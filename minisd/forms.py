@@ -1,0 +1,154 @@
+"""Capture-time forms of U-Net layers: forward functions that compute what a layer computes with fewer kernels. A
+CUDA graph capture (minisd.graphs.GuidedUNetGraph) sets them on the modules, `with applied({module: forward})`, and
+the modules' own forwards come back afterwards: the model code is unchanged, and eager runs never see them.
+
+FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: 5.5 % off a guided SD 1.4 step at batch 1):
+"context_kv"  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
+              fixed for a whole sampling run: a second, small graph computes them when the context changes, and
+              the step graph reads them (32 fewer GEMMs per step; built by GuidedUNetGraph, which owns that graph)
+"gemm_1x1"    plain 1x1 convolutions (proj_in, proj_out, the ResBlock skips) run as one GEMM on the channels_last
+              activation, F.linear(x_nhwc, W, b): cuBLAS adds the bias inside the GEMM, where cuDNN's convolution
+              adds it in a kernel of its own
+"biases"      a ResBlock's in-conv bias joins the time-embedding projection's (conv1(h) + b1 + e: one broadcast
+              add), and its out-conv bias joins the 1x1 skip's (skip(x) + conv2(h) + b2)
+"time_table"  the time-embedding MLP and every ResBlock's projection of it depend only on the integer timestep:
+              tabulated once for t in [0, timesteps) (SD 1.4: 1000 x 17,600 values, 35 MB in fp16), and the step
+              gathers its row (one kernel for ~50)
+Layers wrapped by LoRA adapters keep their own forward, or the packed form of packed_adapters (also here). Some
+forms read tensors made once (summed biases, the table, packed weights): they live in the caller's `packs` dict,
+because a graph reads them at their address for as long as it lives.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .unet import ResBlock, timestep_embedding
+
+FORMS = ("context_kv", "gemm_1x1", "biases", "time_table")
+
+
+@contextlib.contextmanager
+def applied(forwards):
+    """Run these modules with these forward functions ({module: function}); whatever they ran before comes back."""
+    before = {m: m.__dict__.get("forward") for m in forwards}
+    for m, f in forwards.items():
+        m.forward = f
+    try:
+        yield
+    finally:
+        for m, f in before.items():
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
+
+
+def gemm_1x1(unet):
+    """{conv: forward} for plain nn.Conv2d 1x1 layers (not adapter wrappers): y = x W^T + b on the NHWC view."""
+    forms = {}
+    for m in unet.modules():
+        if (type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
+                and m.dilation == (1, 1) and m.groups == 1):
+            def forward(x, m=m):  # x channels_last: both permutes are views, and the result is channels_last
+                w = m.weight.view(m.out_channels, m.in_channels)
+                return F.linear(x.permute(0, 2, 3, 1), w, m.bias).permute(0, 3, 1, 2)
+            forms[m] = forward
+    return forms
+
+
+def _plain(m, kind):
+    return type(m) is kind and m.bias is not None  # not an adapter wrapper (a subclass)
+
+
+def folded_biases(unet, packs, fold_skip=True):
+    """{layer: forward} moving ResBlock conv biases into an add that happens anyway ("biases" above; fold_skip=False:
+    only the in-conv's). The summed biases are kept in `packs`."""
+    forms = {}
+    no_bias = lambda x, m: m._conv_forward(x, m.weight, None)
+    for r in unet.modules():
+        if not isinstance(r, ResBlock):
+            continue
+        conv1, emb, conv2, skip = r.in_layers[2], r.emb_layers[1], r.out_layers[3], r.skip_connection
+        if _plain(conv1, torch.nn.Conv2d) and _plain(emb, torch.nn.Linear):
+            b = packs.setdefault(("bias", id(emb)), emb.bias + conv1.bias)
+            forms[conv1] = lambda x, m=conv1: no_bias(x, m)
+            forms[emb] = lambda e, m=emb, b=b: F.linear(e, m.weight, b)
+        if fold_skip and _plain(conv2, torch.nn.Conv2d) and _plain(skip, torch.nn.Conv2d) and skip.kernel_size == (1, 1):
+            b = packs.setdefault(("bias", id(skip)), skip.bias + conv2.bias)
+            w = skip.weight.view(skip.out_channels, skip.in_channels)
+            forms[conv2] = lambda x, m=conv2: no_bias(x, m)
+            forms[skip] = lambda x, w=w, b=b: F.linear(x.permute(0, 2, 3, 1), w, b).permute(0, 3, 1, 2)
+    return forms
+
+
+def adapted(m):
+    """A lora layer, duck-typed (minisd does not import lora): named adapters and an `active()` method. (Not hasattr:
+    for a missing attribute nn.Module.__getattr__ raises, slow over the ~1,000 modules of an SD U-Net.)"""
+    return "adapters" in m._modules and callable(getattr(type(m), "active", None))
+
+
+def time_table(unet, timesteps, dtype, packs, key=()):
+    """[timesteps, sum of widths]: every ResBlock's emb_layers(time_embed(timestep_embedding(t))), side by side, kept
+    in `packs` under `key` (what else shapes the values: the forms and the adapter packing in effect)."""
+    key = ("time_table", timesteps, dtype, key)
+    if key not in packs:
+        device = next(unet.parameters()).device
+        emb = unet.time_embed(timestep_embedding(torch.arange(timesteps, device=device), unet.cfg.model_channels).to(dtype))
+        packs[key] = torch.cat([r.emb_layers(emb) for r in unet.modules() if isinstance(r, ResBlock)], dim=1)
+    return packs[key]
+
+
+def table_forms(unet, table, t, row):
+    """{module: forward}: time_embed gathers row = table[t] (t a 0-d tensor), each ResBlock's emb_layers returns its
+    slice of it: [1, width], which broadcasts over the batch (one timestep for all samples, as the sampler runs)."""
+    forms = {unet.time_embed: lambda e: torch.index_select(table, 0, t.view(1), out=row)}
+    start = 0
+    for r in unet.modules():
+        if isinstance(r, ResBlock):
+            width = r.emb_layers[1].out_features
+            forms[r.emb_layers] = lambda e, s=slice(start, start + width): row[:, s]
+            start += width
+    return forms
+
+
+def lora_linears(unet):
+    """LoRA Linear layers with their active unmerged adapters."""
+    for m in unet.modules():
+        if isinstance(m, torch.nn.Linear) and adapted(m):
+            active = m.active()
+            if active:
+                yield m, active
+
+
+def packed_adapters(unet, packs, mode="weight"):
+    """{layer: forward} for a capture: LoRA Linear layers with unmerged adapters run from tensors prepared once here
+    and kept in `packs` (keyed by mode and layer; minisd.graphs shares one dict between the graphs of one signature,
+    so that batch sizes share them):
+    "weight": W' = W + sum g U A (in float32, then the layer's dtype, as lora merges), y = F.linear(x, W', b);
+    "factors": the stacked downs A and scaled ups g U (as lora.fused builds them), y = x W^T + b; y += (x A^T)(g U)^T.
+    Inference only (no autograd)."""
+    if mode not in ("weight", "factors"):
+        raise ValueError(f"pack_adapters must be 'weight', 'factors' or None, got {mode!r}")
+    forms = {}
+    for m, active in lora_linears(unet):
+        dt, key = m.weight.dtype, (mode, id(m))
+        if key not in packs:
+            if mode == "weight":
+                w = m.weight.detach().float()
+                for a in active:
+                    w = w.addmm(a.up.detach().float(), a.down.detach().float(), alpha=a.gain)
+                packs[key] = (w.to(dt),)
+            else:
+                packs[key] = (torch.cat([a.down.detach() for a in active]).to(dt),
+                              torch.cat([a.up.detach() * a.gain for a in active], dim=1).to(dt))
+        if mode == "weight":
+            def forward(x, m=m, w=packs[key][0]):
+                return F.linear(x, w, m.bias)
+        else:
+            def forward(x, m=m, downs=packs[key][0], ups=packs[key][1]):
+                y = F.linear(x, m.weight, m.bias)
+                y.view(-1, y.shape[-1]).addmm_(F.linear(x, downs).view(-1, downs.shape[0]), ups.t())
+                return y
+        forms[m] = forward
+    return forms
