@@ -131,6 +131,33 @@ def test_guided_graph_forms_and_a_new_context(lora_sd, monkeypatch):
         fast(x, 1000, c1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_guided_graph_forms_with_unmerged_c3lier_adapters(lora_sd, monkeypatch):
+    """All forms together with unmerged LoRA/LoCon adapters on every target, the time-embedding projections and
+    ResBlock convs included (their biases are not folded; the table holds the packed projections): the captured
+    step equals the eager guided step, which the adapters change."""
+    import copy
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    unet = copy.deepcopy(lora_sd.unet).cuda().to(memory_format=torch.channels_last)
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g, device="cuda")
+    ctx = torch.randn(4, 77, unet.cfg.context_dim, generator=g, device="cuda")
+
+    def guided():
+        e_u, e_c = unet(torch.cat([x, x]), torch.tensor(301, device="cuda"), ctx).chunk(2)
+        return e_u + 7.5 * (e_c - e_u)
+    with torch.no_grad():
+        base = guided()
+        lora.inject(unet, "a", 4, targets=lora.C3LIER)
+        for m in unet.modules():
+            if isinstance(m, (LoRALinear, lora.LoConConv2d)):
+                for a in m.adapters.values():
+                    a.up.normal_(0, 0.05, generator=g)
+        ref = guided()
+    step = graphs.GuidedUNetGraph(unet, x, ctx, 7.5)
+    assert rel(ref, base) > 1e-2 and rel(step(x, 301, ctx), ref) < 1e-4  # packed weights: other rounding
+
+
 # ---------------------------------------------------------------------------------- train.py / sample.py --cuda-graph
 
 @pytest.mark.parametrize("argv, message", [
