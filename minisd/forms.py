@@ -44,17 +44,25 @@ def applied(forwards):
                 m.forward = f
 
 
+def _kept(packs, key, make):
+    """packs[key], made by make() the first time."""
+    if key not in packs:
+        packs[key] = make()
+    return packs[key]
+
+
+def _conv1x1_as_gemm(x, conv, bias):
+    """A 1x1 convolution as y = x W^T + bias on the NHWC view of x (channels_last: both permutes are views, and the
+    result is channels_last)."""
+    w = conv.weight.view(conv.out_channels, conv.in_channels)
+    return F.linear(x.permute(0, 2, 3, 1), w, bias).permute(0, 3, 1, 2)
+
+
 def gemm_1x1(unet):
-    """{conv: forward} for plain nn.Conv2d 1x1 layers (not adapter wrappers): y = x W^T + b on the NHWC view."""
-    forms = {}
-    for m in unet.modules():
-        if (type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
-                and m.dilation == (1, 1) and m.groups == 1):
-            def forward(x, m=m):  # x channels_last: both permutes are views, and the result is channels_last
-                w = m.weight.view(m.out_channels, m.in_channels)
-                return F.linear(x.permute(0, 2, 3, 1), w, m.bias).permute(0, 3, 1, 2)
-            forms[m] = forward
-    return forms
+    """{conv: forward} for plain nn.Conv2d 1x1 layers (not adapter wrappers), as GEMMs."""
+    return {m: (lambda x, m=m: _conv1x1_as_gemm(x, m, m.bias)) for m in unet.modules()
+            if type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
+            and m.dilation == (1, 1) and m.groups == 1}
 
 
 def _plain(m, kind):
@@ -71,14 +79,13 @@ def folded_biases(unet, packs, fold_skip=True):
             continue
         conv1, emb, conv2, skip = r.in_layers[2], r.emb_layers[1], r.out_layers[3], r.skip_connection
         if _plain(conv1, torch.nn.Conv2d) and _plain(emb, torch.nn.Linear):
-            b = packs.setdefault(("bias", id(emb)), emb.bias + conv1.bias)
+            b = _kept(packs, ("bias", id(emb)), lambda: emb.bias + conv1.bias)
             forms[conv1] = lambda x, m=conv1: no_bias(x, m)
             forms[emb] = lambda e, m=emb, b=b: F.linear(e, m.weight, b)
         if fold_skip and _plain(conv2, torch.nn.Conv2d) and _plain(skip, torch.nn.Conv2d) and skip.kernel_size == (1, 1):
-            b = packs.setdefault(("bias", id(skip)), skip.bias + conv2.bias)
-            w = skip.weight.view(skip.out_channels, skip.in_channels)
+            b = _kept(packs, ("bias", id(skip)), lambda: skip.bias + conv2.bias)
             forms[conv2] = lambda x, m=conv2: no_bias(x, m)
-            forms[skip] = lambda x, w=w, b=b: F.linear(x.permute(0, 2, 3, 1), w, b).permute(0, 3, 1, 2)
+            forms[skip] = lambda x, m=skip, b=b: _conv1x1_as_gemm(x, m, b)
     return forms
 
 
@@ -91,12 +98,11 @@ def adapted(m):
 def time_table(unet, timesteps, dtype, packs, key=()):
     """[timesteps, sum of widths]: every ResBlock's emb_layers(time_embed(timestep_embedding(t))), side by side, kept
     in `packs` under `key` (what else shapes the values: the forms and the adapter packing in effect)."""
-    key = ("time_table", timesteps, dtype, key)
-    if key not in packs:
-        device = next(unet.parameters()).device
-        emb = unet.time_embed(timestep_embedding(torch.arange(timesteps, device=device), unet.cfg.model_channels).to(dtype))
-        packs[key] = torch.cat([r.emb_layers(emb) for r in unet.modules() if isinstance(r, ResBlock)], dim=1)
-    return packs[key]
+    def make():
+        t = torch.arange(timesteps, device=next(unet.parameters()).device)
+        emb = unet.time_embed(timestep_embedding(t, unet.cfg.model_channels).to(dtype))
+        return torch.cat([r.emb_layers(emb) for r in unet.modules() if isinstance(r, ResBlock)], dim=1)
+    return _kept(packs, ("time_table", timesteps, dtype, key), make)
 
 
 def table_forms(unet, table, t, row):
