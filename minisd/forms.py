@@ -2,7 +2,8 @@
 CUDA graph capture (minisd.graphs.GuidedUNetGraph) sets them on the modules, `with applied({module: forward})`, and
 the modules' own forwards come back afterwards: the model code is unchanged, and eager runs never see them.
 
-FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: 5.5 % off a guided SD 1.4 step at batch 1):
+FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: 9.2 % off a guided SD 1.4 step at batch 1, 9.42 ->
+8.55 ms on an H200):
 "context_kv"  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
               fixed for a whole sampling run: a second, small graph computes them when the context changes, and
               the step graph reads them (32 fewer GEMMs per step; built by GuidedUNetGraph, which owns that graph)
@@ -14,6 +15,15 @@ FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: 5.5 % off 
 "time_table"  the time-embedding MLP and every ResBlock's projection of it depend only on the integer timestep:
               tabulated once for t in [0, timesteps) (SD 1.4: 1000 x 17,600 values, 35 MB in fp16), and the step
               gathers its row (one kernel for ~50)
+"silu_nhwc"   where PyTorch's GroupNorm returned an NCHW tensor (the small maps; minisd.groupnorm keeps the large
+              ones channels_last), the SiLU after it writes channels_last: one kernel for the activation and for the
+              layout copy the next convolution would make
+"qkv"         self-attention's queries, keys and values from one GEMM with the three weights stacked
+"upsample"    nearest 2x upsampling + 3x3 convolution as one 2x2 convolution on the small map to the four phases of
+              the output (4C channels, 16/36 of the multiply-adds) and one copy that interleaves them
+"cfg_prefix"  a guided step runs the U-Net on [x, x]: until the first cross-attention both halves are the same, so
+              the layers before it (conv_in, the first ResBlock, the first self-attention) run on one half and
+              their outputs are concatenated to both
 Layers wrapped by LoRA adapters keep their own forward, or the packed form of packed_adapters (also here). Some
 forms read tensors made once (summed biases, the table, packed weights): they live in the caller's `packs` dict,
 because a graph reads them at their address for as long as it lives.
@@ -23,9 +33,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .unet import ResBlock, timestep_embedding
+from .unet import BasicTransformerBlock, ResBlock, SpatialTransformer, Upsample, timestep_embedding
 
-FORMS = ("context_kv", "gemm_1x1", "biases", "time_table")
+FORMS = ("context_kv", "gemm_1x1", "biases", "time_table", "silu_nhwc", "qkv", "upsample", "cfg_prefix")
 
 
 @contextlib.contextmanager
@@ -116,6 +126,90 @@ def table_forms(unet, table, t, row):
             forms[r.emb_layers] = lambda e, s=slice(start, start + width): row[:, s]
             start += width
     return forms
+
+
+def _silu_nhwc(x):
+    if x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.ops.aten.silu.out(x, out=torch.empty_like(x, memory_format=torch.channels_last))
+    return F.silu(x)
+
+
+def silu_nhwc(unet):
+    """{SiLU: forward} for the SiLUs after a GroupNorm, when the U-Net's convolutions are channels_last."""
+    if not unet.out[2].weight.is_contiguous(memory_format=torch.channels_last):
+        return {}
+    seqs = [s for r in unet.modules() if isinstance(r, ResBlock) for s in (r.in_layers, r.out_layers)] + [unet.out]
+    return {s[1]: _silu_nhwc for s in seqs if type(s[1]) is torch.nn.SiLU}
+
+
+def stacked_qkv(unet, packs):
+    """{attn1: forward}: self-attention with q, k, v from one GEMM (plain Linear projections only); the stacked
+    weights are kept in `packs`."""
+    forms = {}
+    for block in unet.modules():
+        a = block.attn1 if isinstance(block, BasicTransformerBlock) else None
+        if a is None or not all(type(p) is torch.nn.Linear for p in (a.to_q, a.to_k, a.to_v)):
+            continue
+        w = _kept(packs, ("qkv", id(a)), lambda: torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]))
+
+        def forward(x, a=a, w=w):
+            B, N, C = x.shape
+            q, k, v = F.linear(x, w).view(B, N, 3, a.heads, C // a.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, d)
+            return a.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        forms[a] = forward
+    return forms
+
+
+# Nearest 2x upsampling then a 3x3 convolution: output row 2i+a reads upsampled rows 2i+a-1 .. 2i+a+1, which are the
+# input rows (i-1, i, i) for a = 0 and (i, i, i+1) for a = 1. PHASE_ROWS[a] sums the kernel's 3 rows into the 2 rows
+# of a 2x2 kernel over input rows (i-1+a, i+a); the same for columns.
+PHASE_ROWS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+def _phase_weights(conv):
+    """[4C, C, 2, 2] weights and [4C] bias: output channels p*C..(p+1)*C are output phase p = 2a + b."""
+    r = torch.tensor(PHASE_ROWS, dtype=torch.float32, device=conv.weight.device)
+    w = torch.einsum("aiy,ocyx,bjx->abocij", r, conv.weight.float(), r).flatten(0, 2).to(conv.weight.dtype)
+    return w.contiguous(memory_format=torch.channels_last), conv.bias.repeat(4)
+
+
+def _upsample_conv(x, w, b):
+    B, C, H, W = x.shape
+    y = F.conv2d(x, w, b, padding=1).contiguous(memory_format=torch.channels_last)  # [B, 4C, H+1, W+1]
+    sB, _, sH, sW = y.stride()
+    # output pixel (2i+a, 2j+b), channel c = y's pixel (i+a, j+b), channel (2a+b)C + c: one strided view of y
+    phases = y.as_strided((B, H, 2, W, 2, C), (sB, sH, sH + 2 * C, sW, sW + C, 1))
+    out = torch.empty(B, C, 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    out.permute(0, 2, 3, 1).view(B, H, 2, W, 2, C).copy_(phases)
+    return out
+
+
+def subpixel_upsample(unet, packs):
+    """{Upsample: forward} for plain 3x3 convolutions with channels_last weights; the phase weights kept in `packs`."""
+    return {m: (lambda x, wb=_kept(packs, ("upsample", id(m)), lambda: _phase_weights(m.conv)): _upsample_conv(x, *wb))
+            for m in unet.modules() if isinstance(m, Upsample) and type(m.conv) is torch.nn.Conv2d
+            and m.conv.weight.is_contiguous(memory_format=torch.channels_last)}
+
+
+def cfg_prefix(unet, forms):
+    """{layer: forward} for a U-Net run on [x, x] at one timestep (a guided step): the layers before the first
+    cross-attention run on the first half of their input and return it twice. Wraps the forms given for them."""
+    run = lambda m: forms.get(m, m.forward)
+    half = lambda t: t[:t.shape[0] // 2]
+    twice = lambda t: torch.cat([t, t])
+    new = {}
+    for layer in (layer for block in unet.input_blocks for layer in block):
+        if isinstance(layer, SpatialTransformer):  # its norm and proj_in, then the first block's self-attention
+            attn1 = layer.transformer_blocks[0].attn1
+            new[layer.norm] = lambda x, f=run(layer.norm): f(half(x))
+            new[layer.proj_in] = lambda h, f=run(layer.proj_in): twice(f(h))
+            new[attn1] = lambda h, f=run(attn1): twice(f(half(h)))
+            return new
+        if isinstance(layer, ResBlock):  # emb: one row (the time table) or one per sample, all the same timestep
+            new[layer] = lambda x, emb, f=run(layer): twice(f(half(x), emb[:1]))
+        else:
+            new[layer] = lambda x, f=run(layer): twice(f(half(x)))
+    return {}  # no cross-attention: nothing to share before it
 
 
 def lora_linears(unet):

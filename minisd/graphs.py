@@ -9,9 +9,10 @@ These are wrappers around the unchanged model: nothing here forks the model code
 GuidedUNetGraph: static input buffers (latents x, timestep t, context ctx); one replay runs the U-Net on [x, x]
 against [uncond; cond] and returns the guided eps, eps_u + guidance (eps_c - eps_u), with the guidance folded into
 the graph as a constant (the same arithmetic as the eager loop). While capturing, some layers run in forms that
-compute the same with fewer kernels (the text's cross-attention keys/values from a second graph, 1x1 convolutions
-as GEMMs, conv biases folded into adds, the time embedding read from a table: minisd.forms); the model code is
-unchanged.
+compute the same with less work (the text's cross-attention keys/values from a second graph, 1x1 convolutions
+as GEMMs, conv biases folded into adds, the time embedding read from a table, upsampling + conv as a conv on the
+small map, the layers before the first cross-attention run once for both halves of the guided batch, ...:
+minisd.forms); the model code is unchanged.
 
 guided_unet keeps one graph per (unet, batch, latent size, dtype, guidance) and captures again whenever something the
 capture depends on changes: a parameter replaced or changed in place (merging an adapter), or which LoRA adapters
@@ -39,7 +40,8 @@ import weakref
 
 import torch
 
-from .forms import FORMS, adapted, applied, folded_biases, gemm_1x1, packed_adapters, table_forms, time_table
+from .forms import (FORMS, adapted, applied, cfg_prefix, folded_biases, gemm_1x1, packed_adapters, silu_nhwc,
+                    stacked_qkv, subpixel_upsample, table_forms, time_table)
 from .unet import BasicTransformerBlock
 
 _GRAPHS = weakref.WeakKeyDictionary()  # unet -> {"sig": signature, "graphs": {key: GuidedUNetGraph}, "packs": {}}
@@ -77,6 +79,12 @@ class GuidedUNetGraph:
             layer_forms = gemm_1x1(unet) if "gemm_1x1" in forms else {}
             if "biases" in forms:
                 layer_forms.update(folded_biases(unet, self.packs, fold_skip="gemm_1x1" in forms))
+            if "silu_nhwc" in forms:
+                layer_forms.update(silu_nhwc(unet))
+            if "qkv" in forms:
+                layer_forms.update(stacked_qkv(unet, self.packs))
+            if "upsample" in forms:
+                layer_forms.update(subpixel_upsample(unet, self.packs))
             if "context_kv" in forms:
                 blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
                 projections = [p for b in blocks for p in (b.attn2.to_k, b.attn2.to_v)]
@@ -92,6 +100,8 @@ class GuidedUNetGraph:
                     table = time_table(unet, timesteps, x.dtype, self.packs, key=(tuple(sorted(forms)), pack_adapters))
                 self.emb_row = table.new_empty(1, table.shape[1])  # read by the graph: lives as long as it
                 layer_forms.update(table_forms(unet, table, self.t, self.emb_row))
+            if "cfg_prefix" in forms and guidance is not None:
+                layer_forms.update(cfg_prefix(unet, layer_forms))
             with applied(layer_forms):
                 _warm_up(self._step, warmup)
                 self.graph = torch.cuda.CUDAGraph()

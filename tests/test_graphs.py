@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -74,6 +75,47 @@ def test_capture_time_forms_compute_the_layers(lora_sd, single_thread):
                 out = unet(x, 500, ctx)
             assert not any("forward" in vars(m) for m in active)
             assert rel(out, ref) < 1e-5 and not torch.equal(out, ref)  # other kernels, the same function
+
+
+def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
+    """The SiLU that writes channels_last, self-attention from one stacked q/k/v GEMM, upsampling + 3x3 conv as a
+    2x2 conv to the four output phases, and the guided step's shared prefix (the layers before the first
+    cross-attention on one half of [x, x]) against the U-Net's own layers, each alone and all together."""
+    import copy
+    unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    for p in unet.parameters():  # weights large enough that every layer moves the output
+        p.data.normal_(0, 0.2, generator=g)
+    x = torch.randn(1, 4, 16, 16, generator=g).contiguous(memory_format=torch.channels_last)
+    ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g)
+    nchw = torch.randn(2, 8, 5, 5, generator=g)
+    silu = forms.silu_nhwc(unet)
+    out = next(iter(silu.values()))(nchw)
+    assert out.is_contiguous(memory_format=torch.channels_last) and rel(out, F.silu(nchw)) < 1e-6
+    packs = {}
+    ups = forms.subpixel_upsample(unet, packs)
+    for up, form in ups.items():
+        h = torch.randn(2, up.conv.in_channels, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert rel(form(h), up(h)) < 1e-5 and form(h).is_contiguous(memory_format=torch.channels_last)
+    qkv = forms.stacked_qkv(unet, packs)
+    prefix = forms.cfg_prefix(unet, {})
+    names = sorted(n for n, m in unet.named_modules() if m in prefix)
+    assert names == ["input_blocks.0.0", "input_blocks.1.0", "input_blocks.1.1.norm", "input_blocks.1.1.proj_in",
+                     "input_blocks.1.1.transformer_blocks.0.attn1"]
+    assert len(ups) == len(unet.cfg.channel_mult) - 1 and len(qkv) == 16 and len(silu) == 2 * 22 + 1  # two per ResBlock, the output norm
+    both = torch.cat([x, x])
+    with torch.no_grad():
+        ref = unet(both, 500, ctx)
+        everything = {**silu, **qkv, **ups}
+        everything.update(forms.cfg_prefix(unet, everything))  # wraps the forms of the layers it shares
+        for active in (qkv, ups, prefix, everything):
+            with forms.applied(active):
+                out = unet(both, 500, ctx)
+            assert rel(out, ref) < 1e-5
+        assert not torch.equal(out, ref)
+        with forms.applied(prefix):  # the prefix is only right for a batch of two equal halves
+            assert rel(unet(torch.cat([x, x + 1]), 500, ctx), unet(both, 500, ctx)) < 1e-6
 
 
 def test_signature_follows_adapter_changes(lora_sd):
