@@ -19,12 +19,15 @@ FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: 9.2 % off 
               ones channels_last), the SiLU after it writes channels_last: one kernel for the activation and for the
               layout copy the next convolution would make
 "qkv"         self-attention's queries, keys and values from one GEMM with the three weights stacked
+"geglu"       the feed-forward's gated GELU from two GEMMs (the value and gate halves), so that the GELU and the
+              product read contiguous tensors
 "upsample"    nearest 2x upsampling + 3x3 convolution as one 2x2 convolution on the small map to the four phases of
               the output (4C channels, 16/36 of the multiply-adds) and one copy that interleaves them
 "cfg_prefix"  a guided step runs the U-Net on [x, x]: until the first cross-attention both halves are the same, so
               the layers before it (conv_in, the first ResBlock, the first self-attention) run on one half and
               their outputs are concatenated to both
-Layers wrapped by LoRA adapters keep their own forward, or the packed form of packed_adapters (also here). Some
+Layers wrapped by LoRA adapters keep their own forward, or the packed form of packed_adapters (also here), whose
+merged weights "qkv" and "geglu" also use. Some
 forms read tensors made once (summed biases, the table, packed weights): they live in the caller's `packs` dict,
 because a graph reads them at their address for as long as it lives.
 """
@@ -33,9 +36,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .unet import BasicTransformerBlock, ResBlock, SpatialTransformer, Upsample, timestep_embedding
+from .unet import GEGLU, BasicTransformerBlock, ResBlock, SpatialTransformer, Upsample, timestep_embedding
 
-FORMS = ("context_kv", "gemm_1x1", "biases", "time_table", "silu_nhwc", "qkv", "upsample", "cfg_prefix")
+FORMS = ("context_kv", "gemm_1x1", "biases", "time_table", "silu_nhwc", "qkv", "geglu", "upsample", "cfg_prefix")
 
 
 @contextlib.contextmanager
@@ -142,21 +145,43 @@ def silu_nhwc(unet):
     return {s[1]: _silu_nhwc for s in seqs if type(s[1]) is torch.nn.SiLU}
 
 
+def _weight(m, packs):
+    """The weight a capture runs this Linear with: its own, or W' of its unmerged adapters (packed_adapters'
+    "weight" form, already in packs); None when it runs otherwise."""
+    if type(m) is torch.nn.Linear:
+        return m.weight
+    packed = packs.get(("weight", id(m))) if adapted(m) else None
+    return packed[0] if packed else None
+
+
 def stacked_qkv(unet, packs):
-    """{attn1: forward}: self-attention with q, k, v from one GEMM (plain Linear projections only); the stacked
-    weights are kept in `packs`."""
+    """{attn1: forward}: self-attention with q, k, v from one GEMM; the stacked weights are kept in `packs`."""
     forms = {}
     for block in unet.modules():
         a = block.attn1 if isinstance(block, BasicTransformerBlock) else None
-        if a is None or not all(type(p) is torch.nn.Linear for p in (a.to_q, a.to_k, a.to_v)):
+        ws = [_weight(p, packs) for p in (a.to_q, a.to_k, a.to_v)] if a is not None else [None]
+        if any(w is None for w in ws):
             continue
-        w = _kept(packs, ("qkv", id(a)), lambda: torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]))
+        w = _kept(packs, ("qkv", id(a)), lambda: torch.cat(ws))
 
         def forward(x, a=a, w=w):
             B, N, C = x.shape
             q, k, v = F.linear(x, w).view(B, N, 3, a.heads, C // a.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, d)
             return a.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
         forms[a] = forward
+    return forms
+
+
+def split_geglu(unet, packs):
+    """{GEGLU: forward}: its projection's two halves as two GEMMs. Their outputs are contiguous, so the GELU and the
+    product run as vectorised kernels (on the halves of one output, strided views, they do not)."""
+    forms = {}
+    for m in unet.modules():
+        w = _weight(m.proj, packs) if isinstance(m, GEGLU) else None
+        if w is not None:
+            n = m.proj.out_features // 2
+            forms[m] = lambda x, wa=w[:n], wg=w[n:], ba=m.proj.bias[:n], bg=m.proj.bias[n:]: (
+                F.linear(x, wa, ba).mul_(F.gelu(F.linear(x, wg, bg))))
     return forms
 
 

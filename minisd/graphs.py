@@ -41,7 +41,7 @@ import weakref
 import torch
 
 from .forms import (FORMS, adapted, applied, cfg_prefix, folded_biases, gemm_1x1, packed_adapters, silu_nhwc,
-                    stacked_qkv, subpixel_upsample, table_forms, time_table)
+                    split_geglu, stacked_qkv, subpixel_upsample, table_forms, time_table)
 from .unet import BasicTransformerBlock
 
 _GRAPHS = weakref.WeakKeyDictionary()  # unet -> {"sig": signature, "graphs": {key: GuidedUNetGraph}, "packs": {}}
@@ -83,6 +83,8 @@ class GuidedUNetGraph:
                 layer_forms.update(silu_nhwc(unet))
             if "qkv" in forms:
                 layer_forms.update(stacked_qkv(unet, self.packs))
+            if "geglu" in forms:
+                layer_forms.update(split_geglu(unet, self.packs))
             if "upsample" in forms:
                 layer_forms.update(subpixel_upsample(unet, self.packs))
             if "context_kv" in forms:

@@ -6,8 +6,8 @@ channels_last weights) copies it back: two full copies per norm, ~15 % of a guid
 
     per (sample, group): float32 sums of x and x^2 (column sums of the [B, H*W, C] view, no copy)
     mean, var = E[x^2] - mean^2, rstd = 1 / sqrt(var + eps)                              [B, G]
-    y = a x + b,  a = rstd * gamma,  b = beta - mean * a                                  one pass: float32 math,
-                                                                                          stored in x's dtype
+    y = a x + b,  a = rstd * gamma,  b = beta - mean * a                                  one pass: float32 math
+                                                                                          (a, b float16 for float16 x)
 backward (gamma and beta frozen, as in LoRA training):
     dx = a g + c1 x + c2,  c1 = -rstd^2 mean_n(gamma g xhat),  c2 = -rstd mean_n(gamma g) - c1 mean
     from float32 per-channel sums of g and g*x.
@@ -38,7 +38,11 @@ class GroupNormNHWC(torch.autograd.Function):
         a = rstd[:, :, None] * weight.view(groups, -1)  # [B, G, C/G], float32
         b = torch.addcmul(bias.view(groups, -1), mean[:, :, None], a, value=-1)  # beta - mean * a
         ctx.save_for_backward(x, weight, mean, rstd, a)
-        y = torch.addcmul(b.view(B, 1, C), x3, a.view(B, 1, C), out=torch.empty_like(x3))  # float32 math, rounded once
+        # y = a x + b with a, b in x's dtype for float16: one dtype makes a faster kernel (8x320x64x64: 91 vs 112 us on
+        # an H200), and the error is PyTorch's own kernel's (3e-4 against float32); bfloat16 (8-bit mantissa) and
+        # float32 keep float32 a, b
+        ab = torch.float16 if x.dtype == torch.float16 else torch.float32
+        y = torch.addcmul(b.view(B, 1, C).to(ab), x3, a.view(B, 1, C).to(ab), out=torch.empty_like(x3))
         return y.view(B, H, W, C).permute(0, 3, 1, 2)
 
     @staticmethod

@@ -98,24 +98,37 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
         h = torch.randn(2, up.conv.in_channels, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             assert rel(form(h), up(h)) < 1e-5 and form(h).is_contiguous(memory_format=torch.channels_last)
-    qkv = forms.stacked_qkv(unet, packs)
+    qkv, geglu = forms.stacked_qkv(unet, packs), forms.split_geglu(unet, packs)
     prefix = forms.cfg_prefix(unet, {})
     names = sorted(n for n, m in unet.named_modules() if m in prefix)
     assert names == ["input_blocks.0.0", "input_blocks.1.0", "input_blocks.1.1.norm", "input_blocks.1.1.proj_in",
                      "input_blocks.1.1.transformer_blocks.0.attn1"]
-    assert len(ups) == len(unet.cfg.channel_mult) - 1 and len(qkv) == 16 and len(silu) == 2 * 22 + 1  # two per ResBlock, the output norm
+    assert len(ups) == len(unet.cfg.channel_mult) - 1 and len(qkv) == len(geglu) == 16
+    assert len(silu) == 2 * 22 + 1  # two per ResBlock, the output norm
     both = torch.cat([x, x])
     with torch.no_grad():
         ref = unet(both, 500, ctx)
-        everything = {**silu, **qkv, **ups}
+        everything = {**silu, **qkv, **geglu, **ups}
         everything.update(forms.cfg_prefix(unet, everything))  # wraps the forms of the layers it shares
-        for active in (qkv, ups, prefix, everything):
+        for active in (qkv, geglu, ups, prefix, everything):
             with forms.applied(active):
                 out = unet(both, 500, ctx)
             assert rel(out, ref) < 1e-5
         assert not torch.equal(out, ref)
         with forms.applied(prefix):  # the prefix is only right for a batch of two equal halves
             assert rel(unet(torch.cat([x, x + 1]), 500, ctx), unet(both, 500, ctx)) < 1e-6
+    # unmerged adapters on attention and feed-forward, packed as W' (the capture's default): qkv and geglu use W'
+    lora.inject(unet, "a", 4, targets=("attn", "ff"))
+    for m in unet.modules():
+        if isinstance(m, LoRALinear):
+            m.adapters["a"].up.data.normal_(0, 0.1, generator=g)
+    with torch.no_grad():
+        adapted, packs = unet(both, 500, ctx), {}
+        packed = forms.packed_adapters(unet, packs)
+        fused = {**forms.stacked_qkv(unet, packs), **forms.split_geglu(unet, packs)}
+        assert len(fused) == 32 and rel(adapted, ref) > 1e-2
+        with forms.applied(packed), forms.applied(fused):
+            assert rel(unet(both, 500, ctx), adapted) < 1e-5
 
 
 def test_signature_follows_adapter_changes(lora_sd):
