@@ -30,19 +30,20 @@ class GroupNormNHWC(torch.autograd.Function):
         B, C, H, W = x.shape
         x3 = x.permute(0, 2, 3, 1).view(B, H * W, C)
         n = H * W * C // groups
-        s1 = x3.sum(1, dtype=torch.float32).view(B, groups, -1).sum(2)  # [B, G]
-        s2 = torch.linalg.vector_norm(x3, dim=1, dtype=torch.float32).view(B, groups, -1).square().sum(2)
-        mean = s1 / n
-        var = torch.addcmul(s2, s1, s1, value=-1 / n).clamp_min_(0) / n  # E[x^2] - mean^2
-        rstd = (var + eps).rsqrt_()
-        a = rstd[:, :, None] * weight.view(groups, -1)  # [B, G, C/G], float32
-        b = torch.addcmul(bias.view(groups, -1), mean[:, :, None], a, value=-1)  # beta - mean * a
-        ctx.save_for_backward(x, weight, mean, rstd, a)
-        # y = a x + b with a, b in x's dtype for float16: one dtype makes a faster kernel (8x320x64x64: 91 vs 112 us on
-        # an H200), and the error is PyTorch's own kernel's (3e-4 against float32); bfloat16 (8-bit mantissa) and
-        # float32 keep float32 a, b
+        # a, b (and the math of y = a x + b) in float16 for float16 x: one dtype makes a faster kernel (8x320x64x64:
+        # 91 vs 112 us on an H200), and the error is PyTorch's own kernel's (3e-4 against float32); bfloat16 (8-bit
+        # mantissa) and float32 keep float32 a, b
         ab = torch.float16 if x.dtype == torch.float16 else torch.float32
-        y = torch.addcmul(b.view(B, 1, C).to(ab), x3, a.view(B, 1, C).to(ab), out=torch.empty_like(x3))
+        sums = x3.new_empty(2, B, C, dtype=torch.float32)  # per channel: sums of x and of x^2 (few, small kernels)
+        torch.sum(x3, 1, dtype=torch.float32, out=sums[0])
+        torch.linalg.vector_norm(x3, dim=1, dtype=torch.float32, out=sums[1])
+        sums[1].square_()
+        mean, ex2 = sums.view(2, B, groups, -1).sum(3).div_(n)  # [B, G] each
+        rstd = torch.addcmul(ex2, mean, mean, value=-1).clamp_min_(0).add_(eps).rsqrt_()  # E[x^2] - mean^2
+        a = torch.mul(rstd[:, :, None], weight.view(groups, -1), out=x3.new_empty(B, groups, C // groups, dtype=ab))
+        b = torch.addcmul(bias.view(groups, -1), mean[:, :, None], a, value=-1, out=torch.empty_like(a))  # beta - mean a
+        ctx.save_for_backward(x, weight, mean, rstd, a)
+        y = torch.addcmul(b.view(B, 1, C), x3, a.view(B, 1, C), out=torch.empty_like(x3))
         return y.view(B, H, W, C).permute(0, 3, 1, 2)
 
     @staticmethod

@@ -35,9 +35,11 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompts):
-        """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype."""
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts).to(self.dtype)
+    def encode_prompt(self, prompts, cuda_graph=False):
+        """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype (cuda_graph: the text encoder
+        replayed from a CUDA graph)."""
+        run = (lambda ids: graphs.encode_text(self.text_encoder, ids)) if cuda_graph else None
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, run).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -55,9 +57,9 @@ class StableDiffusion:
         The initial latents are torch.randn((B, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))
         in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 noise continues the same stream.
         cuda_graph=True (CUDA only): each guided U-Net step is one replay of a CUDA graph (minisd.graphs), captured
-        on first use per batch, size, dtype and guidance, without the kernel-launch overhead; it also stores the
-        U-Net's and the VAE's conv weights channels_last (same function, other cuDNN kernels: fp16-rounding-level
-        differences)."""
+        on first use per batch, size, dtype and guidance, without the kernel-launch overhead (the text encoder too,
+        per batch); it also stores the U-Net's and the VAE's conv weights channels_last (same function, other cuDNN
+        kernels: fp16-rounding-level differences)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = height or self.native_size, width or self.native_size
         f = self.vae.cfg.downscale
@@ -70,7 +72,9 @@ class StableDiffusion:
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
         cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
-        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
+        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, cuda_graph)
         graphed = None
         if cuda_graph:
             graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None,

@@ -53,12 +53,13 @@ def load_tokenizer(path):
             f"tokenizer_config.json special_tokens_map.json`") from None
 
 
-def encode_prompts(tokenizer, text_encoder, prompts):
+def encode_prompts(tokenizer, text_encoder, prompts, run=None):
     """list of str -> (B, 77, width): padded to the model's length with the end-of-text token, truncated beyond it
-    (with a warning that says how many tokens were dropped)."""
+    (with a warning that says how many tokens were dropped). run(ids) -> last hidden state, if given, runs the model
+    (minisd.graphs.encode_text: from a CUDA graph)."""
     prompts, n = list(prompts), tokenizer.model_max_length
     for prompt, full in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
         if len(full) > n:
             warnings.warn(f"prompt longer than {n} tokens, the last {len(full) - n} dropped: {prompt[:60]!r}...", stacklevel=2)
     ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+    return run(ids) if run else text_encoder(ids.to(text_encoder.device)).last_hidden_state

@@ -164,6 +164,19 @@ def test_graph_sampling_matches_eager(lora_sd, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_text_encoder_graph_follows_new_prompts(lora_sd):
+    """The text encoder replayed from a graph returns a new tensor per call: a second prompt list after the first
+    gives its own embeddings (and the sampler's guided graph sees a new context), equal to the eager encoder's."""
+    import copy
+    sd = copy.copy(lora_sd)
+    sd.text_encoder = copy.deepcopy(lora_sd.text_encoder).cuda()
+    first = sd.encode_prompt(["a cat", ""], cuda_graph=True)
+    second = sd.encode_prompt(["a dog", "x"], cuda_graph=True)
+    assert rel(first, sd.encode_prompt(["a cat", ""])) < 1e-5 and rel(second, sd.encode_prompt(["a dog", "x"])) < 1e-5
+    assert rel(first, second) > 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_guided_graph_forms_and_a_new_context(lora_sd, monkeypatch):
     """The step with every capture-time form (the context's cross-attention keys/values cached, 1x1 convolutions as
     GEMMs, folded biases) equals the plain captured step, and follows a new context: another tensor, or the same one

@@ -173,7 +173,7 @@ def test_export_round_trips_and_diffusers_reads_the_folder(layouts, tmp_path):
     assert (ours - theirs).abs().max() < 1 / 255
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 1e-2)])
 def test_channels_last_group_norm_matches_pytorch(dtype, tol):
     """minisd.groupnorm's channels_last path: values and input gradient against F.group_norm (float32), with a
     mean of the size of the spread (E[x^2] - mean^2 must not lose the variance)."""
