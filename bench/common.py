@@ -160,10 +160,10 @@ def graphed(fn, device, warmup=3, repeat=1):
     tensors become the graph's buffers."""
     if torch.device(device).type != "cuda":
         return fn
-    from minisd.graphs import _warm_up
+    from minisd.graphs import _capture, _warm_up
     _warm_up(fn, warmup)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with _capture(g):
         for _ in range(repeat):
             fn()
     return g.replay

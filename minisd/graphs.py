@@ -45,11 +45,25 @@ from .forms import (FORMS, adapted, applied, cfg_prefix, folded_biases, gemm_1x1
 from .unet import BasicTransformerBlock
 
 _GRAPHS = weakref.WeakKeyDictionary()  # unet -> {"sig": signature, "graphs": {key: GuidedUNetGraph}, "packs": {}}
+_SIDE_STREAMS = {}  # device index -> the one stream of all warm-ups and captures on it
+
+
+def _side_stream():
+    """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace per stream it has run on
+    (32 MB here, H200), so a new stream per capture would hold another one for as long as the process lives."""
+    device = torch.cuda.current_device()
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream()
+    return _SIDE_STREAMS[device]
+
+
+def _capture(graph, pool=None):
+    return torch.cuda.graph(graph, pool=pool, stream=_side_stream())
 
 
 def _warm_up(fn, n):
-    """Run fn n times on a side stream (as capture requires): allocator, cuDNN/cuBLAS handles and autotuning settle."""
-    side = torch.cuda.Stream()
+    """Run fn n times on the side stream (as capture requires): allocator, cuDNN/cuBLAS handles and autotuning settle."""
+    side = _side_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(n):
@@ -93,7 +107,7 @@ class GuidedUNetGraph:
                 kv = lambda: [p(self.ctx) for p in projections]
                 _warm_up(kv, 1)
                 self.kv_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.kv_graph):
+                with _capture(self.kv_graph):
                     self.kv = kv()  # static outputs, which the step graph reads
                 self.kv_graph.replay()
                 layer_forms.update({p: (lambda c, out=out: out) for p, out in zip(projections, self.kv)})
@@ -107,7 +121,7 @@ class GuidedUNetGraph:
             with applied(layer_forms):
                 _warm_up(self._step, warmup)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, pool=self.kv_graph.pool() if self.kv_graph else None):
+                with _capture(self.graph, pool=self.kv_graph.pool() if self.kv_graph else None):
                     self.eps = self._step()
 
     def _step(self):
@@ -177,7 +191,7 @@ class ReplayedCall:
         with torch.no_grad():
             _warm_up(lambda: fn(*self.inputs), warmup)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with _capture(self.graph):
                 self.out = fn(*self.inputs)
 
     def __call__(self, *inputs):
@@ -253,16 +267,16 @@ class TrainStepGraph:
         self._zero_grads()
         self.graph = torch.cuda.CUDAGraph()
         if reduce_grads is None:
-            with torch.cuda.graph(self.graph):
+            with _capture(self.graph):
                 self.loss = self._forward_backward()
                 self._update()
             self.update_graph = None
         else:  # two graphs sharing one memory pool; the flat gradient tensor was allocated outside both
             self.update_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with _capture(self.graph):
                 self.flat.zero_()
                 self.loss = self._forward_backward()
-            with torch.cuda.graph(self.update_graph, pool=self.graph.pool()):
+            with _capture(self.update_graph, pool=self.graph.pool()):
                 self._update()
         with torch.no_grad():  # undo the warm-up steps: the graph starts from the state we were given
             for p, s in zip(self.params, saved):
