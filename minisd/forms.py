@@ -71,15 +71,27 @@ def _conv1x1_as_gemm(x, conv, bias):
     return F.linear(x.permute(0, 2, 3, 1), w, bias).permute(0, 3, 1, 2)
 
 
+def adapted(m):
+    """A lora layer, duck-typed (minisd does not import lora): named adapters and an `active()` method. (Not hasattr:
+    for a missing attribute nn.Module.__getattr__ raises, slow over the ~1,000 modules of an SD U-Net.)"""
+    return "adapters" in m._modules and callable(getattr(type(m), "active", None))
+
+
+def runs_plain(m, kind):
+    """m computes kind's own forward now: a plain layer, or an adapter wrapper (a subclass) whose adapters are all
+    merged, disabled or at gain 0."""
+    return isinstance(m, kind) and (type(m) is kind or (adapted(m) and not m.active()))
+
+
 def gemm_1x1(unet):
-    """{conv: forward} for plain nn.Conv2d 1x1 layers (not adapter wrappers), as GEMMs."""
+    """{conv: forward} for 1x1 convolutions that run plain (runs_plain), as GEMMs."""
     return {m: (lambda x, m=m: _conv1x1_as_gemm(x, m, m.bias)) for m in unet.modules()
-            if type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
-            and m.dilation == (1, 1) and m.groups == 1}
+            if runs_plain(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)
+            and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1}
 
 
 def _plain(m, kind):
-    return type(m) is kind and m.bias is not None  # not an adapter wrapper (a subclass)
+    return runs_plain(m, kind) and m.bias is not None
 
 
 def folded_biases(unet, packs, fold_skip=True):
@@ -100,12 +112,6 @@ def folded_biases(unet, packs, fold_skip=True):
             forms[conv2] = lambda x, m=conv2: no_bias(x, m)
             forms[skip] = lambda x, m=skip, b=b: _conv1x1_as_gemm(x, m, b)
     return forms
-
-
-def adapted(m):
-    """A lora layer, duck-typed (minisd does not import lora): named adapters and an `active()` method. (Not hasattr:
-    for a missing attribute nn.Module.__getattr__ raises, slow over the ~1,000 modules of an SD U-Net.)"""
-    return "adapters" in m._modules and callable(getattr(type(m), "active", None))
 
 
 def time_table(unet, timesteps, dtype, packs, key=()):
@@ -146,9 +152,9 @@ def silu_nhwc(unet):
 
 
 def _weight(m, packs):
-    """The weight a capture runs this Linear with: its own, or W' of its unmerged adapters (packed_adapters'
-    "weight" form, already in packs); None when it runs otherwise."""
-    if type(m) is torch.nn.Linear:
+    """The weight a capture runs this Linear with: its own (runs_plain: merged adapters are in it), or W' of its
+    unmerged adapters (packed_adapters' "weight" form, already in packs); None when it runs otherwise."""
+    if runs_plain(m, torch.nn.Linear):
         return m.weight
     packed = packs.get(("weight", id(m))) if adapted(m) else None
     return packed[0] if packed else None
@@ -212,7 +218,7 @@ def _upsample_conv(x, w, b):
 def subpixel_upsample(unet, packs):
     """{Upsample: forward} for plain 3x3 convolutions with channels_last weights; the phase weights kept in `packs`."""
     return {m: (lambda x, wb=_kept(packs, ("upsample", id(m)), lambda: _phase_weights(m.conv)): _upsample_conv(x, *wb))
-            for m in unet.modules() if isinstance(m, Upsample) and type(m.conv) is torch.nn.Conv2d
+            for m in unet.modules() if isinstance(m, Upsample) and runs_plain(m.conv, torch.nn.Conv2d)
             and m.conv.weight.is_contiguous(memory_format=torch.channels_last)}
 
 

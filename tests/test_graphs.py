@@ -129,6 +129,10 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
         assert len(fused) == 32 and rel(adapted, ref) > 1e-2
         with forms.applied(packed), forms.applied(fused):
             assert rel(unet(both, 500, ctx), adapted) < 1e-5
+        lora.merge(unet, "a")  # the wrappers now run their (merged) weight: the forms take it, as for plain layers
+        assert not forms.packed_adapters(unet, {}) and len(forms.stacked_qkv(unet, {})) == len(forms.split_geglu(unet, {})) == 16
+        with forms.applied({**forms.stacked_qkv(unet, {}), **forms.split_geglu(unet, {})}):
+            assert rel(unet(both, 500, ctx), adapted) < 1e-5
 
 
 def test_signature_follows_adapter_changes(lora_sd):
