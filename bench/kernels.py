@@ -6,6 +6,8 @@ train: forward + backward of the frozen SD 1.4 U-Net with rank-16 adapters on at
        base, bf16 autocast or none, channels_last), as bench/overhead.py's minisd+fused rows; batch 8 and 32.
        Also which lines copy how many MB (forward: the calling lines; backward: the autograd node).
 sample: one guided step (fp16, CFG: the U-Net on batch 2), no autograd, channels_last.
+graph: the sampler's guided step as minisd.graphs captures it (all forms), batch 1 and 4: every kernel of the graph
+       replay, by kind; compute (attention, convolutions, GEMMs) vs memory-bound kernels vs the time between kernels.
 ops: the same step per aten op and input shapes (torch.profiler's self CUDA time; kernel rows left out).
 Eager calls under torch.profiler (the kernels are those the CUDA graphs replay); CUDA time summed per kernel name
 and per kind. Also: the training row timed from a CUDA graph with each SDPA backend forced.
@@ -118,7 +120,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="8,32")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--sections", default="groupnorm,copies,profile,ops,sdpa")
+    p.add_argument("--sections", default="groupnorm,copies,profile,ops,graph,sdpa")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     dev = torch.device("cuda")
@@ -191,6 +193,35 @@ def main(argv=None):
         rec.meta["ops"] = {"sample fp16 b1": rows}
         rec.add(section="ops", case="sample fp16 b1", total_ms=round(total, 2))  # also writes the JSON
         log(table(rows, ["ms", "pct", "calls", "op", "shapes"]))
+    for B in (1, 4) if "graph" in sections else ():  # the sampler's step as it runs: the kernels of its CUDA graph
+        try:
+            from minisd.graphs import GuidedUNetGraph
+            sample_step()  # builds the fp16 U-Net
+            free(dev)
+            x = torch.randn(B, 4, 64, 64, device=dev, dtype=torch.float16)
+            ctx = torch.randn(2 * B, 77, 768, device=dev, dtype=torch.float16)
+            graph = GuidedUNetGraph(unet_h, x, ctx, 7.5)
+            replay = lambda: graph(x, 501, ctx)
+            ms = time_ms(replay, dev, iters=20)
+            per_kernel = profile(replay, steps=5)
+            total = sum(v[0] for v in per_kernel.values())
+            kinds = defaultdict(float)
+            for k, (kms, _) in per_kernel.items():
+                kinds[kind(k)] += kms
+            compute = sum(kinds[k] for k in ("attention", "conv", "matmul"))
+            name = f"guided graph fp16 b{B}"
+            rec.add(section="kinds", case=name, total_ms=round(total, 2), replay_ms=round(ms, 2),
+                    between_kernels_ms=round(ms - total, 2), kernels=round(sum(v[1] for v in per_kernel.values())),
+                    compute_ms=round(compute, 2), memory_bound_ms=round(total - compute, 2),
+                    **{k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+            top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
+            rows = [dict(case=name, kernel=k[:110], kind=kind(k), ms=round(kms, 3), pct=round(100 * kms / total, 1),
+                         calls=round(n)) for k, (kms, n) in top]
+            rec.meta.setdefault("top", {})[name] = rows
+            log(table(rows, ["kind", "ms", "pct", "calls", "kernel"]))
+            del graph
+        except Exception as e:
+            rec.error(f"graph b{B}", e)
     # SDPA backends on the training row, replayed from a graph
     for B in batches if "sdpa" in sections else []:
         for backend in ["default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"]:
@@ -207,7 +238,8 @@ def main(argv=None):
                 rec.add(section="sdpa", batch=B, backend=backend, ms=round(ms, 2))
             except Exception as e:
                 rec.error(f"sdpa {backend} b{B}", e)
-    log(table([r for r in rec.rows if r["section"] == "kinds"], ["case", "total_ms", *(k for k, _ in KINDS), "other"]))
+    log(table([r for r in rec.rows if r["section"] == "kinds"], ["case", "total_ms", "replay_ms", "between_kernels_ms",
+                                                                "compute_ms", "memory_bound_ms", *(k for k, _ in KINDS), "other"]))
     log(table([r for r in rec.rows if r["section"] == "sdpa"], ["batch", "backend", "ms"]))
 
 
