@@ -2,8 +2,8 @@
 CUDA graph capture (minisd.graphs.GuidedUNetGraph) sets them on the modules, `with applied({module: forward})`, and
 the modules' own forwards come back afterwards: the model code is unchanged, and eager runs never see them.
 
-FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: 9.2 % off a guided SD 1.4 step at batch 1, 9.42 ->
-8.55 ms on an H200):
+FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: a guided SD 1.4 step at batch 1 takes 8.08
+instead of 9.16 ms on an H200, 20.2 instead of 23.1 at batch 4):
 "context_kv"  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
               fixed for a whole sampling run: a second, small graph computes them when the context changes, and
               the step graph reads them (32 fewer GEMMs per step; built by GuidedUNetGraph, which owns that graph)
@@ -26,10 +26,11 @@ FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: 9.2 % off 
 "cfg_prefix"  a guided step runs the U-Net on [x, x]: until the first cross-attention both halves are the same, so
               the layers before it (conv_in, the first ResBlock, the first self-attention) run on one half and
               their outputs are concatenated to both
-Layers wrapped by LoRA adapters keep their own forward, or the packed form of packed_adapters (also here), whose
-merged weights "qkv" and "geglu" also use. Some
-forms read tensors made once (summed biases, the table, packed weights): they live in the caller's `packs` dict,
-because a graph reads them at their address for as long as it lives.
+Layers wrapped by LoRA adapters with unmerged adapters keep their own forward, or the packed form of
+packed_adapters (also here), whose merged weights "qkv" and "geglu" also use; wrappers whose adapters are all merged,
+disabled or at gain 0 count as plain layers (runs_plain). Some forms read tensors made once (summed biases, the
+table, packed weights): they live in the caller's `packs` dict, because a graph reads them at their address for as
+long as it lives.
 """
 import contextlib
 
@@ -163,9 +164,8 @@ def _weight(m, packs):
 def stacked_qkv(unet, packs):
     """{attn1: forward}: self-attention with q, k, v from one GEMM; the stacked weights are kept in `packs`."""
     forms = {}
-    for block in unet.modules():
-        a = block.attn1 if isinstance(block, BasicTransformerBlock) else None
-        ws = [_weight(p, packs) for p in (a.to_q, a.to_k, a.to_v)] if a is not None else [None]
+    for a in [b.attn1 for b in unet.modules() if isinstance(b, BasicTransformerBlock)]:
+        ws = [_weight(p, packs) for p in (a.to_q, a.to_k, a.to_v)]
         if any(w is None for w in ws):
             continue
         w = _kept(packs, ("qkv", id(a)), lambda: torch.cat(ws))
@@ -182,8 +182,8 @@ def split_geglu(unet, packs):
     """{GEGLU: forward}: its projection's two halves as two GEMMs. Their outputs are contiguous, so the GELU and the
     product run as vectorised kernels (on the halves of one output, strided views, they do not)."""
     forms = {}
-    for m in unet.modules():
-        w = _weight(m.proj, packs) if isinstance(m, GEGLU) else None
+    for m in [m for m in unet.modules() if isinstance(m, GEGLU)]:
+        w = _weight(m.proj, packs)
         if w is not None:
             n = m.proj.out_features // 2
             forms[m] = lambda x, wa=w[:n], wg=w[n:], ba=m.proj.bias[:n], bg=m.proj.bias[n:]: (
