@@ -205,8 +205,8 @@ class ReplayedCall:
 
 
 def encode_text(text_encoder, ids):
-    """text_encoder(ids).last_hidden_state replayed from a CUDA graph (captured per shape), as a new tensor: the
-    12-layer CLIP tower of SD 1.4 is ~150 small kernels, launch-bound when eager."""
+    """text_encoder(ids).last_hidden_state replayed from a CUDA graph (captured per shape), as a new tensor: SD 1.4's
+    12-layer CLIP tower runs small kernels, launch-bound when eager."""
     ids = ids.to(text_encoder.device)
     call = _cached(text_encoder, (tuple(ids.shape), ids.device),
                    lambda packs: ReplayedCall(lambda i: text_encoder(i).last_hidden_state, [ids]))
