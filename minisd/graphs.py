@@ -190,6 +190,8 @@ class ReplayedCall:
     returns the static output (overwritten by the next call)."""
 
     def __init__(self, fn, inputs, warmup=2):
+        if any(t.device.type != "cuda" for t in inputs):
+            raise ValueError(f"CUDA graphs need a CUDA device, the inputs are on {inputs[0].device}")
         self.inputs = [t.detach().clone() for t in inputs]
         with torch.no_grad():
             _warm_up(lambda: fn(*self.inputs), warmup)
