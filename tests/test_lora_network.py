@@ -195,7 +195,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(unet, inputs):
     for checkpointing in (False, True):
         unet.gradient_checkpointing = checkpointing
         grads.append(torch.autograd.grad(unet(*inputs).square().mean(), params))
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    for a, b in zip(*grads):  # the same computation twice (a tolerance: it may be allocated and rounded differently)
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-12)
 
 
 def test_training_step_touches_only_the_trained_adapter(unet, inputs):
@@ -225,7 +226,7 @@ def test_enable_disable_remove(unet, lora_sd, inputs):
         assert not torch.allclose(y_both, y0)
         lora.enable(unet, "style", False)
         lora.enable(unet, "identity", False)
-        assert torch.equal(unet(*inputs), y0)
+        assert_rel_close(unet(*inputs), y0, 1e-6)
         lora.enable(unet, "style")
         lora.enable(unet, "identity")
         lora.merge(unet, "identity")
@@ -236,7 +237,7 @@ def test_enable_disable_remove(unet, lora_sd, inputs):
         assert type(unet.input_blocks[1][1].proj_in) is nn.Conv2d
         original = lora_sd.unet.state_dict()
         assert all(torch.equal(v, original[k]) for k, v in unet.state_dict().items())
-        assert torch.equal(unet(*inputs), y0)
+        assert_rel_close(unet(*inputs), y0, 1e-6)
 
 
 def test_errors(unet):

