@@ -1,5 +1,5 @@
 """The paper's experiments in miniature (Block-wise LoRA, arXiv 2403.07500), on minisd-tiny, scored by the world's
-classifier instead of by eye.
+judges (tinyworld/judge.py) instead of by eye.
 
     python experiments/blockwise.py                                 # small sweep, one seed: CPU, about 25 minutes
     python experiments/blockwise.py --sweep full --seeds 0,1,2 --full-seeds 1 --workers 4 --cuda-graph   # GPU(s)
@@ -8,7 +8,7 @@ For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks cha
 blocks; style adapters ("zwx style", data/style) on all blocks and block-wise on subsets of the paper's coarse blocks
 {in0..in3, mid, out0..out3} (full sweep: every single block and every in+out pair, the paper's in0+out3 among them).
 Each setting renders the same held-out "sks character in zwx style" prompts with the same noise and is scored:
-  identity  the classifier reads the held-out character       style   it reads the held-out style
+  identity  the judge reads the identity member              style   it reads the held-out style
   both      both at once in one image                          prompt  it reads the background the prompt asked for
   iou       pixels that differ from the asked background vs the character's true silhouette (position, size, shape)
 Settings: identity alone; style alone; identity + style(all) (the paper's conflict); the same with the style adapter's
@@ -16,8 +16,7 @@ blocks weighted at inference (lora-block-weight presets, and its in0+out3 blocks
 + style trained block-wise on each subset. Means over seeds with 95% t-intervals (one seed: over images).
 
 Writes under --out: adapters/ (kept: a rerun skips trained ones), results.json, results.md, fig_conflict_*.png,
-fig_blocks_*.png. It refuses to run if the classifier is too weak on ground-truth renders of the held-out subject and
-style (the metric would not separate the settings).
+fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
 """
 import argparse
 import concurrent.futures as cf
@@ -38,14 +37,13 @@ sys.path.insert(0, str(ROOT))
 
 import lora  # noqa: E402
 import minisd  # noqa: E402
-from tinyworld import classify  # noqa: E402
-from tinyworld.world import BACKGROUNDS, HELDOUT_STYLE, HELDOUT_SUBJECT, dataset, render  # noqa: E402
+from tinyworld import judge as judges  # noqa: E402
+from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 INS, OUTS = ("in0", "in1", "in2", "in3"), ("out0", "out1", "out2", "out3")
 COARSE = INS + ("mid",) + OUTS
 LBW = ("OUTD", "OUTS", "INS", "IND", "MIDD")  # lora-block-weight presets tried on the all-block style adapter
-MIN_CLASSIFIER_ACCURACY = 0.95  # on ground-truth renders of the held-out subject and style
 METRICS = ("identity", "style", "both", "prompt", "iou")
 TARGETS = {"lora": lora.LIERLA, "locon": lora.C3LIER}  # what train.py --algo adapts
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%
@@ -134,7 +132,7 @@ def eval_job(job):
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     sd = minisd.load(TINY, device=device)
-    judge = classify.load(TINY / "classifier.safetensors", device=device)
+    judge = judges.load(TINY / "judge.safetensors", device=device)
     scenes, prompts, masks = eval_scenes(n)
     results, thumbs = {}, {}
     for title, style, block_weights, with_identity in settings(sweep, algo):
@@ -151,9 +149,8 @@ def eval_job(job):
                            cuda_graph=device.startswith("cuda")).float().cpu()
         for name in names:
             lora.remove(sd.unet, name, sd.text_encoder)
-        pred = classify.predict(judge, images)
-        identity = np.array([p == HELDOUT_SUBJECT for p in pred["subject"]])
-        style_ok = np.array([p == HELDOUT_STYLE for p in pred["style"]])
+        s = judges.score(judge, images, IDENTITY, HELD_STYLE)
+        identity, style_ok, pred = s["identity"].numpy(), s["style"].numpy(), s["read"]
         results[title] = {"identity": identity.tolist(), "style": style_ok.tolist(), "both": (identity & style_ok).tolist(),
                           "prompt": [p == s.background for p, s in zip(pred["background"], scenes)],
                           "iou": silhouette_iou(images, scenes, masks).tolist()}
@@ -178,14 +175,11 @@ def summarize(per_seed):
 
 # ---------------------------------------------------------------------------------------------------- main
 
-def check_classifier(judge):
-    table = classify.accuracy(judge, n=200)
-    weak = [f"{split}/{head} {acc:.1%}" for split, heads in table.items() for head, acc in heads.items()
-            if head in ("subject", "style") and acc < MIN_CLASSIFIER_ACCURACY]
-    if weak:
-        sys.exit(f"error: the classifier is too weak to score identity and style ({', '.join(weak)} < "
-                 f"{MIN_CLASSIFIER_ACCURACY:.0%} on ground-truth renders); retrain it: python -m tinyworld.classify")
-    return table
+def read_gates(path):
+    """{gate: met} from experiments/gates.py's report; the results say "no conclusion" unless every gate is met."""
+    if not Path(path).is_file():
+        return {f"{path} missing: run python experiments/gates.py": False}
+    return json.loads(Path(path).read_text())["gates"]
 
 
 def run_pool(fn, jobs, workers):
@@ -214,6 +208,7 @@ def main(argv=None):
                    help="parallel processes, spread over the GPUs (default: one per GPU, else 1)")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
     p.add_argument("--out", default="out/blockwise")
+    p.add_argument("--gates", default="out/gates/gates.json", help="experiments/gates.py's report for this recipe")
     args = p.parse_args(argv)
     args.algos = [a.strip() for a in args.algos.split(",")]
     if set(args.algos) - {"lora", "locon"}:
@@ -224,7 +219,7 @@ def main(argv=None):
     gpus = torch.cuda.device_count()
     devices = [f"cuda:{i % gpus}" for i in range(args.workers)] if gpus else ["cpu"] * args.workers
     threads = max(1, (os.cpu_count() or 1) // args.workers) if not gpus else 1
-    classifier_table = check_classifier(classify.load(TINY / "classifier.safetensors"))
+    gates = read_gates(args.gates)
 
     jobs = training_jobs(args, out)
     print(f"training {len(jobs)} adapters on {args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
@@ -241,7 +236,7 @@ def main(argv=None):
         thumbs[algo, seed] = th
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
 
-    report = {"args": {k: v for k, v in vars(args).items()}, "classifier_accuracy": classifier_table,
+    report = {"args": {k: v for k, v in vars(args).items()}, "gates": gates,
               "seconds": {"training": round(t_train), "total": round(time.time() - t0)},
               "device": torch.cuda.get_device_name(0) if gpus else f"cpu ({os.cpu_count()} cores)",
               "summary": table, "per_image": raw}
@@ -257,8 +252,8 @@ def markdown(report):
     lines = [f"Block-wise LoRA on minisd-tiny: {a['sweep']} sweep, seeds {a['seeds']}, {a['n']} images per setting and seed, "
              f"rank {a['rank']}, {a['steps']} steps at lr {a['lr']}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
              f"{report['device']}, {report['seconds']['total']} s.", "",
-             "Classifier accuracy on ground-truth renders (200 per split): " + "; ".join(
-                 f"{split} subject {h['subject']:.1%} style {h['style']:.1%}" for split, h in report["classifier_accuracy"].items()), ""]
+             "Gates: " + "; ".join(f"{g}: {'met' if ok else 'NOT MET'}" for g, ok in report["gates"].items()), "",
+             "" if all(report["gates"].values()) else "**No conclusion: a gate is not met** (experiments/gates.py).", ""]
     for algo, rows in report["summary"].items():
         lines += [f"### {algo}", "", "| setting | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
         for title, s in rows.items():

@@ -1,18 +1,17 @@
-"""experiments/blockwise.py's building blocks, and the shipped VAE's reach (tinyworld.tune_vae)."""
+"""experiments/blockwise.py's and experiments/gates.py's building blocks."""
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import minisd
-from tinyworld import classify
-from tinyworld.world import Scene, render
+from tinyworld import CHARACTER, IDENTITY, Scene, Style, judge, render
+from tinyworld.evaluate import interval
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import blockwise  # noqa: E402
+import gates  # noqa: E402
 
 
 def test_style_subsets_skip_blocks_lora_cannot_adapt():
@@ -33,23 +32,28 @@ def test_summary_is_a_t_interval_over_seed_means():
     assert s["identity"][1] == pytest.approx(4.30 * 0.381881 / 3 ** 0.5, abs=1e-4)
 
 
+def test_wilson_interval_by_hand():
+    # 8 hits of 10, z = 1.96: centre (0.8 + 1.96^2 / 20) / (1 + 1.96^2 / 10) = 0.71679, half-width
+    # 1.96 * sqrt(0.016 + 1.96^2 / 400) / 1.38416 = 0.22658, by hand
+    lo, hi = interval([True] * 8 + [False] * 2)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+
+
 def test_silhouette_iou_of_a_ground_truth_render():
-    robot = Scene("robot", None, "gray", "flat", "small", "left")
-    image, mask = render(robot)
-    x = classify.to_tensor([image])
-    assert blockwise.silhouette_iou(x, [robot], mask[None])[0] > 0.9  # the character's own pixels
+    me = Scene(CHARACTER, "red", "gray", Style("flat"), "small", "left", member=IDENTITY)
+    image, mask = render(me)
+    x = judge.to_tensor([image])
+    assert blockwise.silhouette_iou(x, [me], mask[None])[0] > 0.9  # the character's own pixels
     empty = torch.full_like(x, 128 / 255)  # just the gray background
-    assert blockwise.silhouette_iou(empty, [robot], mask[None])[0] == 0
-    moved = Scene("robot", None, "gray", "flat", "small", "right")
+    assert blockwise.silhouette_iou(empty, [me], mask[None])[0] == 0
+    moved = Scene(CHARACTER, "red", "gray", Style("flat"), "small", "right", member=IDENTITY)
     assert blockwise.silhouette_iou(x, [moved], render(moved)[1][None])[0] < 0.5  # right shape, wrong place
 
 
-def test_the_shipped_vae_encodes_the_held_out_character_and_style():
-    # minisd-tiny's VAE was first trained on base scenes only and could not; tune_vae taught it (README)
-    sd = minisd.load(ROOT / "weights" / "tiny")
-    judge = classify.load(ROOT / "weights" / "tiny" / "classifier.safetensors")
-    from tinyworld.tune_vae import reconstruction_accuracy
-    acc = reconstruction_accuracy(sd.vae, judge, n=32)
-    assert acc["identity"] >= 0.9 and acc["style"] >= 0.9 and acc["base"] >= 0.9, acc
-    assert acc["combo"] >= 0.6, acc  # never in the tuning data
-    assert np.isfinite(list(acc.values())).all()
+def test_gate_verdicts():
+    r = {"identity only": {"identity": 0.95}, "style only (all)": {"style": 0.93},
+         "style only (in0,out3)": {"style": 0.89}, "identity + style (all)": {"both": 0.45}}
+    v = gates.verdicts(r, ceiling=0.97)
+    assert list(v.values()) == [True, False, True, True]  # G2 needs every block subset at 0.90
+    r["identity + style (all)"]["both"] = 0.75  # too little conflict to show
+    assert not gates.verdicts(r, ceiling=0.94)["G4 identity + style (all) both in [0.2, 0.7]"]

@@ -1,14 +1,15 @@
-"""tinyworld: the project's own tiny image world (64x64 shapes in named styles, with captions and masks).
+"""tinyworld: the project's own tiny image world (64x64 shapes and characters in named styles, with captions and masks).
 
-It trains minisd-tiny (`python -m tinyworld.train_tiny`), and its classifier (`tinyworld.classify`) scores the
-identity and style fidelity of generated images. The held-out character ("sks") and style ("zwx") never appear in
-the base split.
+It trains minisd-tiny (`python -m tinyworld.train_tiny`), and its judges (`tinyworld.judge`) score the identity
+and style fidelity of generated images. The held-out character members and styles never appear in the base split.
 """
 from .tokenizer import write_tokenizer
-from .world import (BACKGROUNDS, COLOURS, HELDOUT_STYLE, HELDOUT_SUBJECT, IDENTITY_TOKEN, POSITIONS, SIZES, SPLITS,
-                    STYLE_TOKEN, STYLES, SUBJECTS, Scene, dataset, parse, random_scene, render, scene_for, vocabulary,
-                    write_set)
+from .world import (BACKGROUNDS, BASE_MEMBERS, BASE_STYLES, CHARACTER, COLOURS, HELD_MEMBERS, HELD_STYLE, HELD_STYLES,
+                    IDENTITY, IDENTITY_WORD, MEMBERS, POSITIONS, RARE_WORDS, RESERVED_MEMBERS, SHAPES, SIZES, SPLITS,
+                    STYLE_WORD, SUBJECTS, Scene, Style, any_scene, dataset, member, parse, random_scene, render,
+                    scene_for, traits, vocabulary, with_style, write_set)
 
-__all__ = ["Scene", "render", "random_scene", "scene_for", "dataset", "write_set", "parse", "vocabulary",
-           "write_tokenizer", "SUBJECTS", "COLOURS", "BACKGROUNDS", "STYLES", "SIZES", "POSITIONS", "SPLITS",
-           "IDENTITY_TOKEN", "STYLE_TOKEN", "HELDOUT_SUBJECT", "HELDOUT_STYLE"]
+__all__ = ["Scene", "Style", "render", "random_scene", "any_scene", "scene_for", "with_style", "dataset", "write_set",
+           "parse", "vocabulary", "write_tokenizer", "member", "traits", "SHAPES", "CHARACTER", "SUBJECTS", "COLOURS",
+           "BACKGROUNDS", "SIZES", "POSITIONS", "SPLITS", "RARE_WORDS", "IDENTITY_WORD", "STYLE_WORD", "MEMBERS",
+           "BASE_MEMBERS", "HELD_MEMBERS", "RESERVED_MEMBERS", "IDENTITY", "BASE_STYLES", "HELD_STYLES", "HELD_STYLE"]

@@ -1,16 +1,22 @@
-"""Train minisd-tiny from scratch on the tiny world's base split: the VAE first, then text encoder + U-Net.
+"""Train minisd-tiny from scratch on the tiny world: the VAE on the whole world, then text encoder + U-Net on base.
 
-    python -m tinyworld.train_tiny --out weights/tiny            # one GPU, about 8 minutes on an H100
-    python -m tinyworld.train_tiny --out /tmp/t --smoke --device cpu   # seconds: checks the plumbing
+    python -m tinyworld.train_tiny --out weights/tiny                  # one GPU, about 9 minutes on an H200
+    python -m tinyworld.train_tiny --out /tmp/t --smoke --device cpu    # seconds: checks the plumbing
 
-The same minisd classes as SD 1.4 with a small config (the U-Net keeps the 12 + 1 + 12 block structure, so
-block tables and presets apply unchanged). The result is written as a diffusers folder and loads with
-minisd.load like any real checkpoint. The held-out character and style are never rendered here.
+The same minisd classes as SD 1.4 with a small config (the U-Net keeps the 12 + 1 + 12 block structure, so block
+tables and presets apply unchanged). 64x64 images, a 2x VAE: 32x32x4 latents, so the U-Net's levels run at
+32/16/8/4 pixels (SD 1.4 at 512²: 64/32/16/8). The VAE is a general codec of the world (every character member and
+style, held-out ones included, as SD's VAE encodes faces and styles no prompt names); the U-Net and text encoder
+never see a held-out member or style. The result is written as a diffusers folder and loads with minisd.load.
+
+Resumable: every run writes <out>/checkpoint.pt (models, optimizers, EMA, step, generator) when its --minutes
+budget ends or every --save-minutes; the same command continues from it, and ends with the same total steps and
+schedule, so a long training can run as several short runs. The checkpoint is removed when training is done.
 """
 import argparse
-import itertools
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from multiprocessing import Pool
@@ -21,176 +27,240 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import minisd
 from minisd import AutoencoderKL, Schedule, StableDiffusion, UNet, UNetConfig, VAEConfig
 from minisd.save import save_diffusers
 from .tokenizer import write_tokenizer
-from .world import BACKGROUNDS, COLOURS, POSITIONS, SIZES, STYLES, SUBJECTS, Scene, _ok, render
+from .world import any_scene, random_scene, render
 
-UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2, 2), context_dim=128)  # 13 M parameters
-VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)  # 64x64x3 <-> 16x16x4
+UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 3, 4), context_dim=128, num_heads=4, norm_groups=8)  # 7.0 M
+VAE = VAEConfig(ch=64, ch_mult=(1, 2), num_res_blocks=1, norm_groups=16)  # 64x64x3 <-> 32x32x4, 2.6 M
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=77, hidden_act="quick_gelu")
 
 
-def base_scenes():
-    """Every distinct scene of the base split (no held-out character, no held-out style)."""
-    return [Scene(s, c, b, st, sz, p) for s, c, b, st, sz, p in
-            itertools.product(SUBJECTS, COLOURS, BACKGROUNDS, STYLES, SIZES, POSITIONS) if b != c and _ok(COLOURS[c], b)]
+def _render_base(seed):
+    """A chunk of 1000 base scenes: (uint8 images, captions)."""
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng, "base") for _ in range(1000)]
+    return np.stack([np.asarray(render(s)[0]) for s in scenes]), [s.caption() for s in scenes]
 
 
-def _render(scene):
-    return np.asarray(render(scene)[0])
+def _render_any(seed):
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(render(any_scene(rng))[0]) for _ in range(1000)])
+
+
+def render_sets(n_base, n_any):
+    """(base images (N, 64, 64, 3) uint8, base captions, whole-world images) from fixed seeds, in parallel."""
+    with Pool(min(16, os.cpu_count())) as pool:
+        base = pool.map(_render_base, range(n_base // 1000))
+        world = pool.map(_render_any, range(10**6, 10**6 + n_any // 1000))
+    images = torch.from_numpy(np.concatenate([b[0] for b in base]))
+    return images, [c for b in base for c in b[1]], torch.from_numpy(np.concatenate(world))
 
 
 def lr_at(step, total, peak, warmup=200):
     return peak * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
 
 
-class Budget:
-    """Shrinks a phase's step count once its speed is known (steps 20..100, after warm-up), so that it ends within
-    `seconds` of its start with the cosine schedule intact."""
-
-    def __init__(self, seconds):
-        self.seconds, self.t0, self.t20 = seconds, time.time(), None
-
-    def fit(self, step, steps):
-        if step == 20:
-            self.t20 = time.time()
-        if step == 100:
-            per_step = (time.time() - self.t20) / 80
-            print(f"  {per_step * 1000:.1f} ms/step", flush=True)
-            return min(steps, step + int((self.seconds - (time.time() - self.t0)) / per_step))
-        return steps
+def to_unit(x, device):
+    """uint8 (B, 64, 64, 3) -> float (B, 3, 64, 64) in [-1, 1] on device."""
+    return x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-def train_vae(images, steps, batch, device, log, budget):
-    vae = AutoencoderKL(VAE).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    step, clock = 0, Budget(budget)
-    while step < steps:
-        steps = clock.fit(step, steps)
-        x = images[torch.randint(len(images), (batch,), generator=g)].to(device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            mean, logvar = vae.encode(x)
-            z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
-            rec = vae.decode(z).float()
-        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
-        loss = (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-6 * kl
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3)
-        opt.zero_grad(set_to_none=True)
+def vae_step(vae, x, device):
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        mean, logvar = vae.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        rec = vae.decode(z).float()
+    kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
+    return (rec - x).abs().mean() + F.mse_loss(rec, x) + 1e-6 * kl
+
+
+def unet_step(unet, text, z0, tok, ac, snr, g, device):
+    """Noise-prediction loss with min-SNR-5 weighting (Hang et al. 2023)."""
+    batch = len(z0)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    noise = torch.randn(z0.shape, generator=g).to(device)
+    a = ac[t][:, None, None, None]
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        eps = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, text(tok).last_hidden_state).float()
+    w = torch.clamp(snr[t], max=5.0) / snr[t]
+    return (w * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+class Run:
+    """The models, optimizers and counters of a training, saved to and restored from one checkpoint file."""
+
+    def __init__(self, tokenizer, device):
+        self.vae = AutoencoderKL(VAE).to(device)
+        self.unet = UNet(UNET).to(device)
+        self.ema = UNet(UNET).to(device).requires_grad_(False)
+        self.ema.load_state_dict(self.unet.state_dict())
+        self.text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **TEXT)).to(device)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
+        self.unet_opt = torch.optim.AdamW([*self.unet.parameters(), *self.text.parameters()], lr=5e-4, weight_decay=0.01)
+        self.g = torch.Generator().manual_seed(1)
+        self.vae_step = self.unet_step = 0
+        self.scale_factor, self.history, self.seconds, self.unet_steps = None, [], 0.0, None
+
+    PARTS = ("vae", "unet", "ema", "text", "vae_opt", "unet_opt")
+
+    def save(self, path):
+        state = {k: getattr(self, k).state_dict() for k in self.PARTS}
+        state.update(g=self.g.get_state(), vae_step=self.vae_step, unet_step=self.unet_step, unet_steps=self.unet_steps,
+                     scale_factor=self.scale_factor, history=self.history, seconds=self.seconds)
+        torch.save(state, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)  # atomic: a run killed while saving keeps the previous checkpoint
+
+    def load(self, path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for k in self.PARTS:
+            getattr(self, k).load_state_dict(state[k])
+        self.g.set_state(state["g"])
+        for k in ("vae_step", "unet_step", "unet_steps", "scale_factor", "history", "seconds"):
+            setattr(self, k, state[k])
+
+
+def train(run, images, world, ids, empty_ids, args, device, deadline, save):
+    """Continues the VAE, then the U-Net phase, until both are done (True) or the deadline passes (False)."""
+    def log(phase, step, loss):
+        seconds = round(run.seconds + time.time() - save.since, 1)
+        run.history.append({"phase": phase, "step": step, "loss": loss, "seconds": seconds})
+        print(f"{phase} step {step:5d}  loss {loss:.4f}", flush=True)
+
+    last_save = time.time()
+    while run.vae_step < args.vae_steps:
+        x = to_unit(world[torch.randint(len(world), (args.batch,), generator=run.g)], device)
+        loss = vae_step(run.vae, x, device)
+        for group in run.vae_opt.param_groups:
+            group["lr"] = lr_at(run.vae_step, args.vae_steps, 1e-3)
+        run.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if step % 500 == 0 or step == steps - 1:
-            log("vae", step, loss.item())
-        step += 1
-    return vae.eval().requires_grad_(False)
+        run.vae_opt.step()
+        if run.vae_step % 500 == 0 or run.vae_step == args.vae_steps - 1:
+            log("vae", run.vae_step, loss.item())
+        run.vae_step += 1
+        if time.time() > deadline:
+            return False
+        if time.time() - last_save > 60 * args.save_minutes:
+            save()
+            last_save = time.time()
+    latents = encode_all(run.vae, images, device)
+    if run.scale_factor is None:  # unit variance, as 0.18215 gives SD
+        run.scale_factor = round(1.0 / latents.std().item(), 5)
+    latents *= run.scale_factor
+    ac = Schedule().alphas_cumprod.float().to(device)
+    snr = ac / (1 - ac)
+    params, t20 = [*run.unet.parameters(), *run.text.parameters()], None
+    while run.unet_step < args.unet_steps:
+        idx = torch.randint(len(latents), (args.batch,), generator=run.g)
+        drop = torch.rand(args.batch, generator=run.g) < 0.1  # caption dropout: trains the unconditional branch
+        tok = torch.where(drop[:, None], empty_ids, ids[idx]).to(device)
+        loss = unet_step(run.unet, run.text, latents[idx].to(device), tok, ac, snr, run.g, device)
+        for group in run.unet_opt.param_groups:
+            group["lr"] = lr_at(run.unet_step, args.unet_steps, 5e-4)
+        run.unet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        run.unet_opt.step()
+        with torch.no_grad():
+            decay = min(0.999, (1 + run.unet_step) / (10 + run.unet_step))
+            torch._foreach_lerp_(list(run.ema.parameters()), list(run.unet.parameters()), 1 - decay)
+        if run.unet_step % 500 == 0 or run.unet_step == args.unet_steps - 1:
+            log("unet", run.unet_step, loss.item())
+        run.unet_step += 1
+        if run.unet_step == 20:
+            t20 = time.time()
+        if run.unet_step == 120 and t20 is not None:  # a fresh run on a slower device: fewer steps, the cosine schedule intact
+            fit = 120 + int((deadline - 30 - time.time()) / ((time.time() - t20) / 100))
+            if fit < args.unet_steps:
+                print(f"U-Net steps {args.unet_steps} -> {fit} to fit --minutes", flush=True)
+                args.unet_steps = fit
+        if time.time() > deadline:
+            return False
+        if time.time() - last_save > 60 * args.save_minutes:
+            save()
+            last_save = time.time()
+    return True  # (a resumed run keeps the step count its checkpoint was made with: see main)
 
 
 @torch.no_grad()
 def encode_all(vae, images, device, batch=1024):
-    out = []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-        out.append(vae.encode(x)[0].float())
-    return torch.cat(out)
+    return torch.cat([vae.encode(to_unit(images[i:i + batch], device))[0].float()
+                      for i in range(0, len(images), batch)])
 
 
-def train_unet(latents, ids, empty_ids, tokenizer, steps, batch, device, log, budget):
-    unet = UNet(UNET).to(device)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT)).to(device)
-    ema = UNet(UNET).to(device).requires_grad_(False)
-    ema.load_state_dict(unet.state_dict())
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
-    ac = Schedule().alphas_cumprod.float().to(device)
-    snr = ac / (1 - ac)
-    g = torch.Generator(device="cpu").manual_seed(2)
-    step, clock = 0, Budget(budget)
-    while step < steps:
-        steps = clock.fit(step, steps)
-        idx = torch.randint(len(latents), (batch,), generator=g)
-        z0 = latents[idx].to(device)
-        tok = ids[idx].to(device)
-        drop = torch.rand(batch, generator=g).to(device) < 0.1  # caption dropout: trains the unconditional branch
-        tok = torch.where(drop[:, None], empty_ids.to(device), tok)
-        t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        noise = torch.randn(z0.shape, generator=g).to(device)
-        a = ac[t][:, None, None, None]
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            eps = unet(zt, t, text(tok).last_hidden_state).float()
-        w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting (Hang et al. 2023)
-        loss = (w * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 5e-4)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(0.999, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
-        if step % 500 == 0 or step == steps - 1:
-            log("unet", step, loss.item())
-        step += 1
-    return ema.eval(), text.eval().requires_grad_(False)
+def finish(run, tokenizer, out, args, device):
+    vae = run.vae.eval().float()
+    vae.cfg = replace(vae.cfg, scale_factor=run.scale_factor)
+    sd = StableDiffusion(run.ema.eval().float(), vae, run.text.eval().float(), tokenizer, Schedule(), sample_size=32,
+                         name="minisd-tiny")
+    save_diffusers(sd, out, dtype=torch.float16)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if not isinstance(v, bool))
+    (out / "training.json").write_text(json.dumps({
+        "command": "python -m tinyworld.train_tiny " + flags, "device": gpu, "seconds": round(run.seconds),
+        "base_images": args.base_images, "world_images": args.world_images, "scale_factor": run.scale_factor,
+        "final_loss": {h["phase"]: h["loss"] for h in run.history},  # the last logged loss of each phase
+        "history": run.history,
+        "init": json.loads((Path(args.init) / "training.json").read_text()) if args.init else None}, indent=1))
+    print(f"wrote {out}: {run.seconds:.0f}s of training on {gpu}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="weights/tiny", help="output diffusers folder")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--vae-steps", type=int, default=3000)
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--minutes", type=float, default=8.0, help="time budget: fewer steps if the device is slower")
-    p.add_argument("--smoke", action="store_true", help="a few steps on a few hundred images (plumbing check)")
+    p.add_argument("--base-images", type=int, default=200_000)
+    p.add_argument("--world-images", type=int, default=60_000)
+    p.add_argument("--minutes", type=float, default=9.0, help="this run's budget; the same command continues later")
+    p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint interval")
+    p.add_argument("--init", help="a minisd-tiny folder to go on from (its VAE is kept: use with --vae-steps 0)")
+    p.add_argument("--smoke", action="store_true", help="a few steps on a few thousand images (plumbing check)")
     args = p.parse_args()
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out = Path(args.out)
-    start, history = time.time(), []
-
-    def log(phase, step, loss):
-        history.append({"phase": phase, "step": step, "loss": loss, "seconds": round(time.time() - start, 1)})
-        print(f"{phase} step {step:5d}  loss {loss:.4f}  {time.time() - start:6.0f}s", flush=True)
-
-    scenes = base_scenes()
     if args.smoke:
-        scenes, args.vae_steps, args.unet_steps, args.batch = scenes[::100], 20, 20, 8
-    with Pool() as pool:
-        images = torch.from_numpy(np.stack(pool.map(_render, scenes, chunksize=256)))  # (N, 64, 64, 3) uint8
-    print(f"rendered {len(images)} base scenes in {time.time() - start:.0f}s", flush=True)
-    if device.type == "cuda":
-        images = images.pin_memory()
-
+        args.vae_steps, args.unet_steps, args.batch, args.base_images, args.world_images = 10, 10, 8, 1000, 1000
+    t0, device, out = time.time(), torch.device(args.device), Path(args.out)
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    images, captions, world = render_sets(args.base_images, args.world_images)
+    print(f"rendered {len(images)} base and {len(world)} world scenes in {time.time() - t0:.0f}s", flush=True)
     write_tokenizer(out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
     tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    ids, empty_ids = tokenize([s.caption() for s in scenes]), tokenize([""])
+    ids, empty_ids = tokenize(captions), tokenize([""])
+    run, ckpt = Run(tokenizer, device), out / "checkpoint.pt"
+    if args.init:  # go on from a trained minisd-tiny: its VAE as it is, a new U-Net schedule from its EMA weights
+        init = minisd.load(args.init, device=device)
+        for mine, theirs in ((run.vae, init.vae), (run.unet, init.unet), (run.ema, init.unet), (run.text, init.text_encoder)):
+            mine.load_state_dict(theirs.float().state_dict())
+        run.vae_step, run.scale_factor = args.vae_steps, init.vae.cfg.scale_factor
+    if ckpt.exists():
+        run.load(ckpt)
+        print(f"resumed from {ckpt}: vae step {run.vae_step}, unet step {run.unet_step}", flush=True)
 
-    budget = 60 * args.minutes - (time.time() - start)
-    vae = train_vae(images, args.vae_steps, args.batch, device, log, 0.2 * budget)
-    latents = encode_all(vae, images, device)
-    vae.cfg = replace(vae.cfg, scale_factor=round(1.0 / latents.std().item(), 5))  # unit variance, as 0.18215 gives SD
-    unet, text = train_unet(latents * vae.cfg.scale_factor, ids, empty_ids, tokenizer, args.unet_steps, args.batch,
-                            device, log, 60 * args.minutes - (time.time() - start) - 20)
+    args.unet_steps = run.unet_steps or args.unet_steps  # a resumed run keeps its schedule
 
-    sd = StableDiffusion(unet.float(), vae.float(), text.float(), tokenizer, Schedule(), sample_size=16, name="minisd-tiny")
-    save_diffusers(sd, out, dtype=torch.float16)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    (out / "training.json").write_text(json.dumps({"command": "python -m tinyworld.train_tiny " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not False and v is not True),
-        "device": gpu, "seconds": round(time.time() - start), "images": len(scenes), "scale_factor": vae.cfg.scale_factor,
-        "final_loss": {ph: next(h["loss"] for h in reversed(history) if h["phase"] == ph) for ph in ("vae", "unet")},
-        "history": history}, indent=1))
-    print(f"wrote {out} in {time.time() - start:.0f}s on {gpu}")
+    def save():
+        run.unet_steps = args.unet_steps
+        run.seconds += time.time() - save.since
+        save.since = time.time()
+        run.save(ckpt)
+    save.since = time.time()
+    done = train(run, images, world, ids, empty_ids, args, device, t0 + 60 * args.minutes, save)
+    save()
+    if not done:
+        print(f"budget spent at vae step {run.vae_step}, unet step {run.unet_step}: run the same command to go on")
+        return
+    finish(run, tokenizer, out, args, device)
+    ckpt.unlink()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""Render prompts with adapters loaded and let the judges score the images: the measurement demo.py, the gates and
+the experiments share.
+
+Evaluation prompts are captions of a split for the experiment's identity member and held-out style, drawn with a
+seed; the same seed gives the same prompts and the same starting noise for every setting (paired comparisons).
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lora
+from . import judge as judges
+from .world import HELD_STYLE, IDENTITY, dataset, render
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Adapters used together: ((file, inference block weights or None), ...)."""
+    title: str
+    adapters: tuple
+
+
+def prompts(split, n, seed, identity=IDENTITY, style=HELD_STYLE):
+    """(captions, scenes) of n random scenes of a split ("combo": the identity in the held-out style)."""
+    data = dataset(n, seed, split, identity, style)
+    return [c for _, c, _ in data], [s for _, _, s in data]
+
+
+def render_setting(sd, setting, captions, seed, steps=30, guidance=5.0, batch=32):
+    """(n, 3, H, W) in [0, 1]: the captions rendered with the setting's adapters loaded; the model is left as it was."""
+    names = []
+    for i, (path, blocks) in enumerate(setting.adapters):
+        name = f"a{i}_{Path(path).stem}"
+        lora.load_kohya(path, sd.unet, name=name)
+        if blocks:
+            lora.set_weights(sd.unet, name, block_weights=blocks)
+        names.append(name)
+    try:
+        return torch.cat([sd.sample(captions[i:i + batch], steps=steps, guidance=guidance, seed=seed + i,
+                                    progress=False) for i in range(0, len(captions), batch)])
+    finally:
+        for name in names:
+            lora.remove(sd.unet, name)
+
+
+def rates(judge, images, identity=IDENTITY, style=HELD_STYLE):
+    """{identity, style, both: hit rate; identity_sim, style_sim: mean similarity} of generated images."""
+    s = judges.score(judge, images, identity, style)
+    out = {k: float(s[k].float().mean()) for k in ("identity", "style", "both")}
+    out.update({k: float(s[k].mean()) for k in ("identity_sim", "style_sim")})
+    return out, s
+
+
+def round_trip_both(judge, vae, n=128, seed=5, identity=IDENTITY, style=HELD_STYLE):
+    """The "both" rate of VAE round-tripped ground-truth renders of the identity in the style: the ceiling a perfect
+    generator reaches through this VAE."""
+    x = judges.to_tensor([render(s)[0] for s in prompts("combo", n, seed, identity, style)[1]])
+    return float(judges.score(judge, judges.round_trip(vae, x), identity, style)["both"].float().mean())
+
+
+def interval(hits, z=1.96):
+    """Wilson 95 % interval of a hit rate (a list or tensor of booleans)."""
+    h = np.asarray(hits, float)
+    n, p = len(h), h.mean()
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
