@@ -2,11 +2,11 @@
 
     python demo.py            # -> out/demo/grid.png
 
-1. an identity adapter (the held-out character "sks", 12 images) on all blocks;
-2. a style adapter (the held-out style "zwx", 12 images of other shapes) on all blocks;
+1. an identity adapter (the held-out character member "sks", 16 images in several base styles) on all blocks;
+2. a style adapter (the held-out style "zwx", rings, 16 images of other subjects) on all blocks;
 3. the same style adapter trained block-wise, only on the paper's upper blocks in0 + out3;
-then "the sks character in zwx style" with identity + style (all blocks) and identity + style (in0, out3),
-side by side, scored by the world's classifier (is it the character? is it the style?).
+then "the sks character in zwx style" with identity alone, identity + style (all blocks) and identity + style
+(in0, out3), side by side, scored by the world's judges (tinyworld/judge.py: is it the member? is it the style?).
 """
 import argparse
 import time
@@ -15,35 +15,24 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-import lora
 import minisd
 import sample
 import train
-from tinyworld import classify
-from tinyworld.world import HELDOUT_STYLE, HELDOUT_SUBJECT
+from tinyworld import judge as judges
+from tinyworld.evaluate import Setting, rates, render_setting
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "weights" / "tiny"
-PROMPTS = ["a large sks character on a white background, zwx style", "a large sks character on a gray background, zwx style",
-           "a large sks character on a black background, zwx style", "a large sks character on a yellow background, zwx style"]
+PROMPTS = ["a large yellow sks character on a gray background, zwx style",
+           "a large white sks character on a blue background, zwx style",
+           "a large pink sks character on a black background, zwx style",
+           "a large teal sks character on a white background, zwx style"]
 
 
 def train_adapter(data, blocks, out, args):
     return train.main(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--out", str(out), "--algo", args.algo,
                        "--rank", str(args.rank), "--steps", str(args.steps), "--batch", "4", "--lr", str(args.lr),
                        "--seed", str(args.seed), "--device", args.device])
-
-
-def render(sd, adapters, args):
-    """Images for PROMPTS with these (file, block preset) adapters loaded; the model is left as it was."""
-    names = []
-    for path in adapters:
-        names.append(path.stem)
-        lora.load_kohya(path, sd.unet, name=path.stem)
-    images = sd.sample(PROMPTS, steps=args.sample_steps, guidance=args.guidance, seed=args.seed, progress=False)
-    for name in names:
-        lora.remove(sd.unet, name)
-    return images
 
 
 def labelled_grid(columns, scores, path):
@@ -77,17 +66,17 @@ def main():
     style_all = train_adapter("style", "all", out / "style_all.safetensors", args)
     style_blockwise = train_adapter("style", "in0,out3", out / "style_in0_out3.safetensors", args)
 
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=args.device)
-    columns = {"identity only": render(sd, [identity], args),
-               "+ style, all blocks": render(sd, [identity, style_all], args),
-               "+ style, in0+out3": render(sd, [identity, style_blockwise], args)}
-    judge = classify.load(TINY / "classifier.safetensors")
-    scores = {}
-    for title, images in columns.items():
-        pred = classify.predict(judge, images)
-        scores[title] = (sum(s == HELDOUT_SUBJECT for s in pred["subject"]) / len(images),
-                         sum(s == HELDOUT_STYLE for s in pred["style"]) / len(images))
+    judge = judges.load(TINY / "judge.safetensors", device=args.device)
+    settings = [Setting("identity only", ((identity, None),)),
+                Setting("+ style, all blocks", ((identity, None), (style_all, None))),
+                Setting("+ style, in0+out3", ((identity, None), (style_blockwise, None)))]
+    columns, scores = {}, {}
+    for setting in settings:
+        images = render_setting(sd, setting, PROMPTS, args.seed, args.sample_steps, args.guidance)
+        r, _ = rates(judge, images)
+        columns[setting.title], scores[setting.title] = images, (r["identity"], r["style"])
     labelled_grid(columns, scores, out / "grid.png")
     for title, (ident, style) in scores.items():
         print(f"{title:22s} identity {ident:4.0%}  style {style:4.0%}")
