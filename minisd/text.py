@@ -26,6 +26,28 @@ def normalize_clip_keys(sd):
     return sd
 
 
+def released_clip_state_dict(model, dtype):
+    """A CLIPTextModel's tensors in the layout of the released SD 1.x files (openai/clip-vit-large-patch14, SD 1.4's
+    text_encoder/): every name under `text_model.`, plus the int64 position_ids row (0..76) those files carry.
+    transformers 4.x needs the `text_model.` level (without it every tensor loads as "newly initialized"); 4.x and
+    5.x both read this layout, position_ids included."""
+    sd = {"text_model." + k.removeprefix("text_model."): v.detach().to("cpu", dtype).contiguous()
+          for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    n = model.config.max_position_embeddings
+    return {**sd, "text_model.embeddings.position_ids": torch.arange(n, dtype=torch.int64)[None]}
+
+
+def released_clip_config(config, dtype):
+    """config.json as the released SD 1.x text_encoder/ writes it (transformers 4.x and 5.x read it)."""
+    fields = ("attention_dropout", "bos_token_id", "dropout", "eos_token_id", "hidden_act", "hidden_size",
+              "initializer_factor", "initializer_range", "intermediate_size", "layer_norm_eps",
+              "max_position_embeddings", "num_attention_heads", "num_hidden_layers", "pad_token_id",
+              "projection_dim", "vocab_size")
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            **{f: getattr(config, f, 0.0 if f == "dropout" else None) for f in fields},
+            "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
 def build_text_encoder(sd, path, config=None):
     sd = normalize_clip_keys(sd)
     config = config or clip_config_from_weights(sd)

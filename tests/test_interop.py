@@ -1,0 +1,88 @@
+"""Files other tools read: the text encoder in the released SD 1.x layout, the CLIP tokenizer shipped with the
+package, and the hashes AUTOMATIC1111 / kohya write."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import minisd
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP_PARTS = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "layer_norm1",
+              "mlp.fc1", "mlp.fc2", "layer_norm2")
+
+
+def released_clip_names(layers):
+    """The tensor names of SD 1.4's text_encoder/model.safetensors (openai/clip-vit-large-patch14's text tower),
+    written out by hand: 197 for its 12 layers."""
+    names = ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+             "text_model.embeddings.position_ids", "text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias"]
+    return {*names, *(f"text_model.encoder.layers.{i}.{part}.{w}" for i in range(layers) for part in CLIP_PARTS
+                      for w in ("weight", "bias"))}
+
+
+def file_keys(path):
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def test_released_names_are_sd14s():
+    assert len(released_clip_names(12)) == 197
+
+
+def test_text_encoder_written_in_the_released_layout(lora_sd, tmp_path):
+    """save_diffusers / save_single_file write `text_model.` names (+ position_ids), transformers reads them with no
+    missing or unexpected key, and transformers and minisd.load give the same hidden states."""
+    from transformers import CLIPTextModel
+    from minisd.save import save_diffusers, save_single_file
+    sd = lora_sd
+    layers = sd.text_encoder.config.num_hidden_layers
+    save_diffusers(sd, tmp_path / "folder", dtype=torch.float32)
+    save_single_file(sd, tmp_path / "single.safetensors", dtype=torch.float32)
+    assert file_keys(tmp_path / "folder" / "text_encoder" / "model.safetensors") == released_clip_names(layers)
+    prefix = "cond_stage_model.transformer."
+    single = {k[len(prefix):] for k in file_keys(tmp_path / "single.safetensors") if k.startswith(prefix)}
+    assert single == released_clip_names(layers)
+    config = json.loads((tmp_path / "folder" / "text_encoder" / "config.json").read_text())
+    assert config["architectures"] == ["CLIPTextModel"] and config["model_type"] == "clip_text_model"
+    theirs, info = CLIPTextModel.from_pretrained(tmp_path / "folder" / "text_encoder", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    again = minisd.load(tmp_path / "folder")
+    ids = torch.randint(0, config["vocab_size"], (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = theirs(ids).last_hidden_state
+        for model in (sd.text_encoder, again.text_encoder):
+            assert (model(ids).last_hidden_state - ref).abs().max() < 1e-5
+
+
+def test_shipped_tiny_text_encoder_is_in_the_released_layout():
+    folder = ROOT / "weights" / "tiny" / "text_encoder"
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    assert file_keys(folder / "model.safetensors") == released_clip_names(layers)
+
+
+@pytest.mark.skipif(not os.environ.get("MINISD_TRANSFORMERS4"), reason="set MINISD_TRANSFORMERS4 to a folder holding "
+                    "transformers 4.x (pip install --target DIR --no-deps 'transformers<5' 'tokenizers<0.22' "
+                    "'huggingface-hub<1')")
+def test_transformers4_loads_the_text_encoder(lora_sd, tmp_path):
+    """transformers 4.x (kohya's, webui's, InvokeAI's pins) loads the written text encoder with every tensor."""
+    from minisd.save import save_diffusers
+    save_diffusers(lora_sd, tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, lora_sd.text_encoder.config.vocab_size, (1, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"ids": ids, "out": lora_sd.text_encoder(ids).last_hidden_state}, tmp_path / "ref.pt")
+    script = ("import sys, torch, transformers; from transformers import CLIPTextModel\n"
+              "assert transformers.__version__.startswith('4.'), transformers.__version__\n"
+              "m, info = CLIPTextModel.from_pretrained(sys.argv[1] + '/text_encoder', output_loading_info=True)\n"
+              "assert not (info['missing_keys'] or info['unexpected_keys'] or info['mismatched_keys']), info\n"
+              "ref = torch.load(sys.argv[1] + '/ref.pt')\n"
+              "with torch.no_grad(): d = (m(ref['ids']).last_hidden_state - ref['out']).abs().max().item()\n"
+              "assert d < 1e-5, d\n")
+    env = {**os.environ, "PYTHONPATH": os.environ["MINISD_TRANSFORMERS4"]}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
