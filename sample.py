@@ -32,7 +32,7 @@ TINY = Path(__file__).resolve().parent / "weights" / "tiny"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=str(TINY), help="LDM single file (.safetensors/.ckpt) or diffusers folder (default: minisd-tiny)")
-    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or hub name, for single files (default: openai/clip-vit-large-patch14 from the local cache)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or hub name, for single files (default: CLIP's, shipped with minisd)")
     p.add_argument("--prompt", default="a large red star on a blue background, striped style")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)

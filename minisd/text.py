@@ -1,5 +1,6 @@
 """Text conditioning: transformers' CLIPTextModel and CLIPTokenizer (SD 1.x uses the last hidden state)."""
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -7,6 +8,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .checkpoint import CheckpointError, check_fits, load_strict
 
 SD14_TOKENIZER = "openai/clip-vit-large-patch14"
+CLIP_TOKENIZER = Path(__file__).parent / "clip_tokenizer"  # its vocab.json / merges.txt, shipped with minisd
 
 
 def clip_config_from_weights(sd):
@@ -73,6 +75,17 @@ def load_tokenizer(path):
             f"{path}: no CLIP tokenizer found there or in the local cache. Pass tokenizer=FOLDER with vocab.json and "
             f"merges.txt, or fetch it once with `huggingface-cli download {SD14_TOKENIZER} vocab.json merges.txt "
             f"tokenizer_config.json special_tokens_map.json`") from None
+
+
+def packaged_tokenizer(text_encoder, path):
+    """CLIP's tokenizer as shipped in minisd/clip_tokenizer (SD 1.x's, 49408 tokens), for a single file loaded
+    without one; refused if the text encoder's vocabulary has another size (a model trained with its own)."""
+    tok = load_tokenizer(CLIP_TOKENIZER)
+    vocab = text_encoder.config.vocab_size
+    if vocab != len(tok):
+        raise CheckpointError(f"{path}: the text encoder has {vocab} tokens, CLIP's tokenizer {len(tok)}; "
+                              f"pass the model's own tokenizer (tokenizer=FOLDER, --tokenizer FOLDER)")
+    return tok
 
 
 def encode_prompts(tokenizer, text_encoder, prompts, run=None):

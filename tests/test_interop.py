@@ -86,3 +86,52 @@ def test_transformers4_loads_the_text_encoder(lora_sd, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.environ["MINISD_TRANSFORMERS4"]}
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+PROMPTS = [
+    "a photo of a cat",
+    "A PHOTO of an Astronaut riding a horse on Mars, 8k, trending on artstation!!!",
+    "café crème brûlée, naïve façade, Zürich — Ωμέγα, 東京タワー, 😀🎨 emoji",
+    "(masterpiece:1.2), [blurry], {braces} <angle> \"quotes\" 'single' back\\slash #hash @at $5.99 100% a&b ~tilde_",
+    "pneumonoultramicroscopicsilicovolcanoconiosis supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "   leading and   multiple   spaces\tand\ttabs\nand newlines   ",
+    "don't can't it's we're they'll I'd you've",
+    "a1b2c3 1234567890 3.14159 1e-5 0x1F",
+    "",
+    " ".join(f"word{i} red blue green" for i in range(40)),  # 232 tokens: truncated to 77
+]
+
+
+def clip_single_file(folder, vocab):
+    """A tiny single-file checkpoint whose text encoder has `vocab` tokens (49408: SD 1.x's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from minisd.save import save_single_file
+    from tinyfiles import TINY_CLIP, tiny_model
+    sd = tiny_model(folder / "chars")
+    config = CLIPTextConfig(**{**TINY_CLIP.to_dict(), "vocab_size": vocab,
+                               "bos_token_id": vocab - 2, "eos_token_id": vocab - 1, "pad_token_id": vocab - 1})
+    sd.text_encoder = CLIPTextModel(config).eval()
+    save_single_file(sd, folder / "model.safetensors")
+    return folder / "model.safetensors"
+
+
+def test_single_file_loads_with_the_shipped_clip_tokenizer(tmp_path):
+    """No tokenizer given, no cache: the CLIP tokenizer shipped in minisd/clip_tokenizer, whose ids equal
+    transformers' CLIPTokenizer built from the same vocab.json / merges.txt, and the ids CLIP gives known words."""
+    from transformers import CLIPTokenizer
+    from minisd.text import CLIP_TOKENIZER
+    sd = minisd.load(clip_single_file(tmp_path, 49408))
+    ref = CLIPTokenizer(str(CLIP_TOKENIZER / "vocab.json"), str(CLIP_TOKENIZER / "merges.txt"))
+    assert sd.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    for prompt in PROMPTS:
+        assert sd.tokenizer(prompt).input_ids == ref(prompt).input_ids, prompt
+    kw = dict(padding="max_length", max_length=77, truncation=True)
+    ids = sd.tokenizer(PROMPTS, **kw).input_ids
+    assert ids == ref(PROMPTS, **kw).input_ids and all(len(i) == 77 for i in ids)
+    assert len(sd.tokenizer(PROMPTS[-1]).input_ids) > 77 and ids[-1][-1] == 49407  # cut, ended by end-of-text
+
+
+def test_single_file_with_its_own_vocabulary_needs_its_tokenizer(tmp_path):
+    with pytest.raises(minisd.CheckpointError, match=r"model.safetensors: the text encoder has 300 tokens, "
+                                                     r"CLIP's tokenizer 49408; pass the model's own tokenizer"):
+        minisd.load(clip_single_file(tmp_path, 300))
