@@ -69,12 +69,16 @@ def build_text_encoder(sd, path, config=None):
 def load_tokenizer(path):
     """A tokenizer folder (vocab.json + merges.txt), or a hub name found in the local transformers cache."""
     try:
-        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception:
+        tok = None
+    # transformers 5 answers a hub name missing from the cache with an empty vocabulary (only the special tokens)
+    if tok is None or len(tok) <= len(set(tok.all_special_tokens)):
         raise CheckpointError(
             f"{path}: no CLIP tokenizer found there or in the local cache. Pass tokenizer=FOLDER with vocab.json and "
             f"merges.txt, or fetch it once with `huggingface-cli download {SD14_TOKENIZER} vocab.json merges.txt "
             f"tokenizer_config.json special_tokens_map.json`") from None
+    return tok
 
 
 def packaged_tokenizer(text_encoder, path):
