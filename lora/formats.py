@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+
 from minisd.checkpoint import CheckpointError, file_errors, read_state_dict, rename, unet_prefixes
 from minisd.hashes import kohya_hashes
 from minisd.save import write_safetensors
