@@ -12,7 +12,6 @@ With no adapters the image equals diffusers' StableDiffusionPipeline + DDIMSched
 overhead; the same function, but the conv weights go channels_last (other kernels: pixels may differ by rounding).
 """
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import lora
 import minisd
+from minisd import hashes
 
 TINY = Path(__file__).resolve().parent / "weights" / "tiny"
 
@@ -32,7 +32,7 @@ TINY = Path(__file__).resolve().parent / "weights" / "tiny"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=str(TINY), help="LDM single file (.safetensors/.ckpt) or diffusers folder (default: minisd-tiny)")
-    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or hub name, for single files (default: openai/clip-vit-large-patch14 from the local cache)")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or hub name, for single files (default: CLIP's, shipped with minisd)")
     p.add_argument("--prompt", default="a large red star on a blue background, striped style")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
@@ -61,18 +61,6 @@ def parse_lora(spec):
     except ValueError:
         raise ValueError(f"--lora {spec}: weight {m[2]!r} is not a number") from None
     return Path(m[1]), weight, m[3]
-
-
-def file_hash(path):
-    """A1111's model hash: the first 10 hex digits of the file's sha256 (for a folder: of its U-Net weights)."""
-    path = Path(path)
-    if path.is_dir():
-        path = next(p for p in sorted((path / "unet").glob("diffusion_pytorch_model*")))
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:10]
 
 
 def check(args):
@@ -108,13 +96,13 @@ def png_info(args, sd, size, adapters, index=None):
     """AUTOMATIC1111's `parameters` text chunk, so other tools read the settings back."""
     tags = "".join(f" <lora:{p.stem}:{w:g}>" for p, w, _ in adapters)
     fields = {"Steps": args.steps, "Sampler": "DDIM", "CFG scale": f"{args.guidance:g}", "Seed": args.seed,
-              "Size": f"{size[1]}x{size[0]}", "Model hash": file_hash(args.ckpt), "Model": Path(args.ckpt).stem}
+              "Size": f"{size[1]}x{size[0]}", "Model hash": hashes.model_hash(args.ckpt), "Model": Path(args.ckpt).stem}
     if args.eta:
         fields["Eta DDIM"] = f"{args.eta:g}"
     if args.n > 1 and index is not None:
         fields.update({"Batch size": args.n, "Batch pos": index})
     if adapters:
-        fields["Lora hashes"] = '"' + ", ".join(f"{p.stem}: {file_hash(p)}" for p, _, _ in adapters) + '"'
+        fields["Lora hashes"] = '"' + ", ".join(f"{p.stem}: {hashes.lora_hash(p)}" for p, _, _ in adapters) + '"'
         fields["Lora blocks"] = '"' + ", ".join(f"{p.stem}: {b or 'ALL'}" for p, _, b in adapters) + '"'
     text = f"{args.prompt}{tags}\nNegative prompt: {args.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
     info = PngInfo()

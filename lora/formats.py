@@ -1,4 +1,5 @@
-"""Adapter files: kohya / A1111 / ComfyUI .safetensors (read and written) and diffusers / peft files (read).
+"""Adapter files: kohya / A1111 / ComfyUI .safetensors (read and written); diffusers / peft, LyCORIS' own
+(`lycoris_` keys) and ComfyUI LoraSave (`diffusion_model.` / `text_encoders.` keys) files (read).
 
 kohya keys, per adapted module: `lora_unet_` + its diffusers path with '.' -> '_' (names from minisd.checkpoint's
 one LDM <-> diffusers map), or `lora_te_text_model_` + the text-encoder path:
@@ -8,23 +9,30 @@ one LDM <-> diffusers map), or `lora_te_text_model_` + the text-encoder path:
 diffusers / peft: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` (older: `.lora.down.weight` /
 `.lora.up.weight`), `text_encoder.[text_model.]<path>...`; alpha from `<path>.alpha` keys or the file's
 `lora_adapter_metadata` (lora_alpha, alpha_pattern, as diffusers' save_lora_weights writes it), else alpha = rank.
+LyCORIS (its own wrapper, algo lora / locon): `lycoris_` + the module's path in the model it wrapped, '.' -> '_'
+(diffusers names for the U-Net; one model per file), kohya's parts. ComfyUI LoraSave: `diffusion_model.<LDM path>`
+and `text_encoders.clip_l.transformer.text_model.<path>`, kohya's parts, usually no alpha (= rank).
 A 1x1 conv accepts 2-D factors and a Linear accepts [.., .., 1, 1] ones. Ranks are read per module from the
 tensors, so a file may hold any rank pattern.
 
 Refused with a minisd.CheckpointError naming the file: keys matching no module, shapes or ranks that do not fit,
-LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale, magnitude vectors), Tucker LoCon (lora_mid), rsLoRA, and
+LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale, magnitude vectors), Tucker LoCon (lora_mid), rsLoRA, ComfyUI's
+whole-tensor differences (.diff, .diff_b), and
 SD 2.x / SDXL adapters (hinted from their key names and shapes).
 
 Metadata written by save_kohya (safetensors metadata is str -> str):
     ss_network_module "networks.lora", ss_network_dim / ss_network_alpha (the largest linear rank and its alpha),
-    ss_network_args   JSON: kohya's block_dims, block_alphas, conv_block_dims, conv_block_alphas (25 comma-separated
-                      values each, IN00..OUT11) and conv_dim / conv_alpha
+    ss_network_args   JSON: kohya's block_dims, block_alphas (25 comma-separated values each, IN00..OUT11), and
+                      for LoCon files conv_block_dims, conv_block_alphas, conv_dim / conv_alpha: kohya's create_network
+                      given these builds exactly the file's modules (for the LIERLA and C3LIER targets)
     ss_base_model_version "sd_v1", ss_v2 "False"
     minisd_adapter_name, minisd_algo ("lora", or "locon" when k x k convs are adapted), minisd_blocks (the adapted
     blocks, BASE = text encoder), minisd_te_dim / minisd_te_alpha,
     minisd_base_unet_sha256   unet_hash(unet): sha256 of the U-Net's base tensors (merged adapters taken out), in
                               float32, by LDM name: the same whichever layout the base was loaded from
+    sshs_model_hash / sshs_legacy_hash   as kohya's trainers write them (minisd.hashes.kohya_hashes)
 plus the caller's `metadata` (values that are not strings are JSON-encoded); the derived keys above win.
+The file gets mode 0644 (safetensors' save_file alone makes it 0600).
 
 diffusers 0.42 (`pipe.load_lora_weights`, tested): our files load there completely (LoCon ResNet convs,
 skip_connection, time-embedding projections, samplers and the text encoder included) and give our outputs, as long
@@ -42,14 +50,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from minisd.checkpoint import CheckpointError, file_errors, read_state_dict, rename, unet_prefixes
+from minisd.hashes import kohya_hashes
+from minisd.save import write_safetensors
 
 from .blocks import UNET_BLOCKS, block_of
 from .network import adapted_layers, adapter_names, add_adapter_at, base_state_dict, set_weights
 
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+KOHYA_STYLE = ("lora_unet_", "lora_te", "lycoris_", "diffusion_model.", "text_encoders.")  # names with kohya's parts
 DIFFUSERS_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
                    "lora.up.weight": "up", "alpha": "alpha"}
 UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
@@ -57,7 +67,9 @@ UNSUPPORTED = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mag
 # Every value of a LoRA file fits float16 (the dtype kohya and diffusers usually save in); a larger one (a flipped
 # exponent bit can make 1e38) would overflow the layer's output: refused as damage.
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
-SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "label_emb", "add_embedding", "input_blocks", "output_blocks")
+SDXL_MARKS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "label_emb", "add_embedding", "lora_unet_input_blocks",
+              "lora_unet_output_blocks", "clip_g.")
+DIFF_SUFFIXES = (".diff", ".diff_b")  # ComfyUI's whole-tensor differences (LoraSave's bias_diff / full_diff)
 
 
 def _te_path(path):
@@ -65,18 +77,25 @@ def _te_path(path):
 
 
 def module_index(unet, text_encoder=None):
-    """{file module name: (part, path)} for every Linear / Conv2d, part 'unet' or 'te'; both the kohya name and the
-    diffusers names (`unet.<path>`, `text_encoder.[text_model.]<path>`) are keys."""
+    """{file module name: (part, path)} for every Linear / Conv2d, part 'unet' or 'te'. The names of each module:
+        kohya      lora_unet_<diffusers path, '.' -> '_'>     lora_te_text_model_<path, '.' -> '_'>
+        LyCORIS    lycoris_<diffusers path, '.' -> '_'>       lycoris_[text_model_]<path, '.' -> '_'>
+        ComfyUI    diffusion_model.<LDM path>                 text_encoders.clip_l.transformer.text_model.<path>
+        diffusers  unet.<diffusers path>                      text_encoder.[text_model.]<path>
+    (LyCORIS' own wrapper names a module by its path in the model it wraps, one model per file.)"""
     pairs, index = unet_prefixes(unet.cfg), {}
     for path, m in unet.named_modules():
         dif = rename(path, pairs, to_diffusers=True) if isinstance(m, (nn.Linear, nn.Conv2d)) else None
         if dif:
-            for name in ("lora_unet_" + dif.replace(".", "_"), "unet." + dif):
+            for name in ("lora_unet_" + dif.replace(".", "_"), "lycoris_" + dif.replace(".", "_"), "unet." + dif,
+                         "diffusion_model." + path):
                 index[name] = ("unet", path)
     for path, m in (text_encoder.named_modules() if text_encoder is not None else ()):
         if isinstance(m, nn.Linear):
+            bare = path.removeprefix("text_model.")
             for name in ("lora_te_" + _te_path(path).replace(".", "_"), "text_encoder." + _te_path(path),
-                         "text_encoder." + path.removeprefix("text_model.")):
+                         "text_encoder." + bare, "lycoris_" + _te_path(path).replace(".", "_"),
+                         "lycoris_" + bare.replace(".", "_"), "text_encoders.clip_l.transformer." + _te_path(path)):
                 index[name] = ("te", path)
     return index
 
@@ -136,7 +155,10 @@ def _read_adapter_file(path, unet, text_encoder):
         for mark, algo in UNSUPPORTED.items():
             if mark in key:
                 raise CheckpointError(f"{path}: {algo} adapters are not supported, only LoRA / LoCon ({key})")
-    kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in sd)
+        if key.endswith(DIFF_SUFFIXES):
+            raise CheckpointError(f"{path}: whole-tensor differences ({key}) are not supported, only LoRA / LoCon "
+                                  f"factors (ComfyUI: save with lora_type standard and bias_diff off)")
+    kohya = any(k.startswith(KOHYA_STYLE) for k in sd)
     parts_of = KOHYA_PARTS if kohya else DIFFUSERS_PARTS
     groups, odd = {}, []  # {module name: {"down": t, "up": t, "alpha": t}}, keys of no known kind
     for key, t in sd.items():
@@ -151,7 +173,8 @@ def _read_adapter_file(path, unet, text_encoder):
     index = module_index(unet, text_encoder)
     unknown = [n for n in groups if n not in index]
     if unknown:
-        te_keys = text_encoder is None and any(n.startswith(("lora_te_", "text_encoder.")) for n in unknown)
+        te_names = ("lora_te_", "text_encoder.", "text_encoders.", "lycoris_encoder_", "lycoris_text_model_")
+        te_keys = text_encoder is None and any(n.startswith(te_names) for n in unknown)
         raise CheckpointError(f"{path}: " + ("the file adapts the text encoder; pass text_encoder=" if te_keys else
                               f"{len(unknown)} adapters match no module: {', '.join(unknown[:4])}{_hint(unknown)}"))
     peft = {} if kohya else _peft_alphas(metadata, path)
@@ -246,11 +269,17 @@ def kohya_metadata(unet, name, text_encoder=None):
             table = dims["conv_block" if getattr(layer, "kernel_size", (1, 1)) != (1, 1) else "block"]
             i = UNET_BLOCKS.index(block)
             table[i] = max(table[i], (a.rank, a.alpha))
-    args = {f"{kind}_{what}": ",".join(f"{pair[j]:g}" for pair in table)
-            for kind, table in dims.items() for j, what in ((0, "dims"), (1, "alphas"))}
+    # kohya's create_network adapts, per block i: the attention block's Linear / 1x1 layers if block_dims[i] > 0;
+    # and only if conv_block_dims is given at all, also the ResBlocks' and samplers' (Linear / 1x1 at block_dims[i],
+    # k x k at conv_block_dims[i]). So a file with no k x k conv gets no conv_block_dims, and the text encoder's
+    # rank (kohya's network_dim) stands in for ss_network_dim when the U-Net has no linear adapters.
     (dim, alpha), (conv_dim, conv_alpha) = max(dims["block"]), max(dims["conv_block"])
+    kinds = ("block", "conv_block") if conv_dim else ("block",)
+    args = {f"{kind}_{what}": ",".join(f"{pair[j]:g}" for pair in dims[kind])
+            for kind in kinds for j, what in ((0, "dims"), (1, "alphas"))}
     if conv_dim:
         args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
+    dim, alpha = (dim, alpha) if dim else te
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": f"{alpha:g}",
             "ss_network_args": json.dumps(args), "ss_base_model_version": "sd_v1", "ss_v2": "False",
             "minisd_adapter_name": name, "minisd_algo": "locon" if conv_dim else "lora",
@@ -272,4 +301,6 @@ def save_kohya(path, unet, text_encoder=None, name=None, metadata=None):
         raise KeyError(f"no adapter {name!r}; adapters: {', '.join(names) or 'none'}")
     tensors = {k: v.cpu() for k, v in adapter_state_dict(unet, name, text_encoder).items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    save_file(tensors, str(path), metadata={**meta, **kohya_metadata(unet, name, text_encoder)})
+    meta.update(kohya_metadata(unet, name, text_encoder))
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
+    write_safetensors(tensors, path, meta)

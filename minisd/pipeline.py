@@ -9,7 +9,7 @@ from transformers import CLIPTextConfig
 from . import graphs
 from .checkpoint import CheckpointError, file_errors, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
 from .ddim import Schedule, ddim_alphas, ddim_step
-from .text import SD14_TOKENIZER, build_text_encoder, encode_prompts, load_tokenizer
+from .text import build_text_encoder, encode_prompts, load_tokenizer, packaged_tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -92,7 +92,9 @@ class StableDiffusion:
 
 
 def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
-    """Load SD 1.x from an LDM single file (.safetensors / .ckpt) or a diffusers folder."""
+    """Load SD 1.x from an LDM single file (.safetensors / .ckpt) or a diffusers folder. tokenizer: a CLIP tokenizer
+    folder or hub name (in the local cache); default: the folder's tokenizer/, for a single file the CLIP tokenizer
+    shipped in minisd/clip_tokenizer."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -104,7 +106,10 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
         load_strict(unet, unet_sd, path, "U-Net")
         load_strict(vae, vae_sd, path, "VAE")
         text_encoder = build_text_encoder(text_sd, path, text_cfg)
-    tok = load_tokenizer(tokenizer or (path / "tokenizer" if path.is_dir() else SD14_TOKENIZER))
+    if tokenizer or path.is_dir():
+        tok = load_tokenizer(tokenizer or path / "tokenizer")
+    else:  # a single file has none: CLIP's, shipped with minisd
+        tok = packaged_tokenizer(text_encoder, path)
     for m in (unet, vae, text_encoder):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return StableDiffusion(unet, vae, text_encoder, tok, schedule, sample_size, name=path.stem)

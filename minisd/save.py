@@ -1,5 +1,6 @@
 """Writing a StableDiffusion back out: as a diffusers folder (explicit configs) or an LDM single file."""
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -7,6 +8,14 @@ from safetensors.torch import save_file
 
 from .checkpoint import rename, unet_prefixes, vae_prefixes
 from .pipeline import SINGLE_FILE_PARTS
+from .text import released_clip_config, released_clip_state_dict
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """safetensors' save_file, then mode 0644 as other tools' files have (save_file creates 0600: unreadable to
+    the other users of a shared machine or a web UI's service account)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o644)
 
 
 def _tensors(module, dtype):
@@ -14,11 +23,13 @@ def _tensors(module, dtype):
 
 
 def save_single_file(sd, path, dtype=torch.float16):
-    """The LDM layout of the released checkpoints: model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*"""
+    """The LDM layout of the released checkpoints: model.diffusion_model.*, first_stage_model.*,
+    cond_stage_model.transformer.text_model.*"""
     out = {}
-    for part, module in (("unet", sd.unet), ("vae", sd.vae), ("text", sd.text_encoder)):
-        out.update({SINGLE_FILE_PARTS[part] + k: v for k, v in _tensors(module, dtype).items()})
-    save_file(out, str(path))
+    for part, tensors in (("unet", _tensors(sd.unet, dtype)), ("vae", _tensors(sd.vae, dtype)),
+                          ("text", released_clip_state_dict(sd.text_encoder, dtype))):
+        out.update({SINGLE_FILE_PARTS[part] + k: v for k, v in tensors.items()})
+    write_safetensors(out, path)
 
 
 def save_diffusers(sd, folder, dtype=torch.float16):
@@ -54,11 +65,12 @@ def save_diffusers(sd, folder, dtype=torch.float16):
                                     ("vae", vae_cfg, vae_sd, "diffusion_pytorch_model")):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         (folder / sub / "config.json").write_text(json.dumps(cfg, indent=2))
-        save_file(weights, str(folder / sub / f"{name}.safetensors"))
+        write_safetensors(weights, folder / sub / f"{name}.safetensors")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    sd.text_encoder.config.dtype = str(dtype).removeprefix("torch.")
-    sd.text_encoder.config.save_pretrained(str(folder / "text_encoder"))
-    save_file(_tensors(sd.text_encoder, dtype), str(folder / "text_encoder" / "model.safetensors"))
+    (folder / "text_encoder").mkdir(exist_ok=True)
+    config = released_clip_config(sd.text_encoder.config, dtype)
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(config, indent=2))
+    write_safetensors(released_clip_state_dict(sd.text_encoder, dtype), folder / "text_encoder" / "model.safetensors")
     sd.tokenizer.save_pretrained(str(folder / "tokenizer"))

@@ -1,5 +1,6 @@
 """Text conditioning: transformers' CLIPTextModel and CLIPTokenizer (SD 1.x uses the last hidden state)."""
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -7,6 +8,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from .checkpoint import CheckpointError, check_fits, load_strict
 
 SD14_TOKENIZER = "openai/clip-vit-large-patch14"
+CLIP_TOKENIZER = Path(__file__).parent / "clip_tokenizer"  # its vocab.json / merges.txt, shipped with minisd
 
 
 def clip_config_from_weights(sd):
@@ -24,6 +26,28 @@ def normalize_clip_keys(sd):
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     sd.pop("embeddings.position_ids", None)
     return sd
+
+
+def released_clip_state_dict(model, dtype):
+    """A CLIPTextModel's tensors in the layout of the released SD 1.x files (openai/clip-vit-large-patch14, SD 1.4's
+    text_encoder/): every name under `text_model.`, plus the int64 position_ids row (0..76) those files carry.
+    transformers 4.x needs the `text_model.` level (without it every tensor loads as "newly initialized"); 4.x and
+    5.x both read this layout, position_ids included."""
+    sd = {"text_model." + k.removeprefix("text_model."): v.detach().to("cpu", dtype).contiguous()
+          for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    n = model.config.max_position_embeddings
+    return {**sd, "text_model.embeddings.position_ids": torch.arange(n, dtype=torch.int64)[None]}
+
+
+def released_clip_config(config, dtype):
+    """config.json as the released SD 1.x text_encoder/ writes it (transformers 4.x and 5.x read it)."""
+    fields = ("attention_dropout", "bos_token_id", "dropout", "eos_token_id", "hidden_act", "hidden_size",
+              "initializer_factor", "initializer_range", "intermediate_size", "layer_norm_eps",
+              "max_position_embeddings", "num_attention_heads", "num_hidden_layers", "pad_token_id",
+              "projection_dim", "vocab_size")
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            **{f: getattr(config, f, 0.0 if f == "dropout" else None) for f in fields},
+            "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def build_text_encoder(sd, path, config=None):
@@ -45,12 +69,27 @@ def build_text_encoder(sd, path, config=None):
 def load_tokenizer(path):
     """A tokenizer folder (vocab.json + merges.txt), or a hub name found in the local transformers cache."""
     try:
-        return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception:
+        tok = None
+    # transformers 5 answers a hub name missing from the cache with an empty vocabulary (only the special tokens)
+    if tok is None or len(tok) <= len(set(tok.all_special_tokens)):
         raise CheckpointError(
             f"{path}: no CLIP tokenizer found there or in the local cache. Pass tokenizer=FOLDER with vocab.json and "
             f"merges.txt, or fetch it once with `huggingface-cli download {SD14_TOKENIZER} vocab.json merges.txt "
             f"tokenizer_config.json special_tokens_map.json`") from None
+    return tok
+
+
+def packaged_tokenizer(text_encoder, path):
+    """CLIP's tokenizer as shipped in minisd/clip_tokenizer (SD 1.x's, 49408 tokens), for a single file loaded
+    without one; refused if the text encoder's vocabulary has another size (a model trained with its own)."""
+    tok = load_tokenizer(CLIP_TOKENIZER)
+    vocab = text_encoder.config.vocab_size
+    if vocab != len(tok):
+        raise CheckpointError(f"{path}: the text encoder has {vocab} tokens, CLIP's tokenizer {len(tok)}; "
+                              f"pass the model's own tokenizer (tokenizer=FOLDER, --tokenizer FOLDER)")
+    return tok
 
 
 def encode_prompts(tokenizer, text_encoder, prompts, run=None):

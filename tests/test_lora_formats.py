@@ -90,7 +90,8 @@ def test_round_trip_is_exact(models, lora_sd, layouts, inputs, tmp_path):
     assert meta["minisd_blocks"].split(",") == ["BASE"] + [b for b in lora.UNET_BLOCKS if b not in ("IN00", "IN03", "IN06", "IN09")]
     assert (meta["ss_steps"], meta["ss_comment"]) == ("100", "test")
     # the base hash does not depend on the layout the base came from, and ignores adapters
-    assert meta["minisd_base_unet_sha256"] == lora.unet_hash(lora_sd.unet) == lora.unet_hash(minisd.load(layouts["ckpt"]).unet)
+    assert meta["minisd_base_unet_sha256"] == lora.unet_hash(lora_sd.unet) == lora.unet_hash(
+        minisd.load(layouts["ckpt"], tokenizer=layouts["tokenizer"]).unet)
     lora.merge(unet)
     assert lora.unet_hash(unet) == meta["minisd_base_unet_sha256"]
 
@@ -263,3 +264,148 @@ def test_diffusers_peft_file_loads_here(models, pipe, inputs, tmp_path):
     lora.remove(unet, "p")
     lora.load_kohya(tmp_path / "old.safetensors", unet, te, name="p")
     assert rel_err(outputs(unet, te, inputs)[0], theirs) <= 1e-4
+
+
+# kohya's networks/lora.py (create_network, get_block_dims_and_alphas, get_block_index, LoRANetwork.__init__),
+# re-derived by hand: the module names its create_network builds from a file's ss_network_* metadata.
+KOHYA_ATTENTION = ("Transformer2DModel",)
+KOHYA_CONV = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # added when conv_dim or conv_block_dims is given
+KOHYA_TEXT = ("CLIPAttention", "CLIPMLP")
+
+
+def kohya_block(name):
+    """get_block_index for SD 1.x: down_blocks.i resnets/attentions j -> 1 + 3i + j, its downsampler 1 + 3i + 2;
+    mid_block -> 12; up_blocks.i -> 13 + (the same)."""
+    m = re.search(r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_", name)
+    if m:
+        j = 2 if m[3].endswith("samplers") else int(m[4])
+        return (1 if m[1] == "down" else 13) + 3 * int(m[2]) + j
+    return 12 if "mid_block_" in name else -1
+
+
+def kohya_modules(meta, unet, text_encoder):
+    """The lora names create_network(network_dim, network_alpha, **network_args) gives for diffusers' U-Net and
+    transformers' CLIPTextModel (module classes matched by name, as kohya does)."""
+    args, dim = json.loads(meta["ss_network_args"]), int(meta["ss_network_dim"])
+    conv_dim = int(args["conv_dim"]) if "conv_dim" in args else None
+    ints = lambda key: [int(v) for v in args[key].split(",")] if key in args else None  # noqa: E731
+    block_dims, conv_block_dims = ints("block_dims"), ints("conv_block_dims")
+    if block_dims is not None and conv_block_dims is None and conv_dim is not None:
+        conv_block_dims = [conv_dim] * 25
+    names = set()
+    targets = KOHYA_ATTENTION + (KOHYA_CONV if conv_dim is not None or conv_block_dims is not None else ())
+    for prefix, root, classes in (("lora_unet", unet, targets), ("lora_te", text_encoder, KOHYA_TEXT)):
+        for path, module in root.named_modules():
+            if type(module).__name__ not in classes:
+                continue
+            for child_path, child in module.named_modules():
+                if not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+                    continue
+                full = f"{path}.{child_path}"
+                if prefix == "lora_te":  # kohya's transformers 4.x has the `text_model.` level
+                    full = "text_model." + full.removeprefix("text_model.")
+                name = f"{prefix}.{full}".replace(".", "_")
+                linear = isinstance(child, torch.nn.Linear) or child.kernel_size == (1, 1)
+                if prefix == "lora_te" or block_dims is None:
+                    rank = dim if linear else conv_dim
+                else:
+                    i = kohya_block(name)
+                    rank = block_dims[i] if linear else (conv_block_dims or [None] * 25)[i]
+                if rank:
+                    names.add(name)
+    return names
+
+
+@pytest.mark.parametrize("table, targets, te", [
+    (4, lora.LIERLA, True),                                       # LoRA
+    (lora.rank_table(4, conv_dims=2), lora.C3LIER, False),         # LoCon
+    ("in0=8,mid=2,out3=6", lora.LIERLA, False),                   # block-wise LoRA
+    (lora.rank_table("in1=4,out2=2", conv_dims="in1=2,mid=4"), lora.C3LIER, True),  # block-wise LoCon
+    (lora.rank_table("in2=4", conv_dims="out0=2"), lora.C3LIER, False),  # convs only where there are no linears
+    (0, lora.LIERLA, True),                                       # text encoder only
+])
+def test_kohya_builds_exactly_the_files_modules_from_its_metadata(table, targets, te, models, ref_pipe, tmp_path):
+    """ss_network_args under kohya's rules names the file's modules, no more (a LoRA file with conv_block_dims of
+    zeros made kohya add the ResBlocks' time_emb_proj and conv_shortcut)."""
+    unet, text_encoder = models
+    lora.inject(unet, "a", table, targets=targets, text_encoder=text_encoder if te else None, te_rank=3)
+    path = tmp_path / "a.safetensors"
+    lora.save_kohya(path, unet, text_encoder, "a")
+    with safe_open(str(path), "pt") as f:
+        in_file, meta = {k.split(".")[0] for k in f.keys()}, f.metadata()
+    built = kohya_modules(meta, ref_pipe.unet, ref_pipe.text_encoder)
+    trained = {n for n in built if n.startswith("lora_unet") or te}  # kohya's --network_train_unet_only drops the TE
+    assert in_file and trained == in_file
+    if targets == lora.LIERLA:
+        assert "conv_block_dims" not in json.loads(meta["ss_network_args"])
+
+
+def lycoris_file(model, algo, path, seed=0, **kwargs):
+    """An adapter written by LyCORIS' own wrapper (create_lycoris(...).save_weights: `lycoris_` keys) for the
+    diffusers / transformers `model`, with random up factors; returns the model's output function with it applied."""
+    lycoris = pytest.importorskip("lycoris")
+    net = lycoris.create_lycoris(model, 1.0, linear_dim=4, linear_alpha=2, algo=algo, **kwargs)
+    net.apply_to()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_up" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    net.save_weights(str(path), torch.float32, {})
+    return net
+
+
+@pytest.mark.parametrize("algo", ["lora", "locon"])
+def test_lycoris_own_format_loads_with_lycoris_deltas(algo, pipe, models, inputs, tmp_path):
+    """LyCORIS (the lycoris-lora package, the reference) adapts every Linear / Conv2d of diffusers' U-Net, conv_in,
+    conv_out and the time embedding included, and of the text encoder (files of its own); minisd reads both files and
+    gives LyCORIS' outputs."""
+    unet, te = models
+    lycoris_file(pipe.unet, algo, tmp_path / "u.safetensors")
+    lycoris_file(pipe.text_encoder, "lora", tmp_path / "t.safetensors", seed=1)
+    with safe_open(str(tmp_path / "u.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("lycoris_") for k in keys) and "lycoris_conv_in.lora_down.weight" in keys
+    lora.load_kohya(tmp_path / "u.safetensors", unet, name="u")
+    lora.load_kohya(tmp_path / "t.safetensors", unet, te, name="t")
+    assert len(lora.adapted_layers(unet, name="u")) == len(keys) // 3
+    for ours, theirs in zip(outputs(unet, te, inputs), diffusers_outputs(pipe, inputs), strict=True):
+        assert rel_err(ours, theirs) < 1e-5
+
+
+def comfy_names(unet, te, name):
+    """Adapter `name` under ComfyUI LoraSave's keys: diffusion_model.<LDM path>, text_encoders.clip_l.transformer.
+    text_model.<path>; lora_up / lora_down, no alpha (ComfyUI then scales by 1: alpha = rank)."""
+    out = {}
+    for prefix, model in (("diffusion_model.", unet), ("text_encoders.clip_l.transformer.text_model.", te)):
+        for path, layer in lora.adapted_layers(model, name=name):
+            a = layer.adapters[name]
+            key = prefix + path.removeprefix("text_model.")
+            out[key + ".lora_up.weight"] = a.up.detach().clone()
+            out[key + ".lora_down.weight"] = a.down.detach().clone()
+    return out
+
+
+def test_comfyui_lorasave_format_loads(models, lora_sd, inputs, tmp_path):
+    unet, te = models
+    lora.inject(unet, "c", lora.rank_table(4, conv_dims=2), targets=lora.C3LIER, text_encoder=te, te_rank=4)
+    randomize(unet, "c", te)
+    assert all(layer.adapters["c"].alpha == layer.adapters["c"].rank for _, layer in lora.adapted_layers(unet, te))
+    save_file(comfy_names(unet, te, "c"), str(tmp_path / "comfy.safetensors"))
+    unet2, te2 = copy.deepcopy(lora_sd.unet), copy.deepcopy(lora_sd.text_encoder)
+    paths = lora.load_kohya(tmp_path / "comfy.safetensors", unet2, te2)
+    assert len(paths) == len(lora.adapted_layers(unet, te))
+    for a, b in zip(outputs(unet, te, inputs), outputs(unet2, te2, inputs), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"diffusion_model.out.2.diff": torch.zeros(4)}, r"whole-tensor differences \(diffusion_model.out.2.diff\)"),
+    ({"lycoris_conv_in.hada_w1_a": torch.zeros(2, 2)}, r"LoHa adapters are not supported"),
+    ({"lycoris_conv_in.lokr_w1": torch.zeros(2, 2)}, r"LoKr adapters are not supported"),
+    ({"lycoris_conv_in.dora_scale": torch.zeros(2)}, r"DoRA adapters are not supported"),
+])
+def test_other_algorithms_in_these_formats_are_refused(keys, message, models, tmp_path):
+    save_file(keys, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match=r"x.safetensors: " + message):
+        lora.load_kohya(tmp_path / "x.safetensors", *models)

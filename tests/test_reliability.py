@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conft
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("MINISD_KILLS", 4))
-TE = "cond_stage_model.transformer."
+TE = "cond_stage_model.transformer.text_model."  # the released layout save_single_file writes
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
