@@ -7,7 +7,9 @@
 
 --lora FILE[:WEIGHT[:BLOCKS]]: BLOCKS is a lora-block-weight preset (NONE ALL INS IND INALL MIDD OUTD OUTS OUTALL),
 17 or 26 comma-separated weights, or the paper's coarse groups ("in0,out3" or "in0=1,out3=0.5").
-With no adapters the image equals diffusers' StableDiffusionPipeline + DDIMScheduler with the same seed.
+--sampler DDIM (default), "DPM++ 2M Karras" or "Euler a": with no adapters the image equals diffusers'
+StableDiffusionPipeline with DDIMScheduler, DPMSolverMultistepScheduler(use_karras_sigmas=True) or
+EulerAncestralDiscreteScheduler and the same seed.
 --cuda-graph (CUDA only): each guided U-Net step is one replay of a CUDA graph, without Python's kernel-launch
 overhead; the same function, but the conv weights go channels_last (other kernels: pixels may differ by rounding).
 """
@@ -36,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="a large red star on a blue background, striped style")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default="DDIM", help="DDIM, 'DPM++ 2M Karras' or 'Euler a' (webui's names, any case)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size, 512 for SD 1.4)")
@@ -85,6 +88,14 @@ def check(args):
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise ValueError("--cuda-graph needs a CUDA device")
+    try:
+        args.sampler = minisd.sampler_named(args.sampler)[0]
+    except ValueError as e:
+        raise ValueError(f"--sampler: {e}") from None
+    if args.eta and args.sampler != "DDIM":
+        raise ValueError(f"--eta is DDIM's; --sampler {args.sampler!r} takes none")
+    if args.cuda_graph and args.sampler == "Euler a":
+        raise ValueError("--cuda-graph runs DDIM and DPM++ 2M Karras; Euler a (fractional timesteps) runs eager only")
     for size in (args.height, args.width):
         if size is not None and (size <= 0 or size % 8):
             raise ValueError(f"--height and --width must be positive multiples of 8, got {size}")
@@ -107,9 +118,9 @@ def check(args):
 def png_info(args, sd, size, adapters, index=None):
     """AUTOMATIC1111's `parameters` text chunk, so other tools read the settings back."""
     tags = "".join(f" <lora:{p.stem}:{w:g}>" for p, w, _ in adapters)
-    fields = {"Steps": args.steps, "Sampler": "DDIM", "CFG scale": f"{args.guidance:g}", "Seed": args.seed,
+    fields = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": f"{args.guidance:g}", "Seed": args.seed,
               "Size": f"{size[1]}x{size[0]}", "Model hash": file_hash(args.ckpt), "Model": Path(args.ckpt).stem}
-    if args.eta:
+    if args.eta and args.sampler == "DDIM":
         fields["Eta DDIM"] = f"{args.eta:g}"
     if args.n > 1 and index is not None:
         fields.update({"Batch size": args.n, "Batch pos": index})
@@ -150,7 +161,8 @@ def main(argv=None):
             lora.load_kohya(path, sd.unet, sd.text_encoder, weight=weight,
                             block_weights=lora.parse_block_weights(blocks) if blocks else None, dtype=dtype)
         images = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                  height=args.height, width=args.width, n=args.n, seed=args.seed, cuda_graph=args.cuda_graph))
+                                  height=args.height, width=args.width, n=args.n, seed=args.seed, cuda_graph=args.cuda_graph,
+                                  sampler=args.sampler))
     except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise

@@ -90,12 +90,22 @@ def test_sample_equals_the_diffusers_pipeline_with_and_without_an_adapter(layout
     assert "<lora:ad:1>" in Image.open(tmp_path / "ad.png").text["parameters"]
 
 
+def test_sample_sampler_flag_equals_diffusers_and_names_it_as_webui(layouts, ref_pipe, tmp_path):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    ours = sample_png(layouts, tmp_path / "a.png", "--sampler", "euler A")
+    sched = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    assert np.abs(ours - diffusers_png(StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": sched}))).max() <= 1
+    assert ", Sampler: Euler a, " in Image.open(tmp_path / "a.png").text["parameters"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be positive"),
     (["--height", "60"], "multiples of 8"),
     (["--lora", "missing.safetensors"], "missing.safetensors: no such file"),
     (["--lora", "x.safetensors:1:BOGUS"], "preset"),
     (["--ckpt", "/nonexistent"], "/nonexistent: no such file"),
+    (["--sampler", "euler"], "--sampler: unknown sampler 'euler'; choose from DDIM, DPM++ 2M Karras, Euler a"),
+    (["--sampler", "DPM++ 2M Karras", "--eta", "0.5"], "--eta is DDIM's"),
 ])
 def test_sample_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
     if "x.safetensors" in argv[1]:
