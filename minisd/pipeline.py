@@ -11,7 +11,7 @@ from . import graphs
 from .checkpoint import CheckpointError, file_errors, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
 from .ddim import Schedule
 from .samplers import sampler_named
-from .text import SD14_TOKENIZER, build_text_encoder, encode_prompts, load_tokenizer
+from .text import SD14_TOKENIZER, build_text_encoder, encode_prompts, encode_weighted_prompts, load_tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -37,11 +37,14 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, cuda_graph=False):
+    def encode_prompt(self, prompts, cuda_graph=False, weighted=False):
         """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype (cuda_graph: the text encoder
-        replayed from a CUDA graph)."""
+        replayed from a CUDA graph). weighted: webui's prompt syntax, (word:1.2) and any length in 75-token chunks
+        (B, 77 k, 768) (minisd.text.encode_weighted_prompts), as sample() reads prompts; else the plain tokens,
+        truncated to 77, as training reads captions."""
         run = (lambda ids: graphs.encode_text(self.text_encoder, ids)) if cuda_graph else None
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts, run).to(self.dtype)
+        encode = encode_weighted_prompts if weighted else encode_prompts
+        return encode(self.tokenizer, self.text_encoder, prompts, run).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -55,6 +58,7 @@ class StableDiffusion:
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, height=None, width=None,
                n=1, seed=0, progress=True, cuda_graph=False, sampler="DDIM", on_step=None):
         """Classifier-free guided sampling with `sampler` (minisd.samplers: "DDIM", "DPM++ 2M Karras", "Euler a").
+        Prompts are read as webui reads them: (word:1.2), (word), [word], BREAK, any length (encode_prompt).
         Returns images (len(prompts) * n, 3, H, W) in [0, 1].
 
         The initial latents are torch.randn((B, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))
@@ -82,7 +86,7 @@ class StableDiffusion:
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
         cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
-        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, cuda_graph)
+        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, cuda_graph, weighted=True)
         graphed = None
         if cuda_graph:
             graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None,
