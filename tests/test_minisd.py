@@ -109,6 +109,10 @@ def test_unknown_sampler_and_eta_are_refused(layouts):
         sd.sample("a", steps=2, sampler="euler", progress=False)
     with pytest.raises(ValueError, match="eta is DDIM's"):
         sd.sample("a", steps=2, eta=0.5, sampler="euler a", progress=False)
+    with pytest.raises(ValueError, match="Euler a .fractional timesteps. and per-step changes .on_step. run eager only"):
+        sd.sample("a", steps=2, sampler="Euler a", cuda_graph=True, progress=False)
+    with pytest.raises(ValueError, match="run eager only"):
+        sd.sample("a", steps=2, cuda_graph=True, on_step=print, progress=False)
 
 
 def test_full_sd14_names_and_shapes_match_the_official_layout():
