@@ -238,8 +238,9 @@ def main(argv=None):
             lora.load_kohya(a.path, sd.unet, sd.text_encoder, name=name, weight=a.weight,
                             block_weights=lora.parse_block_weights(a.blocks) if a.blocks else None, dtype=dtype)
         images = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                  height=args.height, width=args.width, n=args.n, seed=args.seed, cuda_graph=args.cuda_graph,
-                                  sampler=args.sampler, on_step=step_switch(sd.unet, names, adapters)))
+                                  height=args.height, width=args.width, n=args.n, seed=args.seed,
+                                  cuda_graph=args.cuda_graph, sampler=args.sampler,
+                                  on_step=step_switch(sd.unet, names, adapters)))
     except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise

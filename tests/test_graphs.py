@@ -379,7 +379,8 @@ def test_graph_sampling_matches_eager_with_dpmpp_2m_karras(lora_sd, monkeypatch)
     import copy
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     sd = copy.copy(lora_sd)
-    sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae, lora_sd.text_encoder))
+    sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae,
+                                                                          lora_sd.text_encoder))
     kw = dict(steps=5, guidance=7.5, height=64, width=64, seed=1, progress=False, sampler="DPM++ 2M Karras")
     graphed = sd.sample(["a cat", "dog"], cuda_graph=True, **kw)
     assert rel(graphed, sd.sample(["a cat", "dog"], **kw)) < 1e-4

@@ -70,7 +70,8 @@ SCHEDULERS = {  # diffusers' schedulers for SD 1.x's betas, as `from_config` of 
 def diffusers_scheduler(sampler):
     import diffusers
     cls, kw = SCHEDULERS[sampler]
-    return getattr(diffusers, cls)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **kw)
+    return getattr(diffusers, cls)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   **kw)
 
 
 @pytest.mark.parametrize("sampler, steps", [("DPM++ 2M Karras", 6), ("Euler a", 5)])
@@ -94,7 +95,8 @@ def test_samplers_match_the_diffusers_pipeline(sampler, steps, layouts, ref_pipe
 @pytest.mark.parametrize("steps", [1, 7, 25, 50])
 def test_sampler_schedules_match_diffusers(steps):
     from minisd.samplers import euler_a_sigmas, karras_sigmas
-    for sampler, ours in (("DPM++ 2M Karras", karras_sigmas(Schedule(), steps)), ("Euler a", euler_a_sigmas(Schedule(), steps))):
+    for sampler, ours in (("DPM++ 2M Karras", karras_sigmas(Schedule(), steps)),
+                          ("Euler a", euler_a_sigmas(Schedule(), steps))):
         ref = diffusers_scheduler(sampler)
         ref.set_timesteps(steps)
         sigmas, ts = ours if sampler == "DPM++ 2M Karras" else ours[::-1]
@@ -109,7 +111,7 @@ def test_unknown_sampler_and_eta_are_refused(layouts):
         sd.sample("a", steps=2, sampler="euler", progress=False)
     with pytest.raises(ValueError, match="eta is DDIM's"):
         sd.sample("a", steps=2, eta=0.5, sampler="euler a", progress=False)
-    with pytest.raises(ValueError, match="Euler a .fractional timesteps. and per-step changes .on_step. run eager only"):
+    with pytest.raises(ValueError, match="Euler a .fractional timesteps. and per-step changes .* run eager only"):
         sd.sample("a", steps=2, sampler="Euler a", cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="run eager only"):
         sd.sample("a", steps=2, cuda_graph=True, on_step=print, progress=False)

@@ -82,9 +82,11 @@ def test_weighted_and_long_prompts_against_the_reference_encoder(ref_pipe):
     torch.testing.assert_close(ours[0, :77], ref_weighted[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[0, 77:], reference_chunk(ref_pipe, [])[0], rtol=1e-5, atol=1e-6)  # padding chunk
     assert ours[0, :77].mean().item() == pytest.approx(reference_chunk(ref_pipe, a + red + cat).mean().item(), rel=1e-5)
-    ref_long = torch.cat([reference_chunk(ref_pipe, x[:75]), reference_chunk(ref_pipe, x[75:] + ids_of(ref_pipe, ",") + y)], 1)
+    ref_long = torch.cat([reference_chunk(ref_pipe, x[:75]),
+                          reference_chunk(ref_pipe, x[75:] + ids_of(ref_pipe, ",") + y)], 1)
     torch.testing.assert_close(ours[1], ref_long[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours[2, :77], reference_chunk(ref_pipe, ids_of(ref_pipe, "plain"))[0], rtol=1e-5, atol=1e-6)
+    plain = reference_chunk(ref_pipe, ids_of(ref_pipe, "plain"))[0]
+    torch.testing.assert_close(ours[2, :77], plain, rtol=1e-5, atol=1e-6)
 
 
 def test_sample_reads_weighted_long_prompts_as_the_pipeline_with_those_embeddings(layouts, ref_pipe):

@@ -94,7 +94,8 @@ def test_sample_sampler_flag_equals_diffusers_and_names_it_as_webui(layouts, ref
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
     ours = sample_png(layouts, tmp_path / "a.png", "--sampler", "euler A")
     sched = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    assert np.abs(ours - diffusers_png(StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": sched}))).max() <= 1
+    pipe = StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": sched})
+    assert np.abs(ours - diffusers_png(pipe)).max() <= 1
     assert ", Sampler: Euler a, " in Image.open(tmp_path / "a.png").text["parameters"]
 
 
