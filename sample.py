@@ -70,18 +70,20 @@ class Lora(NamedTuple):
 
 
 def parse_lora(spec):
-    """'FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]' -> Lora; BLOCKS may also be written lbw=BLOCKS (as in webui's
-    <lora:name:1:lbw=OUTD:start=10:stop=30>)."""
+    """'FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]' -> Lora; BLOCKS may also be written lbw=BLOCKS and the range
+    step=A-B, as sd-webui-lora-block-weight reads them (<lora:name:1:lbw=OUTD:start=10:stop=30>)."""
     m = re.fullmatch(r"(.+?\.(?:safetensors|ckpt|pt|bin))((?::[^:]*)*)", spec)
     if not m:
         raise ValueError(f"--lora {spec}: expected FILE.safetensors[:WEIGHT][:BLOCKS][:start=N][:stop=N]")
     keyed, plain = {}, []
     for item in m[2].split(":")[1:]:
         key, eq, value = item.partition("=")
-        if eq and key.strip().lower() in ("lbw", "start", "stop"):
+        if eq and key.strip().lower() in ("lbw", "start", "stop", "step"):
             keyed[key.strip().lower()] = value.strip()
         else:
             plain.append(item)
+    if "step" in keyed:  # lora-block-weight's step=A-B: start=A, stop=B
+        keyed["start"], _, keyed["stop"] = keyed.pop("step").partition("-")
     if len(plain) > 2 or (len(plain) == 2 and "lbw" in keyed):
         raise ValueError(f"--lora {spec}: expected FILE.safetensors[:WEIGHT][:BLOCKS or lbw=BLOCKS][:start=N][:stop=N]")
     try:

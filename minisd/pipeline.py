@@ -94,13 +94,13 @@ class StableDiffusion:
             graphs.to_channels_last(self.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
         step, bar = itertools.count(), tqdm(total=steps, desc="sampling", disable=not progress)
 
-        def model(x, t):  # the guided eps
+        def model(x_in, t):  # the guided eps
             if on_step:
                 on_step(next(step))
             bar.update()
             if graphed:  # the same, replayed from a CUDA graph
-                return graphed(x, t, ctx)
-            eps = self.unet(torch.cat([x, x]) if cfg else x, torch.tensor(t, device=self.device), ctx)
+                return graphed(x_in, t, ctx)
+            eps = self.unet(torch.cat([x_in, x_in]) if cfg else x_in, torch.tensor(t, device=self.device), ctx)
             if not cfg:
                 return eps
             eps_uncond, eps_text = eps.chunk(2)

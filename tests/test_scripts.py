@@ -107,6 +107,7 @@ def test_sample_sampler_flag_equals_diffusers_and_names_it_as_webui(layouts, ref
     ("F.safetensors:1:lbw=in0=1,out3=0.5:stop=5", 1.0, "in0=1,out3=0.5", None, 5),
     ("F.safetensors::in0,out3", 1.0, "in0,out3", None, None),
     ("F.safetensors:1:start=0", 1.0, None, 0, None),
+    ("F.safetensors:lbw=ALL:step=5-10", 1.0, "ALL", 5, 10),
 ])
 def test_parse_lora(spec, weight, blocks, start, stop):
     assert sample.parse_lora(spec) == (sample.Path("F.safetensors"), weight, blocks, start, stop)
