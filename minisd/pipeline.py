@@ -97,14 +97,15 @@ class StableDiffusion:
         def model(x_in, t):  # the guided eps
             if on_step:
                 on_step(next(step))
-            bar.update()
             if graphed:  # the same, replayed from a CUDA graph
-                return graphed(x_in, t, ctx)
-            eps = self.unet(torch.cat([x_in, x_in]) if cfg else x_in, torch.tensor(t, device=self.device), ctx)
-            if not cfg:
-                return eps
-            eps_uncond, eps_text = eps.chunk(2)
-            return eps_uncond + guidance * (eps_text - eps_uncond)
+                eps = graphed(x_in, t, ctx)
+            else:
+                eps = self.unet(torch.cat([x_in, x_in]) if cfg else x_in, torch.tensor(t, device=self.device), ctx)
+                if cfg:
+                    eps_uncond, eps_text = eps.chunk(2)
+                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            bar.update()
+            return eps
 
         noise = lambda: torch.randn(x.shape, generator=g).to(self.device, self.dtype)
         with bar:
