@@ -5,18 +5,26 @@
     python sample.py --lora out/identity.safetensors --lora out/style.safetensors:0.8:OUTD \\
         --prompt "a large sks character on a white background, zwx style" --n 4
 
---lora FILE[:WEIGHT[:BLOCKS]]: BLOCKS is a lora-block-weight preset (NONE ALL INS IND INALL MIDD OUTD OUTS OUTALL),
-17 or 26 comma-separated weights, or the paper's coarse groups ("in0,out3" or "in0=1,out3=0.5").
-With no adapters the image equals diffusers' StableDiffusionPipeline + DDIMScheduler with the same seed.
+--lora FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]: BLOCKS (or lbw=BLOCKS, as sd-webui-lora-block-weight writes it)
+is a lora-block-weight preset (NONE ALL INS IND INALL MIDD OUTD OUTS OUTALL), 17 or 26 comma-separated weights, or
+the paper's coarse groups ("in0,out3" or "in0=1,out3=0.5"); start/stop run the adapter's U-Net part only from step
+`start` to step `stop` (1-based, stop excluded, as lora-block-weight counts). The PNG carries each adapter as
+webui's tag <lora:name:WEIGHT:lbw=PRESET or 26 values:start=N:stop=N>.
+The prompt is read as webui reads it: (word:1.2), (word) = 1.1, [word] = 1/1.1, \\( escapes, BREAK, any length.
+--sampler DDIM (default), "DPM++ 2M Karras" or "Euler a": with no adapters the image equals diffusers'
+StableDiffusionPipeline with DDIMScheduler, DPMSolverMultistepScheduler(use_karras_sigmas=True) or
+EulerAncestralDiscreteScheduler and the same seed.
 --cuda-graph (CUDA only): each guided U-Net step is one replay of a CUDA graph, without Python's kernel-launch
 overhead; the same function, but the conv weights go channels_last (other kernels: pixels may differ by rounding).
 """
 import argparse
+import math
 import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -36,14 +44,16 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="a large red star on a blue background, striped style")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--sampler", default="DDIM", help="DDIM, 'DPM++ 2M Karras' or 'Euler a' (webui's names, any case)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size, 512 for SD 1.4)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--n", type=int, default=1, help="images per prompt (saved as a grid and one by one)")
     p.add_argument("--out", default="out/sample.png", help="PNG file")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT[:BLOCKS]]", help="an adapter; repeatable")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]",
+                   help="an adapter; repeatable")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
     p.add_argument("--cuda-graph", action="store_true", help="replay each U-Net step from a CUDA graph (CUDA only)")
@@ -51,16 +61,88 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class Lora(NamedTuple):
+    path: Path
+    weight: float
+    blocks: str | None  # a block-weight spec (lora.parse_block_weights); None: all blocks
+    start: int | None  # lora-block-weight's step range: the U-Net part runs from step `start` (1-based) ...
+    stop: int | None  # ... to step `stop` (excluded)
+
+
 def parse_lora(spec):
-    """'FILE[:WEIGHT[:BLOCKS]]' -> (path, weight, blocks or None)."""
-    m = re.fullmatch(r"(.+?\.(?:safetensors|ckpt|pt|bin))(?::([^:]*))?(?::(.+))?", spec)
+    """'FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]' -> Lora; BLOCKS may also be written lbw=BLOCKS and the range
+    step=A-B, as sd-webui-lora-block-weight reads them (<lora:name:1:lbw=OUTD:start=10:stop=30>)."""
+    m = re.fullmatch(r"(.+?\.(?:safetensors|ckpt|pt|bin))((?::[^:]*)*)", spec)
     if not m:
-        raise ValueError(f"--lora {spec}: expected FILE.safetensors[:WEIGHT[:BLOCKS]]")
+        raise ValueError(f"--lora {spec}: expected FILE.safetensors[:WEIGHT][:BLOCKS][:start=N][:stop=N]")
+    keyed, plain = {}, []
+    for item in m[2].split(":")[1:]:
+        key, eq, value = item.partition("=")
+        if eq and key.strip().lower() in ("lbw", "start", "stop", "step"):
+            keyed[key.strip().lower()] = value.strip()
+        else:
+            plain.append(item)
+    if "step" in keyed:  # lora-block-weight's step=A-B: start=A, stop=B
+        keyed["start"], _, keyed["stop"] = keyed.pop("step").partition("-")
+    if len(plain) > 2 or (len(plain) == 2 and "lbw" in keyed):
+        raise ValueError(f"--lora {spec}: expected FILE.safetensors[:WEIGHT][:BLOCKS or lbw=BLOCKS][:start=N][:stop=N]")
     try:
-        weight = float(m[2]) if m[2] else 1.0
+        weight = float(plain[0]) if plain and plain[0] else 1.0
     except ValueError:
-        raise ValueError(f"--lora {spec}: weight {m[2]!r} is not a number") from None
-    return Path(m[1]), weight, m[3]
+        raise ValueError(f"--lora {spec}: weight {plain[0]!r} is not a number") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"--lora {spec}: weight {weight} is not a finite number")
+    blocks = keyed.get("lbw", plain[1] if len(plain) == 2 and plain[1] else None)
+    if blocks == "":
+        raise ValueError(f"--lora {spec}: lbw= is empty; give a preset (OUTD, ...) or 17 or 26 weights")
+    if blocks is not None:
+        try:
+            values = lora.parse_block_weights(blocks).values()
+        except ValueError as e:
+            raise ValueError(f"--lora {spec}: lbw={blocks}: {e}") from None
+        if not all(map(math.isfinite, values)):
+            raise ValueError(f"--lora {spec}: lbw={blocks}: block weights must be finite numbers")
+    start, stop = (parse_step(spec, keyed, k) for k in ("start", "stop"))
+    if start is not None and stop is not None and start > stop:
+        raise ValueError(f"--lora {spec}: start={start} is after stop={stop}")
+    return Lora(Path(m[1]), weight, blocks, start, stop)
+
+
+def parse_step(spec, keyed, key):
+    if key not in keyed:
+        return None
+    if not re.fullmatch(r"\d+", keyed[key]):
+        raise ValueError(f"--lora {spec}: {key}={keyed[key]} is not a step number (0, 1, 2, ...)")
+    return int(keyed[key])
+
+
+def lbw_tag(a):
+    """The adapter's webui tag: <lora:name:weight[:lbw=BLOCKS][:start=N][:stop=N]>, its blocks as a lora-block-weight
+    preset name or its 26 values (BASE, IN00-IN11, M00, OUT00-OUT11), which sd-webui-lora-block-weight reads."""
+    tag = f"<lora:{a.path.stem}:{a.weight:g}"
+    if a.blocks is not None:
+        preset = a.blocks.strip().upper()
+        values = ",".join(f"{v:g}" for v in lora.parse_block_weights(a.blocks).values())
+        tag += f":lbw={preset if preset in lora.LBW_PRESETS else values}"
+    tag += "".join(f":{k}={v}" for k, v in (("start", a.start), ("stop", a.stop)) if v is not None)
+    return tag + ">"
+
+
+def step_switch(unet, names, adapters):
+    """on_step for sample(): each adapter with a step range runs on the U-Net only while start <= step < stop
+    (1-based steps, as lora-block-weight counts them: start=10 switches it on at the 10th step, stop=30 off at the
+    30th). Its text-encoder part stays on: the prompt is encoded once, before the first step (as in webui)."""
+    ranged = [(n, a.start or 0, a.stop) for n, a in zip(names, adapters) if a.start is not None or a.stop is not None]
+    ranged = [(n, start, stop) for n, start, stop in ranged if lora.adapted_layers(unet, name=n)]
+    state = {}
+
+    def on_step(i):
+        for name, start, stop in ranged:
+            on = start <= i + 1 and (stop is None or i + 1 < stop)
+            if state.get(name) != on:
+                lora.enable(unet, name, on)
+                state[name] = on
+    return on_step if ranged else None
 
 
 def check(args):
@@ -73,17 +155,25 @@ def check(args):
         raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise ValueError("--cuda-graph needs a CUDA device")
+    try:
+        args.sampler = minisd.sampler_named(args.sampler)[0]
+    except ValueError as e:
+        raise ValueError(f"--sampler: {e}") from None
+    if args.eta and args.sampler != "DDIM":
+        raise ValueError(f"--eta is DDIM's; --sampler {args.sampler!r} takes none")
+    if args.cuda_graph and args.sampler == "Euler a":
+        raise ValueError("--cuda-graph runs DDIM and DPM++ 2M Karras; Euler a (fractional timesteps) runs eager only")
     for size in (args.height, args.width):
         if size is not None and (size <= 0 or size % 8):
             raise ValueError(f"--height and --width must be positive multiples of 8, got {size}")
     if not Path(args.ckpt).exists():
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder")
     adapters = [parse_lora(s) for s in args.lora]
-    for path, _, blocks in adapters:
-        if not path.is_file():
-            raise FileNotFoundError(f"--lora {path}: no such file")
-        if blocks:
-            lora.parse_block_weights(blocks)
+    for a in adapters:
+        if not a.path.is_file():
+            raise FileNotFoundError(f"--lora {a.path}: no such file")
+    if args.cuda_graph and any(a.start is not None or a.stop is not None for a in adapters):
+        raise ValueError("--lora ...:start=/stop= switch adapters per step, which runs eager only; drop --cuda-graph")
     if Path(args.out).suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: must be a .png file")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, not after sampling
@@ -94,16 +184,15 @@ def check(args):
 
 def png_info(args, sd, size, adapters, index=None):
     """AUTOMATIC1111's `parameters` text chunk, so other tools read the settings back."""
-    tags = "".join(f" <lora:{p.stem}:{w:g}>" for p, w, _ in adapters)
-    fields = {"Steps": args.steps, "Sampler": "DDIM", "CFG scale": f"{args.guidance:g}", "Seed": args.seed,
+    tags = "".join(" " + lbw_tag(a) for a in adapters)
+    fields = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": f"{args.guidance:g}", "Seed": args.seed,
               "Size": f"{size[1]}x{size[0]}", "Model hash": hashes.model_hash(args.ckpt), "Model": Path(args.ckpt).stem}
-    if args.eta:
+    if args.eta and args.sampler == "DDIM":
         fields["Eta DDIM"] = f"{args.eta:g}"
     if args.n > 1 and index is not None:
         fields.update({"Batch size": args.n, "Batch pos": index})
     if adapters:
-        fields["Lora hashes"] = '"' + ", ".join(f"{p.stem}: {hashes.lora_hash(p)}" for p, _, _ in adapters) + '"'
-        fields["Lora blocks"] = '"' + ", ".join(f"{p.stem}: {b or 'ALL'}" for p, _, b in adapters) + '"'
+        fields["Lora hashes"] = '"' + ", ".join(f"{a.path.stem}: {hashes.lora_hash(a.path)}" for a in adapters) + '"'
     text = f"{args.prompt}{tags}\nNegative prompt: {args.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
     info = PngInfo()
     info.add_text("parameters", text)
@@ -134,11 +223,14 @@ def main(argv=None):
             torch.set_flush_denormal(True)  # tiny weights and activations otherwise hit slow denormal arithmetic
         t0 = time.time()
         sd = minisd.load(args.ckpt, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
-        for path, weight, blocks in adapters:
-            lora.load_kohya(path, sd.unet, sd.text_encoder, weight=weight,
-                            block_weights=lora.parse_block_weights(blocks) if blocks else None, dtype=dtype)
+        names = [f"lora{i}" for i in range(len(adapters))]
+        for name, a in zip(names, adapters):
+            lora.load_kohya(a.path, sd.unet, sd.text_encoder, name=name, weight=a.weight,
+                            block_weights=lora.parse_block_weights(a.blocks) if a.blocks else None, dtype=dtype)
         images = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                  height=args.height, width=args.width, n=args.n, seed=args.seed, cuda_graph=args.cuda_graph))
+                                  height=args.height, width=args.width, n=args.n, seed=args.seed,
+                                  cuda_graph=args.cuda_graph, sampler=args.sampler,
+                                  on_step=step_switch(sd.unet, names, adapters)))
     except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise

@@ -1,4 +1,5 @@
 """`minisd.load`: any official SD 1.x layout -> a StableDiffusion (U-Net, VAE, text encoder, tokenizer, schedule)."""
+import itertools
 import json
 from pathlib import Path
 
@@ -8,8 +9,9 @@ from transformers import CLIPTextConfig
 
 from . import graphs
 from .checkpoint import CheckpointError, file_errors, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
-from .ddim import Schedule, ddim_alphas, ddim_step
-from .text import build_text_encoder, encode_prompts, load_tokenizer, packaged_tokenizer
+from .ddim import Schedule
+from .samplers import sampler_named
+from .text import build_text_encoder, encode_prompts, encode_weighted_prompts, load_tokenizer, packaged_tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -35,11 +37,14 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompts, cuda_graph=False):
+    def encode_prompt(self, prompts, cuda_graph=False, weighted=False):
         """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype (cuda_graph: the text encoder
-        replayed from a CUDA graph)."""
+        replayed from a CUDA graph). weighted: webui's prompt syntax, (word:1.2) and any length in 75-token chunks
+        (B, 77 k, 768) (minisd.text.encode_weighted_prompts), as sample() reads prompts; else the plain tokens,
+        truncated to 77, as training reads captions."""
         run = (lambda ids: graphs.encode_text(self.text_encoder, ids)) if cuda_graph else None
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts, run).to(self.dtype)
+        encode = encode_weighted_prompts if weighted else encode_prompts
+        return encode(self.tokenizer, self.text_encoder, prompts, run).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -51,15 +56,19 @@ class StableDiffusion:
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, height=None, width=None,
-               n=1, seed=0, progress=True, cuda_graph=False):
-        """DDIM with classifier-free guidance. Returns images (len(prompts) * n, 3, H, W) in [0, 1].
+               n=1, seed=0, progress=True, cuda_graph=False, sampler="DDIM", on_step=None):
+        """Classifier-free guided sampling with `sampler` (minisd.samplers: "DDIM", "DPM++ 2M Karras", "Euler a").
+        Prompts are read as webui reads them: (word:1.2), (word), [word], BREAK, any length (encode_prompt).
+        Returns images (len(prompts) * n, 3, H, W) in [0, 1].
 
         The initial latents are torch.randn((B, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))
-        in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 noise continues the same stream.
+        in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 (DDIM) and Euler a's per-step noise
+        continue the same stream. on_step(i), if given, runs before step i's U-Net call (i = 0 .. steps - 1).
         cuda_graph=True (CUDA only): each guided U-Net step is one replay of a CUDA graph (minisd.graphs), captured
         on first use per batch, size, dtype and guidance, without the kernel-launch overhead (the text encoder too,
         per batch); it also stores the U-Net's and the VAE's conv weights channels_last (same function, other cuDNN
         kernels: fp16-rounding-level differences)."""
+        name, run = sampler_named(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = height or self.native_size, width or self.native_size
         f = self.vae.cfg.downscale
@@ -67,27 +76,40 @@ class StableDiffusion:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0 (<= 1: no classifier-free guidance), got {guidance}")
+        if eta and name != "DDIM":
+            raise ValueError(f"eta is DDIM's; {name} takes none")
+        if cuda_graph and (name == "Euler a" or on_step):  # the graph reads integer timesteps and fixed weights
+            raise ValueError("cuda_graph runs DDIM and DPM++ 2M Karras without on_step; Euler a (fractional "
+                             "timesteps) and per-step changes (on_step) run eager only")
         prompts = [p for p in prompts for _ in range(n)]
         B = len(prompts)
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
         cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
-        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, cuda_graph)
+        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, cuda_graph, weighted=True)
         graphed = None
         if cuda_graph:
             graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None,
                                          timesteps=self.schedule.num_train_timesteps)
             graphs.to_channels_last(self.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
-        for t, a, a_prev in tqdm(ddim_alphas(self.schedule, steps), desc="sampling", disable=not progress):
-            if graphed:  # the guided eps below, replayed from a CUDA graph
-                eps = graphed(x, t, ctx)
+        step, bar = itertools.count(), tqdm(total=steps, desc="sampling", disable=not progress)
+
+        def model(x_in, t):  # the guided eps
+            if on_step:
+                on_step(next(step))
+            if graphed:  # the same, replayed from a CUDA graph
+                eps = graphed(x_in, t, ctx)
             else:
-                eps = self.unet(torch.cat([x, x]) if cfg else x, torch.tensor(t, device=self.device), ctx)
+                eps = self.unet(torch.cat([x_in, x_in]) if cfg else x_in, torch.tensor(t, device=self.device), ctx)
                 if cfg:
                     eps_uncond, eps_text = eps.chunk(2)
                     eps = eps_uncond + guidance * (eps_text - eps_uncond)
-            noise = torch.randn(x.shape, generator=g).to(self.device, self.dtype) if eta > 0 else None
-            x = ddim_step(x, eps, a, a_prev, eta, noise)
+            bar.update()
+            return eps
+
+        noise = lambda: torch.randn(x.shape, generator=g).to(self.device, self.dtype)
+        with bar:
+            x = run(model, x, self.schedule, steps, noise, **({"eta": eta} if name == "DDIM" else {}))
         return self.decode(x)
 
 

@@ -371,3 +371,16 @@ def test_sample_cuda_graph_matches_eager(tiny, tmp_path):
     eager, graphed = png("eager.png"), png("graph.png", "--cuda-graph")
     assert eager.std() > 1  # not a blank image
     assert np.abs(graphed - eager).mean() < 1 and np.abs(graphed - eager).max() <= 16  # of 255: rounding (fp16, channels_last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_sampling_matches_eager_with_dpmpp_2m_karras(lora_sd, monkeypatch):
+    """The graph takes DPM++ 2M Karras' integer timesteps as DDIM's (Euler a's fractional ones are refused)."""
+    import copy
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    sd = copy.copy(lora_sd)
+    sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae,
+                                                                          lora_sd.text_encoder))
+    kw = dict(steps=5, guidance=7.5, height=64, width=64, seed=1, progress=False, sampler="DPM++ 2M Karras")
+    graphed = sd.sample(["a cat", "dog"], cuda_graph=True, **kw)
+    assert rel(graphed, sd.sample(["a cat", "dog"], **kw)) < 1e-4

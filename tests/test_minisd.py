@@ -61,6 +61,62 @@ def test_ddim_schedule_matches_diffusers():
         assert abs(a - ac[t]) < 1e-6 and abs(a_prev - (ac[t - 20] if t > 20 else ac[0])) < 1e-6
 
 
+SCHEDULERS = {  # diffusers' schedulers for SD 1.x's betas, as `from_config` of the released scheduler config makes them
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+}
+
+
+def diffusers_scheduler(sampler):
+    import diffusers
+    cls, kw = SCHEDULERS[sampler]
+    return getattr(diffusers, cls)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                   **kw)
+
+
+@pytest.mark.parametrize("sampler, steps", [("DPM++ 2M Karras", 6), ("Euler a", 5)])
+def test_samplers_match_the_diffusers_pipeline(sampler, steps, layouts, ref_pipe):
+    """6 DPM++ steps: a first-order step, four second-order ones and the final one; 5 Euler a steps: fractional
+    timesteps (999, 749.25, ...) and four draws of per-step noise from the seed's generator."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": diffusers_scheduler(sampler)})
+    sd = load(layouts, "ckpt")
+    ours = sd.sample(["a red cat", "dog"], negative_prompt="blur", steps=steps, guidance=7.5, n=2, seed=3,
+                     height=64, width=64, progress=False, sampler=sampler)
+    ref = pipe(["a red cat", "dog"], negative_prompt=["blur"] * 2, generator=torch.Generator("cpu").manual_seed(3),
+               output_type="pt", num_inference_steps=steps, guidance_scale=7.5, num_images_per_prompt=2, height=64,
+               width=64).images
+    assert rel(ours, ref) < 1e-4 and (ours - ref).abs().max() < 1 / 255
+    ddim = sd.sample(["a red cat", "dog"], negative_prompt="blur", steps=steps, n=2, seed=3, height=64, width=64,
+                     progress=False)
+    assert (ours - ddim).abs().max() > 10 / 255  # another sampler, another image
+
+
+@pytest.mark.parametrize("steps", [1, 7, 25, 50])
+def test_sampler_schedules_match_diffusers(steps):
+    from minisd.samplers import euler_a_sigmas, karras_sigmas
+    for sampler, ours in (("DPM++ 2M Karras", karras_sigmas(Schedule(), steps)),
+                          ("Euler a", euler_a_sigmas(Schedule(), steps))):
+        ref = diffusers_scheduler(sampler)
+        ref.set_timesteps(steps)
+        sigmas, ts = ours if sampler == "DPM++ 2M Karras" else ours[::-1]
+        assert ts == pytest.approx(ref.timesteps.tolist(), abs=1e-3)  # DPM++: the same integers
+        # diffusers computes 1 - alphas_cumprod in float32: near t = 0 that cancels to a relative error ~1e-5
+        assert sigmas + [0.0] == pytest.approx(ref.sigmas.tolist(), rel=1e-4)
+
+
+def test_unknown_sampler_and_eta_are_refused(layouts):
+    sd = load(layouts, "ckpt")
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; choose from DDIM, DPM.. 2M Karras, Euler a"):
+        sd.sample("a", steps=2, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="eta is DDIM's"):
+        sd.sample("a", steps=2, eta=0.5, sampler="euler a", progress=False)
+    with pytest.raises(ValueError, match="Euler a .fractional timesteps. and per-step changes .* run eager only"):
+        sd.sample("a", steps=2, sampler="Euler a", cuda_graph=True, progress=False)
+    with pytest.raises(ValueError, match="run eager only"):
+        sd.sample("a", steps=2, cuda_graph=True, on_step=print, progress=False)
+
+
 def test_full_sd14_names_and_shapes_match_the_official_layout():
     """minisd's native names are the LDM ones: diffusers' own LDM converter turns them into its SD 1.4 model exactly."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -427,8 +427,9 @@ def test_empty_and_non_ascii_prompts(tiny):
     sd = tiny["model"]
     tok = load_tokenizer(ROOT / "weights" / "tiny" / "tokenizer")
     assert tok(["", "café 東京 🚀 ñ"], padding="max_length", max_length=77, return_tensors="pt").input_ids.shape == (2, 77)
-    with pytest.warns(UserWarning, match="dropped"):
-        images = sd.sample(["", "café 東京 🚀 ñ", "x" * 200], negative_prompt="ü", steps=1, height=16, width=16, progress=False)
+    # sample() reads prompts of any length in 75-token chunks (minisd.text.encode_weighted_prompts)
+    images = sd.sample(["", "café 東京 🚀 ñ", "x" * 200], negative_prompt="ü", steps=1, height=16, width=16,
+                       progress=False)
     assert images.shape == (3, 3, 16, 16) and images.isfinite().all()
     assert sd.sample("", steps=1, guidance=0.5, height=16, width=16, progress=False).shape == (1, 3, 16, 16)  # no CFG
 

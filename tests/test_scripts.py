@@ -90,17 +90,80 @@ def test_sample_equals_the_diffusers_pipeline_with_and_without_an_adapter(layout
     assert "<lora:ad:1>" in Image.open(tmp_path / "ad.png").text["parameters"]
 
 
+def test_sample_sampler_flag_equals_diffusers_and_names_it_as_webui(layouts, ref_pipe, tmp_path):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    ours = sample_png(layouts, tmp_path / "a.png", "--sampler", "euler A")
+    sched = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = StableDiffusionPipeline(**{**ref_pipe.components, "scheduler": sched})
+    assert np.abs(ours - diffusers_png(pipe)).max() <= 1
+    assert ", Sampler: Euler a, " in Image.open(tmp_path / "a.png").text["parameters"]
+
+
+@pytest.mark.parametrize("spec, weight, blocks, start, stop", [
+    ("F.safetensors", 1.0, None, None, None),
+    ("F.safetensors:0.5:OUTD", 0.5, "OUTD", None, None),
+    ("F.safetensors:1:lbw=OUTD", 1.0, "OUTD", None, None),
+    ("F.safetensors:0.8:OUTD:start=10:stop=30", 0.8, "OUTD", 10, 30),
+    ("F.safetensors:1:lbw=in0=1,out3=0.5:stop=5", 1.0, "in0=1,out3=0.5", None, 5),
+    ("F.safetensors::in0,out3", 1.0, "in0,out3", None, None),
+    ("F.safetensors:1:start=0", 1.0, None, 0, None),
+    ("F.safetensors:lbw=ALL:step=5-10", 1.0, "ALL", 5, 10),
+])
+def test_parse_lora(spec, weight, blocks, start, stop):
+    assert sample.parse_lora(spec) == (sample.Path("F.safetensors"), weight, blocks, start, stop)
+
+
+def test_png_lora_tags_are_lora_block_weight_syntax_and_read_back():
+    tag = sample.lbw_tag(sample.parse_lora("d/F.safetensors:0.8:outd:start=10:stop=30"))
+    assert tag == "<lora:F:0.8:lbw=OUTD:start=10:stop=30>"
+    # any other spec: lbw's 26 values, BASE IN00..IN11 M00 OUT00..OUT11 (counted by hand: in0 = IN01-IN03)
+    tag = sample.lbw_tag(sample.parse_lora("F.safetensors:1:in0=1,out3=0.5"))
+    assert tag == "<lora:F:1:lbw=0,0,1,1,1," + "0," * 18 + "0.5,0.5,0.5>"
+    back = sample.parse_lora("F.safetensors:" + tag.removeprefix("<lora:F:").removesuffix(">"))
+    assert sample.lora.parse_block_weights(back.blocks) == sample.lora.parse_block_weights("in0=1,out3=0.5")
+
+
+def test_adapter_step_range_equals_diffusers_switching_its_lora_per_step(layouts, images, ref_pipe, tmp_path):
+    """start=2:stop=4 of 4 steps: the adapter runs at steps 2 and 3 (1-based, as lora-block-weight counts). The
+    reference: diffusers' pipeline with the file's LoRA, switched on after step 1 and off after step 3."""
+    import copy
+    adapter = run_train(layouts, images, tmp_path / "ad.safetensors", "--steps", "20")  # U-Net only
+    ours = sample_png(layouts, tmp_path / "r.png", "--lora", f"{adapter}:1:start=2:stop=4")
+    pipe = copy.deepcopy(ref_pipe)
+    pipe.load_lora_weights(str(adapter))
+    switch = {0: pipe.enable_lora, 2: pipe.disable_lora}  # at the end of 0-based steps 0 and 2
+
+    def callback(pipe, i, t, kwargs):
+        switch.get(i, lambda: None)()
+        return kwargs
+    pipe.disable_lora()
+    img = pipe("a red box", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
+               generator=torch.Generator("cpu").manual_seed(5), callback_on_step_end=callback).images[0]
+    assert np.abs(ours - np.asarray(img, dtype=np.int16)).max() <= 1
+    always = sample_png(layouts, tmp_path / "a.png", "--lora", str(adapter))
+    assert np.abs(ours - always).max() > 4 and np.abs(ours - diffusers_png(ref_pipe)).max() > 4
+    assert "<lora:ad:1:start=2:stop=4>" in Image.open(tmp_path / "r.png").text["parameters"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be positive"),
     (["--height", "60"], "multiples of 8"),
     (["--lora", "missing.safetensors"], "missing.safetensors: no such file"),
     (["--lora", "x.safetensors:1:BOGUS"], "preset"),
     (["--ckpt", "/nonexistent"], "/nonexistent: no such file"),
+    (["--sampler", "euler"], "--sampler: unknown sampler 'euler'; choose from DDIM, DPM++ 2M Karras, Euler a"),
+    (["--sampler", "DPM++ 2M Karras", "--eta", "0.5"], "--eta is DDIM's"),
+    (["--lora", "x.safetensors:1:lbw=1,0,1"], "lbw=1,0,1: a block-weight vector has 17 values"),
+    (["--lora", "x.safetensors:1:lbw="], "lbw= is empty"),
+    (["--lora", "x.safetensors:nan"], "weight nan is not a finite number"),
+    (["--lora", "x.safetensors:1:lbw=" + ",".join(["1"] * 16 + ["1e999"])], "block weights must be finite"),
+    (["--lora", "x.safetensors:1:OUTD:start=30:stop=10"], "start=30 is after stop=10"),
+    (["--lora", "x.safetensors:1:start=-1"], "start=-1 is not a step number"),
 ])
 def test_sample_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
     if "x.safetensors" in argv[1]:
         (tmp_path / "x.safetensors").write_bytes(b"")
-        argv = ["--lora", str(tmp_path / argv[1])]
+        argv = ["--lora", str(tmp_path / argv[1])] + argv[2:]
     with pytest.raises(SystemExit) as e:
         sample.main(argv + ["--out", str(tmp_path / "o.png")])
     assert message in str(e.value) and "\n" not in str(e.value)
