@@ -36,6 +36,7 @@ from tqdm import tqdm
 import lora
 import minisd
 from minisd.files import atomic_save, read_regular
+from minisd.limits import check_device, require, training_bytes
 
 
 ROOT = Path(__file__).resolve().parent
@@ -300,6 +301,21 @@ def _first_line(e):
     return f"out of memory ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
 
 
+def check_numbers(args):
+    """Counts positive, every float flag finite, the learning rates and alphas positive, the seed 64-bit, the device
+    present."""
+    for flag in ("steps", "batch", "grad_accum", "rank", "sample_steps"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("lr", "te_lr", "alpha", "conv_alpha", "te_alpha", "weight_decay", "prior_weight", "min_snr_gamma", "noise_offset"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and (value > 0 if flag.endswith(("lr", "alpha")) else value >= 0)):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number {'> 0' if flag.endswith(('lr', 'alpha')) else '>= 0'}, "
+                             f"got {value}")
+    if not 0 <= args.seed < 2 ** 64:
+        raise ValueError(f"--seed must be in 0 .. 2**64-1, got {args.seed}")
+
+
 def check_out(out, ckpt):
     """--out may name a new file or an adapter file (it is replaced); never the base model or any other file."""
     if not out.exists():
@@ -319,6 +335,7 @@ def train(args, cleanup):
     # -- distributed: one process per GPU under torchrun; rank 0 logs and saves
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    check_device(args.device)
     if args.cuda_graph:
         check_cuda_graph(args)
     if world > 1:
@@ -335,9 +352,7 @@ def train(args, cleanup):
         torch.set_flush_denormal(True)  # tiny weights and activations otherwise hit slow denormal arithmetic
 
     # -- check everything cheap before any heavy work
-    for flag in ("steps", "batch", "grad_accum", "rank"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_numbers(args)
     if not Path(args.ckpt).exists():
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
@@ -369,8 +384,14 @@ def train(args, cleanup):
     base_dtype = torch.float32 if amp == "fp16" else amp_dtype  # fp16 base weights would overflow in the backward
     sd = minisd.load(args.ckpt, device=device, dtype=base_dtype, tokenizer=args.tokenizer)
     size = args.resolution or sd.native_size
-    if size % sd.vae.cfg.downscale:
-        raise ValueError(f"--resolution must be a multiple of {sd.vae.cfg.downscale}, got {size}")
+    f = sd.vae.cfg.downscale * 2 ** (len(sd.unet.cfg.channel_mult) - 1)  # VAE and U-Net downsampling together
+    if size % f:
+        raise ValueError(f"--resolution must be a multiple of {f} for this model (the VAE's {sd.vae.cfg.downscale}x and "
+                         f"the U-Net's {f // sd.vae.cfg.downscale}x downsampling), got {size}")
+    if prompts and args.sample_steps >= sd.schedule.num_train_timesteps:
+        raise ValueError(f"--sample-steps must be below the model's {sd.schedule.num_train_timesteps} timesteps")
+    require(training_bytes(sd, args.batch, size, args.grad_checkpointing) + adapter_bytes(sd, table, args),
+            device, f"--resolution {size} --batch {args.batch} --rank {args.rank}")
     gen = torch.Generator().manual_seed(args.seed)
     targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
     adapted = lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=sd.text_encoder if args.te_rank else None,
@@ -666,6 +687,18 @@ def resume(path, sd, opt, scaler, gen, args):
     return state["step"], history
 
 
+def adapter_bytes(sd, table, args):
+    """The adapter's float32 parameters, gradients and two AdamW moments (16 bytes a value), before they exist."""
+    targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
+    values = 0
+    for path, rank, _ in lora.target_paths(sd.unet, table, targets):
+        m = sd.unet.get_submodule(path)
+        n_in, n_out = (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else \
+            (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
+        values += rank * (n_in + n_out)
+    return 16 * values
+
+
 def adapter_parameters(sd):
     """{name: parameter} of the trained adapter, U-Net and text encoder."""
     return {f"{part}.{k}": p for part, m in (("unet", sd.unet), ("te", sd.text_encoder))
@@ -689,7 +722,13 @@ def _sample_prompts(spec):
     if not spec:
         return []
     if spec.endswith(".txt"):
-        return [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+        try:
+            text = read_regular(spec, CAPTION_BYTES, "prompt file").decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"--sample-prompts {spec}: not a UTF-8 text file") from None
+        if "\0" in text:
+            raise ValueError(f"--sample-prompts {spec}: not a text file (NUL bytes)")
+        return [line.strip() for line in text.splitlines() if line.strip()]
     return [p.strip() for p in spec.split("|") if p.strip()]
 
 
