@@ -215,7 +215,7 @@ def wait_for(condition, seconds=120):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, tmp_path):
     out, log = tmp_path / "a.safetensors", tmp_path / "log"
-    argv = train_argv(tiny, images, out, "--steps", 400, "--save-every", 2, "--lr", "1e-2")
+    argv = train_argv(tiny, images, out, "--steps", 400, "--save-every", 2, "--lr", "1e-2", "--schedule", "constant")
     pid = forked_train(argv, log)
     wait_for(lambda: train.state_files(out))  # training has begun
     os.kill(pid, sig)
@@ -226,10 +226,11 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, t
     step, state = int(m[1]), Path(m[2])
     assert 2 <= step < 400 and state == train.state_files(out)[-1] and read_pickle(state)["step"] == step
     assert leftovers(tmp_path) == [] and not (tmp_path / ".a.safetensors.lock").exists()
-    # the resumed run ends as an uninterrupted one of as many steps would (fewer steps: the schedule is another)
+    # resumed for 2 more steps, it ends as an uninterrupted run of as many steps (a constant schedule: the same lr)
     argv[argv.index("--steps") + 1] = str(step + 2)
     train.main(argv + ["--resume"])
-    reference = train.main(train_argv(tiny, images, tmp_path / "ref" / "a.safetensors", "--steps", step + 2, "--lr", "1e-2"))
+    reference = train.main(train_argv(tiny, images, tmp_path / "ref" / "a.safetensors", "--steps", step + 2, "--lr", "1e-2",
+                                      "--schedule", "constant"))
     a, b = load_file(str(out)), load_file(str(reference))
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a)
 
