@@ -122,7 +122,8 @@ def check(args):
 def png_info(args, sd, size, adapters, index=None, seed=None):
     """AUTOMATIC1111's `parameters` text chunk, so other tools read the settings back."""
     tags = "".join(f" <lora:{p.stem}:{w:g}>" for p, w, _ in adapters)
-    fields = {"Steps": args.steps, "Sampler": "DDIM", "CFG scale": f"{args.guidance:g}", "Seed": args.seed if seed is None else seed,
+    fields = {"Steps": args.steps, "Sampler": "DDIM", "CFG scale": f"{args.guidance:g}",
+              "Seed": args.seed if seed is None else seed,
               "Size": f"{size[1]}x{size[0]}", "Model hash": file_hash(args.ckpt), "Model": Path(args.ckpt).stem}
     if args.eta:
         fields["Eta DDIM"] = f"{args.eta:g}"
@@ -196,13 +197,16 @@ def main(argv=None):
         for k, first in enumerate(range(0, args.n, CHUNK)):
             seed = (args.seed + k) % 2 ** 64 if k else args.seed
             count = min(CHUNK, args.n - first)
-            chunk = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                     height=args.height, width=args.width, n=count, seed=seed, cuda_graph=args.cuda_graph))
+            chunk = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                                     eta=args.eta, height=args.height, width=args.width, n=count, seed=seed,
+                                     cuda_graph=args.cuda_graph))
             size = (chunk[0].height, chunk[0].width)
             for i, im in enumerate(chunk if args.n > 1 else []):
-                save_png(im, out.with_name(f"{out.stem}-{first + i:03d}.png"), png_info(args, sd, size, adapters, i, seed))
+                info = png_info(args, sd, size, adapters, i, seed)
+                save_png(im, out.with_name(f"{out.stem}-{first + i:03d}.png"), info)
             images += chunk
-        save_png(grid(images, min(len(images), 4)) if len(images) > 1 else images[0], out, png_info(args, sd, size, adapters))
+        sheet = grid(images, min(len(images), 4)) if len(images) > 1 else images[0]
+        save_png(sheet, out, png_info(args, sd, size, adapters))
     except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise
@@ -210,7 +214,8 @@ def main(argv=None):
     except (MemoryError, torch.OutOfMemoryError) as e:
         if args.debug:
             raise
-        sys.exit(f"error: out of memory at --height {args.height} --width {args.width} --n {args.n} ({type(e).__name__})")
+        sys.exit(f"error: out of memory at --height {args.height} --width {args.width} --n {args.n} "
+                 f"({type(e).__name__})")
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {size[1]}x{size[0]}) in {time.time() - t0:.1f}s")
 
 

@@ -217,7 +217,8 @@ def out_lock(out):
             f.seek(0)
             pid = f.read().strip() or "?"
             f.close()
-            raise ValueError(f"--out {out}: another train.py run (PID {pid}) is writing it (lock file {path})") from None
+            raise ValueError(f"--out {out}: another train.py run (PID {pid}) is writing it (lock file {path})") \
+                from None
         if path.exists() and os.path.samefile(path, f.fileno()):  # else its holder removed it meanwhile: lock anew
             break
         f.close()
@@ -307,10 +308,11 @@ def check_numbers(args):
     for flag in ("steps", "batch", "grad_accum", "rank", "sample_steps"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("lr", "te_lr", "alpha", "conv_alpha", "te_alpha", "weight_decay", "prior_weight", "min_snr_gamma", "noise_offset"):
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and (value > 0 if flag.endswith(("lr", "alpha")) else value >= 0)):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number {'> 0' if flag.endswith(('lr', 'alpha')) else '>= 0'}, "
+    for flag in ("lr", "te_lr", "alpha", "conv_alpha", "te_alpha", "weight_decay", "prior_weight", "min_snr_gamma",
+                 "noise_offset"):
+        value, positive = getattr(args, flag), flag.endswith(("lr", "alpha"))  # the rest may be 0
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number {'>' if positive else '>='} 0, "
                              f"got {value}")
     if not 0 <= args.seed < 2 ** 64:
         raise ValueError(f"--seed must be in 0 .. 2**64-1, got {args.seed}")
@@ -386,8 +388,8 @@ def train(args, cleanup):
     size = args.resolution or sd.native_size
     f = sd.vae.cfg.downscale * 2 ** (len(sd.unet.cfg.channel_mult) - 1)  # VAE and U-Net downsampling together
     if size % f:
-        raise ValueError(f"--resolution must be a multiple of {f} for this model (the VAE's {sd.vae.cfg.downscale}x and "
-                         f"the U-Net's {f // sd.vae.cfg.downscale}x downsampling), got {size}")
+        raise ValueError(f"--resolution must be a multiple of {f} for this model (the VAE's {sd.vae.cfg.downscale}x "
+                         f"and the U-Net's {f // sd.vae.cfg.downscale}x downsampling), got {size}")
     if prompts and args.sample_steps >= sd.schedule.num_train_timesteps:
         raise ValueError(f"--sample-steps must be below the model's {sd.schedule.num_train_timesteps} timesteps")
     require(training_bytes(sd, args.batch, size, args.grad_checkpointing) + adapter_bytes(sd, table, args),
@@ -550,7 +552,8 @@ def train(args, cleanup):
             atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER,
                                                   metadata=kohya_args(args, len(data), size, step)), out)
         except OSError as e:  # a full disk: keep the run if a checkpoint still fits
-            raise OSError(f"{e}; {rescue(lambda: save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out), out)}") from e
+            saved = rescue(lambda: save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out), out)
+            raise OSError(f"{e}; {saved}") from e
         write_log(history, out)
         took = time.time() - t0
         print(f"trained {step} steps ({per_step} images each) in {took:.0f}s, {per_step * len(history) / max(took, 1e-9):.1f} images/s;"
@@ -625,12 +628,12 @@ def save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out):
     the settings of RESUME_SETTINGS), as a pair: if the state cannot be written, the adapter is removed again."""
     adapter = out.with_name(f"{out.stem}-step{step:06d}.safetensors")
     state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state,
-             "history": [list(h) for h in history], "adapter": {k: p.detach().cpu() for k, p in adapter_parameters(sd).items()},
-             "settings": run_settings(args)}
+             "history": [list(h) for h in history], "settings": run_settings(args),
+             "adapter": {k: p.detach().cpu() for k, p in adapter_parameters(sd).items()}}
     path = out.with_name(f"{out.stem}-step{step:06d}.state.pt")
     try:
-        atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=kohya_args(args, 0, 0, step)),
-                    adapter)
+        meta = kohya_args(args, 0, 0, step)
+        atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=meta), adapter)
         atomic_save(lambda p: torch.save(state, p), path)
     except OSError as e:
         adapter.unlink(missing_ok=True)
@@ -659,14 +662,16 @@ def resume(path, sd, opt, scaler, gen, args):
     continues with the new values: the run goes on, no longer the one an uninterrupted run would give."""
     state = minisd.checkpoint.read_pickle(path)
     with minisd.checkpoint.file_errors(path, "not a usable --resume state"):
-        missing = [k for k in ("step", "adapter", "optimizer", "scaler", "rng", "history") if not isinstance(state, dict) or k not in state]
+        keys = ("step", "adapter", "optimizer", "scaler", "rng", "history")
+        missing = [k for k in keys if not isinstance(state, dict) or k not in state]
         if missing or not isinstance(state["step"], int) or state["step"] < 0:
-            raise minisd.CheckpointError(f"--resume {path}: not a train.py state (" + (f"no {', '.join(missing)})" if missing else
-                                         f"step {str(state['step'])[:40]!r})"))
+            what = f"no {', '.join(missing)}" if missing else f"step {str(state['step'])[:40]!r}"
+            raise minisd.CheckpointError(f"--resume {path}: not a train.py state ({what})")
         params = adapter_parameters(sd)
         saved = state["adapter"]
         if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
-            raise minisd.CheckpointError(f"--resume {path}: made with other adapter settings (--blocks/--rank/--algo/--te-rank)")
+            raise minisd.CheckpointError(f"--resume {path}: made with other adapter settings "
+                                         "(--blocks/--rank/--algo/--te-rank)")
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(saved[k])

@@ -5,7 +5,6 @@ so that a size no machine at hand can hold is refused in one line before any wor
 run out, and the CLIs report that in one line as well. "Available" is the free device memory, and on the CPU the
 smaller of the kernel's MemAvailable and what the address-space limit (ulimit -v) leaves.
 """
-import os
 import resource
 
 import torch

@@ -172,11 +172,12 @@ def infer_vae_config(sd, path):
 CONFIG_BYTES = 1 << 20  # a diffusers config.json is about 1 kB
 # What SD 1.x-shaped models use, with room (inpainting: 9 input channels; SD 1.x: 4 levels of <= 1280 channels, 2
 # layers per level, 1000 timesteps); a config beyond these describes no SD 1.x model, only a huge allocation.
-UNET_BOUNDS = (("in_channels", 1, 16), ("out_channels", 1, 16), ("block_out_channels", 1, 4096), ("layers_per_block", 1, 4),
-               ("cross_attention_dim", 1, 4096), ("attention_head_dim", 1, 64), ("num_attention_heads", 1, 64),
-               ("norm_num_groups", 1, 128), ("sample_size", 1, 1024))
-VAE_BOUNDS = (("in_channels", 1, 16), ("out_channels", 1, 16), ("block_out_channels", 1, 4096), ("layers_per_block", 1, 4),
-              ("latent_channels", 1, 64), ("norm_num_groups", 1, 128), ("scaling_factor", 1e-6, 1e6))
+UNET_BOUNDS = (("in_channels", 1, 16), ("out_channels", 1, 16), ("block_out_channels", 1, 4096),
+               ("layers_per_block", 1, 4), ("cross_attention_dim", 1, 4096), ("attention_head_dim", 1, 64),
+               ("num_attention_heads", 1, 64), ("norm_num_groups", 1, 128), ("sample_size", 1, 1024))
+VAE_BOUNDS = (("in_channels", 1, 16), ("out_channels", 1, 16), ("block_out_channels", 1, 4096),
+              ("layers_per_block", 1, 4), ("latent_channels", 1, 64), ("norm_num_groups", 1, 128),
+              ("scaling_factor", 1e-6, 1e6))
 TEXT_BOUNDS = (("hidden_size", 1, 4096), ("intermediate_size", 1, 16384), ("num_hidden_layers", 1, 48),
                ("num_attention_heads", 1, 64), ("max_position_embeddings", 1, 1024), ("vocab_size", 1, 1 << 20))
 SCHEDULER_BOUNDS = (("num_train_timesteps", 1, 10000), ("beta_start", 1e-9, 0.5), ("beta_end", 1e-9, 0.5))
@@ -194,8 +195,10 @@ def _read_json(path, bounds=()):
     for key, lo, hi in bounds:
         values = cfg.get(key)  # absent or null: the default
         values = values if isinstance(values, list) else [] if values is None else [values]
-        if len(values) > 6 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in values):
-            raise CheckpointError(f"{path}: {key} = {str(cfg[key])[:60]} is outside what SD 1.x-shaped models use ({lo}..{hi})")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in values)
+        if len(values) > 6 or not numbers:  # NaN fails lo <= v too
+            raise CheckpointError(f"{path}: {key} = {str(cfg[key])[:60]} is outside what SD 1.x-shaped models use "
+                                  f"({lo}..{hi})")
     return cfg
 
 
@@ -223,7 +226,8 @@ def _read_diffusers_folder(path):
                         ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=vc["layers_per_block"],
                         z_channels=vc["latent_channels"], norm_groups=vc.get("norm_num_groups", 32),
                         scale_factor=vc.get("scaling_factor", 0.18215))
-    sc = _read_json(path / "scheduler" / "scheduler_config.json", SCHEDULER_BOUNDS) if (path / "scheduler").is_dir() else {}
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    sc = _read_json(scheduler, SCHEDULER_BOUNDS) if (path / "scheduler").is_dir() else {}
     schedule = Schedule(**{k: sc[k] for k in ("beta_start", "beta_end", "num_train_timesteps", "beta_schedule") if k in sc})
     unet_file = _weights_file(path / "unet", "diffusion_pytorch_model")
     vae_file = _weights_file(path / "vae", "diffusion_pytorch_model")
