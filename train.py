@@ -270,7 +270,7 @@ def loss_plot(rows, path, width=640, height=240):
         d.line([xy(i + len(losses) - len(smooth), v, len(losses)) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
         d.text((4, 4), f"loss {hi:.3g}", fill="black")
         d.text((4, height - 16), f"{lo:.3g}   step 0 .. {rows[-1][0]}", fill="black")
-    im.save(path)
+    im.save(path, format="PNG")
 
 
 def mixed_precision(choice, device):
@@ -393,7 +393,8 @@ def train(args, cleanup):
     if prompts and args.sample_steps >= sd.schedule.num_train_timesteps:
         raise ValueError(f"--sample-steps must be below the model's {sd.schedule.num_train_timesteps} timesteps")
     require(training_bytes(sd, args.batch, size, args.grad_checkpointing) + adapter_bytes(sd, table, args),
-            device, f"--resolution {size} --batch {args.batch} --rank {args.rank}")
+            device, f"--resolution {size} --batch {args.batch} --rank {args.rank}"
+            + f" --te-rank {args.te_rank}" * bool(args.te_rank))
     gen = torch.Generator().manual_seed(args.seed)
     targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
     adapted = lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=sd.text_encoder if args.te_rank else None,
@@ -701,7 +702,9 @@ def adapter_bytes(sd, table, args):
         n_in, n_out = (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else \
             (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
         values += rank * (n_in + n_out)
-    return 16 * values
+    text = [m for p, m in sd.text_encoder.named_modules()
+            if isinstance(m, torch.nn.Linear) and re.search(lora.network.TEXT_TARGET, p)]
+    return 16 * (values + args.te_rank * sum(m.in_features + m.out_features for m in text))
 
 
 def adapter_parameters(sd):
@@ -745,7 +748,7 @@ def render_samples(sd, prompts, args, out, step):
     sd.unet.train()
     folder = out.with_name(f"{out.stem}-samples")
     folder.mkdir(exist_ok=True)
-    grid(images, min(4, len(images))).save(folder / f"step{step:06d}.png")
+    atomic_save(lambda p: grid(images, min(4, len(images))).save(p, format="PNG"), folder / f"step{step:06d}.png")
 
 
 def kohya_args(args, n_images, size, step):
@@ -760,10 +763,9 @@ def kohya_args(args, n_images, size, step):
 
 
 def write_log(history, out):
-    with open(out.with_name(f"{out.stem}-loss.csv"), "w") as f:
-        f.write("step,loss,lr,seconds\n")
-        f.writelines(f"{s},{l:.6f},{lr:.3g},{t}\n" for s, l, lr, t in history)
-    loss_plot(history, out.with_name(f"{out.stem}-loss.png"))
+    rows = "step,loss,lr,seconds\n" + "".join(f"{s},{l:.6f},{lr:.3g},{t}\n" for s, l, lr, t in history)
+    atomic_save(lambda p: p.write_text(rows), out.with_name(f"{out.stem}-loss.csv"))
+    atomic_save(lambda p: loss_plot(history, p), out.with_name(f"{out.stem}-loss.png"))
 
 
 if __name__ == "__main__":

@@ -400,6 +400,7 @@ def test_a_huge_caption_and_huge_repeat_counts_are_refused(tiny, images, tmp_pat
     ("train", ["--resolution", "8192"], "--resolution 8192 --batch 2 --rank 8: needs at least"),
     ("train", ["--batch", "100000"], "--batch 100000 --rank 8: needs at least"),
     ("train", ["--rank", str(10 ** 8)], "--rank 100000000: needs at least"),
+    ("train", ["--te-rank", str(10 ** 8)], "--rank 8 --te-rank 100000000: needs at least"),
 ])
 def test_sizes_beyond_the_memory_are_refused_before_the_work(script, argv, message, tiny, images, tmp_path):
     """Refused from an estimate, in one line; under an address-space limit of 1 GiB more than the process uses (the
