@@ -162,7 +162,8 @@ def check_model(args, sd):
     f = sd.vae.cfg.downscale * 2 ** (len(sd.unet.cfg.channel_mult) - 1)  # VAE and U-Net downsampling together
     if height % f or width % f:
         raise ValueError(f"--height and --width must be multiples of {f} for this model (the VAE's "
-                         f"{sd.vae.cfg.downscale}x and the U-Net's {f // sd.vae.cfg.downscale}x downsampling), got {height}x{width}")
+                         f"{sd.vae.cfg.downscale}x and the U-Net's {f // sd.vae.cfg.downscale}x downsampling), "
+                         f"got {height}x{width}")
     needed = sampling_bytes(sd, min(args.n, CHUNK), height, width, args.guidance > 1) + args.n * 3 * height * width * 2
     require(needed, sd.device, f"--height {height} --width {width} --n {args.n}")  # + the PIL images and the grid
 
@@ -214,8 +215,8 @@ def main(argv=None):
     except (MemoryError, torch.OutOfMemoryError) as e:
         if args.debug:
             raise
-        sys.exit(f"error: out of memory at --height {args.height} --width {args.width} --n {args.n} "
-                 f"({type(e).__name__})")
+        size = f"--height {args.height} --width {args.width} " if args.height or args.width else ""
+        sys.exit(f"error: out of memory at {size}--n {args.n} ({type(e).__name__})")
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {size[1]}x{size[0]}) in {time.time() - t0:.1f}s")
 
 

@@ -38,7 +38,6 @@ import minisd
 from minisd.files import atomic_save, read_regular
 from minisd.limits import check_device, require, training_bytes
 
-
 ROOT = Path(__file__).resolve().parent
 ADAPTER = "trained"  # the name of the adapter being trained, inside the model
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -291,14 +290,14 @@ def main(argv=None):
                 MemoryError, torch.OutOfMemoryError) as e:
             if args.debug:
                 raise
-            sys.exit(f"error: {_first_line(e) if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else e}")
+            sys.exit(f"error: {_out_of_memory(e) if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else e}")
         except KeyboardInterrupt:
             if args.debug:
                 raise
             sys.exit("error: interrupted")
 
 
-def _first_line(e):
+def _out_of_memory(e):
     return f"out of memory ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
 
 

@@ -45,8 +45,9 @@ K = Q.replace("to_q", "to_k")
 
 
 def train_argv(tiny, images, out, *extra):
-    return ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images), "--prompt",
-            "a box", "--resolution", "16", "--batch", "2", "--seed", "3", "--out", str(out), "--quiet", *map(str, extra)]
+    return ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images),
+            "--prompt", "a box", "--resolution", "16", "--batch", "2", "--seed", "3", "--out", str(out), "--quiet",
+            *map(str, extra)]
 
 
 def sample_argv(tiny, out, *extra):
@@ -101,7 +102,8 @@ def test_out_never_replaces_the_base_model_or_another_file(tiny, images, tmp_pat
     assert f"--out {base}: is the --ckpt base model" in one_line_exit(train.main, argv)
     other = tmp_path / "notes.safetensors"  # any file that is no kohya adapter (here: not even safetensors)
     other.write_text("my notes")
-    assert "exists and is not a kohya adapter file" in one_line_exit(train.main, train_argv(tiny, images, other, "--steps", 1))
+    message = one_line_exit(train.main, train_argv(tiny, images, other, "--steps", 1))
+    assert "exists and is not a kohya adapter file" in message
     assert base.read_bytes() == before and other.read_text() == "my notes"
     adapter = tmp_path / "adapter.safetensors"  # an adapter at --out is replaced, as before
     shutil.copy(tiny["adapter"], adapter)
@@ -221,7 +223,8 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, t
     os.kill(pid, sig)
     status = os.waitpid(pid, 0)[1]
     last = log.read_text().strip().splitlines()[-1]
-    m = re.fullmatch(rf"error: {sig.name} at step (\d+): saved (\S+); to continue, run the same command with --resume", last)
+    m = re.fullmatch(rf"error: {sig.name} at step (\d+): saved (\S+); to continue, run the same command with --resume",
+                     last)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1 and m, (status, last)
     step, state = int(m[1]), Path(m[2])
     assert 2 <= step < 400 and state == train.state_files(out)[-1] and read_pickle(state)["step"] == step
@@ -229,8 +232,8 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, t
     # resumed for 2 more steps, it ends as an uninterrupted run of as many steps (a constant schedule: the same lr)
     argv[argv.index("--steps") + 1] = str(step + 2)
     train.main(argv + ["--resume"])
-    reference = train.main(train_argv(tiny, images, tmp_path / "ref" / "a.safetensors", "--steps", step + 2, "--lr", "1e-2",
-                                      "--schedule", "constant"))
+    reference = train.main(train_argv(tiny, images, tmp_path / "ref" / "a.safetensors", "--steps", step + 2,
+                                      "--lr", "1e-2", "--schedule", "constant"))
     a, b = load_file(str(out)), load_file(str(reference))
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in a)
 
@@ -264,7 +267,8 @@ def test_resume_with_other_settings_warns_naming_each(tiny, images, tmp_path):
     train.main(train_argv(tiny, images, out, "--steps", 2, "--save-every", 1))
     other = tmp_path / "other"
     shutil.copytree(images, other)
-    argv = train_argv(tiny, other, out, "--steps", 3, "--lr", "0.01", "--batch", 1, "--resume", tmp_path / "a-step000001.state.pt")
+    argv = train_argv(tiny, other, out, "--steps", 3, "--lr", "0.01", "--batch", 1,
+                      "--resume", tmp_path / "a-step000001.state.pt")
     with pytest.warns(UserWarning) as caught:
         train.main(argv)
     changed = sorted(re.search(r": (--[\w-]+) was", str(w.message))[1] for w in caught if " was " in str(w.message))
@@ -311,7 +315,8 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(tiny, tmp_path):
     assert bomb.stat().st_size < 4 << 20
     with memory_limit(), pytest.raises(CheckpointError) as e:
         read_pickle(bomb)
-    assert re.fullmatch(re.escape(str(bomb)) + r": not a readable checkpoint \(ValueError: its zip records declare \d+ bytes "
+    assert re.fullmatch(re.escape(str(bomb)) + r": not a readable checkpoint \(ValueError: its zip records declare \d+ "
+                        r"bytes "
                         r"in a file of \d+: a zip bomb, not a checkpoint\)", str(e.value)), str(e.value)
     assert read_pickle(state)["x"].shape == (4,)  # torch's own records (stored) pass
 
@@ -351,7 +356,8 @@ def dev_zero(path):
     ("unet", fifo, "unreadable config .*not a regular file"),
     ("unet", dev_zero, "unreadable config .*not a regular file"),
     ("text_encoder", fifo, "unreadable config .*not a regular file"),
-    ("vae", lambda p: p.write_bytes(b"{" + b" " * (2 << 20) + b"}"), "unreadable config .*more than a config file may have"),
+    ("vae", lambda p: p.write_bytes(b"{" + b" " * (2 << 20) + b"}"),
+     "unreadable config .*more than a config file may have"),
 ], ids=["unet layers 1e6", "unet channels 1e9", "unet nan", "vae layers 1e6", "vae latents 1e7", "timesteps 3e9",
         "text layers 1e6", "text width 1e6", "unet fifo", "unet /dev/zero", "text fifo", "vae 2 MB config"])
 def test_config_files_are_bounded(part, edit, message, tmp_path):
@@ -422,7 +428,8 @@ def test_n_is_sampled_in_chunks_the_first_as_one_call(tiny, tmp_path):
     sample.main(sample_argv(tiny, tmp_path / "b.png", "--n", 8))
     pixels = lambda p: np.asarray(Image.open(p), dtype=np.int16)  # noqa: E731
     assert sorted(p.name for p in tmp_path.glob("a-*.png")) == [f"a-{i:03d}.png" for i in range(10)]
-    assert all(np.abs(pixels(tmp_path / f"a-{i:03d}.png") - pixels(tmp_path / f"b-{i:03d}.png")).max() <= 1 for i in range(8))
+    assert all(np.abs(pixels(tmp_path / f"a-{i:03d}.png") - pixels(tmp_path / f"b-{i:03d}.png")).max() <= 1
+               for i in range(8))
     assert "Seed: 1" in Image.open(tmp_path / "a-009.png").info["parameters"]  # the second call: --seed + 1
     assert Image.open(tmp_path / "a.png").size == (4 * 16, 3 * 16)
 
@@ -455,17 +462,19 @@ def test_device_cuda_without_cuda(tmp_path):
         pytest.skip("this machine has CUDA")
     out = one_line_exit(sample.main, ["--device", "cuda", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o.png")])
     assert out == "error: --device cuda: CUDA is not available on this machine (use --device cpu)"
-    out = one_line_exit(train.main, ["--device", "cuda", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o.safetensors")])
+    out = one_line_exit(train.main, ["--device", "cuda", "--ckpt", str(tmp_path),
+                                     "--out", str(tmp_path / "o.safetensors")])
     assert out == "error: --device cuda: CUDA is not available on this machine (use --device cpu)"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "1000"], "--steps must be in 1..999 for this model's 1000-step schedule, got 1000"),
-    (["--height", "40", "--width", "64"], "--height and --width must be multiples of 32 for this model (the VAE's 4x and "
-     "the U-Net's 8x downsampling), got 40x64"),
+    (["--height", "40", "--width", "64"], "--height and --width must be multiples of 32 for this model (the VAE's 4x "
+     "and the U-Net's 8x downsampling), got 40x64"),
 ])
 def test_sample_flags_the_model_decides(argv, message, tmp_path):
-    out = one_line_exit(sample.main, ["--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "o.png"), *argv])
+    argv = ["--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path / "o.png"), *argv]
+    out = one_line_exit(sample.main, argv)
     assert out == f"error: {message}"
 
 
@@ -492,8 +501,8 @@ def test_train_flags_are_refused_naming_the_flag(argv, message, images, tmp_path
 
 
 def test_train_resolution_the_model_cannot_halve(images, tmp_path):
-    out = one_line_exit(train.main, ["--data", str(images), "--prompt", "x", "--quiet", "--resolution", "40", "--steps", "1",
-                                     "--out", str(tmp_path / "a.safetensors")])
+    out = one_line_exit(train.main, ["--data", str(images), "--prompt", "x", "--quiet", "--resolution", "40",
+                                     "--steps", "1", "--out", str(tmp_path / "a.safetensors")])
     assert out == ("error: --resolution must be a multiple of 32 for this model (the VAE's 4x and the U-Net's 8x "
                    "downsampling), got 40")
 
@@ -520,7 +529,8 @@ def good_state(tiny, images, tmp_path_factory):
     ("a list", lambda s, r4: [s], "not a train.py state \\(no step, adapter"),
     ("step a string", lambda s, r4: {**s, "step": "5"}, "not a train.py state \\(step '5'\\)"),
     ("step negative", lambda s, r4: {**s, "step": -3}, "not a train.py state \\(step '-3'\\)"),
-    ("bad RNG state", lambda s, r4: {**s, "rng": torch.zeros(3, dtype=torch.uint8)}, "not a usable --resume state \\(RuntimeError"),
+    ("bad RNG state", lambda s, r4: {**s, "rng": torch.zeros(3, dtype=torch.uint8)},
+     "not a usable --resume state \\(RuntimeError"),
     ("no scaler", lambda s, r4: {k: v for k, v in s.items() if k != "scaler"}, "not a train.py state \\(no scaler\\)"),
     ("history of strings", lambda s, r4: {**s, "history": ["abcd"]}, "history rows are not"),
 ])
@@ -528,7 +538,8 @@ def test_damaged_resume_states_are_one_line_naming_the_file(name, damage, messag
     state, r4, argv = good_state
     path = tmp_path / "damaged.state.pt"
     torch.save(damage(copy.deepcopy(state), r4), path)
-    out = one_line_exit(train.main, train_argv(tiny, images, tmp_path / "a.safetensors", "--steps", 2, "--resume", path))
+    argv = train_argv(tiny, images, tmp_path / "a.safetensors", "--steps", 2, "--resume", path)
+    out = one_line_exit(train.main, argv)
     assert re.search(re.escape(str(path)) + ".*" + message, out), out
 
 
@@ -542,7 +553,8 @@ def write_adapter(path, modules, metadata=None):
 
 def factors(seed, rank=2, n=32):
     g = torch.Generator().manual_seed(seed)
-    return {"lora_down.weight": torch.randn(rank, n, generator=g) * 0.1, "lora_up.weight": torch.randn(n, rank, generator=g) * 0.1}
+    return {"lora_down.weight": torch.randn(rank, n, generator=g) * 0.1,
+            "lora_up.weight": torch.randn(n, rank, generator=g) * 0.1}
 
 
 def test_one_module_named_twice_changes_nothing_and_names_the_file(tiny, tmp_path):
@@ -576,7 +588,8 @@ def test_a_duplicate_factor_is_refused(tiny, tmp_path):
     sd = copy.deepcopy(tiny["model"])
     g = factors(0)
     path = tmp_path / "dup.safetensors"
-    save_file({f"{Q_DIFFUSERS}.lora_A.weight": g["lora_down.weight"], f"{Q_DIFFUSERS}.lora.down.weight": g["lora_down.weight"] * 2,
+    save_file({f"{Q_DIFFUSERS}.lora_A.weight": g["lora_down.weight"],
+               f"{Q_DIFFUSERS}.lora.down.weight": g["lora_down.weight"] * 2,
                f"{Q_DIFFUSERS}.lora_B.weight": g["lora_up.weight"]}, str(path))
     with pytest.raises(CheckpointError, match=re.escape(f"{path}: {Q_DIFFUSERS} has two down tensors")):
         lora.load_kohya(path, sd.unet, sd.text_encoder)
@@ -604,7 +617,8 @@ def test_adapter_names_that_are_module_attributes_work(name, tiny, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # tensors copied, not computed
         assert callable(sd.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.adapters.train)  # still the method
         lora.remove(sd.unet, name, sd.text_encoder)
-        assert torch.allclose(sd.unet(x, t, ctx), base, atol=1e-6) and lora.adapter_names(sd.unet, sd.text_encoder) == []
+        assert torch.allclose(sd.unet(x, t, ctx), base, atol=1e-6)
+        assert lora.adapter_names(sd.unet, sd.text_encoder) == []
 
 
 def test_two_adapters_of_one_name_from_two_folders(tiny, tmp_path):
@@ -613,8 +627,8 @@ def test_two_adapters_of_one_name_from_two_folders(tiny, tmp_path):
     shutil.copy(tiny["adapter"], tmp_path / "a" / "style.safetensors")
     write_adapter(tmp_path / "b" / "style.safetensors", {Q: factors(3)})
     sd = copy.deepcopy(tiny["model"])
-    sample.load_adapters(sd, [(tmp_path / "a" / "style.safetensors", 1.0, None), (tmp_path / "b" / "style.safetensors", 0.5, None)],
-                         torch.float32)
+    files = [(tmp_path / "a" / "style.safetensors", 1.0, None), (tmp_path / "b" / "style.safetensors", 0.5, None)]
+    sample.load_adapters(sd, files, torch.float32)
     assert lora.adapter_names(sd.unet, sd.text_encoder) == ["style", "style_2"]
     sample.main(sample_argv(tiny, tmp_path / "x.png", "--lora", tmp_path / "a" / "style.safetensors",
                             "--lora", f"{tmp_path / 'b' / 'style.safetensors'}:0.5"))
