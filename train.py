@@ -14,7 +14,6 @@ the text encoder is frozen, the text embeddings are computed once and cached. Th
 """
 import argparse
 import contextlib
-import fcntl
 import functools
 import io
 import math
@@ -32,6 +31,11 @@ import torch
 from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX: the --out lock
+except ImportError:
+    fcntl = None
 
 import lora
 import minisd
@@ -206,8 +210,12 @@ def step_of(state_file):
 def out_lock(out):
     """Hold the lock `.<out name>.lock` beside --out while the run lives (flock; the file holds the PID): a second run
     on the same --out is refused, naming the first one's PID. The kernel releases a lock when its process ends,
-    however it ends, so a lock file left by a killed run is stale and simply taken over."""
+    however it ends, so a lock file left by a killed run is stale and simply taken over. No lock without fcntl
+    (Windows)."""
     path = out.with_name(f".{out.name}.lock")
+    if fcntl is None:
+        yield path
+        return
     while True:
         f = open(path, "a+")
         try:

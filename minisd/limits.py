@@ -5,9 +5,12 @@ so that a size no machine at hand can hold is refused in one line before any wor
 run out, and the CLIs report that in one line as well. "Available" is the free device memory, and on the CPU the
 smaller of the kernel's MemAvailable and what the address-space limit (ulimit -v) leaves.
 """
-import resource
-
 import torch
+
+try:
+    import resource  # POSIX
+except ImportError:
+    resource = None
 
 # Activation bytes per (latent pixel x channels of the U-Net's first level x element size), lower bounds:
 SAMPLE_FACTOR = 16  # inference: the skip connections (layers + 1 per level), the feed-forward's 8-channel GEGLU input
@@ -48,9 +51,9 @@ def available_bytes(device):
     if device.type != "cpu":
         return None
     free = _kib("/proc/meminfo", "MemAvailable")
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS) if resource else (None, None)
     used = _kib("/proc/self/status", "VmSize")
-    if soft != resource.RLIM_INFINITY and used is not None:
+    if resource and soft != resource.RLIM_INFINITY and used is not None:
         free = min(free if free is not None else soft, soft - used)
     return free
 
