@@ -33,8 +33,11 @@ from PIL.PngImagePlugin import PngInfo
 import lora
 import minisd
 from minisd import hashes
+from minisd.files import atomic_save
+from minisd.limits import check_device, require, sampling_bytes
 
 TINY = Path(__file__).resolve().parent / "weights" / "tiny"
+CHUNK = 8  # images per sampler call: --n 100 runs 13 calls, chunk k seeded with --seed + k (n <= 8: one call)
 
 
 def parse_args(argv=None):
@@ -50,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size, 512 for SD 1.4)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--n", type=int, default=1, help="images per prompt (saved as a grid and one by one)")
+    p.add_argument("--n", type=int, default=1, help=f"images per prompt (saved as a grid and one by one); sampled "
+                   f"{CHUNK} at a time, the k-th {CHUNK} with --seed + k")
     p.add_argument("--out", default="out/sample.png", help="PNG file")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]",
                    help="an adapter; repeatable")
@@ -151,8 +155,13 @@ def check(args):
         raise ValueError(f"--steps must be positive, got {args.steps}")
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
-    if args.guidance < 0:
-        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance must be >= 0 (and finite), got {args.guidance}")
+    if not 0 <= args.eta <= 1:  # eta > 1 asks for more noise than the step has: the square root of a negative number
+        raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise ValueError(f"--seed must be a 64-bit number (0 .. 2**64-1), got {args.seed}")
+    check_device(args.device)
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise ValueError("--cuda-graph needs a CUDA device")
     try:
@@ -182,11 +191,12 @@ def check(args):
     return adapters
 
 
-def png_info(args, sd, size, adapters, index=None):
+def png_info(args, sd, size, adapters, index=None, seed=None):
     """AUTOMATIC1111's `parameters` text chunk, so other tools read the settings back."""
     tags = "".join(" " + lbw_tag(a) for a in adapters)
-    fields = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": f"{args.guidance:g}", "Seed": args.seed,
-              "Size": f"{size[1]}x{size[0]}", "Model hash": hashes.model_hash(args.ckpt), "Model": Path(args.ckpt).stem}
+    fields = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": f"{args.guidance:g}",
+              "Seed": args.seed if seed is None else seed, "Size": f"{size[1]}x{size[0]}",
+              "Model hash": hashes.model_hash(args.ckpt), "Model": Path(args.ckpt).stem}
     if args.eta and args.sampler == "DDIM":
         fields["Eta DDIM"] = f"{args.eta:g}"
     if args.n > 1 and index is not None:
@@ -214,8 +224,39 @@ def grid(images, cols):
     return sheet
 
 
+def check_model(args, sd):
+    """The flags that depend on the model: steps within its schedule, sizes its U-Net can halve, memory it has."""
+    T = sd.schedule.num_train_timesteps
+    if args.steps >= T:  # DDIM's timesteps start at 1: T steps would need timestep T
+        raise ValueError(f"--steps must be in 1..{T - 1} for this model's {T}-step schedule, got {args.steps}")
+    height, width = args.height or sd.native_size, args.width or sd.native_size
+    f = sd.vae.cfg.downscale * 2 ** (len(sd.unet.cfg.channel_mult) - 1)  # VAE and U-Net downsampling together
+    if height % f or width % f:
+        raise ValueError(f"--height and --width must be multiples of {f} for this model (the VAE's "
+                         f"{sd.vae.cfg.downscale}x and the U-Net's {f // sd.vae.cfg.downscale}x downsampling), "
+                         f"got {height}x{width}")
+    needed = sampling_bytes(sd, min(args.n, CHUNK), height, width, args.guidance > 1) + args.n * 3 * height * width * 2
+    require(needed, sd.device, f"--height {height} --width {width} --n {args.n}")  # + the PIL images and the grid
+
+
+def load_adapters(sd, adapters, dtype):
+    """Each --lora as its own adapter; files of the same name (from other folders) get the names a, a_2, a_3."""
+    names = []
+    for a in adapters:
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", a.path.stem)
+        name, i = stem, 1
+        while name in names:
+            i += 1
+            name = f"{stem}_{i}"
+        names.append(name)
+        lora.load_kohya(a.path, sd.unet, sd.text_encoder, name=name, weight=a.weight,
+                        block_weights=lora.parse_block_weights(a.blocks) if a.blocks else None, dtype=dtype)
+    return names
+
+
 def main(argv=None):
     args = parse_args(argv)
+    out = Path(args.out)
     try:
         adapters = check(args)
         dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
@@ -223,28 +264,38 @@ def main(argv=None):
             torch.set_flush_denormal(True)  # tiny weights and activations otherwise hit slow denormal arithmetic
         t0 = time.time()
         sd = minisd.load(args.ckpt, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
-        names = [f"lora{i}" for i in range(len(adapters))]
-        for name, a in zip(names, adapters):
-            lora.load_kohya(a.path, sd.unet, sd.text_encoder, name=name, weight=a.weight,
-                            block_weights=lora.parse_block_weights(a.blocks) if a.blocks else None, dtype=dtype)
-        images = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                  height=args.height, width=args.width, n=args.n, seed=args.seed,
-                                  cuda_graph=args.cuda_graph, sampler=args.sampler,
-                                  on_step=step_switch(sd.unet, names, adapters)))
+        check_model(args, sd)
+        names = load_adapters(sd, adapters, dtype)
+        on_step = step_switch(sd.unet, names, adapters)
+        images = []
+        for k, first in enumerate(range(0, args.n, CHUNK)):
+            seed = (args.seed + k) % 2 ** 64 if k else args.seed
+            count = min(CHUNK, args.n - first)
+            chunk = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                                     eta=args.eta, height=args.height, width=args.width, n=count, seed=seed,
+                                     cuda_graph=args.cuda_graph, sampler=args.sampler, on_step=on_step))
+            size = (chunk[0].height, chunk[0].width)
+            for i, im in enumerate(chunk if args.n > 1 else []):
+                info = png_info(args, sd, size, adapters, i, seed)
+                save_png(im, out.with_name(f"{out.stem}-{first + i:03d}.png"), info)
+            images += chunk
+        sheet = grid(images, min(len(images), 4)) if len(images) > 1 else images[0]
+        save_png(sheet, out, png_info(args, sd, size, adapters))
     except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise
         sys.exit(f"error: {e}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    size = (images[0].height, images[0].width)
-    if len(images) > 1:
-        for i, im in enumerate(images):
-            im.save(out.with_name(f"{out.stem}-{i:03d}.png"), pnginfo=png_info(args, sd, size, adapters, i))
-        grid(images, min(len(images), 4)).save(out, pnginfo=png_info(args, sd, size, adapters))
-    else:
-        images[0].save(out, pnginfo=png_info(args, sd, size, adapters))
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        if args.debug:
+            raise
+        size = f"--height {args.height} --width {args.width} " if args.height or args.width else ""
+        sys.exit(f"error: out of memory at {size}--n {args.n} ({type(e).__name__})")
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {size[1]}x{size[0]}) in {time.time() - t0:.1f}s")
+
+
+def save_png(image, path, info):
+    """Written to a temporary file and renamed: a full disk or a kill leaves the previous image, not a torn one."""
+    atomic_save(lambda p: image.save(p, format="PNG", pnginfo=info), path)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,15 @@ the text encoder is frozen, the text embeddings are computed once and cached. Th
 .safetensors that A1111, ComfyUI, diffusers and sample.py load.
 """
 import argparse
+import contextlib
 import functools
+import io
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,14 +29,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX: the --out lock
+except ImportError:
+    fcntl = None
 
 import lora
 import minisd
+from minisd.files import atomic_save, read_regular
+from minisd.limits import check_device, require, training_bytes
 
 ROOT = Path(__file__).resolve().parent
 ADAPTER = "trained"  # the name of the adapter being trained, inside the model
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+MAX_REPEATS = 1000  # kohya folders use 1-100; 10**9 would be an index of 8 GB per image
+MAX_ASPECT = 8  # a 1 x 60000 image would be resized to size x 60000*size before the crop keeps 1/60000 of it
+IMAGE_BYTES = 1 << 28  # 256 MiB: a 16-bit 8K PNG is about 200 MB
+CAPTION_BYTES = 1 << 16  # CLIP reads 77 tokens (a few hundred characters); the tokenizer would still read every byte
+# what a resumed run is expected to share with the run that saved the state (rank, blocks and algo must match)
+RESUME_SETTINGS = ("data", "prior_data", "prompt", "resolution", "batch", "grad_accum", "lr", "te_lr", "alpha", "seed")
 
 
 def parse_args(argv=None):
@@ -98,20 +116,30 @@ def find_images(folder, default_caption):
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         m = re.fullmatch(r"(\d+)_(.*)", path.parent.name) if path.parent != folder else None
         txt = path.with_suffix(".txt")
-        caption = txt.read_text(errors="replace").strip() if txt.is_file() else default_caption or (m[2] if m else None)
+        caption = read_caption(txt) if txt.is_file() else default_caption or (m[2] if m else None)
         if not caption:
             raise ValueError(f"{path}: no caption (.txt file) and no --prompt")
-        items.append((path, caption, int(m[1]) if m else 1))
+        repeats = int(m[1]) if m else 1
+        if repeats > MAX_REPEATS:
+            raise ValueError(f"{path.parent}: {repeats} repeats (the folder's 'N_' prefix); at most {MAX_REPEATS}")
+        items.append((path, caption, repeats))
     if not items:
         raise ValueError(f"--data {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return items
 
 
+def read_caption(txt):
+    return read_regular(txt, CAPTION_BYTES, "caption file").decode(errors="replace").strip()
+
+
 def load_image(path, size):
     """Any readable image -> (3, size, size) float in [-1, 1]: EXIF rotation applied, converted to RGB (alpha over
-    white), resized so the short side is `size` and center-cropped. None (with a warning) if unreadable."""
+    white), resized so the short side is `size` and center-cropped. None (with a warning) if unreadable, not a
+    regular file, over 256 MiB or longer than 8 times its width (or the reverse)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_regular(path, IMAGE_BYTES, "training image"))) as im:
+            if max(im.size) > MAX_ASPECT * min(im.size):
+                raise ValueError(f"{im.width} x {im.height} pixels, an aspect ratio beyond {MAX_ASPECT}:1")
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA", "P", "PA"):
                 im = im.convert("RGBA")
@@ -159,31 +187,80 @@ def lr_factor(step, args):
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(n, seed, epoch):
-    """The data order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same batches."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    """The data order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same batches. The
+    derived seed wraps at 2**64 (torch's seed range), so every --seed works."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2 ** 64))
 
 
 def state_files(out):
-    return sorted(out.parent.glob(f"{out.stem}-step*.state.pt"))
+    """The `<out stem>-step<N>.state.pt` files beside `out`, by step number (the name is matched as text: '[', '*'
+    and '?' in it are no pattern)."""
+    if not out.parent.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in out.parent.iterdir()
+             for m in [re.fullmatch(re.escape(out.stem) + r"-step(\d+)\.state\.pt", p.name)] if m]
+    return [p for _, p in sorted(found)]
 
 
-def atomic_save(write, path):
-    """Write to a temporary file beside `path`, flush it to the disk, then rename: neither a killed run nor a power
-    loss leaves a half-written file under `path`."""
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the data reaches the disk before the name points at it
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if hasattr(os, "O_DIRECTORY"):  # and the rename itself (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+def step_of(state_file):
+    return int(re.search(r"-step(\d+)\.state\.pt$", state_file.name)[1])
+
+
+@contextlib.contextmanager
+def out_lock(out):
+    """Hold the lock `.<out name>.lock` beside --out while the run lives (flock; the file holds the PID): a second run
+    on the same --out is refused, naming the first one's PID. The kernel releases a lock when its process ends,
+    however it ends, so a lock file left by a killed run is stale and simply taken over. No lock without fcntl
+    (Windows)."""
+    path = out.with_name(f".{out.name}.lock")
+    if fcntl is None:
+        yield path
+        return
+    while True:
+        f = open(path, "a+")
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise ValueError(f"--out {out}: another train.py run (PID {pid}) is writing it (lock file {path})") \
+                from None
+        if path.exists() and os.path.samefile(path, f.fileno()):  # else its holder removed it meanwhile: lock anew
+            break
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a run waiting on this file sees it is gone and retries
+        f.close()
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) / SIGTERM during training: the first asks the loop to save a checkpoint after the step it is
+    in and stop; a second stops at once (KeyboardInterrupt). Installed only in the main thread."""
+
+    def __init__(self):
+        self.signal = None
+        on = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)} if on else {}
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(RuntimeError):
+    pass
 
 
 def loss_plot(rows, path, width=640, height=240):
@@ -200,7 +277,7 @@ def loss_plot(rows, path, width=640, height=240):
         d.line([xy(i + len(losses) - len(smooth), v, len(losses)) for i, v in enumerate(smooth)], fill=(20, 60, 180), width=2)
         d.text((4, 4), f"loss {hi:.3g}", fill="black")
         d.text((4, height - 16), f"{lo:.3g}   step 0 .. {rows[-1][0]}", fill="black")
-    im.save(path)
+    im.save(path, format="PNG")
 
 
 def mixed_precision(choice, device):
@@ -214,18 +291,60 @@ def mixed_precision(choice, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return train(args, cleanup)
+        except (minisd.CheckpointError, ValueError, FileNotFoundError, KeyError, PermissionError, OSError, Interrupted,
+                MemoryError, torch.OutOfMemoryError) as e:
+            if args.debug:
+                raise
+            sys.exit(f"error: {_out_of_memory(e) if isinstance(e, (MemoryError, torch.OutOfMemoryError)) else e}")
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            sys.exit("error: interrupted")
+
+
+def _out_of_memory(e):
+    return f"out of memory ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
+
+
+def check_numbers(args):
+    """Counts positive, every float flag finite, the learning rates and alphas positive, the seed 64-bit, the device
+    present."""
+    for flag in ("steps", "batch", "grad_accum", "rank", "sample_steps"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("lr", "te_lr", "alpha", "conv_alpha", "te_alpha", "weight_decay", "prior_weight", "min_snr_gamma",
+                 "noise_offset"):
+        value, positive = getattr(args, flag), flag.endswith(("lr", "alpha"))  # the rest may be 0
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number {'>' if positive else '>='} 0, "
+                             f"got {value}")
+    if not 0 <= args.seed < 2 ** 64:
+        raise ValueError(f"--seed must be in 0 .. 2**64-1, got {args.seed}")
+
+
+def check_out(out, ckpt):
+    """--out may name a new file or an adapter file (it is replaced); never the base model or any other file."""
+    if not out.exists():
+        return
+    if Path(ckpt).exists() and os.path.samefile(out, ckpt):
+        raise ValueError(f"--out {out}: is the --ckpt base model; refusing to overwrite it")
     try:
-        return train(args)
-    except (minisd.CheckpointError, ValueError, FileNotFoundError, KeyError, PermissionError, OSError) as e:
-        if args.debug:
-            raise
-        sys.exit(f"error: {e}")
+        with safe_open(str(out), "pt") as f:
+            keys = list(f.keys())
+    except (OSError, SafetensorError):
+        keys = []
+    if not keys or not all(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        raise ValueError(f"--out {out}: exists and is not a kohya adapter file; refusing to overwrite it")
 
 
-def train(args):
+def train(args, cleanup):
     # -- distributed: one process per GPU under torchrun; rank 0 logs and saves
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    check_device(args.device)
     if args.cuda_graph:
         check_cuda_graph(args)
     if world > 1:
@@ -242,9 +361,7 @@ def train(args):
         torch.set_flush_denormal(True)  # tiny weights and activations otherwise hit slow denormal arithmetic
 
     # -- check everything cheap before any heavy work
-    for flag in ("steps", "batch", "grad_accum", "rank"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_numbers(args)
     if not Path(args.ckpt).exists():
         raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder")
     if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
@@ -257,6 +374,9 @@ def train(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise PermissionError(f"--out {out}: cannot write to {out.parent}")
+    check_out(out, args.ckpt)
+    if main_process:
+        cleanup.enter_context(out_lock(out))
     table = lora.rank_table(args.blocks, rank=args.rank, alphas=args.alpha)
     if args.conv_rank is not None or args.conv_alpha is not None:  # conv layers follow the same block selection
         conv = args.conv_rank if args.conv_rank is not None else args.rank
@@ -273,8 +393,15 @@ def train(args):
     base_dtype = torch.float32 if amp == "fp16" else amp_dtype  # fp16 base weights would overflow in the backward
     sd = minisd.load(args.ckpt, device=device, dtype=base_dtype, tokenizer=args.tokenizer)
     size = args.resolution or sd.native_size
-    if size % sd.vae.cfg.downscale:
-        raise ValueError(f"--resolution must be a multiple of {sd.vae.cfg.downscale}, got {size}")
+    f = sd.vae.cfg.downscale * 2 ** (len(sd.unet.cfg.channel_mult) - 1)  # VAE and U-Net downsampling together
+    if size % f:
+        raise ValueError(f"--resolution must be a multiple of {f} for this model (the VAE's {sd.vae.cfg.downscale}x "
+                         f"and the U-Net's {f // sd.vae.cfg.downscale}x downsampling), got {size}")
+    if prompts and args.sample_steps >= sd.schedule.num_train_timesteps:
+        raise ValueError(f"--sample-steps must be below the model's {sd.schedule.num_train_timesteps} timesteps")
+    require(training_bytes(sd, args.batch, size, args.grad_checkpointing) + adapter_bytes(sd, table, args),
+            device, f"--resolution {size} --batch {args.batch} --rank {args.rank}"
+            + f" --te-rank {args.te_rank}" * bool(args.te_rank))
     gen = torch.Generator().manual_seed(args.seed)
     targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
     adapted = lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=sd.text_encoder if args.te_rank else None,
@@ -322,20 +449,11 @@ def train(args):
     snr = ac / (1 - ac)
     step, history = 0, []
     if resume_from:
-        state = minisd.checkpoint.read_pickle(resume_from)
-        params = adapter_parameters(sd)
-        if set(state["adapter"]) != set(params) or any(state["adapter"][k].shape != p.shape for k, p in params.items()):
-            raise ValueError(f"--resume {resume_from}: made with other adapter settings (--blocks/--rank/--algo/--te-rank)")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state["adapter"][k])
-        load_optimizer_state(opt, state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["rng"])
-        step, history = state["step"], [tuple(r) for r in state["history"]]
+        step, history = resume(resume_from, sd, opt, scaler, gen, args)
         if main_process:
             print(f"resumed from {resume_from} at step {step}")
 
+    rng_state = gen.get_state()  # what a checkpoint after no step saves
     mine = slice(rank * args.batch, (rank + 1) * args.batch)  # this process's share of a global batch
 
     def draw_batch(step, micro):
@@ -368,6 +486,9 @@ def train(args):
         average = (lambda g: torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.AVG)) if world > 1 else None
         graph = minisd.graphs.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0, reduce_grads=average)
     batch = draw_batch(step, 0) if step < args.steps else None  # each step's first micro-batch is drawn a step ahead
+    stop = StopRequest() if world == 1 else None  # torchrun stops its processes itself
+    if stop:
+        cleanup.callback(stop.restore)
     while step < args.steps:
         factor = lr_factor(step, args)
         for g in opt.param_groups:
@@ -403,7 +524,7 @@ def train(args):
                 bad = out.with_name(f"{out.stem}-step{step:06d}{suffix}")
                 if bad.exists():  # saved from the weights that gave this loss: not one to resume from
                     bad.replace(bad.with_name(bad.name + ".nonfinite"))
-            good = [p for p in state_files(out) if p.name < f"{out.stem}-step{step:06d}"]
+            good = [p for p in state_files(out) if step_of(p) < step]
             where = f"; the last good checkpoint is {good[-1]}" if good else ""
             raise ValueError(f"loss is {total} at step {step}: stopping (try a lower --lr or --mixed-precision bf16){where}")
         if not graph:
@@ -420,8 +541,14 @@ def train(args):
         history.append((step, total, opt.param_groups[0]["initial_lr"] * factor, round(time.time() - t0, 2)))
         bar.set_postfix(loss=f"{total:.4f}", img_s=f"{per_step * bar.n / max(1e-9, time.time() - t0):.1f}" if bar.n else "-")
         bar.update(1)
+        saved = None
         if main_process and args.save_every and step % args.save_every == 0 and step < args.steps:
-            save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out)
+            saved = save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out)
+        if stop and stop.signal:
+            saved = saved or save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out)
+            bar.close()
+            raise Interrupted(f"{signal.Signals(stop.signal).name} at step {step}: saved {saved}; to continue, run the "
+                              f"same command with --resume")
         if main_process and prompts and args.sample_every and step % args.sample_every == 0:
             render_samples(sd, prompts, args, out, step)
     bar.close()
@@ -429,7 +556,12 @@ def train(args):
     if main_process:
         if prompts and (not args.sample_every or step % args.sample_every):
             render_samples(sd, prompts, args, out, step)
-        atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=kohya_args(args, len(data), size, step)), out)
+        try:
+            atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER,
+                                                  metadata=kohya_args(args, len(data), size, step)), out)
+        except OSError as e:  # a full disk: keep the run if a checkpoint still fits
+            saved = rescue(lambda: save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out), out)
+            raise OSError(f"{e}; {saved}") from e
         write_log(history, out)
         took = time.time() - t0
         print(f"trained {step} steps ({per_step} images each) in {took:.0f}s, {per_step * len(history) / max(took, 1e-9):.1f} images/s;"
@@ -500,14 +632,86 @@ def load_optimizer_state(opt, saved):
 
 
 def save_checkpoint(sd, opt, scaler, rng_state, step, history, args, out):
-    """The adapter as it is now, and the state that resumes the run exactly (optimizer, scaler, RNG, history)."""
+    """The adapter as it is now, and the state that resumes the run exactly (optimizer, scaler, RNG, history, and
+    the settings of RESUME_SETTINGS), as a pair: if the state cannot be written, the adapter is removed again."""
     adapter = out.with_name(f"{out.stem}-step{step:06d}.safetensors")
-    atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=kohya_args(args, 0, 0, step)), adapter)
     state = {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state,
-             "history": [list(h) for h in history], "adapter": {k: p.detach().cpu() for k, p in adapter_parameters(sd).items()}}
+             "history": [list(h) for h in history], "settings": run_settings(args),
+             "adapter": {k: p.detach().cpu() for k, p in adapter_parameters(sd).items()}}
     path = out.with_name(f"{out.stem}-step{step:06d}.state.pt")
-    atomic_save(lambda p: torch.save(state, p), path)
+    try:
+        meta = kohya_args(args, 0, 0, step)
+        atomic_save(lambda p: lora.save_kohya(p, sd.unet, sd.text_encoder, ADAPTER, metadata=meta), adapter)
+        atomic_save(lambda p: torch.save(state, p), path)
+    except OSError as e:
+        adapter.unlink(missing_ok=True)
+        good = [p for p in state_files(out) if p != path]
+        raise OSError(f"{e}; the last checkpoint is {good[-1] if good else 'none'}") from e
     return path
+
+
+def rescue(save, out):
+    """After the final adapter could not be written: save a checkpoint if one fits, and say what to resume from."""
+    try:
+        return f"saved {save()} instead: run the same command with --resume to write {out.name}"
+    except OSError as e:
+        return f"no checkpoint either ({e})"
+
+
+def run_settings(args):
+    """RESUME_SETTINGS of this run (folders as absolute paths)."""
+    return {k: str(Path(getattr(args, k)).resolve()) if k.endswith("data") and getattr(args, k) else getattr(args, k)
+            for k in RESUME_SETTINGS}
+
+
+def resume(path, sd, opt, scaler, gen, args):
+    """Load a --resume state into the adapter, optimizer, scaler and RNG; returns (step, history). A state of other
+    adapter shapes (--rank/--blocks/--algo/--te-rank) is refused; other changed settings are warned about, as kohya
+    continues with the new values: the run goes on, no longer the one an uninterrupted run would give."""
+    state = minisd.checkpoint.read_pickle(path)
+    with minisd.checkpoint.file_errors(path, "not a usable --resume state"):
+        keys = ("step", "adapter", "optimizer", "scaler", "rng", "history")
+        missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+        if missing or not isinstance(state["step"], int) or state["step"] < 0:
+            what = f"no {', '.join(missing)}" if missing else f"step {str(state['step'])[:40]!r}"
+            raise minisd.CheckpointError(f"--resume {path}: not a train.py state ({what})")
+        params = adapter_parameters(sd)
+        saved = state["adapter"]
+        if set(saved) != set(params) or any(saved[k].shape != p.shape for k, p in params.items()):
+            raise minisd.CheckpointError(f"--resume {path}: made with other adapter settings "
+                                         "(--blocks/--rank/--algo/--te-rank)")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+        load_optimizer_state(opt, state["optimizer"])
+        for p in (p for g in opt.param_groups for p in g["params"]):
+            if any(v.shape != p.shape for k, v in opt.state.get(p, {}).items() if k != "step"):
+                raise minisd.CheckpointError(f"--resume {path}: optimizer state of other shapes than the adapter")
+        scaler.load_state_dict(state["scaler"])
+        gen.set_state(state["rng"])
+        history = [tuple(r) for r in state["history"]]
+        if not all(len(r) == 4 and all(isinstance(x, (int, float)) for x in r) for r in history):
+            raise minisd.CheckpointError(f"--resume {path}: history rows are not (step, loss, lr, seconds)")
+        settings = state.get("settings") if isinstance(state.get("settings"), dict) else {}  # none before this check
+    for k, now in run_settings(args).items():
+        before = settings.get(k, now)
+        if before != now:
+            warnings.warn(f"--resume {path}: --{k.replace('_', '-')} was {before}, now {now}; continuing with {now}")
+    return state["step"], history
+
+
+def adapter_bytes(sd, table, args):
+    """The adapter's float32 parameters, gradients and two AdamW moments (16 bytes a value), before they exist."""
+    targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
+    values = 0
+    for path, rank, _ in lora.target_paths(sd.unet, table, targets):
+        m = sd.unet.get_submodule(path)
+        n_in, n_out = (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else \
+            (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
+        values += rank * (n_in + n_out)
+    text = [m for p, m in sd.text_encoder.named_modules()
+            if isinstance(m, torch.nn.Linear) and re.search(lora.network.TEXT_TARGET, p)]
+    return 16 * (values + args.te_rank * sum(m.in_features + m.out_features for m in text))
 
 
 def adapter_parameters(sd):
@@ -533,7 +737,13 @@ def _sample_prompts(spec):
     if not spec:
         return []
     if spec.endswith(".txt"):
-        return [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+        try:
+            text = read_regular(spec, CAPTION_BYTES, "prompt file").decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"--sample-prompts {spec}: not a UTF-8 text file") from None
+        if "\0" in text:
+            raise ValueError(f"--sample-prompts {spec}: not a text file (NUL bytes)")
+        return [line.strip() for line in text.splitlines() if line.strip()]
     return [p.strip() for p in spec.split("|") if p.strip()]
 
 
@@ -545,7 +755,7 @@ def render_samples(sd, prompts, args, out, step):
     sd.unet.train()
     folder = out.with_name(f"{out.stem}-samples")
     folder.mkdir(exist_ok=True)
-    grid(images, min(4, len(images))).save(folder / f"step{step:06d}.png")
+    atomic_save(lambda p: grid(images, min(4, len(images))).save(p, format="PNG"), folder / f"step{step:06d}.png")
 
 
 def kohya_args(args, n_images, size, step):
@@ -560,10 +770,9 @@ def kohya_args(args, n_images, size, step):
 
 
 def write_log(history, out):
-    with open(out.with_name(f"{out.stem}-loss.csv"), "w") as f:
-        f.write("step,loss,lr,seconds\n")
-        f.writelines(f"{s},{l:.6f},{lr:.3g},{t}\n" for s, l, lr, t in history)
-    loss_plot(history, out.with_name(f"{out.stem}-loss.png"))
+    rows = "step,loss,lr,seconds\n" + "".join(f"{s},{l:.6f},{lr:.3g},{t}\n" for s, l, lr, t in history)
+    atomic_save(lambda p: p.write_text(rows), out.with_name(f"{out.stem}-loss.csv"))
+    atomic_save(lambda p: loss_plot(history, p), out.with_name(f"{out.stem}-loss.png"))
 
 
 if __name__ == "__main__":

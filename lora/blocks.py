@@ -24,6 +24,7 @@ A weight spec (`parse_block_weights`) is one of:
   - a dict {NAME: value}.
 Blocks a spec does not mention get weight 0. The result always has all 26 names.
 """
+import math
 import re
 
 UNET_BLOCKS = tuple([f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)])  # kohya 0..24
@@ -122,7 +123,7 @@ def parse_block_weights(spec):
         if len(values) != 26:
             raise ValueError(f"a block-weight vector has 17 values ({', '.join(BLOCKS17)}) or 26 "
                              f"({', '.join(BLOCKS)}); got {len(values)}")
-        return dict(zip(BLOCKS, values))
+        return _finite(dict(zip(BLOCKS, values)))
     if not isinstance(spec, (str, dict)):
         raise ValueError(f"a block-weight spec is a preset, 17 or 26 numbers, 'NAME=VALUE,...' or a dict; got {spec!r}")
     try:
@@ -137,4 +138,11 @@ def parse_block_weights(spec):
             weights[block] = float(value)
         except ValueError:
             raise ValueError(f"block weight of {block} is not a number: {value!r}") from None
+    return _finite(weights)
+
+
+def _finite(weights):
+    bad = next((f"{b}={v}" for b, v in weights.items() if not math.isfinite(v)), None)
+    if bad:
+        raise ValueError(f"block weight {bad} is not a finite number")
     return weights

@@ -56,7 +56,7 @@ from minisd.hashes import kohya_hashes
 from minisd.save import write_safetensors
 
 from .blocks import UNET_BLOCKS, block_of
-from .network import adapted_layers, adapter_names, add_adapter_at, base_state_dict, set_weights
+from .network import adapted_layers, adapter_names, add_adapter_at, base_state_dict, remove, set_weights
 
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 KOHYA_STYLE = ("lora_unet_", "lora_te", "lycoris_", "diffusion_model.", "text_encoders.")  # names with kohya's parts
@@ -165,8 +165,11 @@ def _read_adapter_file(path, unet, text_encoder):
         suffix = next((s for s in parts_of if key.endswith("." + s)), None)
         if suffix is None:
             odd.append(key)
-        else:
-            groups.setdefault(key[:-len(suffix) - 1], {})[parts_of[suffix]] = t
+            continue
+        group = groups.setdefault(key[:-len(suffix) - 1], {})
+        if parts_of[suffix] in group:  # lora_A and lora.down of one module: which one is meant?
+            raise CheckpointError(f"{path}: {key[:-len(suffix) - 1]} has two {parts_of[suffix]} tensors")
+        group[parts_of[suffix]] = t
     if odd or not groups:
         raise CheckpointError(f"{path}: not a LoRA file: keys that are no LoRA factor or alpha ({len(odd)}): "
                               f"{', '.join(odd[:4]) or 'no keys'}{_hint(odd)}")
@@ -178,9 +181,11 @@ def _read_adapter_file(path, unet, text_encoder):
         raise CheckpointError(f"{path}: " + ("the file adapts the text encoder; pass text_encoder=" if te_keys else
                               f"{len(unknown)} adapters match no module: {', '.join(unknown[:4])}{_hint(unknown)}"))
     peft = {} if kohya else _peft_alphas(metadata, path)
-    entries = []
+    entries, seen = [], {}
     for mod_name, g in groups.items():
         part, mpath = index[mod_name]
+        if seen.setdefault((part, mpath), mod_name) != mod_name:  # a kohya and a diffusers name of one module
+            raise CheckpointError(f"{path}: {seen[part, mpath]} and {mod_name} name the same module")
         if "down" not in g or "up" not in g:
             raise CheckpointError(f"{path}: {mod_name} lacks its {'lora_up' if 'down' in g else 'lora_down'} tensor")
         module = (unet if part == "unet" else text_encoder).get_submodule(mpath)
@@ -221,14 +226,19 @@ def load_kohya(path, unet, text_encoder=None, name=None, weight=1.0, block_weigh
     changed if the file does not fit. Returns the adapted paths, prefixed 'unet.' / 'text_encoder.'."""
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
     if name in adapter_names(unet, text_encoder):
-        raise ValueError(f"an adapter {name!r} exists already; remove it first or choose another name")
+        raise ValueError(f"{path}: an adapter {name!r} exists already; remove it first or choose another name")
     entries = read_adapter_file(path, unet, text_encoder)
-    for part, mpath, down, up, alpha in entries:
-        adapter = add_adapter_at(unet if part == "unet" else text_encoder, mpath, name, down.shape[0], alpha, dtype)
-        with torch.no_grad():
-            adapter.down.copy_(down)
-            adapter.up.copy_(up)
-    set_weights(unet, name, weight, block_weights, text_encoder=text_encoder)
+    try:
+        for part, mpath, down, up, alpha in entries:
+            adapter = add_adapter_at(unet if part == "unet" else text_encoder, mpath, name, down.shape[0], alpha, dtype)
+            with torch.no_grad():
+                adapter.down.copy_(down)
+                adapter.up.copy_(up)
+        set_weights(unet, name, weight, block_weights, text_encoder=text_encoder)
+    except BaseException:  # the promise above: what was added goes again; the error itself is passed on as it is
+        if name in adapter_names(unet, text_encoder):
+            remove(unet, name, text_encoder)
+        raise
     return [("unet." if part == "unet" else "text_encoder.") + mpath for part, mpath, *_ in entries]
 
 

@@ -30,6 +30,37 @@ from .fused import compute_dtype, locon_conv2d, lora_linear
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
+class AdapterDict(nn.ModuleDict):
+    """The adapters of a layer, by name. A name that is also a ModuleDict attribute ('train', 'to', 'forward',
+    'state_dict', ...) cannot be a ModuleDict key: it is stored under '~name' (its state-dict key too), and every
+    method takes and gives the user's name."""
+    RESERVED = frozenset(dir(nn.ModuleDict()))
+
+    def _key(self, name):
+        return "~" + name if name in self.RESERVED else name
+
+    def __getitem__(self, name):
+        return super().__getitem__(self._key(name))
+
+    def __setitem__(self, name, module):
+        super().__setitem__(self._key(name), module)
+
+    def __delitem__(self, name):
+        super().__delitem__(self._key(name))
+
+    def __contains__(self, name):
+        return super().__contains__(self._key(name))
+
+    def __iter__(self):
+        return (k.removeprefix("~") for k in super().__iter__())
+
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return [(k.removeprefix("~"), v) for k, v in super().items()]
+
+
 class Adapter(nn.Module):
     """One named adapter of one layer: its two factors, alpha, and its inference switches."""
 
@@ -65,7 +96,7 @@ class _Adapted:
     def _setup(self, base):
         self.weight, self.bias = base.weight, base.bias
         self.train(base.training)
-        self.adapters = nn.ModuleDict()
+        self.adapters = AdapterDict()
         self.fused = True
         self.register_buffer("unmerged_weight", None, persistent=False)  # the base weight while anything is merged
         self.merge_order = []

@@ -20,6 +20,7 @@ when `inject` targets them); conv_dims given without conv_alphas -> alpha = conv
 `dims` may instead be a .toml or .json file holding the same keys (dims, alphas, conv_dims, conv_alphas, rank).
 """
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def _ints(table, what):
     out = []
     for b in UNET_BLOCKS:
         v = float(table.get(b, 0))
-        if v != int(v) or v < 0:
+        if not math.isfinite(v) or v != int(v) or v < 0:
             raise ValueError(f"{what}: the rank of {b} must be a whole number >= 0, got {table.get(b)!r}")
         out.append(int(v))
     return tuple(out)
@@ -81,7 +82,11 @@ def _ints(table, what):
 
 def _alphas(spec, dims, rank, what):
     given = {} if spec is None else _table(spec, rank, what)
-    return tuple(float(given[b]) if b in given else float(d) for b, d in zip(UNET_BLOCKS, dims))
+    out = tuple(float(given[b]) if b in given else float(d) for b, d in zip(UNET_BLOCKS, dims))
+    bad = next((f"{b}={v}" for b, v in zip(UNET_BLOCKS, out) if not math.isfinite(v)), None)
+    if bad:
+        raise ValueError(f"{what}: alpha {bad} is not a finite number")
+    return out
 
 
 def read_table_file(path):

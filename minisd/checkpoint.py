@@ -7,12 +7,15 @@ other global in the pickle is refused before it is called.
 """
 import _codecs
 import re
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from .files import check_zip
 
 
 class CheckpointError(ValueError):
@@ -57,8 +60,11 @@ def read_state_dict(path):
 
 
 def read_pickle(path):
-    """torch.load with the weights-only unpickler (and the stand-ins above), on the CPU; errors name the file."""
+    """torch.load with the weights-only unpickler (and the stand-ins above), on the CPU; errors name the file. A
+    zip whose records declare more bytes than the file holds is refused before anything is inflated."""
     try:
+        if zipfile.is_zipfile(path):
+            check_zip(path)
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

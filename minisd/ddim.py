@@ -24,8 +24,8 @@ class Schedule:
     def ddim_timesteps(self, steps):
         """Uniform 'leading' spacing plus an offset of 1 (LDM's make_ddim_timesteps, diffusers' steps_offset=1):
         50 steps -> 981, 961, ..., 21, 1."""
-        if not 0 < steps <= self.num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_train_timesteps}, got {steps}")
+        if not 0 < steps < self.num_train_timesteps:  # the offset 1: T steps would reach timestep T, beyond the table
+            raise ValueError(f"steps must be in 1..{self.num_train_timesteps - 1}, got {steps}")
         step = self.num_train_timesteps // steps
         return (torch.arange(steps) * step + 1).flip(0)
 

@@ -10,6 +10,7 @@ from transformers import CLIPTextConfig
 from . import graphs
 from .checkpoint import CheckpointError, file_errors, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
 from .ddim import Schedule
+from .files import read_regular
 from .samplers import sampler_named
 from .text import build_text_encoder, encode_prompts, encode_weighted_prompts, load_tokenizer, packaged_tokenizer
 from .unet import UNet, UNetConfig
@@ -195,11 +196,37 @@ def infer_vae_config(sd, path):
         raise CheckpointError(f"{path}: not an SD 1.x VAE (cannot find {e})") from None
 
 
-def _read_json(path):
+CONFIG_BYTES = 1 << 20  # a diffusers config.json is about 1 kB
+# What SD 1.x-shaped models use, with room (inpainting: 9 input channels; SD 1.x: 4 levels of <= 1280 channels, 2
+# layers per level, 1000 timesteps); a config beyond these describes no SD 1.x model, only a huge allocation.
+UNET_BOUNDS = (("in_channels", 1, 16), ("out_channels", 1, 16), ("block_out_channels", 1, 4096),
+               ("layers_per_block", 1, 4), ("cross_attention_dim", 1, 4096), ("attention_head_dim", 1, 64),
+               ("num_attention_heads", 1, 64), ("norm_num_groups", 1, 128), ("sample_size", 1, 1024))
+VAE_BOUNDS = (("in_channels", 1, 16), ("out_channels", 1, 16), ("block_out_channels", 1, 4096),
+              ("layers_per_block", 1, 4), ("latent_channels", 1, 64), ("norm_num_groups", 1, 128),
+              ("scaling_factor", 1e-6, 1e6))
+TEXT_BOUNDS = (("hidden_size", 1, 4096), ("intermediate_size", 1, 16384), ("num_hidden_layers", 1, 48),
+               ("num_attention_heads", 1, 64), ("max_position_embeddings", 1, 1024), ("vocab_size", 1, 1 << 20))
+SCHEDULER_BOUNDS = (("num_train_timesteps", 1, 10000), ("beta_start", 1e-9, 0.5), ("beta_end", 1e-9, 0.5))
+
+
+def _read_json(path, bounds=()):
+    """A config.json (a regular file of at most 1 MiB), with the keys of `bounds` ((key, lo, hi), ...) checked:
+    a number or a list of 1..6 numbers in lo..hi."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads(read_regular(path, CONFIG_BYTES, "config file"))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: unreadable config (not a JSON object)")
+    for key, lo, hi in bounds:
+        values = cfg.get(key)  # absent or null: the default
+        values = values if isinstance(values, list) else [] if values is None else [values]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi for v in values)
+        if len(values) > 6 or not numbers:  # NaN fails lo <= v too
+            raise CheckpointError(f"{path}: {key} = {str(cfg[key])[:60]} is outside what SD 1.x-shaped models use "
+                                  f"({lo}..{hi})")
+    return cfg
 
 
 def _weights_file(folder, stem):
@@ -210,7 +237,7 @@ def _weights_file(folder, stem):
 
 
 def _read_diffusers_folder(path):
-    uc = _read_json(path / "unet" / "config.json")
+    uc = _read_json(path / "unet" / "config.json", UNET_BOUNDS)
     if uc.get("use_linear_projection"):
         raise CheckpointError(f"{path / 'unet'}: an SD 2.x U-Net (linear projections); minisd implements SD 1.x")
     boc = uc["block_out_channels"]
@@ -220,13 +247,14 @@ def _read_diffusers_folder(path):
                           attention_levels=tuple(i for i, t in enumerate(uc["down_block_types"]) if "CrossAttn" in t),
                           num_heads=heads if isinstance(heads, int) else heads[0], context_dim=uc["cross_attention_dim"],
                           norm_groups=uc.get("norm_num_groups", 32))
-    vc = _read_json(path / "vae" / "config.json")
+    vc = _read_json(path / "vae" / "config.json", VAE_BOUNDS)
     vboc = vc["block_out_channels"]
     vae_cfg = VAEConfig(in_channels=vc["in_channels"], out_channels=vc["out_channels"], ch=vboc[0],
                         ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=vc["layers_per_block"],
                         z_channels=vc["latent_channels"], norm_groups=vc.get("norm_num_groups", 32),
                         scale_factor=vc.get("scaling_factor", 0.18215))
-    sc = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else {}
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    sc = _read_json(scheduler, SCHEDULER_BOUNDS) if (path / "scheduler").is_dir() else {}
     schedule = Schedule(**{k: sc[k] for k in ("beta_start", "beta_end", "num_train_timesteps", "beta_schedule") if k in sc})
     unet_file = _weights_file(path / "unet", "diffusion_pytorch_model")
     vae_file = _weights_file(path / "vae", "diffusion_pytorch_model")
@@ -234,7 +262,7 @@ def _read_diffusers_folder(path):
                       "model.fp16.safetensors", "pytorch_model.fp16.bin")) if f.is_file()), None)
     if text_file is None:
         raise CheckpointError(f"{path / 'text_encoder'}: no model.safetensors or pytorch_model.bin")
-    text_cfg = CLIPTextConfig.from_json_file(str(path / "text_encoder" / "config.json"))
+    text_cfg = CLIPTextConfig.from_dict(_read_json(path / "text_encoder" / "config.json", TEXT_BOUNDS))
     return (unet_from_diffusers(read_state_dict(unet_file), unet_cfg, unet_file), unet_cfg,
             vae_from_diffusers(read_state_dict(vae_file), vae_cfg, vae_file), vae_cfg,
             read_state_dict(text_file), text_cfg, schedule, uc.get("sample_size", 64))
