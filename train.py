@@ -284,7 +284,7 @@ def train(args):
                          " (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do not"
                          " have; --algo locon also adapts convolutions)")
     lora.use_fused(sd.unet, device.type == "cuda", sd.text_encoder if args.te_rank else None)  # plain is faster on a CPU
-    if args.cuda_graph:  # cuDNN's NHWC kernels, and minisd.groupnorm keeps the big activations NHWC (docs/performance.md)
+    if args.cuda_graph:  # cuDNN's NHWC kernels, and minisd.fast keeps the big activations NHWC (docs/performance.md)
         sd.unet.to(memory_format=torch.channels_last)
     unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
     te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
@@ -366,7 +366,7 @@ def train(args):
                    embed(captions[:1] * B))
         loss_fn = lambda z0, noise, t, ctx: diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device)
         average = (lambda g: torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.AVG)) if world > 1 else None
-        graph = minisd.graphs.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0, reduce_grads=average)
+        graph = minisd.fast.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0, reduce_grads=average)
     batch = draw_batch(step, 0) if step < args.steps else None  # each step's first micro-batch is drawn a step ahead
     while step < args.steps:
         factor = lr_factor(step, args)

@@ -6,7 +6,6 @@ import torch
 from tqdm import tqdm
 from transformers import CLIPTextConfig
 
-from . import graphs
 from .checkpoint import CheckpointError, file_errors, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
 from .ddim import Schedule, ddim_alphas, ddim_step
 from .text import SD14_TOKENIZER, build_text_encoder, encode_prompts, load_tokenizer
@@ -21,9 +20,14 @@ DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
 
 
 class StableDiffusion:
-    def __init__(self, unet, vae, text_encoder, tokenizer, schedule=Schedule(), sample_size=64, name=""):
+    """The models and the sampler. `fast`: a speed layer, or None (plain PyTorch, the code below). minisd.load
+    attaches minisd.fast's (minisd.fast.attach); this file never imports it. A speed layer offers
+    guided_step(sd, x, ctx, guidance) -> eps(x, t, ctx) and encode_text(text_encoder, ids), each computing what
+    the code below computes (the guided U-Net step of sample(), the text encoder's last hidden state)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule=Schedule(), sample_size=64, name="", fast=None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.schedule, self.name = schedule, name
+        self.schedule, self.name, self.fast = schedule, name, fast
         self.native_size = sample_size * vae.cfg.downscale  # 64 latents * 8 = 512 for SD 1.4
 
     @property
@@ -34,12 +38,32 @@ class StableDiffusion:
     def dtype(self):
         return next(self.unet.parameters()).dtype
 
+    def uses_fast(self, cuda_graph=None):
+        """Whether sample() takes the speed layer: cuda_graph None (the default) where one is attached and the
+        U-Net is on CUDA; True needs one; False never."""
+        if cuda_graph is None:
+            return self.fast is not None and self.device.type == "cuda"
+        if cuda_graph and self.fast is None:
+            raise ValueError("cuda_graph=True needs a speed layer: minisd.load attaches it (or minisd.fast.attach(sd))")
+        return bool(cuda_graph)
+
     @torch.no_grad()
     def encode_prompt(self, prompts, cuda_graph=False):
-        """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype (cuda_graph: the text encoder
-        replayed from a CUDA graph)."""
-        run = (lambda ids: graphs.encode_text(self.text_encoder, ids)) if cuda_graph else None
+        """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype (cuda_graph: through the speed
+        layer's encode_text, a CUDA graph replay)."""
+        run = (lambda ids: self.fast.encode_text(self.text_encoder, ids)) if self.uses_fast(cuda_graph) else None
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, run).to(self.dtype)
+
+    def guided_step(self, x, ctx, guidance):
+        """eps(x, t, ctx) of one sampling step: the U-Net on [x, x] against ctx = [uncond; cond] and the guided
+        eps_u + guidance (eps_c - eps_u); guidance None: the U-Net on x alone."""
+        def eps(x, t, ctx):
+            out = self.unet(torch.cat([x, x]) if guidance is not None else x, torch.tensor(t, device=self.device), ctx)
+            if guidance is None:
+                return out
+            eps_uncond, eps_text = out.chunk(2)
+            return eps_uncond + guidance * (eps_text - eps_uncond)
+        return eps
 
     @torch.no_grad()
     def decode(self, latents):
@@ -51,15 +75,16 @@ class StableDiffusion:
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, height=None, width=None,
-               n=1, seed=0, progress=True, cuda_graph=False):
+               n=1, seed=0, progress=True, cuda_graph=None):
         """DDIM with classifier-free guidance. Returns images (len(prompts) * n, 3, H, W) in [0, 1].
 
         The initial latents are torch.randn((B, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))
         in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 noise continues the same stream.
-        cuda_graph=True (CUDA only): each guided U-Net step is one replay of a CUDA graph (minisd.graphs), captured
+        cuda_graph: whether the steps and the text encoder run through the speed layer (self.fast; None: where one
+        is attached and the model is on CUDA). minisd.fast replays each guided U-Net step from a CUDA graph, captured
         on first use per batch, size, dtype and guidance, without the kernel-launch overhead (the text encoder too,
         per batch); it also stores the U-Net's and the VAE's conv weights channels_last (same function, other cuDNN
-        kernels: fp16-rounding-level differences)."""
+        kernels: fp16-rounding-level differences). cuda_graph=False: the eager code of guided_step."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = height or self.native_size, width or self.native_size
         f = self.vae.cfg.downscale
@@ -72,20 +97,12 @@ class StableDiffusion:
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
         cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
-        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, cuda_graph)
-        graphed = None
-        if cuda_graph:
-            graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None,
-                                         timesteps=self.schedule.num_train_timesteps)
-            graphs.to_channels_last(self.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
+        fast = self.uses_fast(cuda_graph)
+        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, fast)
+        step = (self.fast.guided_step(self, x, ctx, guidance if cfg else None) if fast else
+                self.guided_step(x, ctx, guidance if cfg else None))
         for t, a, a_prev in tqdm(ddim_alphas(self.schedule, steps), desc="sampling", disable=not progress):
-            if graphed:  # the guided eps below, replayed from a CUDA graph
-                eps = graphed(x, t, ctx)
-            else:
-                eps = self.unet(torch.cat([x, x]) if cfg else x, torch.tensor(t, device=self.device), ctx)
-                if cfg:
-                    eps_uncond, eps_text = eps.chunk(2)
-                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
+            eps = step(x, t, ctx)
             noise = torch.randn(x.shape, generator=g).to(self.device, self.dtype) if eta > 0 else None
             x = ddim_step(x, eps, a, a_prev, eta, noise)
         return self.decode(x)

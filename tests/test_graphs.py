@@ -1,4 +1,4 @@
-"""minisd.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph == eager;
+"""minisd.fast.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph == eager;
 train.py / sample.py --cuda-graph: refused with one line where it cannot run, and (on CUDA) the same results as eager."""
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import lora
 import sample
 import train
 from lora.layers import LoRALinear
-from minisd import forms, graphs
+from minisd.fast import forms, graphs
 from tinyfiles import images, one_line_exit, tiny  # noqa: F401 (fixtures)
 
 
