@@ -5,7 +5,6 @@ The diffusion model works on latents * scale_factor (0.18215 for SD 1.x).
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -82,10 +82,10 @@ def _faster(m):
 
 
 def speed_up(model):
-    """Swap the modules above into model (in place; returns it). Idempotent."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = _faster(child)
-            if new is not None:
-                setattr(parent, name, new)
+    """Swap the modules above into model (in place; returns it), innermost first. Idempotent."""
+    for name, child in list(model.named_children()):
+        speed_up(child)
+        new = _faster(child)
+        if new is not None:
+            setattr(model, name, new)
     return model
