@@ -114,7 +114,7 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     with file_errors(path, "not a usable SD 1.x checkpoint"):
-        parts = _read_diffusers_folder(path) if path.is_dir() else _read_single_file(path)
+        parts = _read_diffusers_folder(path, device, dtype) if path.is_dir() else _read_single_file(path, device, dtype)
         unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, text_cfg, schedule, sample_size = parts
         with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file
             unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
@@ -122,13 +122,13 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
         load_strict(vae, vae_sd, path, "VAE")
         text_encoder = build_text_encoder(text_sd, path, text_cfg)
     tok = load_tokenizer(tokenizer or (path / "tokenizer" if path.is_dir() else SD14_TOKENIZER))
-    for m in (unet, vae, text_encoder):
+    for m in (unet, vae, text_encoder):  # the weights are there already (read_state_dict): this moves the rest
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return StableDiffusion(unet, vae, text_encoder, tok, schedule, sample_size, name=path.stem)
 
 
-def _read_single_file(path):
-    sd = read_state_dict(path)
+def _read_single_file(path, device, dtype):
+    sd = read_state_dict(path, device, dtype, skip=("model_ema.",))  # the EMA copy is not used
     parts = {name: {} for name in SINGLE_FILE_PARTS}
     unknown = []
     for k, v in sd.items():
@@ -199,7 +199,7 @@ def _weights_file(folder, stem):
     raise CheckpointError(f"{folder}: no {stem}.safetensors or .bin weights")
 
 
-def _read_diffusers_folder(path):
+def _read_diffusers_folder(path, device, dtype):
     uc = _read_json(path / "unet" / "config.json")
     if uc.get("use_linear_projection"):
         raise CheckpointError(f"{path / 'unet'}: an SD 2.x U-Net (linear projections); minisd implements SD 1.x")
@@ -225,6 +225,7 @@ def _read_diffusers_folder(path):
     if text_file is None:
         raise CheckpointError(f"{path / 'text_encoder'}: no model.safetensors or pytorch_model.bin")
     text_cfg = CLIPTextConfig.from_json_file(str(path / "text_encoder" / "config.json"))
-    return (unet_from_diffusers(read_state_dict(unet_file), unet_cfg, unet_file), unet_cfg,
-            vae_from_diffusers(read_state_dict(vae_file), vae_cfg, vae_file), vae_cfg,
-            read_state_dict(text_file), text_cfg, schedule, uc.get("sample_size", 64))
+    read = lambda f: read_state_dict(f, device, dtype)
+    return (unet_from_diffusers(read(unet_file), unet_cfg, unet_file), unet_cfg,
+            vae_from_diffusers(read(vae_file), vae_cfg, vae_file), vae_cfg,
+            read(text_file), text_cfg, schedule, uc.get("sample_size", 64))
