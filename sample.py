@@ -8,8 +8,9 @@
 --lora FILE[:WEIGHT[:BLOCKS]]: BLOCKS is a lora-block-weight preset (NONE ALL INS IND INALL MIDD OUTD OUTS OUTALL),
 17 or 26 comma-separated weights, or the paper's coarse groups ("in0,out3" or "in0=1,out3=0.5").
 With no adapters the image equals diffusers' StableDiffusionPipeline + DDIMScheduler with the same seed.
---cuda-graph (CUDA only): each guided U-Net step is one replay of a CUDA graph, without Python's kernel-launch
+On CUDA each guided U-Net step is one replay of a CUDA graph (minisd.fast), without Python's kernel-launch
 overhead; the same function, but the conv weights go channels_last (other kernels: pixels may differ by rounding).
+--eager: the plain PyTorch steps instead. (--cuda-graph, the default on CUDA, is still accepted.)
 """
 import argparse
 import hashlib
@@ -46,7 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT[:BLOCKS]]", help="an adapter; repeatable")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
-    p.add_argument("--cuda-graph", action="store_true", help="replay each U-Net step from a CUDA graph (CUDA only)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--eager", action="store_true", help="plain PyTorch steps (default on CUDA: CUDA graphs)")
+    mode.add_argument("--cuda-graph", action="store_true", help="replay each U-Net step from a CUDA graph (the default "
+                      "on CUDA; CUDA only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -150,7 +154,8 @@ def main(argv=None):
             lora.load_kohya(path, sd.unet, sd.text_encoder, weight=weight,
                             block_weights=lora.parse_block_weights(blocks) if blocks else None, dtype=dtype)
         images = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance, eta=args.eta,
-                                  height=args.height, width=args.width, n=args.n, seed=args.seed, cuda_graph=args.cuda_graph))
+                                  height=args.height, width=args.width, n=args.n, seed=args.seed,
+                                  cuda_graph=False if args.eager else args.cuda_graph or None))
     except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
         if args.debug:
             raise
