@@ -62,7 +62,7 @@ def load_tokenizer(path):
 def encode_prompts(tokenizer, text_encoder, prompts, run=None):
     """list of str -> (B, 77, width): padded to the model's length with the end-of-text token, truncated beyond it
     (with a warning that says how many tokens were dropped). run(ids) -> last hidden state, if given, runs the model
-    (minisd.graphs.encode_text: from a CUDA graph)."""
+    (the speed layer's encode_text: from a CUDA graph)."""
     prompts, n = list(prompts), tokenizer.model_max_length
     for prompt, full in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
         if len(full) > n:
