@@ -96,7 +96,8 @@ def copies(fn):
 
 def groupnorm_rows(dev):
     """GroupNorm on a channels_last activation, replayed from a graph: PyTorch's (which returns NCHW; the
-    channels_last copy the next conv makes is counted) vs minisd.fast.groupnorm's. fp16 forward; bf16 forward + backward."""
+    channels_last copy the next conv makes is counted) vs minisd.fast.groupnorm's. fp16 forward; bf16 forward +
+    backward."""
     from minisd.fast.groupnorm import group_norm_nhwc
     rows = []
     for B, C, H in [(2, 320, 64), (2, 640, 32), (2, 1280, 16), (2, 1280, 8), (8, 320, 64), (8, 1280, 16), (32, 320, 64),
@@ -152,7 +153,8 @@ def main(argv=None):
         try:
             rows = copies(train_case(batches[0], amp))[:args.top]
             rec.meta.setdefault("copies", {})[f"train b{batches[0]} amp={amp}"] = rows
-            rec.add(section="copies", case=f"train b{batches[0]} amp={amp}", top_mb=round(sum(r["mb"] for r in rows), 1))
+            rec.add(section="copies", case=f"train b{batches[0]} amp={amp}",
+                    top_mb=round(sum(r["mb"] for r in rows), 1))
             log(f"copies, train b{batches[0]}, autocast={amp}: {sum(r['mb'] for r in rows):.0f} MB in the top {args.top}")
             log(table(rows, ["mb", "calls", "source"]))
         except Exception as e:

@@ -193,7 +193,8 @@ def main(argv=None):
                                                   fullgraph=True)
                     theirs(steps)
 
-                runs = [("diffusers-eager", theirs), ("minisd-eager", lambda steps: ours(steps, False, "eager"))][not peer:]
+                runs = [("diffusers-eager", theirs), ("minisd-eager", lambda steps: ours(steps, False, "eager"))]
+                runs = runs[not peer:]
                 if cuda:
                     runs.append(("minisd-graph", lambda steps: ours(steps, True, "graph")))
                 if cuda and "compile" in sections:
@@ -239,8 +240,9 @@ def main(argv=None):
                         checks["text_encode_ms"] = round(time_ms(lambda: sd.encode_prompt([""] * B + prompts), dev, iters=3, reps=2), 2)
                 except Exception as e:
                     rec.error("decode timing", e)
-                for stack, decode, step in (("minisd", lambda: sd.vae.decode(lat), eager_minisd),
-                                            ("diffusers", lambda: pipe.vae.decode(lat).sample, eager_diffusers))[:1 + peer]:
+                stacks = (("minisd", lambda: sd.vae.decode(lat), eager_minisd),
+                          ("diffusers", lambda: pipe.vae.decode(lat).sample, eager_diffusers))
+                for stack, decode, step in stacks[:1 + peer]:
                     try:  # where each pipeline's peak comes from: resident weights, VAE decode, one eager U-Net step
                         resident(stack)
                         with torch.no_grad():

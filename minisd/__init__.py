@@ -11,5 +11,6 @@ from .save import save_diffusers, save_single_file
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
-__all__ = ["load", "fast", "StableDiffusion", "UNet", "UNetConfig", "AutoencoderKL", "VAEConfig", "Schedule", "CheckpointError",
+__all__ = ["load", "fast",
+           "StableDiffusion", "UNet", "UNetConfig", "AutoencoderKL", "VAEConfig", "Schedule", "CheckpointError",
            "save_diffusers", "save_single_file"]

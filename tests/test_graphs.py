@@ -1,4 +1,5 @@
-"""minisd.fast.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph == eager;
+"""minisd.fast.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph ==
+eager;
 train.py / sample.py --cuda-graph: refused with one line where it cannot run, and (on CUDA) the same results as eager."""
 import numpy as np
 import pytest

@@ -214,7 +214,8 @@ def test_channels_last_on_cuda_matches_nchw(part, monkeypatch):
     monkeypatch.setattr(minisd.fast.groupnorm, "group_norm_nhwc", lambda *a: calls.append(a[0].shape) or own(*a))
     torch.manual_seed(0)
     if part == "unet":  # 2 x 32 x 256 x 256 activations: 2^22 elements
-        net = speed_up(UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), context_dim=64))).cuda()
+        cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(1,), context_dim=64)
+        net = speed_up(UNet(cfg)).cuda()
         t, ctx = torch.tensor([10, 900], device="cuda"), torch.randn(2, 7, 64, device="cuda")
         run, x = (lambda x: net(x, t, ctx)), torch.randn(2, 4, 256, 256, device="cuda")
     else:  # a 512² image: 1 x 32 x 512 x 512 activations

@@ -35,9 +35,9 @@ Adapter layers (lora's LoRALinear, LoConConv2d) meet the forms through their cap
 capture_weight() (the weight that computes what the layer computes now: merged and active adapters in) and
 stacked_factors() (the active adapters' stacked downs and gain-scaled ups, or None when none is active). Layers
 with active adapters keep their own forward, or the packed form of packed_adapters (also here), whose weights "qkv"
-and "geglu" also use; adapter layers with nothing active count as plain layers (runs_plain). Some forms read tensors made once (summed biases, the
-table, packed weights): they live in the caller's `packs` dict, because a graph reads them at their address for as
-long as it lives.
+and "geglu" also use; adapter layers with nothing active count as plain layers (runs_plain). Some forms read
+tensors made once (summed biases, the table, packed weights): they live in the caller's `packs` dict, because a
+graph reads them at their address for as long as it lives.
 """
 import contextlib
 
