@@ -16,6 +16,7 @@ import minisd.unet as U
 from minisd.fast import FORMS, forms, speed_up
 from minisd.fast.groupnorm import ChannelsLastGroupNorm
 from minisd.fast.modules import InPlaceResnetBlock, LeanGEGLU
+from tinyfiles import tiny  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["unet", "vae", "ddim", "text", "checkpoint", "pipeline"]
@@ -231,3 +232,18 @@ def test_capture_interface_computes_what_the_layer_computes(single_thread):
         for name in "ab":
             lin.configure(name, enabled=False)
         assert lin.capture_weight() is lin.weight and lin.stacked_factors() is None
+
+
+def test_load_reads_straight_to_the_dtype(tiny):
+    """minisd.load(dtype=float16) converts each tensor as it is read: the same weights as a float32 load converted
+    afterwards, nothing left in float32, the text encoder's position ids intact (it is built without random init)."""
+    full, half = (minisd.load(tiny["safetensors"], dtype=dt, tokenizer=tiny["tokenizer"])
+                  for dt in (torch.float32, torch.float16))
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(full, part).state_dict(), getattr(half, part).state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k].half() if a[k].is_floating_point() else a[k], b[k]), (part, k)
+    assert {p.dtype for m in (half.unet, half.vae, half.text_encoder) for p in m.parameters()} == {torch.float16}
+    ids = [b for n, b in half.text_encoder.named_buffers() if n.endswith("position_ids")]
+    assert ids and torch.equal(ids[0][0], torch.arange(ids[0].shape[1]))
