@@ -4,7 +4,7 @@ An eager SD 1.x U-Net step issues ~1,000 small kernels; at small batches the GPU
 launches them, so the step is launch-bound. A CUDA graph replays the recorded kernels with no Python in between.
 These are wrappers around the unchanged model: nothing here forks the model code.
 
-    eps = guided_unet(unet, x, ctx, guidance)(x, t, ctx)     # what StableDiffusion.sample(cuda_graph=True) does
+    eps = guided_unet(unet, x, ctx, guidance)(x, t, ctx)     # what sd.sample() does on CUDA (minisd.fast.FastPath)
 
 GuidedUNetGraph: static input buffers (latents x, timestep t, context ctx); one replay runs the U-Net on [x, x]
 against [uncond; cond] and returns the guided eps, eps_u + guidance (eps_c - eps_u), with the guidance folded into
@@ -76,7 +76,7 @@ def _warm_up(fn, n):
 class GuidedUNetGraph:
     """One captured guided U-Net step for fixed shapes. guidance None: no CFG (ctx has the batch of x).
 
-    forms: which of minisd.forms.FORMS the capture uses (all by default): layers run in forms that compute the same
+    forms: which of minisd.fast.forms.FORMS the capture uses (all by default): layers run in forms that compute the same
     function with fewer kernels. timesteps: the size of the time-embedding table (the schedule's training steps)."""
 
     def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, forms=FORMS,
