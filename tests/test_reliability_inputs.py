@@ -170,27 +170,20 @@ def test_a_real_file_size_limit_is_a_clean_line(tiny, images, tmp_path):
     torch's own writers, in a forked run."""
     out = tmp_path / "a.safetensors"
     log = tmp_path / "log"
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT)
-            os.dup2(fd, 2)
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
-            resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-            train.main(train_argv(tiny, images, out, "--steps", 2, "--rank", 16))
-        except SystemExit as e:
-            os.write(2, f"{e.code}\n".encode())
-        finally:
-            os._exit(code)
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    pid = forked_train(train_argv(tiny, images, out, "--steps", 2, "--rank", 16), log, before=limit_file_size)
     assert os.waitpid(pid, 0)[1] == 1 << 8
     last = log.read_text().strip().splitlines()[-1]
     assert last.startswith(f"error: {out}: not written (") and "no checkpoint either" in last, last
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def forked_train(argv, log):
-    """train.main(argv) in a forked child whose stderr goes to `log`; the child's exit code is 1 for an error."""
+def forked_train(argv, log, before=None):
+    """train.main(argv) in a forked child whose stderr goes to `log` (`before()` runs in the child first, e.g. to set
+    a resource limit); the child's exit code is 1 for an error."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -198,6 +191,8 @@ def forked_train(argv, log):
             fd = os.open(log, os.O_WRONLY | os.O_CREAT)
             os.dup2(fd, 2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            if before is not None:
+                before()
             train.main(argv)
             code = 0
         except SystemExit as e:

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .world import (BACKGROUNDS, BASE_STYLES, CHARACTER, COLOURS, FAMILIES, HELD_MEMBERS, HELD_STYLES, MEMBERS,
-                    SUBJECTS, any_scene, render, scene_for)
+from .world import (BACKGROUNDS, BASE_STYLES, CHARACTER, COLOURS, FAMILIES, HELD_MEMBERS, HELD_STYLE, HELD_STYLES,
+                    IDENTITY, MEMBERS, SUBJECTS, TRAITS, _ok, any_scene, dataset, member, render, scene_for, traits)
 
 STYLES = (*BASE_STYLES, *HELD_STYLES)
 LABELS = {"subject": SUBJECTS, "member": tuple(range(MEMBERS)), "family": FAMILIES, "colour": tuple(COLOURS),
@@ -52,6 +52,7 @@ class Judge(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(widths[-1], len(v)) for k, v in LABELS.items()})
         self.embed = nn.ModuleDict({k: nn.Linear(widths[-1], dim) for k in ("identity", "style")})
         self.register_buffer("thresholds", torch.zeros(2, max(len(HELD_MEMBERS), len(HELD_STYLES))))
+        self.prototypes = {}  # (kind, target) -> unit embedding, made once by prototype() for the trained weights
 
     def forward(self, images):
         """images (B, 3, 64, 64) in [0, 1] -> {head: logits}, {"identity" / "style": unit embeddings (B, 64)}."""
@@ -191,7 +192,9 @@ def embed(model, x, batch=512):
 
 def prototype(model, kind, target, n=96, seed=55):
     """The unit mean embedding of n clean renders of a member (kind "identity") or a Style (kind "style"), on random
-    subjects, colours, styles and places."""
+    subjects, colours, styles and places; kept on the model, so every score() call does not render them again."""
+    if (kind, target, n, seed) in model.prototypes:
+        return model.prototypes[kind, target, n, seed]
     rng = np.random.default_rng(seed)
     pick = lambda seq: seq[rng.integers(len(seq))]
     if kind == "identity":
@@ -199,7 +202,8 @@ def prototype(model, kind, target, n=96, seed=55):
     else:
         scenes = [scene_for(rng, pick(SUBJECTS), target, int(rng.integers(MEMBERS))) for _ in range(n)]
     e = embed(model, to_tensor([render(s)[0] for s in scenes]))[1][kind]
-    return F.normalize(e.mean(0), dim=0)
+    model.prototypes[kind, target, n, seed] = F.normalize(e.mean(0), dim=0)
+    return model.prototypes[kind, target, n, seed]
 
 
 def score(model, images, identity, style):
@@ -281,7 +285,6 @@ def load(path, device="cpu"):
 def report(model, vae, n=128, seed=99):
     """Validation on ground truth: hit rates per split, clean / blurred (σ 2) / VAE round-tripped, and the colour
     shortcut tests (the identity in every palette colour; other members, its near neighbours among them)."""
-    from .world import HELD_STYLE, IDENTITY, TRAITS, _ok, dataset, member, traits
     out = {}
     for split in ("base", "identity", "style", "combo"):
         x = to_tensor([im for im, _, _ in dataset(n, seed, split)])
