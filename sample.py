@@ -14,8 +14,9 @@ The prompt is read as webui reads it: (word:1.2), (word) = 1.1, [word] = 1/1.1, 
 --sampler DDIM (default), "DPM++ 2M Karras" or "Euler a": with no adapters the image equals diffusers'
 StableDiffusionPipeline with DDIMScheduler, DPMSolverMultistepScheduler(use_karras_sigmas=True) or
 EulerAncestralDiscreteScheduler and the same seed.
---cuda-graph (CUDA only): each guided U-Net step is one replay of a CUDA graph, without Python's kernel-launch
+On CUDA each guided U-Net step is one replay of a CUDA graph (minisd.fast), without Python's kernel-launch
 overhead; the same function, but the conv weights go channels_last (other kernels: pixels may differ by rounding).
+--eager: the plain PyTorch steps instead. (--cuda-graph, the default on CUDA, is still accepted.)
 """
 import argparse
 import math
@@ -60,7 +61,10 @@ def parse_args(argv=None):
                    help="an adapter; repeatable")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
-    p.add_argument("--cuda-graph", action="store_true", help="replay each U-Net step from a CUDA graph (CUDA only)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--eager", action="store_true", help="plain PyTorch steps (default on CUDA: CUDA graphs)")
+    mode.add_argument("--cuda-graph", action="store_true", help="replay each U-Net step from a CUDA graph (the default "
+                      "on CUDA; CUDA only)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -149,6 +153,11 @@ def step_switch(unet, names, adapters):
     return on_step if ranged else None
 
 
+def graph_mode(args):
+    """sample()'s cuda_graph: False with --eager, True with --cuda-graph, else None (the speed layer on CUDA)."""
+    return False if args.eager else args.cuda_graph or None
+
+
 def check(args):
     """Everything that can be wrong with the flags, before any heavy work."""
     if args.steps <= 0:
@@ -170,8 +179,6 @@ def check(args):
         raise ValueError(f"--sampler: {e}") from None
     if args.eta and args.sampler != "DDIM":
         raise ValueError(f"--eta is DDIM's; --sampler {args.sampler!r} takes none")
-    if args.cuda_graph and args.sampler == "Euler a":
-        raise ValueError("--cuda-graph runs DDIM and DPM++ 2M Karras; Euler a (fractional timesteps) runs eager only")
     for size in (args.height, args.width):
         if size is not None and (size <= 0 or size % 8):
             raise ValueError(f"--height and --width must be positive multiples of 8, got {size}")
@@ -273,7 +280,7 @@ def main(argv=None):
             count = min(CHUNK, args.n - first)
             chunk = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
                                      eta=args.eta, height=args.height, width=args.width, n=count, seed=seed,
-                                     cuda_graph=args.cuda_graph, sampler=args.sampler, on_step=on_step))
+                                     cuda_graph=graph_mode(args), sampler=args.sampler, on_step=on_step))
             size = (chunk[0].height, chunk[0].width)
             for i, im in enumerate(chunk if args.n > 1 else []):
                 info = png_info(args, sd, size, adapters, i, seed)

@@ -5,7 +5,7 @@
     python train.py --ckpt sd-v1-4.ckpt --tokenizer openai/clip-vit-large-patch14 --data photos/ \\
         --prompt "a photo of sks person" --resolution 512 --rank 16 --steps 1000 --out out/me.safetensors
     torchrun --nproc-per-node 2 train.py ...           # data-parallel over GPUs (DistributedDataParallel)
-    python train.py --cuda-graph ...                   # each step replayed from CUDA graphs (also under torchrun)
+    python train.py --eager ...                        # on CUDA: plain PyTorch steps, not replayed from CUDA graphs
 
 Data: png / jpg / webp files with optional same-name .txt captions, else --prompt; kohya-style repeat folders
 "N_name" count each image N times (and "name" is the caption when there is neither). The VAE latents and, when
@@ -86,9 +86,12 @@ def parse_args(argv=None):
     a.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"], default="auto", help="auto: bf16 on GPUs that have it, else fp16 on GPU, none on CPU")
     a.add_argument("--grad-checkpointing", action="store_true",
                    help="less memory (SD 1.4 512², batch 8: 8.6 -> 3.5 GB), about 35%% more time")
-    a.add_argument("--cuda-graph", action="store_true", help="replay each step (forward, backward, clipping, AdamW) from a "
-                   "CUDA graph: same data and random draws, fewer kernel launches; not with fp16, --grad-accum > 1, "
-                   "--prior-data or --te-rank")
+    mode = a.add_mutually_exclusive_group()
+    mode.add_argument("--eager", action="store_true", help="plain PyTorch steps (default on CUDA: the CUDA graph, "
+                      "where the settings allow it)")
+    mode.add_argument("--cuda-graph", action="store_true", help="replay each step (forward, backward, clipping, AdamW) "
+                      "from a CUDA graph: same data and random draws, fewer kernel launches; the default on CUDA; not "
+                      "with fp16, --grad-accum > 1, --prior-data or --te-rank (without this flag they train eagerly)")
     a.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-gamma loss weighting (5 is common; 0: off)")
     a.add_argument("--noise-offset", type=float, default=0.0, help="offset noise (0.05-0.1 helps very dark/bright images)")
     a.add_argument("--seed", type=int, default=0)
@@ -347,6 +350,9 @@ def train(args, cleanup):
     check_device(args.device)
     if args.cuda_graph:
         check_cuda_graph(args)
+    args.cuda_graph, why = graph_mode(args)
+    if why and rank == 0:
+        print(f"note: {why}", file=sys.stderr)
     if world > 1:
         if args.prior_data:  # two forward passes before one backward: DDP would need another reducer setup
             raise ValueError("--prior-data does not work under torchrun yet: train on one process")
@@ -411,7 +417,7 @@ def train(args, cleanup):
                          " (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do not"
                          " have; --algo locon also adapts convolutions)")
     lora.use_fused(sd.unet, device.type == "cuda", sd.text_encoder if args.te_rank else None)  # plain is faster on a CPU
-    if args.cuda_graph:  # cuDNN's NHWC kernels, and minisd.groupnorm keeps the big activations NHWC (docs/performance.md)
+    if args.cuda_graph:  # cuDNN's NHWC kernels, and minisd.fast keeps the big activations NHWC (docs/performance.md)
         sd.unet.to(memory_format=torch.channels_last)
     unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
     te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
@@ -484,7 +490,7 @@ def train(args, cleanup):
                    embed(captions[:1] * B))
         loss_fn = lambda z0, noise, t, ctx: diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device)
         average = (lambda g: torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.AVG)) if world > 1 else None
-        graph = minisd.graphs.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0, reduce_grads=average)
+        graph = minisd.fast.TrainStepGraph(loss_fn, opt, example, clip_norm=1.0, reduce_grads=average)
     batch = draw_batch(step, 0) if step < args.steps else None  # each step's first micro-batch is drawn a step ahead
     stop = StopRequest() if world == 1 else None  # torchrun stops its processes itself
     if stop:
@@ -605,18 +611,32 @@ def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
     return per_sample.mean()
 
 
-def check_cuda_graph(args):
-    """--cuda-graph captures one step of fixed shapes: one U-Net call, one optimizer step, no GradScaler and no
-    text-encoder pass; under torchrun the gradients are averaged by one all-reduce between two graphs (forward +
-    backward; clipping + AdamW). Refuse what it cannot do, before any heavy work."""
+def graph_limit(args):
+    """What the CUDA-graph step cannot take, or None. It captures one step of fixed shapes: one U-Net call, one
+    optimizer step, no GradScaler and no text-encoder pass; under torchrun the gradients are averaged by one
+    all-reduce between two graphs (forward + backward; clipping + AdamW)."""
     fp16 = mixed_precision(args.mixed_precision, torch.device(args.device)) == "fp16"
     unsupported = {"fp16 mixed precision (use --mixed-precision bf16 or no)": fp16, "--grad-accum > 1": args.grad_accum > 1,
                    "--prior-data": args.prior_data, "--te-rank > 0": args.te_rank > 0}
-    for what, bad in unsupported.items():
-        if bad:
-            raise ValueError(f"--cuda-graph does not work with {what}")
+    return next((what for what, bad in unsupported.items() if bad), None)
+
+
+def check_cuda_graph(args):
+    """An explicit --cuda-graph: refuse what the graph cannot do, before any heavy work."""
+    limit = graph_limit(args)
+    if limit:
+        raise ValueError(f"--cuda-graph does not work with {limit}")
     if torch.device(args.device).type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
+
+
+def graph_mode(args):
+    """(use the CUDA-graph step?, why not, or None): on CUDA unless --eager; a setting the graph cannot take trains
+    eagerly, with the reason; on a CPU always eager (nothing to say)."""
+    if args.eager or torch.device(args.device).type != "cuda":
+        return False, None
+    limit = graph_limit(args)
+    return (False, f"eager steps: the CUDA graph does not take {limit}") if limit else (True, None)
 
 
 def load_optimizer_state(opt, saved):

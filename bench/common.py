@@ -33,21 +33,25 @@ TINY = dict(unet=dict(sample_size=8, block_out_channels=(32, 64, 64, 64), layers
                       max_position_embeddings=77, hidden_act="quick_gelu"))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # = lora.inject(targets=("attn", "ff"))
-QUICK = False  # --tiny: time 2 calls once (a smoke test of the code paths, not a measurement)
+QUICK = False  # --tiny: time one call (a smoke test of the code paths, not a measurement)
 
 
 def parser(doc):
-    """The options every benchmark has: --tiny, --device, --out; the script adds its own."""
+    """The options every benchmark has: --tiny, --smoke, --device, --out; the script adds its own."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="the tests' small config (a CPU smoke test)")
+    p.add_argument("--smoke", action="store_true", help="the test suite's smoke test: --tiny on the CPU, the smallest "
+                   "case of each kind, one call per timing, no peer (diffusers, peft) runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="JSON file")
     return p
 
 
 def start(name, args):
-    """(device, Recorder) of a benchmark run; --tiny sets QUICK."""
+    """(device, Recorder) of a benchmark run; --tiny sets QUICK, --smoke also --tiny and --device cpu."""
     global QUICK
+    if args.smoke:
+        args.tiny, args.device = True, "cpu"
     QUICK = args.tiny
     dev = torch.device(args.device)
     return dev, Recorder(args.out, {"bench": name, "args": vars(args), "env": environment(dev)})
@@ -70,9 +74,11 @@ def redraw(module, seed):
 
 
 def build_unets(device, dtype, tiny, seed=0):
-    """(diffusers UNet2DConditionModel, minisd UNet) with identical random weights, eval, frozen, on device in dtype."""
+    """(diffusers UNet2DConditionModel, minisd UNet) with identical random weights, eval, frozen, on device in dtype;
+    minisd's with the speed layer's module swaps, as minisd.load gives it (minisd.fast.speed_up)."""
     from diffusers import UNet2DConditionModel
     from minisd.checkpoint import load_strict, unet_from_diffusers
+    from minisd.fast import speed_up
     from minisd.unet import UNet, UNetConfig
     kw = (TINY if tiny else SD14)["unet"]
     with torch.device(device):
@@ -88,14 +94,16 @@ def build_unets(device, dtype, tiny, seed=0):
                 "bench", "U-Net")
     for m in (ref, ours):
         m.to(dtype=dtype).eval().requires_grad_(False)
-    return ref, ours
+    return ref, speed_up(ours)
 
 
 def build_pipelines(device, dtype, tiny, seed=0):
-    """(diffusers StableDiffusionPipeline with DDIM, minisd StableDiffusion), the same weights."""
+    """(diffusers StableDiffusionPipeline with DDIM, minisd StableDiffusion with the speed layer, as minisd.load
+    gives it), the same weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from minisd.checkpoint import load_strict, vae_from_diffusers
+    from minisd.fast import attach
     from minisd.pipeline import StableDiffusion
     from minisd.ddim import Schedule
     from minisd.vae import AutoencoderKL as OurVAE, VAEConfig
@@ -122,7 +130,7 @@ def build_pipelines(device, dtype, tiny, seed=0):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     ours = StableDiffusion(unet, our_vae, text, tok, Schedule(), sample_size=ref_unet.config.sample_size, name="bench")
-    return pipe, ours
+    return pipe, attach(ours)
 
 
 def sync(device):
@@ -133,7 +141,7 @@ def sync(device):
 def time_ms(fn, device, iters=10, reps=3, warmup=2):
     """Median over `reps` of the mean time per call of `iters` back-to-back calls, in ms (CUDA events on the GPU)."""
     if QUICK:
-        iters, reps, warmup = min(iters, 2), 1, min(warmup, 1)
+        iters, reps, warmup = 1, 1, 0
     for _ in range(warmup):
         fn()
     sync(device)
@@ -160,7 +168,7 @@ def graphed(fn, device, warmup=3, repeat=1):
     tensors become the graph's buffers."""
     if torch.device(device).type != "cuda":
         return fn
-    from minisd.graphs import _capture, _warm_up
+    from minisd.fast.graphs import _capture, _warm_up
     _warm_up(fn, warmup)
     g = torch.cuda.CUDAGraph()
     with _capture(g):

@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,7 @@ def steps_per_s(log, warmup):
     return (s1 - s0) / (t1 - t0), [float(r["loss"]) for r in rows]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, default=torch.cuda.device_count(), help="the N of the N-GPU run")
     p.add_argument("--batches", default="8", help="comma-separated images per step per GPU")
@@ -52,10 +53,20 @@ def main():
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     p.add_argument("--runs", default="1,1g,N,Ng", help="which runs: 1 or N GPUs, g: --cuda-graph")
     p.add_argument("--tiny", action="store_true", help="minisd-tiny at 64², for a smoke test")
+    p.add_argument("--smoke", action="store_true", help="the test suite's CPU smoke test: --tiny, one process on the "
+                   "CPU, two images, batch 2, 2 steps")
     p.add_argument("--out", default="out/bench/ddp.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.tiny, args.batches, args.steps, args.warmup, args.runs = True, "2", 2, 1, "1"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        data = ROOT / "data" / "identity"
+        if args.smoke:  # two of the shipped images (their captions too)
+            data = tmp / "data"
+            data.mkdir()
+            for f in sorted(p for p in (ROOT / "data" / "identity").iterdir() if p.stem in ("000", "001")):
+                shutil.copy(f, data)
         if args.tiny:
             ckpt, size = ROOT / "weights" / "tiny", 64
         else:
@@ -65,16 +76,17 @@ def main():
             print(f"random SD 1.4 written in {time.time() - t0:.0f}s", flush=True)
         rows = []
         runs = [(1 if r[0] == "1" else args.gpus, r.endswith("g")) for r in args.runs.split(",")]
-        runs = runs if torch.cuda.is_available() else [(1, False)]
+        cpu = args.smoke or not torch.cuda.is_available()
+        runs = [(1, False)] if cpu else runs
         for batch in map(int, args.batches.split(",")):
             for n, graph in dict.fromkeys(runs):
                 launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           f"--nproc-per-node={n}"]
                 out = tmp / f"gpus{n}-b{batch}{'-graph' if graph else ''}.safetensors"
-                cmd = launch + [str(ROOT / "train.py"), "--ckpt", str(ckpt), "--data", str(ROOT / "data" / "identity"),
+                cmd = launch + [str(ROOT / "train.py"), "--ckpt", str(ckpt), "--data", str(data),
                                 "--resolution", str(size), "--rank", "16", "--batch", str(batch), "--steps", str(args.steps),
                                 "--lr", "1e-4", "--out", str(out), "--quiet"] + (["--cuda-graph"] if graph else []) + \
-                    (["--device", "cpu"] if not torch.cuda.is_available() else [])
+                    (["--device", "cpu"] if cpu else [])
                 t0 = time.time()
                 if subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode:
                     print(f"failed: {' '.join(cmd)}", flush=True)

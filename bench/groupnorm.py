@@ -1,6 +1,7 @@
 """GroupNorm on a channels_last activation, in plain PyTorch: which formulation is cheapest (docs/performance.md).
 
     python bench/groupnorm.py --out out/bench/groupnorm.json
+    python bench/groupnorm.py --smoke --out /tmp/g.json       # the test suite's CPU smoke test: one small shape
 
 fp16 forward at the shapes of a guided SD 1.4 step (batch 2 = one image with CFG) and of batch 8; each timed as 20
 calls captured in one CUDA graph (so the replay's own launch cost is spread), with the relative error against a
@@ -8,7 +9,7 @@ float32 F.group_norm. Columns:
   pytorch_nchw   F.group_norm on an NCHW tensor: PyTorch's kernel without layout copies (the floor, not an option
                  for a channels_last network)
   pytorch_cl     F.group_norm on the channels_last tensor (PyTorch copies it to NCHW) + the copy back
-  minisd         minisd.groupnorm: float32 column sums of x and x^2, then one addcmul
+  minisd         minisd.fast.groupnorm: float32 column sums of x and x^2, then one addcmul
   two_stage      the same sums reduced over W, then over H
   var_mean       one torch.var_mean over (H*W, C/G) of the [B, H*W, G, C/G] view
   bn_per_sample  PyTorch's channels_last batch-norm kernels, one sample at a time: torch.batch_norm_stats (channel
@@ -21,14 +22,14 @@ import torch.nn.functional as F
 
 import common
 from common import graphed, log, table, time_ms
-from minisd.groupnorm import group_norm_nhwc
+from minisd.fast.groupnorm import group_norm_nhwc
 
 SHAPES = [(2, 320, 64), (2, 640, 64), (2, 960, 64), (2, 640, 32), (2, 1280, 32), (2, 1280, 16), (2, 2560, 16),
           (2, 1280, 8), (2, 2560, 8), (8, 320, 64), (8, 640, 32)]
 
 
 def affine(s1, s2, n, G, w, b, eps):
-    """a, b of y = a x + b per (sample, channel) from the per-group sums of x and x^2, as minisd.groupnorm."""
+    """a, b of y = a x + b per (sample, channel) from the per-group sums of x and x^2, as minisd.fast.groupnorm."""
     B = s1.shape[0]
     mean = s1 / n
     var = torch.addcmul(s2, s1, s1, value=-1 / n).clamp_min_(0) / n
@@ -71,16 +72,17 @@ def bn_per_sample(x, G, w, b, eps):
 
 
 def per_call_us(fn, dev, n=20):
-    """fn's time per call: n calls captured in one graph, replayed."""
+    """fn's time per call: n calls captured in one graph, replayed (off CUDA: one call)."""
+    n = n if dev.type == "cuda" else 1
     return time_ms(graphed(fn, dev, repeat=n), dev, iters=20) * 1e3 / n
 
 
 def main(argv=None):
     args = common.parser(__doc__).parse_args(argv)
     dev, rec = common.start("groupnorm", args)
-    if dev.type != "cuda":
-        raise SystemExit("bench/groupnorm.py times CUDA kernels: run it on a GPU")
-    for B, C, H in SHAPES:
+    if dev.type != "cuda" and not args.smoke:
+        raise SystemExit("bench/groupnorm.py times CUDA kernels: run it on a GPU (or --smoke: a CPU smoke test)")
+    for B, C, H in [(1, 64, 8)] if args.smoke else SHAPES:
         w, b = (torch.randn(C, device=dev) * 0.1 + 1).half(), (torch.randn(C, device=dev) * 0.1).half()
         x = (torch.randn(B, C, H, H, device=dev) * 2 + 0.5).half().to(memory_format=torch.channels_last)
         xn = x.contiguous()
@@ -89,6 +91,8 @@ def main(argv=None):
                      pytorch_cl=lambda: F.group_norm(x, 32, w, b, 1e-5).contiguous(memory_format=torch.channels_last),
                      minisd=lambda: group_norm_nhwc(x, 32, w, b, 1e-5), two_stage=lambda: two_stage(x, 32, w, b, 1e-5),
                      var_mean=lambda: var_mean(x, 32, w, b, 1e-5), bn_per_sample=lambda: bn_per_sample(x, 32, w, b, 1e-5))
+        if dev.type != "cuda":
+            del impls["bn_per_sample"]  # torch.batch_norm_stats is CUDA's
         row = dict(shape=f"{B}x{C}x{H}x{H}")
         with torch.no_grad():
             for name, fn in impls.items():

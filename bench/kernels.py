@@ -1,18 +1,18 @@
 """Where minisd's GPU time goes: a kernel-level profile of the training step's model work and of a guided step.
 
     python bench/kernels.py --out out/bench/kernels.json
+    python bench/kernels.py --smoke --out /tmp/k.json     # the test suite's CPU smoke test: tiny U-Net, "copies" only
 
 train: forward + backward of the frozen SD 1.4 U-Net with rank-16 adapters on attention + feed-forward (bf16
        base, bf16 autocast or none, channels_last), as bench/overhead.py's minisd+fused rows; batch 8 and 32.
        Also which lines copy how many MB (forward: the calling lines; backward: the autograd node).
 sample: one guided step (fp16, CFG: the U-Net on batch 2), no autograd, channels_last.
-graph: the sampler's guided step as minisd.graphs captures it (all forms), batch 1 and 4: every kernel of the graph
+graph: the sampler's guided step as minisd.fast.graphs captures it (all forms), batch 1 and 4: every kernel of the graph
        replay, by kind; compute (attention, convolutions, GEMMs) vs memory-bound kernels vs the time between kernels.
 ops: the same step per aten op and input shapes (torch.profiler's self CUDA time; kernel rows left out).
 Eager calls under torch.profiler (the kernels are those the CUDA graphs replay); CUDA time summed per kernel name
 and per kind. Also: the training row timed from a CUDA graph with each SDPA backend forced.
 """
-import argparse
 import re
 from collections import defaultdict
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
-from common import Recorder, build_unets, environment, free, graphed, log, table, time_ms
+from common import build_unets, free, graphed, log, table, time_ms
 
 import lora
 
@@ -96,8 +96,9 @@ def copies(fn):
 
 def groupnorm_rows(dev):
     """GroupNorm on a channels_last activation, replayed from a graph: PyTorch's (which returns NCHW; the
-    channels_last copy the next conv makes is counted) vs minisd.groupnorm's. fp16 forward; bf16 forward + backward."""
-    from minisd.groupnorm import group_norm_nhwc
+    channels_last copy the next conv makes is counted) vs minisd.fast.groupnorm's. fp16 forward; bf16 forward +
+    backward."""
+    from minisd.fast.groupnorm import group_norm_nhwc
     rows = []
     for B, C, H in [(2, 320, 64), (2, 640, 32), (2, 1280, 16), (2, 1280, 8), (8, 320, 64), (8, 1280, 16), (32, 320, 64),
                     (32, 1280, 16)]:
@@ -117,27 +118,30 @@ def groupnorm_rows(dev):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--batches", default="8,32")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--sections", default="groupnorm,copies,profile,ops,graph,sdpa")
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    dev = torch.device("cuda")
-    rec = Recorder(args.out, {"bench": "kernels", "args": vars(args), "env": environment(dev)})
-    _, unet = build_unets(dev, torch.bfloat16, False)
+    dev, rec = common.start("kernels", args)
+    if args.smoke:  # the profiles read CUDA time: only the copy counts run on a CPU
+        args.batches, args.sections = "1", "copies"
+    elif dev.type != "cuda":
+        raise SystemExit("bench/kernels.py profiles CUDA kernels: run it on a GPU (or --smoke)")
+    _, unet = build_unets(dev, torch.bfloat16, args.tiny)
+    h, D = (8, unet.cfg.context_dim) if args.tiny else (64, 768)
     unet.to(memory_format=torch.channels_last)
     lora.inject(unet, "a", 16, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
     params = lora.trainable_parameters(unet, "a")
     g = torch.Generator(dev).manual_seed(2)
 
     def train_case(B, amp=True):
-        x = torch.randn(B, 4, 64, 64, device=dev, generator=g, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        x = torch.randn(B, 4, h, h, device=dev, generator=g, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         t = torch.randint(0, 1000, (B,), device=dev, generator=g)
-        ctx = torch.randn(B, 77, 768, device=dev, generator=g, dtype=torch.bfloat16)
+        ctx = torch.randn(B, 77, D, device=dev, generator=g, dtype=torch.bfloat16)
 
         def fwd_bwd():
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp, cache_enabled=False):
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp, cache_enabled=False):
                 eps = unet(x, t, ctx)
             return torch.autograd.grad(eps.float().square().mean(), params)
         return fwd_bwd
@@ -149,6 +153,8 @@ def main(argv=None):
         try:
             rows = copies(train_case(batches[0], amp))[:args.top]
             rec.meta.setdefault("copies", {})[f"train b{batches[0]} amp={amp}"] = rows
+            rec.add(section="copies", case=f"train b{batches[0]} amp={amp}",
+                    top_mb=round(sum(r["mb"] for r in rows), 1))
             log(f"copies, train b{batches[0]}, autocast={amp}: {sum(r['mb'] for r in rows):.0f} MB in the top {args.top}")
             log(table(rows, ["mb", "calls", "source"]))
         except Exception as e:
@@ -158,9 +164,9 @@ def main(argv=None):
     def sample_step():
         nonlocal unet_h
         if unet_h is None:
-            unet_h = build_unets(dev, torch.float16, False)[1].to(memory_format=torch.channels_last)
-        x = torch.randn(2, 4, 64, 64, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
-        t, ctx = torch.tensor([500, 500], device=dev), torch.randn(2, 77, 768, device=dev, dtype=torch.float16)
+            unet_h = build_unets(dev, torch.float16, args.tiny)[1].to(memory_format=torch.channels_last)
+        x = torch.randn(2, 4, h, h, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
+        t, ctx = torch.tensor([500, 500], device=dev), torch.randn(2, 77, D, device=dev, dtype=torch.float16)
         return lambda: unet_h(x, t, ctx)
     for row in groupnorm_rows(dev) if "groupnorm" in sections else []:
         rec.add(**row)
@@ -195,11 +201,11 @@ def main(argv=None):
         log(table(rows, ["ms", "pct", "calls", "op", "shapes"]))
     for B in (1, 4) if "graph" in sections else ():  # the sampler's step as it runs: the kernels of its CUDA graph
         try:
-            from minisd.graphs import GuidedUNetGraph
+            from minisd.fast.graphs import GuidedUNetGraph
             sample_step()  # builds the fp16 U-Net
             free(dev)
-            x = torch.randn(B, 4, 64, 64, device=dev, dtype=torch.float16)
-            ctx = torch.randn(2 * B, 77, 768, device=dev, dtype=torch.float16)
+            x = torch.randn(B, 4, h, h, device=dev, dtype=torch.float16)
+            ctx = torch.randn(2 * B, 77, D, device=dev, dtype=torch.float16)
             graph = GuidedUNetGraph(unet_h, x, ctx, 7.5)
             replay = lambda: graph(x, 501, ctx)
             ms = time_ms(replay, dev, iters=20)

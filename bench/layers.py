@@ -2,16 +2,16 @@
 
     python bench/layers.py --out out/bench/layers.json
     python bench/layers.py --tiny --ranks 4 --out /tmp/l.json        # CPU smoke test (shapes / 16)
+    python bench/layers.py --smoke --out /tmp/l.json                  # the test suite's: one Linear, one conv, no peft
 
 train: bf16 autocast, frozen bf16 base, one adapter in float32 (ranks 4, 16, 64), forward + backward (grads of x
        and of the factors). Linear layers of attention and feed-forward, and the 3x3 convs of each level (LoCon;
        peft's Conv2d LoRA is the same k x k down / 1x1 up pair). `none` is the frozen layer alone (grad of x only).
 infer: fp16, no autograd, two rank-16 adapters unmerged; also the merged layer (the floor) and the two packed
-       forms that minisd.graphs captures (pack=weight: a private merged copy; pack=factors: stacked downs and
+       forms that minisd.fast.graphs captures (pack=weight: a private merged copy; pack=factors: stacked downs and
        scaled ups prepared once, two extra kernels). Linear layers only.
 Each case is captured in a CUDA graph and its replays are timed (launch gaps mostly gone), median of 3 x 50.
 """
-import contextlib
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ import common
 from common import graphed, log, table, time_ms
 
 from lora.layers import wrap
-from minisd.graphs import _packed_adapters
+from minisd.fast.forms import applied, packed_adapters
 
 # (name, input shape, layer): CFG batch 2 at 64x64 latents (level 0: 4096 tokens per image, level 2: 256)
 SHAPES = [("L0 attn1.to_q", (8192, 320), lambda: nn.Linear(320, 320)),
@@ -73,7 +73,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     dev, rec = common.start("layers", args)
     gen = torch.Generator(dev).manual_seed(0)
-    for shape, in_shape, make in SHAPES:
+    for shape, in_shape, make in [SHAPES[0], SHAPES[7]] if args.smoke else SHAPES:
         if args.tiny:
             in_shape = (max(8, in_shape[0] // 16), *in_shape[1:]) if len(in_shape) == 2 else (1, *in_shape[1:3], 8)
         conv = len(in_shape) == 4
@@ -82,12 +82,14 @@ def main(argv=None):
         # train: fwd + bwd, one adapter
         x = torch.randn(in_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt).requires_grad_(True)
         gy = torch.randn(out_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt)
-        for rank in map(int, args.ranks.split(",")):
+        for rank in [4] if args.smoke else map(int, args.ranks.split(",")):
             cases = {"none": ours(make, 0, rank, torch.bfloat16, torch.float32, True, dev, gen),
                      "fused": ours(make, 1, rank, torch.bfloat16, torch.float32, True, dev, gen),
                      "plain": ours(make, 1, rank, torch.bfloat16, torch.float32, False, dev, gen),
-                     "peft": peft_layer(make, 1, rank, torch.bfloat16, torch.float32, dev, gen)}
+                     "peft": None if args.smoke else peft_layer(make, 1, rank, torch.bfloat16, torch.float32, dev, gen)}
             for impl, layer in cases.items():
+                if layer is None:
+                    continue
                 try:
                     params = [q for q in layer.parameters() if q.requires_grad]
 
@@ -106,10 +108,13 @@ def main(argv=None):
         dt = torch.float16
         cases = {"merged": make().to(dev, dt), "fused": ours(make, 2, 16, dt, dt, True, dev, gen),
                  "plain": ours(make, 2, 16, dt, dt, False, dev, gen), "pack=weight": ours(make, 2, 16, dt, dt, True, dev, gen),
-                 "pack=factors": ours(make, 2, 16, dt, dt, True, dev, gen), "peft": peft_layer(make, 2, 16, dt, dt, dev, gen)}
+                 "pack=factors": ours(make, 2, 16, dt, dt, True, dev, gen),
+                 "peft": None if args.smoke else peft_layer(make, 2, 16, dt, dt, dev, gen)}
         for impl, layer in cases.items():
+            if layer is None:
+                continue
             try:
-                packing = _packed_adapters(layer, {}, impl[5:]) if impl.startswith("pack=") else contextlib.nullcontext()
+                packing = applied(packed_adapters(layer, {}, impl[5:]) if impl.startswith("pack=") else {})
                 with torch.no_grad(), packing:
                     fn = graphed(lambda: layer(x), dev)
                 with torch.no_grad():

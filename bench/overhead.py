@@ -2,6 +2,7 @@
 
     python bench/overhead.py --out out/bench/overhead.json
     python bench/overhead.py --tiny --batches 1 --out /tmp/o.json        # small config, a CPU smoke test
+    python bench/overhead.py --smoke --out /tmp/o.json                   # the test suite's: minisd only, batch 1
 
 The model work of one LoRA training step (train.py's setting without the optimizer): bf16 base, bf16 autocast,
 random latents, timesteps and text embeddings, loss = mean((eps - noise)^2). With adapters the backward runs to
@@ -37,8 +38,9 @@ def main(argv=None):
     ours.to(memory_format=torch.channels_last)
     lora.inject(ours, "a", args.rank, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
     ours_params = lora.trainable_parameters(ours, "a")
-    from peft import LoraConfig
-    ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS), adapter_name="a")
+    if not args.smoke:
+        from peft import LoraConfig
+        ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS), adapter_name="a")
     ref_params = [q for q in ref.parameters() if q.requires_grad]
     g = torch.Generator(dev).manual_seed(2)
     with torch.no_grad():  # non-zero ups, float32 masters on both sides
@@ -73,9 +75,10 @@ def main(argv=None):
             return torch.autograd.grad(loss, wrt)
         return fwd_bwd
 
-    for B in [int(b) for b in args.batches.split(",")]:
-        for variant in ["minisd", "minisd+fused", "minisd+plain", "diffusers", "diffusers+peft", "minisd/bf16",
-                        "minisd+fused/bf16", "minisd+plain/bf16", "diffusers/bf16", "diffusers+peft/bf16"]:
+    variants = ["minisd", "minisd+fused", "minisd+plain", "diffusers", "diffusers+peft", "minisd/bf16",
+                "minisd+fused/bf16", "minisd+plain/bf16", "diffusers/bf16", "diffusers+peft/bf16"]
+    for B in [1] if args.smoke else [int(b) for b in args.batches.split(",")]:
+        for variant in ["minisd", "minisd+fused"] if args.smoke else variants:
             for mode in ["eager", "graph"] if dev.type == "cuda" else ["eager"]:
                 try:
                     free(dev)

@@ -2,11 +2,12 @@
 
     python bench/sampling.py --out out/bench/sampling.json              # SD 1.4 architecture, 512x512, 50 DDIM steps
     python bench/sampling.py --tiny --steps 2 --out /tmp/s.json         # small config, a CPU smoke test
+    python bench/sampling.py --smoke --out /tmp/s.json                  # the test suite's: minisd only, fp32, b1
 
 Per dtype (fp16, bf16) and batch (1, 4 images, CFG 7.5, so the U-Net sees 2, 8):
   step      one guided U-Net step (U-Net on [x, x] + guidance): ms, steps/s, TFLOP/s; diffusers' also replayed
             from a CUDA graph (the GPU-bound peer); minisd's graph also without channels_last, with PyTorch's
-            GroupNorm, without each of minisd.graphs.FORMS and without all of them, and (--all-variants) with
+            GroupNorm, without each of minisd.fast.FORMS and without all of them, and (--all-variants) with
             cudnn.benchmark and each SDPA backend (fp16 only)
   pipeline  the whole sampler (text encoder, 50 DDIM steps, VAE decode): s per batch, images/s, peak memory (each
             stack's own: the other one's U-Net and VAE wait on the CPU; the text encoder is shared); the graph
@@ -26,7 +27,7 @@ from common import (DTYPES, PEFT_TARGETS, build_pipelines, count_flops, free, gr
                     matmul_peak_tflops, peak_gb, reset_peak, table, time_ms, wall_s)
 
 import lora
-from minisd import graphs
+from minisd.fast import graphs
 
 
 def rel(a, b):
@@ -37,9 +38,9 @@ def rel(a, b):
 @contextlib.contextmanager
 def settings(unet, benchmark=False, channels_last=False, sdpa=None, pytorch_groupnorm=False):
     """cudnn.benchmark, channels_last weights, an SDPA backend and PyTorch's GroupNorm instead of
-    minisd.groupnorm's channels_last path (a comparison row), restored afterwards."""
+    minisd.fast's channels_last path (a comparison row), restored afterwards."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from minisd.groupnorm import GroupNorm
+    from minisd.fast.groupnorm import ChannelsLastGroupNorm as GroupNorm
     old, own_forward = torch.backends.cudnn.benchmark, GroupNorm.forward
     torch.backends.cudnn.benchmark = benchmark
     if pytorch_groupnorm:
@@ -71,7 +72,10 @@ def main(argv=None):
     p.add_argument("--sections", default="step,pipeline,adapters", help="any of step,pipeline,adapters,compile")
     p.add_argument("--all-variants", action="store_true", help="also cudnn.benchmark and each SDPA backend")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.dtypes, args.batches, args.steps, args.reps, args.sections = "fp32", "1", 2, 1, "step,pipeline"
     dev, rec = common.start("sampling", args)
+    peer = not args.smoke
     cuda = dev.type == "cuda"
     sections = set(args.sections.split(","))
     batches = [int(b) for b in args.batches.split(",")]
@@ -116,7 +120,7 @@ def main(argv=None):
             if "step" in sections:
                 log(f"[{dname} b{B}] guided U-Net step ({flops / 1e12:.2f} TFLOP)")
                 with torch.no_grad():
-                    for impl, fn in (("diffusers-eager", eager_diffusers), ("minisd-eager", eager_minisd)):
+                    for impl, fn in (("diffusers-eager", eager_diffusers), ("minisd-eager", eager_minisd))[not peer:]:
                         try:
                             step_row(impl, time_ms(fn, dev))
                         except Exception as e:
@@ -136,7 +140,9 @@ def main(argv=None):
                         pipe.unet.to(memory_format=torch.contiguous_format)
                         free(dev)
                     ref = eager_minisd().float()
-                    rec.add(section="check", **base, step_eps_minisd_vs_diffusers=float(f"{rel(eager_diffusers().float(), ref):.3g}"))
+                    if peer:
+                        rec.add(section="check", **base,
+                                step_eps_minisd_vs_diffusers=float(f"{rel(eager_diffusers().float(), ref):.3g}"))
                     if cuda:
                         with settings(sd.unet, channels_last=True):
                             step_row("minisd-eager", time_ms(eager_minisd, dev), variant="channels_last")
@@ -188,6 +194,7 @@ def main(argv=None):
                     theirs(steps)
 
                 runs = [("diffusers-eager", theirs), ("minisd-eager", lambda steps: ours(steps, False, "eager"))]
+                runs = runs[not peer:]
                 if cuda:
                     runs.append(("minisd-graph", lambda steps: ours(steps, True, "graph")))
                 if cuda and "compile" in sections:
@@ -233,8 +240,9 @@ def main(argv=None):
                         checks["text_encode_ms"] = round(time_ms(lambda: sd.encode_prompt([""] * B + prompts), dev, iters=3, reps=2), 2)
                 except Exception as e:
                     rec.error("decode timing", e)
-                for stack, decode, step in (("minisd", lambda: sd.vae.decode(lat), eager_minisd),
-                                            ("diffusers", lambda: pipe.vae.decode(lat).sample, eager_diffusers)):
+                stacks = (("minisd", lambda: sd.vae.decode(lat), eager_minisd),
+                          ("diffusers", lambda: pipe.vae.decode(lat).sample, eager_diffusers))
+                for stack, decode, step in stacks[:1 + peer]:
                     try:  # where each pipeline's peak comes from: resident weights, VAE decode, one eager U-Net step
                         resident(stack)
                         with torch.no_grad():

@@ -2,6 +2,7 @@
 
     python bench/training.py --out out/bench/training.json
     python bench/training.py --tiny --batches 1,2 --out /tmp/t.json          # small config, a CPU smoke test
+    python bench/training.py --smoke --out /tmp/t.json                       # the test suite's: minisd-eager, batch 1
 
 The setting of train.py with cached latents and text embeddings: frozen bf16 base, rank-16 adapters (float32
 masters) on to_q/k/v/out.0 + ff.net.0.proj/ff.net.2 (minisd: lora.inject targets attn + ff; diffusers: peft
@@ -11,7 +12,7 @@ clip_grad_norm_(1.0), AdamW. One step = draw t and noise, forward, backward, cli
 shortcuts and time-embedding projections at rank 16); peft: the same modules, rank_pattern for the 3x3 convs.
   minisd-eager        lora's fused autograd functions (the default)
   minisd-eager-plain  lora.use_fused(unet, False): the plain composition
-  minisd-graph        minisd.graphs.TrainStepGraph: forward + backward + clip + AdamW(capturable) in one CUDA graph
+  minisd-graph        minisd.fast.TrainStepGraph: forward + backward + clip + AdamW(capturable) in one CUDA graph
   diffusers-eager     diffusers UNet2DConditionModel + peft
   ...-cl              minisd's U-Net channels_last
   ...-bf16            no autocast: the bf16 base as it is (autocast runs the norms in float32, casting around them)
@@ -30,7 +31,7 @@ from common import (PEFT_TARGETS, build_unets, count_flops, free, log, matmul_pe
 
 import lora
 from minisd.ddim import Schedule
-from minisd.graphs import TrainStepGraph
+from minisd.fast import TrainStepGraph
 
 # LoCon: also every ResBlock (3x3 convs at the conv rank, the 1x1 shortcut and the time-embedding projection at the
 # linear rank) and the down/upsampler convs = lora.inject(targets=("attn", "ff", "resnet", "sampler"))
@@ -49,8 +50,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     dev, rec = common.start("training", args)
     cuda = dev.type == "cuda"
-    batches = [int(b) for b in args.batches.split(",")]
-    variants = args.variants.split(",")
+    batches = [1] if args.smoke else [int(b) for b in args.batches.split(",")]
+    variants = ["minisd-eager"] if args.smoke else args.variants.split(",")
+    algos = ["lora"] if args.smoke else args.algos.split(",")
     rec.meta["bf16_matmul_peak_tflops"] = peak = matmul_peak_tflops(dev)
     log(f"env {rec.meta['env']}; bf16 matmul peak {peak} TFLOP/s")
 
@@ -120,7 +122,7 @@ def main(argv=None):
         on_gpu.to(dev)
         free(dev)
 
-    for algo in args.algos.split(","):
+    for algo in algos:
         resident(ours, ref)
         ours_params, ref_params = fresh_adapters(algo)
         # the graph step's gradients against the eager step's, same inputs (lr 0, no clipping: p.grad is the raw gradient)

@@ -12,6 +12,10 @@ objects, frozen or not as they were), so the model's base keys are unchanged. Ad
 `<layer>.adapters.<name>.down` / `.up`; load base weights before injecting (minisd.load does), or with
 `lora.load_base_weights`, which accepts a base state dict and tolerates exactly these keys.
 
+The capture interface (capture_weight, stacked_factors, capture_signature) is what minisd.fast's CUDA graphs read
+of an adapter layer: the weight that computes what the layer computes now, the active adapters' stacked factors,
+and a value that changes with them; the merge math stays here.
+
 forward uses the fused autograd functions (lora.fused) when some adapter is active and the base is frozen;
 `layer.fused = False` selects the plain composition (the reference, and the path when the base is trainable).
 Merging adds gain * up @ down into the base weight; the first merge keeps a copy of the unmerged weight and
@@ -25,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused import compute_dtype, locon_conv2d, lora_linear
+from .fused import _factors, compute_dtype, locon_conv2d, lora_linear
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -136,7 +140,9 @@ class _Adapted:
 
     def delta_weight(self, name):
         """gain * up @ down (zero if disabled), shaped like the base weight, computed in float32."""
-        a = self.adapters[name]
+        return self._delta(self.adapters[name])
+
+    def _delta(self, a):
         delta = a.up.detach().float().flatten(1) @ a.down.detach().float().flatten(1)
         return (delta * (a.gain if a.enabled else 0.0)).view(self.weight.shape)
 
@@ -170,6 +176,36 @@ class _Adapted:
 
     def active(self):
         return [a for a in self.adapters.values() if a.enabled and not a.merged and a.gain != 0]
+
+    # -- the capture interface: what a CUDA-graph capture (minisd.fast) reads, so that it needs no lora internals
+
+    @torch.no_grad()
+    def capture_weight(self):
+        """The weight that computes what this layer computes now, with its own bias and conv settings: the weight
+        itself (merged adapters are in it) when no adapter is active, else a new tensor, the weight plus every active
+        adapter's delta_weight summed in float32 and rounded once to the weight's dtype."""
+        active = self.active()
+        if not active:
+            return self.weight
+        w = self.weight.detach().float()
+        for a in active:
+            w = w + self._delta(a)
+        return w.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def stacked_factors(self):
+        """(A, gB) of the active adapters, as the fused functions stack them: the downs [R, in (* kh * kw)] and the
+        ups times their gains [out, R], in the weight's dtype; None when no adapter is active."""
+        active = self.active()
+        if not active:
+            return None
+        return _factors([a.down for a in active], [a.up for a in active], [a.gain for a in active], self.weight.dtype)
+
+    def capture_signature(self):
+        """A hashable value that changes whenever capture_weight() or stacked_factors() would (which adapters are
+        active, their gains, their factors replaced or changed in place) or the forward path (`fused`) does."""
+        return self.fused, tuple((id(a), a.gain, a.down.data_ptr(), a.down._version, a.up.data_ptr(), a.up._version)
+                                 for a in self.active())
 
     def forward(self, x):
         active = self.active()

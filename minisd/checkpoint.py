@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from .files import check_zip
 
@@ -41,14 +41,19 @@ SAFE_GLOBALS = [
 ]
 
 
-def read_state_dict(path):
-    """Load a flat {name: tensor} dict from a .safetensors or pickle file, on the CPU."""
+def read_state_dict(path, device="cpu", dtype=None, skip=()):
+    """Load a flat {name: tensor} dict from a .safetensors or pickle file onto `device`, floating-point tensors in
+    `dtype` (None: as stored), leaving out the keys that start with a prefix in `skip`. A safetensors file is read
+    tensor by tensor straight to the device and converted there: an fp32 file loaded as fp16 never holds more than
+    one fp32 tensor at a time."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                return {k: cast(f.get_tensor(k)) for k in f.keys() if not k.startswith(skip)}
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     obj = read_pickle(path)
@@ -56,7 +61,7 @@ def read_state_dict(path):
         obj = obj["state_dict"]  # lightning .ckpt
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a dict of tensors (or one under 'state_dict')")
-    return obj
+    return {k: cast(v.to(device)) for k, v in obj.items() if not k.startswith(skip)}
 
 
 def read_pickle(path):

@@ -7,7 +7,6 @@ import torch
 from tqdm import tqdm
 from transformers import CLIPTextConfig
 
-from . import graphs
 from .checkpoint import CheckpointError, file_errors, load_strict, read_state_dict, unet_from_diffusers, vae_from_diffusers
 from .ddim import Schedule
 from .files import read_regular
@@ -24,9 +23,14 @@ DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
 
 
 class StableDiffusion:
-    def __init__(self, unet, vae, text_encoder, tokenizer, schedule=Schedule(), sample_size=64, name=""):
+    """The models and the sampler. `fast`: a speed layer, or None (plain PyTorch, the code below). minisd.load
+    attaches minisd.fast's (minisd.fast.attach); this file never imports it. A speed layer offers
+    guided_step(sd, x, ctx, guidance) -> eps(x, t, ctx) and encode_text(text_encoder, ids), each computing what
+    the code below computes (the guided U-Net step of sample(), the text encoder's last hidden state)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule=Schedule(), sample_size=64, name="", fast=None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.schedule, self.name = schedule, name
+        self.schedule, self.name, self.fast = schedule, name, fast
         self.native_size = sample_size * vae.cfg.downscale  # 64 latents * 8 = 512 for SD 1.4
 
     @property
@@ -37,15 +41,37 @@ class StableDiffusion:
     def dtype(self):
         return next(self.unet.parameters()).dtype
 
+    def uses_fast(self, cuda_graph=None, on_step=None):
+        """Whether sample() takes the speed layer: cuda_graph None (the default) where one is attached, the U-Net is
+        on CUDA and no on_step changes the model between steps; True needs one; False never."""
+        if cuda_graph is None:
+            return self.fast is not None and self.device.type == "cuda" and on_step is None
+        if cuda_graph and self.fast is None:
+            raise ValueError("cuda_graph=True needs a speed layer: minisd.load attaches it (or minisd.fast.attach(sd))")
+        if cuda_graph and on_step is not None:  # a graph replays the model as captured: per-step changes are lost
+            raise ValueError("cuda_graph=True replays a fixed model: on_step (per-step changes) runs eager only")
+        return bool(cuda_graph)
+
     @torch.no_grad()
     def encode_prompt(self, prompts, cuda_graph=False, weighted=False):
-        """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype (cuda_graph: the text encoder
-        replayed from a CUDA graph). weighted: webui's prompt syntax, (word:1.2) and any length in 75-token chunks
-        (B, 77 k, 768) (minisd.text.encode_weighted_prompts), as sample() reads prompts; else the plain tokens,
-        truncated to 77, as training reads captions."""
-        run = (lambda ids: graphs.encode_text(self.text_encoder, ids)) if cuda_graph else None
+        """list of str -> (B, 77, 768) CLIP last hidden state, in the U-Net's dtype (cuda_graph: through the speed
+        layer's encode_text, a CUDA graph replay). weighted: webui's prompt syntax, (word:1.2) and any length in
+        75-token chunks (B, 77 k, 768) (minisd.text.encode_weighted_prompts), as sample() reads prompts; else the
+        plain tokens, truncated to 77, as training reads captions."""
+        run = (lambda ids: self.fast.encode_text(self.text_encoder, ids)) if self.uses_fast(cuda_graph) else None
         encode = encode_weighted_prompts if weighted else encode_prompts
         return encode(self.tokenizer, self.text_encoder, prompts, run).to(self.dtype)
+
+    def guided_step(self, x, ctx, guidance):
+        """eps(x, t, ctx) of one sampling step: the U-Net on [x, x] against ctx = [uncond; cond] and the guided
+        eps_u + guidance (eps_c - eps_u); guidance None: the U-Net on x alone."""
+        def eps(x, t, ctx):
+            out = self.unet(torch.cat([x, x]) if guidance is not None else x, torch.tensor(t, device=self.device), ctx)
+            if guidance is None:
+                return out
+            eps_uncond, eps_text = out.chunk(2)
+            return eps_uncond + guidance * (eps_text - eps_uncond)
+        return eps
 
     @torch.no_grad()
     def decode(self, latents):
@@ -57,7 +83,7 @@ class StableDiffusion:
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, height=None, width=None,
-               n=1, seed=0, progress=True, cuda_graph=False, sampler="DDIM", on_step=None):
+               n=1, seed=0, progress=True, cuda_graph=None, sampler="DDIM", on_step=None):
         """Classifier-free guided sampling with `sampler` (minisd.samplers: "DDIM", "DPM++ 2M Karras", "Euler a").
         Prompts are read as webui reads them: (word:1.2), (word), [word], BREAK, any length (encode_prompt).
         Returns images (len(prompts) * n, 3, H, W) in [0, 1].
@@ -65,10 +91,11 @@ class StableDiffusion:
         The initial latents are torch.randn((B, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))
         in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 (DDIM) and Euler a's per-step noise
         continue the same stream. on_step(i), if given, runs before step i's U-Net call (i = 0 .. steps - 1).
-        cuda_graph=True (CUDA only): each guided U-Net step is one replay of a CUDA graph (minisd.graphs), captured
-        on first use per batch, size, dtype and guidance, without the kernel-launch overhead (the text encoder too,
-        per batch); it also stores the U-Net's and the VAE's conv weights channels_last (same function, other cuDNN
-        kernels: fp16-rounding-level differences)."""
+        cuda_graph: whether the steps and the text encoder run through the speed layer (self.fast; None: where one
+        is attached and the model is on CUDA, and no on_step). minisd.fast replays each guided U-Net step from a CUDA
+        graph, captured on first use per batch, size, dtype and guidance, without the kernel-launch overhead (the
+        text encoder too, per batch); it also stores the U-Net's and the VAE's conv weights channels_last (same
+        function, other cuDNN kernels: fp16-rounding-level differences). cuda_graph=False: the eager guided_step."""
         name, run = sampler_named(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         height, width = height or self.native_size, width or self.native_size
@@ -79,32 +106,21 @@ class StableDiffusion:
             raise ValueError(f"guidance must be >= 0 (<= 1: no classifier-free guidance), got {guidance}")
         if eta and name != "DDIM":
             raise ValueError(f"eta is DDIM's; {name} takes none")
-        if cuda_graph and (name == "Euler a" or on_step):  # the graph reads integer timesteps and fixed weights
-            raise ValueError("cuda_graph runs DDIM and DPM++ 2M Karras without on_step; Euler a (fractional "
-                             "timesteps) and per-step changes (on_step) run eager only")
         prompts = [p for p in prompts for _ in range(n)]
         B = len(prompts)
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
         cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
-        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, cuda_graph, weighted=True)
-        graphed = None
-        if cuda_graph:
-            graphed = graphs.guided_unet(self.unet, x, ctx, guidance if cfg else None,
-                                         timesteps=self.schedule.num_train_timesteps)
-            graphs.to_channels_last(self.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
-        step, bar = itertools.count(), tqdm(total=steps, desc="sampling", disable=not progress)
+        fast = self.uses_fast(cuda_graph, on_step)
+        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, fast, weighted=True)
+        step = (self.fast.guided_step(self, x, ctx, guidance if cfg else None) if fast else
+                self.guided_step(x, ctx, guidance if cfg else None))
+        count, bar = itertools.count(), tqdm(total=steps, desc="sampling", disable=not progress)
 
         def model(x_in, t):  # the guided eps
             if on_step:
-                on_step(next(step))
-            if graphed:  # the same, replayed from a CUDA graph
-                eps = graphed(x_in, t, ctx)
-            else:
-                eps = self.unet(torch.cat([x_in, x_in]) if cfg else x_in, torch.tensor(t, device=self.device), ctx)
-                if cfg:
-                    eps_uncond, eps_text = eps.chunk(2)
-                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
+                on_step(next(count))
+            eps = step(x_in, t, ctx)
             bar.update()
             return eps
 
@@ -122,7 +138,7 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     with file_errors(path, "not a usable SD 1.x checkpoint"):
-        parts = _read_diffusers_folder(path) if path.is_dir() else _read_single_file(path)
+        parts = _read_diffusers_folder(path, device, dtype) if path.is_dir() else _read_single_file(path, device, dtype)
         unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, text_cfg, schedule, sample_size = parts
         with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file
             unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
@@ -133,13 +149,13 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
         tok = load_tokenizer(tokenizer or path / "tokenizer")
     else:  # a single file has none: CLIP's, shipped with minisd
         tok = packaged_tokenizer(text_encoder, path)
-    for m in (unet, vae, text_encoder):
+    for m in (unet, vae, text_encoder):  # the weights are there already (read_state_dict): this moves the rest
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return StableDiffusion(unet, vae, text_encoder, tok, schedule, sample_size, name=path.stem)
 
 
-def _read_single_file(path):
-    sd = read_state_dict(path)
+def _read_single_file(path, device, dtype):
+    sd = read_state_dict(path, device, dtype, skip=("model_ema.",))  # the EMA copy is not used
     parts = {name: {} for name in SINGLE_FILE_PARTS}
     unknown = []
     for k, v in sd.items():
@@ -236,7 +252,7 @@ def _weights_file(folder, stem):
     raise CheckpointError(f"{folder}: no {stem}.safetensors or .bin weights")
 
 
-def _read_diffusers_folder(path):
+def _read_diffusers_folder(path, device, dtype):
     uc = _read_json(path / "unet" / "config.json", UNET_BOUNDS)
     if uc.get("use_linear_projection"):
         raise CheckpointError(f"{path / 'unet'}: an SD 2.x U-Net (linear projections); minisd implements SD 1.x")
@@ -263,6 +279,7 @@ def _read_diffusers_folder(path):
     if text_file is None:
         raise CheckpointError(f"{path / 'text_encoder'}: no model.safetensors or pytorch_model.bin")
     text_cfg = CLIPTextConfig.from_dict(_read_json(path / "text_encoder" / "config.json", TEXT_BOUNDS))
-    return (unet_from_diffusers(read_state_dict(unet_file), unet_cfg, unet_file), unet_cfg,
-            vae_from_diffusers(read_state_dict(vae_file), vae_cfg, vae_file), vae_cfg,
-            read_state_dict(text_file), text_cfg, schedule, uc.get("sample_size", 64))
+    read = lambda f: read_state_dict(f, device, dtype)
+    return (unet_from_diffusers(read(unet_file), unet_cfg, unet_file), unet_cfg,
+            vae_from_diffusers(read(vae_file), vae_cfg, vae_file), vae_cfg,
+            read(text_file), text_cfg, schedule, uc.get("sample_size", 64))

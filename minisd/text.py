@@ -59,11 +59,17 @@ def build_text_encoder(sd, path, config=None):
     if any(k.startswith("text_model.") for k in expected):  # transformers 4.x module layout
         sd = {"text_model." + k: v for k, v in sd.items()}
     check_fits({k: v for k, v in expected.items() if not k.endswith("position_ids")}, sd, path, "text encoder")
-    model = CLIPTextModel(config).eval()
-    for k, v in model.state_dict().items():  # a persistent position_ids buffer (transformers 4.x) is not a weight
+    with torch.device("meta"):  # no time spent on random init: every weight is assigned from the file
+        model = CLIPTextModel(config).eval()
+    device = next(iter(sd.values())).device
+    position_ids = torch.arange(config.max_position_embeddings, device=device).expand(1, -1)
+    for k in expected:  # a persistent position_ids buffer (transformers 4.x) is not a weight
         if k.endswith("position_ids"):
-            sd.setdefault(k, v)
+            sd.setdefault(k, position_ids)
     load_strict(model, sd, path, "text encoder")
+    for m in model.modules():  # a non-persistent one, not in the state dict, is still on the meta device
+        if isinstance(getattr(m, "position_ids", None), torch.Tensor) and m.position_ids.is_meta:
+            m.position_ids = position_ids
     return model
 
 
@@ -96,7 +102,7 @@ def packaged_tokenizer(text_encoder, path):
 def encode_prompts(tokenizer, text_encoder, prompts, run=None):
     """list of str -> (B, 77, width): padded to the model's length with the end-of-text token, truncated beyond it
     (with a warning that says how many tokens were dropped). run(ids) -> last hidden state, if given, runs the model
-    (minisd.graphs.encode_text: from a CUDA graph)."""
+    (the speed layer's encode_text: from a CUDA graph)."""
     prompts, n = list(prompts), tokenizer.model_max_length
     for prompt, full in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
         if len(full) > n:

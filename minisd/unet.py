@@ -17,8 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .groupnorm import GroupNorm
-
 
 @dataclass
 class UNetConfig:
@@ -45,15 +43,24 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim, groups):
         super().__init__()
         # GroupNorm eps 1e-5 (PyTorch's default) in ResBlocks; the transformers and the VAE use 1e-6.
-        self.in_layers = nn.Sequential(GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
-        self.out_layers = nn.Sequential(GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, cout), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(cout, cout, 3, padding=1))
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):
         h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
+
+
+def attention(q, k, v, heads):
+    """Multi-head scaled dot-product attention: q (B, N, C), k and v (B, M, C) -> (B, N, C)."""
+    B, N, C = q.shape
+    q, k, v = (t.view(B, -1, heads, C // heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, tokens, head_dim)
+    h = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
+    return h.transpose(1, 2).reshape(B, N, C)
 
 
 class CrossAttention(nn.Module):
@@ -67,33 +74,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        B, N, C = x.shape
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, tokens, head_dim)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        h = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
-        return self.to_out(h.transpose(1, 2).reshape(B, N, C))
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
-class GatedGELU(torch.autograd.Function):
-    """h = [a, gate] -> a * gelu(gate) (exact, erf GELU). Saves only h and recomputes gelu(gate) in the backward,
-    writing both halves of dh into one tensor: autograd's version would also keep gelu(gate) (a quarter of the
-    feed-forward's saved activations) and concatenate the two halves' gradients."""
-
-    @staticmethod
-    def forward(ctx, h):
-        a, gate = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return a * F.gelu(gate)
-
-    @staticmethod
-    def backward(ctx, g):
-        h, = ctx.saved_tensors
-        a, gate = h.chunk(2, dim=-1)
-        dh = torch.empty_like(h)
-        da, dgate = dh.chunk(2, dim=-1)
-        torch.mul(g, F.gelu(gate), out=da)
-        torch.ops.aten.gelu_backward.grad_input(g * a, gate, grad_input=dgate)
-        return dh
+def geglu(a, gate):
+    """The gated GELU of the feed-forward: a * gelu(gate) (exact, erf GELU)."""
+    return a * F.gelu(gate)
 
 
 class GEGLU(nn.Module):
@@ -102,7 +88,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x):
-        return GatedGELU.apply(self.proj(x))
+        return geglu(*self.proj(x).chunk(2, dim=-1))
 
 
 class FeedForward(nn.Module):
@@ -131,7 +117,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     def __init__(self, channels, context_dim, heads, groups):
         super().__init__()
-        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, channels, 1)  # SD 1.x: 1x1 convs, not Linear (that is SD 2.x)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim, heads)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -155,13 +141,18 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+def upsample(x):
+    """Nearest-neighbour 2x upsampling (before the Upsample block's 3x3 convolution)."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample(x))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -218,12 +209,12 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context):
         """x (B, 4, h, w) latents, t (B,) or scalar integer timesteps, context (B, 77, context_dim) -> eps (B, 4, h, w)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        emb = self.embed_time(t, x.dtype)
         run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else (lambda b, *a: b(*a))
         hs, h = [], x
         for block in self.input_blocks:
@@ -234,8 +225,12 @@ class UNet(nn.Module):
             h = run(block, torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
 
+    def embed_time(self, t, dtype):
+        """Integer timesteps t (B,) -> the time embedding (B, 4 * model_channels) that every ResBlock reads."""
+        return self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+
     @staticmethod
     def _checkpointed(block, *args):
         # the U-Net draws no random numbers (dropout 0): no RNG state to save and restore, which also lets a
-        # checkpointed step be captured in a CUDA graph (minisd.graphs.TrainStepGraph)
+        # checkpointed step be captured in a CUDA graph (minisd.fast.TrainStepGraph)
         return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)

@@ -5,11 +5,8 @@ The diffusion model works on latents * scale_factor (0.18215 for SD 1.x).
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .groupnorm import GroupNorm
 
 
 @dataclass
@@ -29,14 +26,7 @@ class VAEConfig:
 
 
 def Norm(cfg, c):
-    # eps 1e-6 everywhere in the VAE. nn.GroupNorm's parameters; keeps a channels_last activation channels_last
-    return GroupNorm(cfg.norm_groups, c, eps=1e-6)
-
-
-def _silu(x):
-    # in place when autograd records nothing (decoding): at the decoder's memory peak (512², 256 channels, fp16) the
-    # norm's output and the activation would be two 134 MB tensors per image
-    return F.silu(x, inplace=not torch.is_grad_enabled())
+    return nn.GroupNorm(cfg.norm_groups, c, eps=1e-6)  # eps 1e-6 everywhere in the VAE
 
 
 class ResnetBlock(nn.Module):
@@ -47,9 +37,9 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))  # (dropout 0 omitted)
-        return h.add_(self.nin_shortcut(x))  # in place: conv2's output is ours (one tensor less at the peak)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # (dropout 0 omitted)
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -121,7 +111,7 @@ class Encoder(nn.Module):
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        return self.conv_out(_silu(self.norm_out(self.mid(h))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -150,7 +140,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class AutoencoderKL(nn.Module):

@@ -57,3 +57,20 @@ def test_ddp_bench_scaling_is_against_one_gpu_in_the_same_mode(bench_module, tmp
     saved = json.loads(Path(args.out).read_text())["rows"]
     assert [r["vs_first_run"] for r in saved] == [1.0, 2.0, 1.2, 3.92, 1.0]
     assert [r["scaling"] for r in saved] == [1.0, 1.0, 1.2, 1.96, None]  # batch 16 has no one-GPU run
+
+
+SMOKE = ["layers", "overhead", "sampling", "training", "groupnorm", "layout", "kernels", "ddp"]
+
+
+def test_every_bench_script_has_a_smoke_test():
+    assert sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "common") == sorted(SMOKE)
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_bench_script_smoke_mode_runs(name, bench_module, tmp_path, single_thread):
+    """Each benchmark's --smoke mode (tiny config on the CPU, one call per timing, no peer runs) writes result rows
+    and no errors: a benchmark broken by a change of the code it measures fails here, not on a GPU."""
+    out = tmp_path / f"{name}.json"
+    bench_module(name).main(["--smoke", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rows"] and not result.get("errors"), result.get("errors")

@@ -1,4 +1,5 @@
-"""minisd.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph == eager;
+"""minisd.fast.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph ==
+eager;
 train.py / sample.py --cuda-graph: refused with one line where it cannot run, and (on CUDA) the same results as eager."""
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import lora
 import sample
 import train
 from lora.layers import LoRALinear
-from minisd import forms, graphs
+from minisd.fast import forms, graphs
 from tinyfiles import images, one_line_exit, tiny  # noqa: F401 (fixtures)
 
 
@@ -175,11 +176,11 @@ def test_graph_sampling_matches_eager(lora_sd, monkeypatch):
     sd = copy.copy(lora_sd)
     sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae, lora_sd.text_encoder))
     kw = dict(steps=4, guidance=7.5, height=64, width=64, n=2, seed=1, progress=False)
-    eager = sd.sample(["a cat", "dog"], **kw)
-    graphed = sd.sample(["a cat", "dog"], cuda_graph=True, **kw)  # also makes the U-Net channels_last
+    eager = sd.sample(["a cat", "dog"], cuda_graph=False, **kw)
+    graphed = sd.sample(["a cat", "dog"], **kw)  # the default on CUDA; also makes the U-Net channels_last
     # the eager run before had NCHW weights, the one after channels_last ones; the graph's forms use other kernels
     # (float32 on an H200: 4.1e-5 and 1.1e-5)
-    assert rel(graphed, eager) < 1e-4 and rel(graphed, sd.sample(["a cat", "dog"], **kw)) < 1e-4
+    assert rel(graphed, eager) < 1e-4 and rel(graphed, sd.sample(["a cat", "dog"], cuda_graph=False, **kw)) < 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -246,6 +247,35 @@ def test_guided_graph_forms_with_unmerged_c3lier_adapters(lora_sd, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- train.py / sample.py --cuda-graph
+
+def flags(**kw):
+    import argparse
+    base = dict(device="cuda", eager=False, cuda_graph=False, mixed_precision="bf16", grad_accum=1, prior_data=None,
+                te_rank=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, (True, None)),  # on CUDA the graph is the default ...
+    (dict(eager=True), (False, None)),  # ... unless --eager
+    (dict(device="cpu"), (False, None)),  # on a CPU nothing changes, nothing is said
+    (dict(device="cpu", mixed_precision="auto"), (False, None)),
+    (dict(mixed_precision="fp16"), (False, "eager steps: the CUDA graph does not take fp16 mixed precision")),
+    (dict(grad_accum=2), (False, "eager steps: the CUDA graph does not take --grad-accum > 1")),
+    (dict(prior_data="IMAGES"), (False, "eager steps: the CUDA graph does not take --prior-data")),
+    (dict(te_rank=4), (False, "eager steps: the CUDA graph does not take --te-rank > 0")),
+    (dict(te_rank=4, eager=True), (False, None)),
+])
+def test_train_takes_the_graph_on_cuda_unless_told_or_unable(kw, expected):
+    graph, why = train.graph_mode(flags(**kw))
+    assert graph == expected[0] and (why is None if expected[1] is None else why.startswith(expected[1])), why
+
+
+def test_eager_and_cuda_graph_exclude_each_other(tmp_path):
+    for main in (train.main, sample.main):
+        with pytest.raises(SystemExit):
+            main(["--eager", "--cuda-graph", "--out", str(tmp_path / "x")])
+
 
 @pytest.mark.parametrize("argv, message", [
     ([], "--cuda-graph needs a CUDA device, got --device cpu"),
@@ -345,19 +375,20 @@ def test_train_step_graph_with_reduce_grads_is_the_one_graph_step():
 def test_train_cuda_graph_matches_eager_and_resumes_across(tiny, images, tmp_path):
     """Same seed: the graph path draws the same data and noise, so its losses and adapter follow the eager run's (up
     to bf16 rounding); a state saved by either path resumes in the other."""
-    eager = train_run(tiny, images, tmp_path / "eager.safetensors")
-    graphed = train_run(tiny, images, tmp_path / "graph.safetensors", "--cuda-graph")
+    eager = train_run(tiny, images, tmp_path / "eager.safetensors", "--eager")
+    graphed = train_run(tiny, images, tmp_path / "graph.safetensors")  # the default on CUDA
     assert_close_runs(eager, graphed)
     to_graph = train_run(tiny, images, tmp_path / "e2g.safetensors", "--cuda-graph", "--resume", str(tmp_path / "eager-step000010.state.pt"))
     assert_close_runs(eager, to_graph)
-    to_eager = train_run(tiny, images, tmp_path / "g2e.safetensors", "--resume", str(tmp_path / "graph-step000010.state.pt"))
+    to_eager = train_run(tiny, images, tmp_path / "g2e.safetensors", "--eager", "--resume",
+                         str(tmp_path / "graph-step000010.state.pt"))
     assert_close_runs(graphed, to_eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_train_cuda_graph_with_checkpointing_matches_eager(tiny, images, tmp_path):
     """Activation checkpointing inside the captured step (the recomputation is captured too) changes nothing."""
-    eager = train_run(tiny, images, tmp_path / "eager.safetensors")
+    eager = train_run(tiny, images, tmp_path / "eager.safetensors", "--eager")
     assert_close_runs(eager, train_run(tiny, images, tmp_path / "graph.safetensors", "--cuda-graph", "--grad-checkpointing"))
 
 
@@ -368,19 +399,22 @@ def test_sample_cuda_graph_matches_eager(tiny, tmp_path):
                      "--prompt", "a box", "--steps", "4", "--height", "16", "--width", "16", "--n", "2", "--seed", "5",
                      "--out", str(tmp_path / name), *extra])
         return np.asarray(Image.open(tmp_path / name), dtype=np.float64)
-    eager, graphed = png("eager.png"), png("graph.png", "--cuda-graph")
+    eager, graphed, default = png("eager.png", "--eager"), png("graph.png", "--cuda-graph"), png("default.png")
+    assert np.array_equal(default, graphed)  # on CUDA the default is the graph path
     assert eager.std() > 1  # not a blank image
     assert np.abs(graphed - eager).mean() < 1 and np.abs(graphed - eager).max() <= 16  # of 255: rounding (fp16, channels_last)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graph_sampling_matches_eager_with_dpmpp_2m_karras(lora_sd, monkeypatch):
-    """The graph takes DPM++ 2M Karras' integer timesteps as DDIM's (Euler a's fractional ones are refused)."""
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a"])
+def test_graph_sampling_matches_eager_with_the_k_samplers(lora_sd, monkeypatch, sampler):
+    """The graph takes DPM++ 2M Karras' integer timesteps as DDIM's; Euler a's fractional ones go to a graph with a
+    float32 timestep (no time table), as the eager step's torch.tensor(t)."""
     import copy
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     sd = copy.copy(lora_sd)
     sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae,
                                                                           lora_sd.text_encoder))
-    kw = dict(steps=5, guidance=7.5, height=64, width=64, seed=1, progress=False, sampler="DPM++ 2M Karras")
+    kw = dict(steps=5, guidance=7.5, height=64, width=64, seed=1, progress=False, sampler=sampler)
     graphed = sd.sample(["a cat", "dog"], cuda_graph=True, **kw)
-    assert rel(graphed, sd.sample(["a cat", "dog"], **kw)) < 1e-4
+    assert rel(graphed, sd.sample(["a cat", "dog"], cuda_graph=False, **kw)) < 1e-4

@@ -4,7 +4,7 @@ An eager SD 1.x U-Net step issues ~1,000 small kernels; at small batches the GPU
 launches them, so the step is launch-bound. A CUDA graph replays the recorded kernels with no Python in between.
 These are wrappers around the unchanged model: nothing here forks the model code.
 
-    eps = guided_unet(unet, x, ctx, guidance)(x, t, ctx)     # what StableDiffusion.sample(cuda_graph=True) does
+    eps = guided_unet(unet, x, ctx, guidance)(x, t, ctx)     # what sd.sample() does on CUDA (minisd.fast.FastPath)
 
 GuidedUNetGraph: static input buffers (latents x, timestep t, context ctx); one replay runs the U-Net on [x, x]
 against [uncond; cond] and returns the guided eps, eps_u + guidance (eps_c - eps_u), with the guidance folded into
@@ -12,7 +12,7 @@ the graph as a constant (the same arithmetic as the eager loop). While capturing
 compute the same with less work (the text's cross-attention keys/values from a second graph, 1x1 convolutions
 as GEMMs, conv biases folded into adds, the time embedding read from a table, upsampling + conv as a conv on the
 small map, the layers before the first cross-attention run once for both halves of the guided batch, ...:
-minisd.forms); the model code is unchanged.
+minisd.fast.forms); the model code is unchanged, and a layer the forms were not written for runs as it is.
 
 guided_unet keeps one graph per (unet, batch, latent size, dtype, guidance) and captures again whenever something the
 capture depends on changes: a parameter replaced or changed in place (merging an adapter), or which LoRA adapters
@@ -23,7 +23,8 @@ and 7 % (batch 4) faster on an H200; the eager path computes the same function o
 encode_text(text_encoder, ids): the text encoder replayed from a graph (ReplayedCall, captured per shape), as
 sample(cuda_graph=True) runs it; the result is a fresh tensor.
 
-LoRA layers (lora.LoRALinear) with unmerged adapters are captured in a packed form (pack_adapters):
+LoRA layers (lora.LoRALinear) with active unmerged adapters are captured in a packed form (pack_adapters), made
+by their capture interface (capture_weight(), stacked_factors(); minisd.fast.forms):
   "weight"   (default) y = x W'^T + b with W' = W + sum_i g_i U_i A_i computed once per capture into a private copy
              (the base weights stay untouched): exactly the cost of merged adapters, plus the memory of the copies
   "factors"  y = x W^T + b; y += (x [A_1; ...]^T) [g_1 U_1, ...]^T: two extra kernels per layer, no copies
@@ -43,9 +44,7 @@ import weakref
 
 import torch
 
-from .forms import (FORMS, adapted, applied, cfg_prefix, folded_biases, gemm_1x1, packed_adapters, silu_nhwc,
-                    split_geglu, stacked_qkv, subpixel_upsample, table_forms, time_table)
-from .unet import BasicTransformerBlock
+from .forms import FORMS, adapted, applied, capture_forms, context_projections, packed_adapters
 
 _GRAPHS = weakref.WeakKeyDictionary()  # module -> {"sig": signature, "graphs": {key: graph}, "packs": {}}
 _SIDE_STREAMS = {}  # device index -> the one stream of all warm-ups and captures on it
@@ -77,55 +76,47 @@ def _warm_up(fn, n):
 class GuidedUNetGraph:
     """One captured guided U-Net step for fixed shapes. guidance None: no CFG (ctx has the batch of x).
 
-    forms: which of minisd.forms.FORMS the capture uses (all by default): layers run in forms that compute the same
-    function with fewer kernels. timesteps: the size of the time-embedding table (the schedule's training steps)."""
+    forms: which of minisd.fast.forms.FORMS the capture uses (all by default): layers run in forms that compute the same
+    function with fewer kernels. timesteps: the size of the time-embedding table (the schedule's training steps).
+    t_dtype: the timestep's dtype, torch.tensor(t)'s as in the eager step: int64 (DDIM, DPM++ 2M Karras) or float32
+    (Euler a's fractional timesteps, which have no row in the time table: that form is left out)."""
 
     def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, forms=FORMS,
-                 timesteps=1000):
+                 timesteps=1000, t_dtype=torch.int64):
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
         if set(forms) - set(FORMS):
             raise ValueError(f"forms: unknown {sorted(set(forms) - set(FORMS))}; choose from {FORMS}")
         self.unet, self.guidance = unet, guidance
         self.x, self.ctx = x.detach().clone(), ctx.detach().clone()
-        self.t = torch.zeros((), dtype=torch.int64, device=x.device)  # as torch.tensor(t, device=...) in the eager loop
+        self.t = torch.zeros((), dtype=t_dtype, device=x.device)  # as torch.tensor(t, device=...) in the eager loop
+        forms = forms if not t_dtype.is_floating_point else tuple(f for f in forms if f != "time_table")
         self.packs = {} if packs is None else packs  # tensors the graph reads besides the model's own
         self.kv_graph, self.context_of = None, (ctx, ctx._version)  # the context the keys and values were made from
         self.timesteps = timesteps if "time_table" in forms else None
-        with torch.no_grad(), applied(packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
-            layer_forms = gemm_1x1(unet) if "gemm_1x1" in forms else {}
-            if "biases" in forms:
-                layer_forms.update(folded_biases(unet, self.packs, fold_skip="gemm_1x1" in forms))
-            if "silu_nhwc" in forms:
-                layer_forms.update(silu_nhwc(unet))
-            if "qkv" in forms:
-                layer_forms.update(stacked_qkv(unet, self.packs))
-            if "geglu" in forms:
-                layer_forms.update(split_geglu(unet, self.packs))
-            if "upsample" in forms:
-                layer_forms.update(subpixel_upsample(unet, self.packs))
-            if "context_kv" in forms:
-                blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-                projections = [p for b in blocks for p in (b.attn2.to_k, b.attn2.to_v)]
-                kv = lambda: [p(self.ctx) for p in projections]
-                _warm_up(kv, 1)
-                self.kv_graph = torch.cuda.CUDAGraph()
-                with _capture(self.kv_graph):
-                    self.kv = kv()  # static outputs, which the step graph reads
-                self.kv_graph.replay()
-                layer_forms.update({p: (lambda c, out=out: out) for p, out in zip(projections, self.kv)})
-            if "time_table" in forms:
-                with applied(layer_forms):  # the table holds what the forms so far compute (folded biases, adapters)
-                    table = time_table(unet, timesteps, x.dtype, self.packs, key=(tuple(sorted(forms)), pack_adapters))
-                self.emb_row = table.new_empty(1, table.shape[1])  # read by the graph: lives as long as it
-                layer_forms.update(table_forms(unet, table, self.t, self.emb_row))
-            if "cfg_prefix" in forms and guidance is not None:
-                layer_forms.update(cfg_prefix(unet, layer_forms))
-            with applied(layer_forms):
+        with torch.no_grad():
+            kv = self._capture_context_kv(unet, pack_adapters) if "context_kv" in forms else None
+            step_forms = capture_forms(unet, forms, self.packs, x.dtype, self.t, kv, guidance is not None,
+                                       timesteps, pack_adapters)
+            with applied(step_forms):
                 _warm_up(self._step, warmup)
                 self.graph = torch.cuda.CUDAGraph()
                 with _capture(self.graph, pool=self.kv_graph.pool() if self.kv_graph else None):
                     self.eps = self._step()
+
+    def _capture_context_kv(self, unet, pack_adapters):
+        """{projection: static output}: the cross-attention keys and values of self.ctx, from a graph of their own."""
+        projections = context_projections(unet)
+        if not projections:
+            return None
+        kv = lambda: [p(self.ctx) for p in projections]
+        with applied(packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
+            _warm_up(kv, 1)
+            self.kv_graph = torch.cuda.CUDAGraph()
+            with _capture(self.kv_graph):
+                self.kv = kv()  # static outputs, which the step graph reads
+        self.kv_graph.replay()
+        return dict(zip(projections, self.kv))
 
     def _step(self):
         if self.guidance is None:
@@ -134,11 +125,12 @@ class GuidedUNetGraph:
         return eps_uncond + self.guidance * (eps_text - eps_uncond)
 
     def __call__(self, x, t, ctx):
-        """Guided eps for latents x at integer timestep t; the result is overwritten by the next call."""
+        """Guided eps for latents x at timestep t (an int, or a float for a float32 graph); the result is
+        overwritten by the next call."""
         if self.timesteps is not None and not 0 <= int(t) < self.timesteps:  # else the gather reads out of bounds
             raise ValueError(f"timestep {t} is outside the table of timesteps 0..{self.timesteps - 1}")
         self.x.copy_(x)
-        self.t.fill_(int(t))
+        self.t.fill_(float(t) if self.t.is_floating_point() else int(t))
         if ctx is not self.context_of[0] or ctx._version != self.context_of[1]:  # another tensor, or changed in place
             self.ctx.copy_(ctx)
             if self.kv_graph is not None:
@@ -155,22 +147,22 @@ def _signature(unet):
     for m in unet.modules():  # one walk over the modules (not parameters(), buffers() and modules(): 3x the Python)
         sig += [(t.data_ptr(), t._version) for t in m._parameters.values() if t is not None]
         sig += [t.data_ptr() for t in m._buffers.values() if t is not None]
-        if adapted(m):
-            sig.append((id(m), getattr(m, "fused", None),
-                        tuple((id(a), a.gain, a.down._version, a.up._version) for a in m.active())))
+        if adapted(m):  # the adapter layer's own account of what its capture_weight() and stacked_factors() read
+            sig.append((id(m), m.capture_signature()))
     return hash(tuple(sig))
 
 
-def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_adapters="weight", timesteps=1000):
-    """The GuidedUNetGraph for these shapes (captured on first use, then cached on the U-Net)."""
+def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_adapters="weight", timesteps=1000,
+                t_dtype=torch.int64):
+    """The GuidedUNetGraph for these shapes and timestep dtype (captured on first use, then cached on the U-Net)."""
     if x.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
     guidance = None if guidance is None else float(guidance)
     if channels_last:
         to_channels_last(unet)
-    key = (tuple(x.shape), x.dtype, x.device, tuple(ctx.shape), ctx.dtype, guidance, pack_adapters, timesteps)
+    key = (tuple(x.shape), x.dtype, x.device, tuple(ctx.shape), ctx.dtype, guidance, pack_adapters, timesteps, t_dtype)
     return _cached(unet, key, lambda packs: GuidedUNetGraph(unet, x, ctx, guidance, warmup, pack_adapters, packs,
-                                                            timesteps=timesteps))
+                                                            timesteps=timesteps, t_dtype=t_dtype))
 
 
 def _cached(module, key, make):

@@ -71,12 +71,19 @@ def group_norm_nhwc(x, groups, weight, bias, eps):
     return GroupNormNHWC.apply(x, groups, weight, bias, eps)
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and names) that takes the channels_last path above on CUDA, for activations
-    large enough that the two copies cost more than its extra small kernels. Measured on an H100 (bench/kernels.py,
-    graph replays, norm + the copy back): forward-only it wins from ~2.6 M elements (2x320x64x64 fp16: 61 vs 74 us)
-    and loses below (2x640x32x32: 50 vs 45 us); with the backward it wins from ~10 M (8x320x64x64 bf16: 355 vs 370 us,
-    32x320x64x64: 1.03 vs 1.37 ms) and loses at 2.6 M (149 vs 120 us)."""
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and names; minisd.fast.speed_up swaps it in) that takes the channels_last
+    path above on CUDA, for activations large enough that the two copies cost more than its extra small kernels.
+    Measured on an H100 (bench/kernels.py, graph replays, norm + the copy back): forward-only it wins from ~2.6 M
+    elements (2x320x64x64 fp16: 61 vs 74 us) and loses below (2x640x32x32: 50 vs 45 us); with the backward it wins
+    from ~10 M (8x320x64x64 bf16: 355 vs 370 us, 32x320x64x64: 1.03 vs 1.37 ms) and loses at 2.6 M (149 vs 120 us)."""
+
+    @classmethod
+    def of(cls, norm):
+        """The same norm (its own weight and bias Parameters, eps, train/eval) as a ChannelsLastGroupNorm."""
+        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, device="meta")
+        new.weight, new.bias = norm.weight, norm.bias
+        return new.train(norm.training)
 
     def forward(self, x):
         grad = torch.is_grad_enabled() and x.requires_grad
