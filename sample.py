@@ -8,7 +8,8 @@
 --lora FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]: BLOCKS (or lbw=BLOCKS, as sd-webui-lora-block-weight writes it)
 is a lora-block-weight preset (NONE ALL INS IND INALL MIDD OUTD OUTS OUTALL), 17 or 26 comma-separated weights, or
 the paper's coarse groups ("in0,out3" or "in0=1,out3=0.5"); start/stop run the adapter's U-Net part only from step
-`start` to step `stop` (1-based, stop excluded, as lora-block-weight counts). The PNG carries each adapter as
+`start` to step `stop` (1-based, stop excluded, as lora-block-weight counts; under CUDA graphs a gate per step
+that the graph reads, captured once: minisd.fast.StepGates). The PNG carries each adapter as
 webui's tag <lora:name:WEIGHT:lbw=PRESET or 26 values:start=N:stop=N>.
 The prompt is read as webui reads it: (word:1.2), (word) = 1.1, [word] = 1/1.1, \\( escapes, BREAK, any length.
 --sampler DDIM (default), "DPM++ 2M Karras" or "Euler a": with no adapters the image equals diffusers'
@@ -136,21 +137,20 @@ def lbw_tag(a):
     return tag + ">"
 
 
-def step_switch(unet, names, adapters):
-    """on_step for sample(): each adapter with a step range runs on the U-Net only while start <= step < stop
-    (1-based steps, as lora-block-weight counts them: start=10 switches it on at the 10th step, stop=30 off at the
-    30th). Its text-encoder part stays on: the prompt is encoded once, before the first step (as in webui)."""
-    ranged = [(n, a.start or 0, a.stop) for n, a in zip(names, adapters) if a.start is not None or a.stop is not None]
-    ranged = [(n, start, stop) for n, start, stop in ranged if lora.adapted_layers(unet, name=n)]
-    state = {}
+def step_table(names, adapters, steps):
+    """{adapter name: [whether it runs at step i] for i < steps} for the adapters with a step range: on while
+    start <= step < stop (1-based steps, as lora-block-weight counts them: start=10 switches it on at the 10th step,
+    stop=30 off at the 30th)."""
+    return {n: [(a.start or 0) <= i + 1 and (a.stop is None or i + 1 < a.stop) for i in range(steps)]
+            for n, a in zip(names, adapters) if a.start is not None or a.stop is not None}
 
-    def on_step(i):
-        for name, start, stop in ranged:
-            on = start <= i + 1 and (stop is None or i + 1 < stop)
-            if state.get(name) != on:
-                lora.enable(unet, name, on)
-                state[name] = on
-    return on_step if ranged else None
+
+def step_switch(unet, names, adapters, steps):
+    """on_step for sample(): each adapter with a step range runs on the U-Net only in its steps (step_table); its
+    text-encoder part stays on: the prompt is encoded once, before the first step (as in webui). A
+    minisd.fast.StepGates: eagerly it switches the adapters, under CUDA graphs the graph reads a gate per step."""
+    table = {n: on for n, on in step_table(names, adapters, steps).items() if lora.adapted_layers(unet, name=n)}
+    return minisd.fast.StepGates(table, lambda name, on: lora.enable(unet, name, on)) if table else None
 
 
 def graph_mode(args):
@@ -188,8 +188,6 @@ def check(args):
     for a in adapters:
         if not a.path.is_file():
             raise FileNotFoundError(f"--lora {a.path}: no such file")
-    if args.cuda_graph and any(a.start is not None or a.stop is not None for a in adapters):
-        raise ValueError("--lora ...:start=/stop= switch adapters per step, which runs eager only; drop --cuda-graph")
     if Path(args.out).suffix.lower() != ".png":
         raise ValueError(f"--out {args.out}: must be a .png file")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails here, not after sampling
@@ -273,7 +271,7 @@ def main(argv=None):
         sd = minisd.load(args.ckpt, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
         check_model(args, sd)
         names = load_adapters(sd, adapters, dtype)
-        on_step = step_switch(sd.unet, names, adapters)
+        on_step = step_switch(sd.unet, names, adapters, args.steps)
         images = []
         for k, first in enumerate(range(0, args.n, CHUNK)):
             seed = (args.seed + k) % 2 ** 64 if k else args.seed

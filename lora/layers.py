@@ -12,9 +12,10 @@ objects, frozen or not as they were), so the model's base keys are unchanged. Ad
 `<layer>.adapters.<name>.down` / `.up`; load base weights before injecting (minisd.load does), or with
 `lora.load_base_weights`, which accepts a base state dict and tolerates exactly these keys.
 
-The capture interface (capture_weight, stacked_factors, capture_signature) is what minisd.fast's CUDA graphs read
-of an adapter layer: the weight that computes what the layer computes now, the active adapters' stacked factors,
-and a value that changes with them; the merge math stays here.
+The capture interface (capture_weight, stacked_factors, capture_factors, capture_signature) is what minisd.fast's
+CUDA graphs read of an adapter layer: the weight that computes what the layer computes now (optionally without some
+adapters), the active adapters' stacked factors, one adapter's factors, and a value that changes with them; the
+merge math stays here.
 
 forward uses the fused autograd functions (lora.fused) when some adapter is active and the base is frozen;
 `layer.fused = False` selects the plain composition (the reference, and the path when the base is trainable).
@@ -174,17 +175,19 @@ class _Adapted:
         """The base weight without merged adapters."""
         return self.weight if self.unmerged_weight is None else self.unmerged_weight
 
-    def active(self):
-        return [a for a in self.adapters.values() if a.enabled and not a.merged and a.gain != 0]
+    def active(self, skip=()):
+        """The adapters that run unmerged (enabled, gain not 0), less those named in skip."""
+        return [a for n, a in self.adapters.items() if a.enabled and not a.merged and a.gain != 0 and n not in skip]
 
     # -- the capture interface: what a CUDA-graph capture (minisd.fast) reads, so that it needs no lora internals
 
     @torch.no_grad()
-    def capture_weight(self):
+    def capture_weight(self, skip=()):
         """The weight that computes what this layer computes now, with its own bias and conv settings: the weight
         itself (merged adapters are in it) when no adapter is active, else a new tensor, the weight plus every active
-        adapter's delta_weight summed in float32 and rounded once to the weight's dtype."""
-        active = self.active()
+        adapter's delta_weight summed in float32 and rounded once to the weight's dtype. skip: adapter names left
+        out (a capture that gates them per step: capture_factors)."""
+        active = self.active(skip)
         if not active:
             return self.weight
         w = self.weight.detach().float()
@@ -200,6 +203,16 @@ class _Adapted:
         if not active:
             return None
         return _factors([a.down for a in active], [a.up for a in active], [a.gain for a in active], self.weight.dtype)
+
+    @torch.no_grad()
+    def capture_factors(self, name):
+        """(down, gain * up) of adapter `name`, shaped as its own factors, in the weight's dtype, if it is active
+        here; else None. With W' = capture_weight(skip=[name]), plain_forward(x, W', bias, [down], [gain * up], [1])
+        computes what the layer computes now; a gate g in place of the 1 scales the adapter's share."""
+        a = self.adapters[name] if name in self.adapters else None
+        if a is None or a not in self.active():
+            return None
+        return a.down.detach().to(self.weight.dtype), (a.up.detach().float() * a.gain).to(self.weight.dtype)
 
     def capture_signature(self):
         """A hashable value that changes whenever capture_weight() or stacked_factors() would (which adapters are

@@ -25,8 +25,9 @@ DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
 class StableDiffusion:
     """The models and the sampler. `fast`: a speed layer, or None (plain PyTorch, the code below). minisd.load
     attaches minisd.fast's (minisd.fast.attach); this file never imports it. A speed layer offers
-    guided_step(sd, x, ctx, guidance) -> eps(x, t, ctx) and encode_text(text_encoder, ids), each computing what
-    the code below computes (the guided U-Net step of sample(), the text encoder's last hidden state)."""
+    guided_step(sd, x, ctx, guidance, on_step) -> eps(x, t, ctx) and encode_text(text_encoder, ids), each computing
+    what the code below computes (the guided U-Net step of sample(), the text encoder's last hidden state), and
+    takes(on_step): whether it can run with that on_step."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule=Schedule(), sample_size=64, name="", fast=None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
@@ -43,13 +44,15 @@ class StableDiffusion:
 
     def uses_fast(self, cuda_graph=None, on_step=None):
         """Whether sample() takes the speed layer: cuda_graph None (the default) where one is attached, the U-Net is
-        on CUDA and no on_step changes the model between steps; True needs one; False never."""
+        on CUDA and the layer takes the on_step (fast.takes: a replayed model does not see other per-step changes);
+        True needs both; False never."""
+        takes = on_step is None or (self.fast is not None and self.fast.takes(on_step))
         if cuda_graph is None:
-            return self.fast is not None and self.device.type == "cuda" and on_step is None
+            return self.fast is not None and self.device.type == "cuda" and takes
         if cuda_graph and self.fast is None:
             raise ValueError("cuda_graph=True needs a speed layer: minisd.load attaches it (or minisd.fast.attach(sd))")
-        if cuda_graph and on_step is not None:  # a graph replays the model as captured: per-step changes are lost
-            raise ValueError("cuda_graph=True replays a fixed model: on_step (per-step changes) runs eager only")
+        if cuda_graph and not takes:  # a graph replays the model as captured: per-step changes are lost
+            raise ValueError("cuda_graph=True replays a fixed model: this on_step (per-step changes) runs eager only")
         return bool(cuda_graph)
 
     @torch.no_grad()
@@ -92,9 +95,9 @@ class StableDiffusion:
         in float32, as diffusers' StableDiffusionPipeline draws them; eta > 0 (DDIM) and Euler a's per-step noise
         continue the same stream. on_step(i), if given, runs before step i's U-Net call (i = 0 .. steps - 1).
         cuda_graph: whether the steps and the text encoder run through the speed layer (self.fast; None: where one
-        is attached and the model is on CUDA, and no on_step). minisd.fast replays each guided U-Net step from a CUDA
-        graph, captured on first use per batch, size, dtype and guidance, without the kernel-launch overhead (the
-        text encoder too, per batch); it also stores the U-Net's and the VAE's conv weights channels_last (same
+        is attached, the model is on CUDA and it takes the on_step). minisd.fast replays each guided U-Net step from
+        a CUDA graph, captured on first use per batch, size, dtype and guidance, without the kernel-launch overhead
+        (the text encoder too, per batch); it also stores the U-Net's and the VAE's conv weights channels_last (same
         function, other cuDNN kernels: fp16-rounding-level differences). cuda_graph=False: the eager guided_step."""
         name, run = sampler_named(sampler)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -113,7 +116,7 @@ class StableDiffusion:
         cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
         fast = self.uses_fast(cuda_graph, on_step)
         ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, fast, weighted=True)
-        step = (self.fast.guided_step(self, x, ctx, guidance if cfg else None) if fast else
+        step = (self.fast.guided_step(self, x, ctx, guidance if cfg else None, on_step) if fast else
                 self.guided_step(x, ctx, guidance if cfg else None))
         count, bar = itertools.count(), tqdm(total=steps, desc="sampling", disable=not progress)
 

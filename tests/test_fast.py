@@ -101,9 +101,12 @@ def test_load_puts_the_speed_layer_on_and_the_pipeline_reaches_it_only_through_s
     calls = []
 
     class Recording:  # a speed layer that computes with the core's own code and records what it is asked
-        def guided_step(self, sd, x, ctx, guidance):
+        def guided_step(self, sd, x, ctx, guidance, on_step):
             calls.append(("step", guidance))
             return sd.guided_step(x, ctx, guidance)
+
+        def takes(self, on_step):
+            return False
 
         def encode_text(self, text_encoder, ids):
             calls.append(("text", tuple(ids.shape)))

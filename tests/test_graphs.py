@@ -151,6 +151,47 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
             assert rel(unet(both, 500, ctx), adapted) < 1e-5
 
 
+def test_gated_adapters_follow_their_gate_through_the_capture_forms(lora_sd, single_thread):
+    """A step range in the graph: adapter "r" gated (gated_forms: its share times a gate tensor read at every call),
+    "s" packed into W' as usual, LoRA on attention and feed-forward and LoCon on the convs (C3LIER). Through the
+    capture-time forms (the graph's, on a CPU; no time table, which would hold the capture's gains), gate 1 computes
+    the U-Net with "r" on, then gate 0 with "r" off: the same forms, the gate and the context's keys and values
+    changed in place, as a replay sees them."""
+    import copy
+    unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    for name in ("r", "s"):
+        lora.inject(unet, name, 4, targets=lora.C3LIER)
+    for _, m in lora.adapted_layers(unet):
+        for a in m.adapters.values():
+            a.up.data.normal_(0, 0.05, generator=g)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g)
+    both, gate, packs = torch.cat([x, x]), torch.ones(()), {}
+    names = tuple(f for f in forms.FORMS if f != "time_table")
+    with torch.no_grad():
+        on = unet(both, 301, ctx)
+        lora.enable(unet, "r", False)
+        off = unet(both, 301, ctx)
+        lora.enable(unet, "r", True)
+        gated = forms.gated_forms(unet, {}, {"r": gate})
+        assert any(isinstance(m, lora.LoConConv2d) for m in gated) and any(isinstance(m, LoRALinear) for m in gated)
+
+        def keys_values():
+            with forms.applied(forms.packed_adapters(unet, packs, "weight", {"r": gate})):
+                return {p: p(ctx) for p in forms.context_projections(unet)}
+        kv = keys_values()
+        step = forms.capture_forms(unet, names, packs, x.dtype, torch.tensor(301), kv, gates={"r": gate})
+        with forms.applied(step):
+            out_on = unet(both, 301, ctx)
+        gate.fill_(0)
+        for p, new in keys_values().items():
+            kv[p].copy_(new)
+        with forms.applied(step):
+            out_off = unet(both, 301, ctx)
+    assert rel(on, off) > 1e-2 and rel(out_on, on) < 1e-5 and rel(out_off, off) < 1e-5
+
+
 def test_signature_follows_adapter_changes(lora_sd):
     import copy
     unet = copy.deepcopy(lora_sd.unet)
@@ -418,3 +459,31 @@ def test_graph_sampling_matches_eager_with_the_k_samplers(lora_sd, monkeypatch, 
     kw = dict(steps=5, guidance=7.5, height=64, width=64, seed=1, progress=False, sampler=sampler)
     graphed = sd.sample(["a cat", "dog"], cuda_graph=True, **kw)
     assert rel(graphed, sd.sample(["a cat", "dog"], cuda_graph=False, **kw)) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sampler", ["DDIM", "Euler a"])
+def test_step_gates_in_the_graph_match_eager_switching(lora_sd, monkeypatch, sampler):
+    """An adapter on at steps 2 and 3 of 5 (sample.py's start=2:stop=4): the graph, captured once with the gate
+    read per replay, gives the eager run that switches the adapter, which differs from the adapter always on."""
+    import copy
+    import minisd
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    sd = copy.copy(lora_sd)
+    sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae,
+                                                                          lora_sd.text_encoder))
+    g = torch.Generator("cuda").manual_seed(0)
+    for name in ("r", "s"):
+        lora.inject(sd.unet, name, 4, targets=lora.C3LIER)
+    for _, m in lora.adapted_layers(sd.unet):
+        for a in m.adapters.values():
+            a.up.data.normal_(0, 0.05, generator=g)
+    gates = lambda: minisd.fast.StepGates({"r": [False, True, True, False, False]},
+                                          lambda name, on: lora.enable(sd.unet, name, on))
+    kw = dict(steps=5, guidance=7.5, height=64, width=64, seed=1, progress=False, sampler=sampler)
+    graphed = sd.sample(["a cat", "dog"], cuda_graph=True, on_step=gates(), **kw)
+    again = sd.sample(["a cat", "dog"], on_step=gates(), **kw)  # the default on CUDA: the same cached graph
+    eager = sd.sample(["a cat", "dog"], cuda_graph=False, on_step=gates(), **kw)
+    lora.enable(sd.unet, "r", True)
+    always = sd.sample(["a cat", "dog"], cuda_graph=False, **kw)
+    assert rel(graphed, eager) < 1e-4 and rel(again, graphed) < 1e-6 and rel(always, eager) > 1e-3

@@ -111,8 +111,11 @@ def test_unknown_sampler_and_eta_are_refused(layouts):
         sd.sample("a", steps=2, sampler="euler", progress=False)
     with pytest.raises(ValueError, match="eta is DDIM's"):
         sd.sample("a", steps=2, eta=0.5, sampler="euler a", progress=False)
-    with pytest.raises(ValueError, match="cuda_graph=True replays a fixed model: on_step .per-step changes. runs eager"):
+    with pytest.raises(ValueError, match="cuda_graph=True replays a fixed model: this on_step .per-step changes."):
         sd.sample("a", steps=2, cuda_graph=True, on_step=print, progress=False)
+    gates = minisd.fast.StepGates({"x": [True, False]}, lambda name, on: None)  # the speed layer takes its own
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        sd.sample("a", steps=2, cuda_graph=True, on_step=gates, progress=False)
 
 
 def test_full_sd14_names_and_shapes_match_the_official_layout():

@@ -123,6 +123,27 @@ def test_png_lora_tags_are_lora_block_weight_syntax_and_read_back():
     assert sample.lora.parse_block_weights(back.blocks) == sample.lora.parse_block_weights("in0=1,out3=0.5")
 
 
+def test_step_gates_per_step_values_equal_the_eager_switching():
+    """--lora start=/stop= on a 5-step run: the table by hand (1-based steps, stop excluded), and at every step the
+    gate vector that a CUDA graph reads (StepGates.gates) equals the on/off state the eager switching leaves."""
+    specs = ("F.safetensors:1:start=2:stop=4", "G.safetensors:0.5:stop=3", "H.safetensors", "K.safetensors:1:start=5")
+    names, adapters = ["F", "G", "H", "K"], [sample.parse_lora(s) for s in specs]
+    table = sample.step_table(names, adapters, 5)
+    assert table == {"F": [False, True, True, False, False], "G": [True, True, False, False, False],
+                     "K": [False] * 4 + [True]}
+    state, switches = {}, []
+    gates = sample.minisd.fast.StepGates(table, lambda name, on: (state.__setitem__(name, on), switches.append(name)))
+    for i in range(5):
+        gates(i)
+        assert gates.gates(torch.device("cpu"), torch.float16).tolist() == [float(state[n]) for n in gates.names]
+        assert {n: state[n] for n in table} == {n: on[i] for n, on in table.items()}
+    assert switches == ["F", "G", "K", "F", "G", "F", "K"]  # only where the state changes
+    gates.all_on()  # what a capture sees
+    assert all(state.values())
+    with pytest.raises(ValueError, match="step 5: the step table has 5 steps"):
+        gates(5)
+
+
 def test_adapter_step_range_equals_diffusers_switching_its_lora_per_step(layouts, images, ref_pipe, tmp_path):
     """start=2:stop=4 of 4 steps: the adapter runs at steps 2 and 3 (1-based, as lora-block-weight counts). The
     reference: diffusers' pipeline with the file's LoRA, switched on after step 1 and off after step 3."""

@@ -22,27 +22,73 @@ from .graphs import GuidedUNetGraph, ReplayedCall, TrainStepGraph, encode_text, 
 from .modules import speed_up
 
 
+class StepGates:
+    """on_step for sample(): adapter `name` runs at step i (0-based) iff table[name][i] (sample.py's --lora
+    start=/stop=). Eagerly it switches the adapters (switch(name, on): lora.enable on the U-Net, say) when their state
+    changes. Under the speed layer the graph is captured with every gated adapter on and reads one gate per adapter,
+    1 or 0, from a device vector that each replay takes from this table (a copy on the GPU: no capture per step);
+    the switching then changes nothing that the graph reads."""
+
+    def __init__(self, table, switch):
+        self.names, self.switch = tuple(table), switch
+        rows = [[float(bool(on)) for on in table[n]] for n in self.names]
+        self.rows = torch.tensor(rows).T.contiguous()  # [steps, k]
+        self.state, self.step, self.on_device = {}, None, None
+
+    def __call__(self, i):
+        if not 0 <= i < len(self.rows):
+            raise ValueError(f"step {i}: the step table has {len(self.rows)} steps")
+        self.step = i
+        for name, on in zip(self.names, self.rows[i].tolist()):
+            self._set(name, on)
+
+    def _set(self, name, on):
+        if self.state.get(name) != on:
+            self.switch(name, bool(on))
+            self.state[name] = on
+
+    def all_on(self):
+        """Every gated adapter switched on: what a capture must see (the gates then do the switching)."""
+        for name in self.names:
+            self._set(name, 1.0)
+
+    def gates(self, device, dtype):
+        """This step's gates [k] on the device (the table is copied there once)."""
+        if self.on_device is None or self.on_device.device != device or self.on_device.dtype != dtype:
+            self.on_device = self.rows.to(device, dtype)
+        return self.on_device[self.step]
+
+
 @dataclass
 class FastPath:
     """The speed layer of a StableDiffusion (sd.fast). pack_adapters: how unmerged LoRA adapters are captured
     ("weight", "factors" or None: minisd.fast.graphs)."""
     pack_adapters: str = "weight"
 
-    def guided_step(self, sd, x, ctx, guidance):
+    def takes(self, on_step):
+        """Whether the graphs can run with this on_step: a graph replays the model as it was captured, so only a
+        StepGates, whose gates the graph reads."""
+        return isinstance(on_step, StepGates)
+
+    def guided_step(self, sd, x, ctx, guidance, on_step=None):
         """What sd.guided_step(x, ctx, guidance) returns, replayed from a CUDA graph (captured on first use); a
         pipeline whose guided_step was edited (a subclass) runs its own. The graph's timestep has the dtype the eager
-        step gives it (torch.tensor(t)): int64 for DDIM's and DPM++'s integer timesteps, float32 for Euler a's."""
+        step gives it (torch.tensor(t)): int64 for DDIM's and DPM++'s integer timesteps, float32 for Euler a's.
+        on_step a StepGates: its adapters are gated inside the graph, each replay with this step's gates."""
         if type(sd).guided_step is not pipeline.StableDiffusion.guided_step:
             return sd.guided_step(x, ctx, guidance)
         to_channels_last(sd.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
+        gated = on_step.names if isinstance(on_step, StepGates) else ()
         graphs = {}
 
         def eps(x_in, t, ctx):
             kind = torch.tensor(t).dtype
             if kind not in graphs:
+                if gated:
+                    on_step.all_on()
                 graphs[kind] = guided_unet(sd.unet, x, ctx, guidance, pack_adapters=self.pack_adapters,
-                                           timesteps=sd.schedule.num_train_timesteps, t_dtype=kind)
-            return graphs[kind](x_in, t, ctx)
+                                           timesteps=sd.schedule.num_train_timesteps, t_dtype=kind, gated=gated)
+            return graphs[kind](x_in, t, ctx, on_step.gates(x.device, x.dtype) if gated else None)
         return eps
 
     def encode_text(self, text_encoder, ids):
@@ -62,5 +108,5 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
     return attach(pipeline.load(path, device=device, dtype=dtype, tokenizer=tokenizer))
 
 
-__all__ = ["FORMS", "FastPath", "GuidedUNetGraph", "ReplayedCall", "TrainStepGraph", "attach", "encode_text",
-           "guided_unet", "load", "release", "speed_up", "to_channels_last"]
+__all__ = ["FORMS", "FastPath", "GuidedUNetGraph", "ReplayedCall", "StepGates", "TrainStepGraph", "attach",
+           "encode_text", "guided_unet", "load", "release", "speed_up", "to_channels_last"]

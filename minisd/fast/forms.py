@@ -294,18 +294,20 @@ def context_projections(unet):
     return [p for a in attns if stock(a, U.CrossAttention) for p in (a.to_k, a.to_v)]
 
 
-def packed_adapters(unet, packs, mode="weight"):
+def packed_adapters(unet, packs, mode="weight", gates=None):
     """{layer: forward} for a capture: Linear adapter layers with active adapters run from tensors their capture
     interface made once, kept in `packs` (keyed by mode and layer; minisd.fast.graphs shares one dict between the
     graphs of one signature, so that batch sizes share them):
     "weight": W' = layer.capture_weight(), y = F.linear(x, W', b);
     "factors": (A, gB) = layer.stacked_factors(), y = x W^T + b; y += (x A^T) gB^T.
-    Inference only (no autograd)."""
-    if mode not in ("weight", "factors"):
+    gates: {adapter name: 0-d tensor}: any adapter layer (Linear or Conv2d) where a named adapter is active runs
+    y = layer(x; W' = capture_weight(skip=gated)) + sum_n gate_n (gain_n B_n A_n x) (gated_forms): the graph reads
+    the gates at every replay; mode None packs only those. Inference only (no autograd)."""
+    if mode not in ("weight", "factors", None):
         raise ValueError(f"pack_adapters must be 'weight', 'factors' or None, got {mode!r}")
-    forms = {}
-    for m in unet.modules():
-        if not (isinstance(m, nn.Linear) and adapted(m)) or m.stacked_factors() is None:
+    forms = gated_forms(unet, packs, gates) if gates else {}
+    for m in unet.modules() if mode else ():
+        if m in forms or not (isinstance(m, nn.Linear) and adapted(m)) or m.stacked_factors() is None:
             continue
         key = (mode, id(m))
         if mode == "weight":
@@ -322,11 +324,32 @@ def packed_adapters(unet, packs, mode="weight"):
     return forms
 
 
-def capture_forms(unet, names, packs, dtype, t, kv=None, guided=True, timesteps=1000, pack_adapters="weight"):
+def gated_forms(unet, packs, gates):
+    """{layer: forward} for the adapter layers where an adapter named in `gates` ({name: 0-d tensor}) is active:
+    the other adapters folded into W' = capture_weight(skip=gates), each gated one added as gate * its own
+    (down, gain * up) through the layer's plain_forward: a gate of 1 computes the layer as it is, 0 without it."""
+    forms = {}
+    for m in unet.modules():
+        if not adapted(m):
+            continue
+        names = [n for n in gates if m.capture_factors(n) is not None]
+        if not names:
+            continue
+        w, factors = _kept(packs, ("gated", id(m), tuple(names)), lambda: (
+            m.capture_weight(skip=tuple(gates)), [m.capture_factors(n) for n in names]))
+        downs, ups = [d for d, _ in factors], [u for _, u in factors]
+        forms[m] = (lambda x, m=m, w=w, downs=downs, ups=ups, g=[gates[n] for n in names]:
+                    m.plain_forward(x, w, m.bias, downs, ups, g))
+    return forms
+
+
+def capture_forms(unet, names, packs, dtype, t, kv=None, guided=True, timesteps=1000, pack_adapters="weight",
+                  gates=None):
     """{module: forward}: the forms `names` (of FORMS) of a guided step (guided: the U-Net runs on [x, x]) as
     GuidedUNetGraph captures them, also on a CPU. t: the 0-d timestep tensor the step reads; kv: {projection: its
-    output for the context}, for "context_kv". Tensors made once (the time table's row too) are kept in `packs`."""
-    forms = packed_adapters(unet, packs, pack_adapters) if pack_adapters else {}
+    output for the context}, for "context_kv"; gates: per-step adapter gates (packed_adapters). Tensors made once
+    (the time table's row too) are kept in `packs`."""
+    forms = packed_adapters(unet, packs, pack_adapters, gates) if pack_adapters or gates else {}
     with applied(forms):
         layer = gemm_1x1(unet) if "gemm_1x1" in names else {}
         if "biases" in names:

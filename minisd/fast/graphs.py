@@ -79,10 +79,13 @@ class GuidedUNetGraph:
     forms: which of minisd.fast.forms.FORMS the capture uses (all by default): layers run in forms that compute the same
     function with fewer kernels. timesteps: the size of the time-embedding table (the schedule's training steps).
     t_dtype: the timestep's dtype, torch.tensor(t)'s as in the eager step: int64 (DDIM, DPM++ 2M Karras) or float32
-    (Euler a's fractional timesteps, which have no row in the time table: that form is left out)."""
+    (Euler a's fractional timesteps, which have no row in the time table: that form is left out). gated: names of
+    adapters whose gain a call sets (gates=, a vector in this order: a step range switches them on and off) without a
+    new capture; they must be active at capture. The time table is left out then (it would hold the capture's gains),
+    and the context's keys and values are made again at every call (the gates may touch those projections)."""
 
     def __init__(self, unet, x, ctx, guidance, warmup=3, pack_adapters="weight", packs=None, forms=FORMS,
-                 timesteps=1000, t_dtype=torch.int64):
+                 timesteps=1000, t_dtype=torch.int64, gated=()):
         if x.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
         if set(forms) - set(FORMS):
@@ -90,27 +93,31 @@ class GuidedUNetGraph:
         self.unet, self.guidance = unet, guidance
         self.x, self.ctx = x.detach().clone(), ctx.detach().clone()
         self.t = torch.zeros((), dtype=t_dtype, device=x.device)  # as torch.tensor(t, device=...) in the eager loop
-        forms = forms if not t_dtype.is_floating_point else tuple(f for f in forms if f != "time_table")
+        if t_dtype.is_floating_point or gated:
+            forms = tuple(f for f in forms if f != "time_table")
+        self.gated = tuple(gated)
+        self.gates = torch.ones(len(gated), dtype=x.dtype, device=x.device)  # read by the graph: set per call
+        gates = {n: self.gates[i] for i, n in enumerate(gated)}
         self.packs = {} if packs is None else packs  # tensors the graph reads besides the model's own
         self.kv_graph, self.context_of = None, (ctx, ctx._version)  # the context the keys and values were made from
         self.timesteps = timesteps if "time_table" in forms else None
         with torch.no_grad():
-            kv = self._capture_context_kv(unet, pack_adapters) if "context_kv" in forms else None
+            kv = self._capture_context_kv(unet, pack_adapters, gates) if "context_kv" in forms else None
             step_forms = capture_forms(unet, forms, self.packs, x.dtype, self.t, kv, guidance is not None,
-                                       timesteps, pack_adapters)
+                                       timesteps, pack_adapters, gates)
             with applied(step_forms):
                 _warm_up(self._step, warmup)
                 self.graph = torch.cuda.CUDAGraph()
                 with _capture(self.graph, pool=self.kv_graph.pool() if self.kv_graph else None):
                     self.eps = self._step()
 
-    def _capture_context_kv(self, unet, pack_adapters):
+    def _capture_context_kv(self, unet, pack_adapters, gates):
         """{projection: static output}: the cross-attention keys and values of self.ctx, from a graph of their own."""
         projections = context_projections(unet)
         if not projections:
             return None
         kv = lambda: [p(self.ctx) for p in projections]
-        with applied(packed_adapters(unet, self.packs, pack_adapters) if pack_adapters else {}):
+        with applied(packed_adapters(unet, self.packs, pack_adapters, gates) if pack_adapters or gates else {}):
             _warm_up(kv, 1)
             self.kv_graph = torch.cuda.CUDAGraph()
             with _capture(self.kv_graph):
@@ -124,18 +131,21 @@ class GuidedUNetGraph:
         eps_uncond, eps_text = self.unet(torch.cat([self.x, self.x]), self.t, self.ctx).chunk(2)
         return eps_uncond + self.guidance * (eps_text - eps_uncond)
 
-    def __call__(self, x, t, ctx):
-        """Guided eps for latents x at timestep t (an int, or a float for a float32 graph); the result is
-        overwritten by the next call."""
+    def __call__(self, x, t, ctx, gates=None):
+        """Guided eps for latents x at timestep t (an int, or a float for a float32 graph) with the gated adapters'
+        gates (a vector in the order of `gated`; None: as before); the result is overwritten by the next call."""
         if self.timesteps is not None and not 0 <= int(t) < self.timesteps:  # else the gather reads out of bounds
             raise ValueError(f"timestep {t} is outside the table of timesteps 0..{self.timesteps - 1}")
         self.x.copy_(x)
         self.t.fill_(float(t) if self.t.is_floating_point() else int(t))
-        if ctx is not self.context_of[0] or ctx._version != self.context_of[1]:  # another tensor, or changed in place
+        if gates is not None:
+            self.gates.copy_(gates)
+        new = ctx is not self.context_of[0] or ctx._version != self.context_of[1]  # another tensor, or changed in place
+        if new:
             self.ctx.copy_(ctx)
-            if self.kv_graph is not None:
-                self.kv_graph.replay()
             self.context_of = (ctx, ctx._version)  # holds the tensor: its id cannot pass to another one
+        if self.kv_graph is not None and (new or self.gated):
+            self.kv_graph.replay()
         self.graph.replay()
         return self.eps
 
@@ -153,16 +163,17 @@ def _signature(unet):
 
 
 def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_adapters="weight", timesteps=1000,
-                t_dtype=torch.int64):
+                t_dtype=torch.int64, gated=()):
     """The GuidedUNetGraph for these shapes and timestep dtype (captured on first use, then cached on the U-Net)."""
     if x.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
     guidance = None if guidance is None else float(guidance)
     if channels_last:
         to_channels_last(unet)
-    key = (tuple(x.shape), x.dtype, x.device, tuple(ctx.shape), ctx.dtype, guidance, pack_adapters, timesteps, t_dtype)
+    key = (tuple(x.shape), x.dtype, x.device, tuple(ctx.shape), ctx.dtype, guidance, pack_adapters, timesteps, t_dtype,
+           tuple(gated))
     return _cached(unet, key, lambda packs: GuidedUNetGraph(unet, x, ctx, guidance, warmup, pack_adapters, packs,
-                                                            timesteps=timesteps, t_dtype=t_dtype))
+                                                            timesteps=timesteps, t_dtype=t_dtype, gated=gated))
 
 
 def _cached(module, key, make):
