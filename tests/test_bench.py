@@ -59,7 +59,7 @@ def test_ddp_bench_scaling_is_against_one_gpu_in_the_same_mode(bench_module, tmp
     assert [r["scaling"] for r in saved] == [1.0, 1.0, 1.2, 1.96, None]  # batch 16 has no one-GPU run
 
 
-SMOKE = ["layers", "overhead", "sampling", "training", "groupnorm", "layout", "kernels", "ddp"]
+SMOKE = ["layers", "overhead", "sampling", "training", "groupnorm", "layout", "kernels", "ddp", "user"]
 
 
 def test_every_bench_script_has_a_smoke_test():
@@ -74,3 +74,15 @@ def test_bench_script_smoke_mode_runs(name, bench_module, tmp_path, single_threa
     bench_module(name).main(["--smoke", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["rows"] and not result.get("errors"), result.get("errors")
+
+
+def test_user_bench_table_puts_medians_side_by_side(bench_module):
+    """bench/user.py's markdown: one line per case, the median of the reps, '-' where a side did not run."""
+    rows = [dict(section="sample", impl="minisd", n=1, wall_s=w, first_image_s=f) for w, f in ((3.0, 2.0), (5.0, 4.0))]
+    rows += [dict(section="sample", impl="diffusers", n=1, wall_s=7.0, first_image_s=6.5),
+             dict(section="check", n=1, first_image_max_abs_diff=1),
+             dict(section="load", impl="minisd", dtype="fp16", wall_s=0.25),
+             dict(section="train", impl="minisd", wall_s=100.0)]
+    lines = bench_module("user").markdown(rows).splitlines()
+    assert lines[2:] == ["| sample.py --n 1 | 4.00 | 7.00 | 3.00 | 6.50 |", "| load fp16 | 0.25 | - | - | - |",
+                         "| DreamBooth-LoRA | 100.00 | - | - | - |"]

@@ -1,0 +1,186 @@
+"""What a user runs, minisd against diffusers, on the same random-weight SD 1.4 diffusers folder (full size; written
+here by the tests' fixture writer, tests/sdfixtures.py, with a character tokenizer).
+
+    python bench/user.py --out out/bench/user.json          # also writes user.md (the table)
+    python bench/user.py --dreambooth PATH/train_dreambooth_lora.py --out out/bench/user.json
+    python bench/user.py --smoke --out /tmp/user.json       # the test suite's: tiny model on the CPU, minisd only
+
+sample  a fresh process each: `python sample.py --n N` against a ten-line script with diffusers'
+        StableDiffusionPipeline.from_pretrained + DDIMScheduler (DIFFUSERS below), the same prompt, steps, guidance,
+        size and seed, fp16 on CUDA. wall_s: launch to exit; first_image_s: launch to the first PNG's mtime.
+load    in this process: minisd.load(folder) against StableDiffusionPipeline.from_pretrained(folder).to(device), fp16
+        and fp32 (the folder holds fp32 weights), median of --reps.
+train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, batch 1, 150 steps on 16 images, `train.py`
+        against diffusers' examples/dreambooth/train_dreambooth_lora.py (only with --dreambooth PATH: it is not part
+        of the diffusers package, and needs accelerate). Wall time, launch to exit, includes loading and (train.py)
+        latent caching.
+check   the first images of sample.py and of the diffusers script, max abs difference of 8-bit pixels.
+"""
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+from common import ROOT, SD14, TINY, log, sync
+
+PROMPT = "a photo of a red box on a table"
+DIFFUSERS = """import sys, torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+folder, n, steps, size, out, device, prompt = sys.argv[1:]
+dtype = torch.float16 if device == "cuda" else torch.float32
+pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None).to(device)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+images = pipe(prompt, num_inference_steps=int(steps), guidance_scale=7.5, height=int(size), width=int(size),
+              num_images_per_prompt=int(n), generator=torch.Generator("cpu").manual_seed(0)).images
+for i, image in enumerate(images):
+    image.save(f"{out}-{i:03d}.png")
+"""
+
+
+def write_model(root, tiny):
+    """A random-weight SD 1.4 (tiny: the tests' small model) as a diffusers folder."""
+    from sdfixtures import make_pipeline
+    cfg = TINY if tiny else SD14
+    make_pipeline(cfg["unet"], cfg["vae"], cfg["clip"]).save_pretrained(root / "model", safe_serialization=True)
+    return root / "model"
+
+
+def run(cmd, pngs):
+    """(wall s, s to the first PNG under the folder `pngs`) of one fresh process."""
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - t0
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ...: exit {done.returncode}: {done.stderr[-2000:]}")
+    first = min((p.stat().st_mtime for p in Path(pngs).glob("*.png")), default=None)
+    return wall, None if first is None else first - t0
+
+
+def sampling(rec, args, folder, tmp):
+    size, steps = (64, 2) if args.tiny else (512, args.steps)
+    script = tmp / "diffusers_sample.py"
+    script.write_text(DIFFUSERS)
+    for n in (1, 4):
+        for impl in ("minisd", "diffusers")[:1 if args.smoke else 2]:
+            for rep in range(args.reps):
+                out = tmp / f"{impl}-{n}-{rep}"
+                out.mkdir()
+                cmd = ([sys.executable, "sample.py", "--ckpt", folder, "--n", str(n), "--steps", str(steps),
+                        "--height", str(size), "--width", str(size), "--seed", "0", "--prompt", PROMPT,
+                        "--device", args.device, "--out", out / "sample.png"] if impl == "minisd" else
+                       [sys.executable, script, folder, str(n), str(steps), str(size), out / "d", args.device, PROMPT])
+                wall, first = run([str(c) for c in cmd], out)
+                rec.add(section="sample", impl=impl, n=n, steps=steps, size=size, rep=rep, wall_s=wall,
+                        first_image_s=first)
+        if not args.smoke:  # like for like: the first image of each (8-bit; fp16 and other kernels: rounding)
+            ours, theirs = (np.asarray(Image.open(p), dtype=np.int16) for p in
+                            (tmp / f"minisd-{n}-0" / ("sample.png" if n == 1 else "sample-000.png"),
+                             tmp / f"diffusers-{n}-0" / "d-000.png"))
+            rec.add(section="check", n=n, first_image_max_abs_diff=int(np.abs(ours - theirs).max()))
+
+
+def loading(rec, args, folder):
+    import minisd
+    from diffusers import StableDiffusionPipeline
+    for dtype in (("fp32",) if args.smoke else ("fp16", "fp32")):
+        dt = common.DTYPES[dtype]
+        loads = {"minisd": lambda: minisd.load(folder, device=args.device, dtype=dt),
+                 "diffusers": lambda: StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dt,
+                                                                              safety_checker=None).to(args.device)}
+        for impl in list(loads)[:1 if args.smoke else 2]:
+            times = []
+            for _ in range(args.reps):
+                common.free(args.device)
+                t0 = time.perf_counter()
+                model = loads[impl]()
+                sync(args.device)
+                times.append(time.perf_counter() - t0)
+                del model
+            rec.add(section="load", impl=impl, dtype=dtype, wall_s=statistics.median(times))
+
+
+def training(rec, args, folder, tmp):
+    size, steps = (64, 2) if args.tiny else (512, 150)
+    data = tmp / "images"
+    data.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(16):  # smooth random colour fields, 512²
+        small = g.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(data / f"{i:03d}.png")
+    prompt = "a photo of sks box"
+    ours = [sys.executable, "train.py", "--ckpt", folder, "--data", data, "--prompt", prompt, "--resolution", size,
+            "--rank", 16, "--steps", steps, "--batch", 1, "--lr", 1e-4, "--seed", 0, "--device", args.device,
+            "--mixed-precision", "no" if args.device == "cpu" else "bf16", "--quiet", "--out", tmp / "ours.safetensors"]
+    theirs = [sys.executable, args.dreambooth, "--pretrained_model_name_or_path", folder, "--instance_data_dir", data,
+              "--instance_prompt", prompt, "--resolution", size, "--rank", 16, "--max_train_steps", steps,
+              "--train_batch_size", 1, "--learning_rate", 1e-4, "--lr_scheduler", "constant", "--lr_warmup_steps", 0,
+              "--mixed_precision", "bf16", "--seed", 0, "--checkpointing_steps", 10 ** 6, "--output_dir", tmp / "db"]
+    for impl, cmd in (("minisd", ours), ("diffusers", theirs)):
+        if impl == "diffusers" and not args.dreambooth:
+            log("  train: diffusers skipped (no --dreambooth PATH)")
+            continue
+        wall, _ = run([str(c) for c in cmd], tmp)
+        rec.add(section="train", impl=impl, steps=steps, size=size, wall_s=wall)
+
+
+def markdown(rows):
+    """The rows as a markdown table, minisd beside diffusers."""
+    keyed = {}
+    for r in rows:
+        if r["section"] == "check":
+            continue
+        what = {"sample": f"sample.py --n {r.get('n')}", "load": f"load {r.get('dtype')}", "train": "DreamBooth-LoRA"}
+        keyed.setdefault(what[r["section"]], {}).setdefault(r["impl"], []).append(r)
+    med = lambda rs, k: statistics.median(r[k] for r in rs) if rs and rs[0].get(k) is not None else None
+    cell = lambda v: "-" if v is None else f"{v:.2f}"
+    lines = ["| what | minisd wall s | diffusers wall s | minisd first image s | diffusers first image s |",
+             "|---|---|---|---|---|"]
+    for what, impls in keyed.items():
+        m, d = impls.get("minisd", []), impls.get("diffusers", [])
+        lines.append(f"| {what} | {cell(med(m, 'wall_s'))} | {cell(med(d, 'wall_s'))} | "
+                     f"{cell(med(m, 'first_image_s'))} | {cell(med(d, 'first_image_s'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = common.parser(__doc__)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--reps", type=int, default=2, help="runs of each sample / load case (median in the table)")
+    p.add_argument("--dreambooth", default=None, help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
+    p.add_argument("--sections", default="sample,load,train")
+    args = p.parse_args(argv)
+    dev, rec = common.start("user", args)
+    if args.smoke:
+        args.reps = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.time()
+        folder = write_model(tmp, args.tiny)
+        log(f"wrote {folder} in {time.time() - t0:.1f}s")
+        sections = {"sample": lambda: sampling(rec, args, folder, tmp), "load": lambda: loading(rec, args, folder),
+                    "train": lambda: training(rec, args, folder, tmp)}
+        for name, fn in sections.items():
+            if name in args.sections.split(","):
+                try:
+                    fn()
+                except Exception as e:  # one failed section leaves the others' rows (the traceback is in the JSON)
+                    rec.error(name, e)
+    table = markdown(rec.rows)
+    log(table)
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(f"device: {json.dumps(rec.meta['env'])}\n\n{table}")
+
+
+if __name__ == "__main__":
+    # this folder off the path: transformers probes for a `kernels` package and would import bench/kernels.py, which
+    # imports a half-imported minisd (a circular import); common is imported already
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    main()
