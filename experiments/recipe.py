@@ -1,0 +1,104 @@
+"""The adapter recipe, chosen on a development prompt set only (the gates and the experiments use other seeds).
+
+Each recipe is a set of train.py flags. Identity recipes train an all-block adapter on the identity set and are
+scored on development "combo" prompts (the identity in the held-out style, style word included: what G1 asks);
+style recipes train an all-block and an in0,out3 adapter on the style set, scored on development style prompts.
+
+    python experiments/recipe.py --device cuda          # one GPU, a few minutes
+    python experiments/recipe.py --only identity:v1 --n 8 --device cpu   # plumbing check
+
+Writes <out>/recipe.json: per recipe and adapter the rates, similarities and training seconds.
+"""
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import minisd  # noqa: E402
+import train  # noqa: E402
+from tinyworld import judge as judges  # noqa: E402
+from tinyworld.evaluate import Setting, prompts, rates, render_setting  # noqa: E402
+from tinyworld.world import write_set  # noqa: E402
+
+TINY = ROOT / "weights" / "tiny"
+DEV_SEED = 100  # development prompts and noise; gates.py and blockwise.py draw theirs from 1000 up
+RECIPES = [  # (data set, name, train.py flags), in the order they run: a run cut short keeps the first ones
+    ("identity", "v1", "--algo locon --rank 8 --lr 5e-3 --steps 200"),
+    ("style", "v1", "--algo locon --rank 8 --lr 5e-3 --steps 200"),
+    ("identity", "s400", "--algo locon --rank 8 --lr 5e-3 --steps 400"),
+    ("identity", "s800", "--algo locon --rank 8 --lr 5e-3 --steps 800"),
+    ("identity", "s1600", "--algo locon --rank 8 --lr 5e-3 --steps 1600"),
+    ("identity", "lr1e-2", "--algo locon --rank 8 --lr 1e-2 --steps 400"),
+    ("identity", "lr1e-2s800", "--algo locon --rank 8 --lr 1e-2 --steps 800"),
+    ("identity", "rank16", "--algo locon --rank 16 --lr 5e-3 --steps 800"),
+    ("identity", "lora", "--algo lora --rank 8 --lr 5e-3 --steps 800"),
+    ("identity", "data48", "--algo locon --rank 8 --lr 5e-3 --steps 800 --data {identity48}"),
+    ("identity", "te", "--algo locon --rank 8 --lr 5e-3 --steps 400 --te-rank 4 --te-lr 1e-3"),
+    ("identity", "prior", "--algo locon --rank 8 --lr 5e-3 --steps 400 --prior-data {prior} --prior-weight 0.5"),
+    ("style", "s400", "--algo locon --rank 8 --lr 5e-3 --steps 400"),
+    ("style", "s800", "--algo locon --rank 8 --lr 5e-3 --steps 800"),
+    ("style", "s1600", "--algo locon --rank 8 --lr 5e-3 --steps 1600"),
+    ("style", "lr1e-2s800", "--algo locon --rank 8 --lr 1e-2 --steps 800"),
+    ("style", "rank16", "--algo locon --rank 16 --lr 5e-3 --steps 800"),
+    ("style", "lr2e-2s800", "--algo locon --rank 8 --lr 2e-2 --steps 800"),
+]
+
+
+def train_adapter(flags, data, blocks, out, device):
+    args = ["--data", str(data), "--blocks", blocks, "--batch", "4", "--seed", "0", "--device", device, "--quiet",
+            *shlex.split(flags)]  # a recipe's own --data comes later and wins
+    t0 = time.time()
+    train.main([*args, "--out", str(out)])
+    return time.time() - t0
+
+
+def score(sd, judge, adapter, captions, seed):
+    x = render_setting(sd, Setting("dev", ((adapter, None),)), captions, seed)
+    r, _ = rates(judge, x)
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/recipe")
+    p.add_argument("--n", type=int, default=64, help="development prompts per adapter")
+    p.add_argument("--only", help="comma-separated recipes, as name or data:name (default: all)")
+    p.add_argument("--train-flags", default="", help="train.py flags added to every recipe (e.g. --eager)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    out, only = Path(args.out), set(args.only.split(",")) if args.only else None
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {"prior": out / "prior", "identity48": out / "identity48"}
+    write_set(extra["prior"], 64, seed=DEV_SEED + 7, split="base")
+    write_set(extra["identity48"], 48, seed=DEV_SEED + 8, split="identity")
+    sd = minisd.load(TINY, device=args.device)
+    judge = judges.load(TINY / "judge.safetensors", device=args.device)
+    combo, _ = prompts("combo", args.n, DEV_SEED)
+    styled, _ = prompts("style", args.n, DEV_SEED + 1)
+    table = {}
+    jobs = [(data, name, flags, blocks, combo if data == "identity" else styled) for data, name, flags in RECIPES
+            for blocks in (("all",) if data == "identity" else ("all", "in0,out3"))]
+    for data, name, flags, blocks, captions in jobs:
+        if only and not {name, f"{data}:{name}"} & only:
+            continue
+        flags = f"{flags.format(**extra)} {args.train_flags}".strip()
+        adapter = out / f"{data}_{name}_{blocks.replace(',', '_')}.safetensors"
+        seconds = train_adapter(flags, ROOT / "data" / data, blocks, adapter, args.device)
+        r = score(sd, judge, adapter, captions, DEV_SEED)
+        table[f"{data} {blocks} {name}"] = {"flags": flags, "train seconds": round(seconds, 1), **r}
+        print(f"{data:8s} {blocks:8s} {name:9s} identity {r['identity']:.2f} ({r['identity_sim']:.2f})  "
+              f"style {r['style']:.2f} ({r['style_sim']:.2f})  {seconds:5.1f}s", flush=True)
+        report = {"n": args.n, "dev seed": DEV_SEED, "device": torch.cuda.get_device_name()
+                  if args.device.startswith("cuda") else "cpu", "results": table}
+        (out / "recipe.json").write_text(json.dumps(report, indent=1))  # after each recipe: a cut-short run keeps them
+
+
+if __name__ == "__main__":
+    main()
