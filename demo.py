@@ -1,14 +1,18 @@
-"""The main job: block-wise LoRA on minisd-tiny, from the shipped data to one labelled grid, on a CPU in minutes.
+"""The main job: block-wise LoRA on minisd-tiny, shown in one labelled grid, on a CPU in about a minute.
 
-    python demo.py            # -> out/demo/grid.png
+    python demo.py              # the shipped adapters -> out/demo/grid.png
+    python demo.py --train      # train the three adapters first (one GPU: about 2 minutes; a 2-core CPU: an hour)
 
-1. an identity adapter (the held-out character member "sks", 16 images in several base styles) on all blocks;
+The adapters (weights/tiny/adapters, trained with --train's recipe, tinyworld.evaluate.IDENTITY_RECIPE/STYLE_RECIPE):
+1. an identity adapter (the held-out character member "sks", 48 images in several base styles) on all blocks;
 2. a style adapter (the held-out style "zwx", rings, 16 images of other subjects) on all blocks;
-3. the same style adapter trained block-wise, only on the paper's upper blocks in0 + out3;
-then "the sks character in zwx style" with identity alone, identity + style (all blocks) and identity + style
-(in0, out3), side by side, scored by the world's judges (tinyworld/judge.py: is it the member? is it the style?).
+3. the same style adapter trained block-wise, only on the paper's upper blocks in0 + out3.
+Then "the sks character in zwx style" with the identity alone, the style alone (all blocks), identity + style (all
+blocks) and identity + style (in0, out3), side by side, scored by the world's judges (tinyworld/judge.py: is it the
+member? is it the style?).
 """
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import minisd
 import sample
 import train
 from tinyworld import judge as judges
-from tinyworld.evaluate import Setting, rates, render_setting
+from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, Setting, rates, render_setting
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "weights" / "tiny"
@@ -29,10 +33,20 @@ PROMPTS = ["a large yellow sks character on a gray background, zwx style",
            "a large teal sks character on a white background, zwx style"]
 
 
-def train_adapter(data, blocks, out, args):
-    return train.main(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--out", str(out), "--algo", args.algo,
-                       "--rank", str(args.rank), "--steps", str(args.steps), "--batch", "4", "--lr", str(args.lr),
-                       "--seed", str(args.seed), "--device", args.device])
+ADAPTERS = {"identity": ("identity", "all"), "style_all": ("style", "all"), "style_in0_out3": ("style", "in0,out3")}
+
+
+def adapter_files(args):
+    """{name: file}: the shipped adapters, or with --train the same recipe trained again into --out."""
+    if not args.train:
+        return {name: TINY / "adapters" / f"{name}.safetensors" for name in ADAPTERS}
+    recipe = {"identity": IDENTITY_RECIPE, "style": STYLE_RECIPE}
+    files = {}
+    for name, (data, blocks) in ADAPTERS.items():
+        files[name] = Path(args.out) / f"{name}.safetensors"
+        train.main(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--out", str(files[name]), "--batch", "4",
+                    "--seed", "0", "--device", args.device, *shlex.split(recipe[data])])
+    return files
 
 
 def labelled_grid(columns, scores, path):
@@ -49,29 +63,25 @@ def labelled_grid(columns, scores, path):
     sheet.save(path)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/demo", help="output folder")
-    p.add_argument("--algo", default="locon", choices=["lora", "locon"], help="locon also adapts the ResBlock convs")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=160, help="training steps per adapter")
-    p.add_argument("--lr", type=float, default=6e-3)
+    p.add_argument("--train", action="store_true", help="train the adapters (the recipe above) instead of loading them")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     t0, out = time.time(), Path(args.out)
-    identity = train_adapter("identity", "all", out / "identity.safetensors", args)
-    style_all = train_adapter("style", "all", out / "style_all.safetensors", args)
-    style_blockwise = train_adapter("style", "in0,out3", out / "style_in0_out3.safetensors", args)
-
+    out.mkdir(parents=True, exist_ok=True)
+    a = adapter_files(args)
     torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
-    settings = [Setting("identity only", ((identity, None),)),
-                Setting("+ style, all blocks", ((identity, None), (style_all, None))),
-                Setting("+ style, in0+out3", ((identity, None), (style_blockwise, None)))]
+    settings = [Setting("identity only", ((a["identity"], None),)),
+                Setting("style only (all)", ((a["style_all"], None),)),
+                Setting("+ style, all blocks", ((a["identity"], None), (a["style_all"], None))),
+                Setting("+ style, in0+out3", ((a["identity"], None), (a["style_in0_out3"], None)))]
     columns, scores = {}, {}
     for setting in settings:
         images = render_setting(sd, setting, PROMPTS, args.seed, args.sample_steps, args.guidance)

@@ -13,6 +13,7 @@ Writes <out>/gates.json (every image's scores, the recipe, the verdicts) and one
 """
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,17 +26,17 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import Setting, interval, prompts, rates, render_setting, round_trip_both  # noqa: E402
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, interval, prompts, rates,  # noqa: E402
+                                 render_setting, round_trip_both)
 from tinyworld.quality import grid  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 
 
-def train_adapter(data, blocks, out, args):
-    if not out.exists():
-        train.main(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--out", str(out), "--algo", args.algo,
-                    "--rank", str(args.rank), "--steps", str(args.steps), "--batch", "4", "--lr", str(args.lr),
-                    "--seed", str(args.seed), "--device", args.device])
+def train_adapter(data, blocks, out, flags, args):
+    if not out.exists():  # a recipe's own --data comes later and wins
+        train.main(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--out", str(out), "--batch", "4",
+                    "--seed", str(args.seed), "--device", args.device, "--quiet", *shlex.split(flags)])
     return out
 
 
@@ -50,17 +51,17 @@ def verdicts(r, ceiling):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/gates")
-    p.add_argument("--algo", default="locon", choices=["lora", "locon"])
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--identity", default=IDENTITY_RECIPE, help="train.py flags of the identity adapter")
+    p.add_argument("--style", default=STYLE_RECIPE, help="train.py flags of the style adapters")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     t0, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    a = lambda data, blocks: train_adapter(data, blocks, out / f"{data}_{blocks.replace(',', '_')}.safetensors", args)
+    flags = {"identity": args.identity, "style": args.style}
+    a = lambda data, blocks: train_adapter(data, blocks, out / f"{data}_{blocks.replace(',', '_')}.safetensors",
+                                           flags[data], args)
     identity, style_all, style_bw = a("identity", "all"), a("style", "all"), a("style", "in0,out3")
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)

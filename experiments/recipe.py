@@ -48,7 +48,16 @@ RECIPES = [  # (data set, name, train.py flags), in the order they run: a run cu
     ("style", "lr1e-2s800", "--algo locon --rank 8 --lr 1e-2 --steps 800"),
     ("style", "rank16", "--algo locon --rank 16 --lr 5e-3 --steps 800"),
     ("style", "lr2e-2s800", "--algo locon --rank 8 --lr 2e-2 --steps 800"),
+    ("identity", "d48s1600", "--algo locon --rank 8 --lr 5e-3 --steps 1600 --data {identity48}"),
+    ("identity", "d96s1600", "--algo locon --rank 8 --lr 5e-3 --steps 1600 --data {identity96}"),
+    ("identity", "d48te", "--algo locon --rank 8 --lr 5e-3 --steps 800 --data {identity48} --te-rank 4 --te-lr 1e-3"),
+    ("identity", "d48lr3e-3", "--algo locon --rank 8 --lr 3e-3 --steps 1600 --data {identity48}"),
+    ("style", "d48s1600", "--algo locon --rank 8 --lr 5e-3 --steps 1600 --data {style48}"),
+    ("style", "r32s1600", "--algo locon --rank 32 --lr 5e-3 --steps 1600"),
+    ("style", "lr7e-3s1600", "--algo locon --rank 8 --lr 7e-3 --steps 1600"),
 ]
+# The chosen recipe is tinyworld.evaluate.IDENTITY_RECIPE and STYLE_RECIPE (used by gates.py and demo.py).
+
 
 
 def train_adapter(flags, data, blocks, out, device):
@@ -75,9 +84,11 @@ def main():
     args = p.parse_args()
     out, only = Path(args.out), set(args.only.split(",")) if args.only else None
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"prior": out / "prior", "identity48": out / "identity48"}
+    extra = {"prior": out / "prior", "identity48": out / "identity48", "identity96": out / "identity96",
+             "style48": out / "style48"}  # more images of the same kind as the shipped sets (seed 0, n 16)
     write_set(extra["prior"], 64, seed=DEV_SEED + 7, split="base")
-    write_set(extra["identity48"], 48, seed=DEV_SEED + 8, split="identity")
+    for name in ("identity48", "identity96", "style48"):
+        write_set(extra[name], int(name[-2:]), seed=0, split=name[:-2])
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
     combo, _ = prompts("combo", args.n, DEV_SEED)

@@ -57,3 +57,34 @@ def test_gate_verdicts():
     assert list(v.values()) == [True, False, True, True]  # G2 needs every block subset at 0.90
     r["identity + style (all)"]["both"] = 0.75  # too little conflict to show
     assert not gates.verdicts(r, ceiling=0.94)["G4 identity + style (all) both in [0.2, 0.7]"]
+
+
+def test_the_shipped_adapters_are_the_recipe_on_the_shipped_data():
+    """weights/tiny/adapters were trained by `demo.py --train`: their kohya metadata name the recipe's steps, lr and
+    rank, the shipped image counts and the block sets (in0 + out3 only for the block-wise style adapter)."""
+    import re
+    import shlex
+
+    import demo
+    from safetensors import safe_open
+    from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE
+    for name, (data, blocks) in demo.ADAPTERS.items():
+        flags = shlex.split(IDENTITY_RECIPE if data == "identity" else STYLE_RECIPE)
+        flag = lambda f: flags[flags.index(f) + 1]
+        with safe_open(ROOT / "weights" / "tiny" / "adapters" / f"{name}.safetensors", "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+        assert (meta["ss_steps"], float(meta["ss_learning_rate"]), meta["ss_network_dim"]) == \
+            (flag("--steps"), float(flag("--lr")), flag("--rank"))
+        assert int(meta["ss_num_train_images"]) == len(list((ROOT / "data" / data).glob("*.png")))
+        found = {re.match(r"lora_unet_(down_blocks_\d|mid_block|up_blocks_\d)", k).group(1) for k in keys}
+        everywhere = {f"down_blocks_{i}" for i in range(4)} | {"mid_block"} | {f"up_blocks_{i}" for i in range(4)}
+        assert found == ({"down_blocks_0", "up_blocks_3"} if blocks == "in0,out3" else everywhere), (name, found)
+
+
+def test_demo_writes_its_grid_with_the_shipped_adapters(tmp_path, capsys):
+    import demo
+    from PIL import Image
+    demo.main(["--out", str(tmp_path), "--sample-steps", "2", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert Image.open(tmp_path / "grid.png").size == (4 * 128, 44 + 4 * 128)  # 4 settings x 4 prompts
+    assert all(title in printed for title in ("identity only", "style only (all)", "+ style, in0+out3"))

@@ -517,7 +517,7 @@ def start_run(argv):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            train.main(argv)
+            train.main([*argv, "--device", "cpu"])  # a forked child cannot use CUDA once the parent has
             code = 0
         finally:
             os._exit(code)

@@ -193,7 +193,7 @@ def forked_train(argv, log, before=None):
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
             if before is not None:
                 before()
-            train.main(argv)
+            train.main([*argv, "--device", "cpu"])  # a forked child cannot use CUDA once the parent has
             code = 0
         except SystemExit as e:
             os.write(2, f"{e.code}\n".encode())

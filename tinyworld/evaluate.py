@@ -14,6 +14,13 @@ import lora
 from . import judge as judges
 from .world import HELD_STYLE, IDENTITY, dataset, render
 
+# The adapter recipe (train.py flags, at --batch 4 --seed 0), chosen on development prompts by experiments/recipe.py
+# (docs/world.md): identity on data/identity's 48 images; style on data/style, the same flags for every block set.
+# 96 identity images at lr 5e-3 read 0.94 against this one's 0.91 on the development prompts, but a second run of
+# that recipe stopped on a NaN loss at step 298 (bf16 on the GPU).
+IDENTITY_RECIPE = "--algo locon --rank 8 --lr 3e-3 --steps 1600"
+STYLE_RECIPE = "--algo locon --rank 8 --lr 5e-3 --steps 1600"
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -33,7 +40,7 @@ def render_setting(sd, setting, captions, seed, steps=30, guidance=5.0, batch=32
     names = []
     for i, (path, blocks) in enumerate(setting.adapters):
         name = f"a{i}_{Path(path).stem}"
-        lora.load_kohya(path, sd.unet, name=name)
+        lora.load_kohya(path, sd.unet, sd.text_encoder, name=name)
         if blocks:
             lora.set_weights(sd.unet, name, block_weights=blocks)
         names.append(name)
@@ -42,7 +49,7 @@ def render_setting(sd, setting, captions, seed, steps=30, guidance=5.0, batch=32
                                     progress=False) for i in range(0, len(captions), batch)])
     finally:
         for name in names:
-            lora.remove(sd.unet, name)
+            lora.remove(sd.unet, name, sd.text_encoder)
 
 
 def rates(judge, images, identity=IDENTITY, style=HELD_STYLE):

@@ -1,0 +1,150 @@
+"""The judges against a person's eye on generated images, blind to the setting.
+
+    python experiments/eyecheck.py render            # 200 generated images, shuffled -> out/eyecheck/sheet*.png
+    # look at reference.png, then label every image of the sheets in out/eyecheck/labels.txt, one line each:
+    #     <number> <identity 0/1> <style 0/1>        e.g. "17 1 0": the identity member, not in rings
+    python experiments/eyecheck.py score             # the judge's agreement with the labels -> eyecheck.json
+
+`render` draws 40 images from each of the gates' five settings with the shipped adapters (weights/tiny/adapters),
+on prompts and noise of their own (seed 3000), shuffles them and numbers them on sheets of 50; which setting made
+which image and what the judge read stay in key.json, for `score` only. reference.png shows, clean: the identity
+member in four colours and styles (top row), four members one trait away from it (second row), and base subjects
+in the held-out rings style (third row).
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import minisd  # noqa: E402
+from tinyworld import judge as judges  # noqa: E402
+from tinyworld.evaluate import Setting, prompts, render_setting  # noqa: E402
+from tinyworld.world import (CHARACTER, HELD_STYLE, IDENTITY, Scene, Style, member, render,  # noqa: E402
+                             traits)
+
+TINY = ROOT / "weights" / "tiny"
+SEED, PER_SETTING, PER_SHEET, CELL = 3000, 40, 50, 128
+
+
+def settings():
+    a = {name: TINY / "adapters" / f"{name}.safetensors" for name in ("identity", "style_all", "style_in0_out3")}
+    return [(Setting("identity only", ((a["identity"], None),)), "combo"),
+            (Setting("style only (all)", ((a["style_all"], None),)), "style"),
+            (Setting("style only (in0,out3)", ((a["style_in0_out3"], None),)), "style"),
+            (Setting("identity + style (all)", ((a["identity"], None), (a["style_all"], None))), "combo"),
+            (Setting("identity + style (in0,out3)", ((a["identity"], None), (a["style_in0_out3"], None))), "combo")]
+
+
+def sheet(images, first):
+    """PIL images -> one sheet, 10 a row, each at 2x with its number."""
+    cols, rows = 10, -(-len(images) // 10)
+    out = Image.new("RGB", (cols * CELL, rows * (CELL + 14)), "white")
+    draw = ImageDraw.Draw(out)
+    for i, im in enumerate(images):
+        x, y = (i % cols) * CELL, (i // cols) * (CELL + 14)
+        draw.text((x + 4, y + 1), str(first + i), fill="black")
+        out.paste(im.resize((CELL, CELL), Image.NEAREST), (x, y + 14))
+    return out
+
+
+def reference():
+    body, eyes, mouth, top, legs = traits(IDENTITY)
+    scene = lambda m, colour, style, subject=CHARACTER: Scene(subject, colour, "gray", style, member=m)
+    ident = [scene(IDENTITY, c, s) for c, s in (("yellow", Style("flat")), ("pink", Style("striped", 8, 45)),
+                                                 ("teal", Style("dotted", 8)), ("white", Style("wavy", 8)))]
+    near = [member((b, eyes, mouth, top, legs)) for b in ("round", "box")] + [member((body, e, mouth, top, legs))
+                                                                            for e in ("one", "two-wide")]
+    others = [scene(m, "orange", Style("flat")) for m in near]
+    rings = [scene(None, c, HELD_STYLE, s) for c, s in (("blue", "heart"), ("green", "star"), ("purple", "circle"),
+                                                         ("red", "square"))]
+    return sheet([render(s)[0] for s in ident + others + rings], 0)
+
+
+def render_all(out, device):
+    sd = minisd.load(TINY, device=device)
+    judge = judges.load(TINY / "judge.safetensors", device=device)
+    images, key = [], []
+    for k, (setting, split) in enumerate(settings()):
+        captions, _ = prompts(split, PER_SETTING, SEED + k)
+        x = render_setting(sd, setting, captions, SEED + k)
+        s = judges.score(judge, x, IDENTITY, HELD_STYLE)
+        images += list(x)
+        key += [{"setting": setting.title, "caption": c, "judge identity": bool(s["identity"][i]),
+                 "judge style": bool(s["style"][i])} for i, c in enumerate(captions)]
+    order = list(range(len(images)))
+    random.Random(SEED).shuffle(order)
+    pil = [Image.fromarray((images[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+           for i in order]
+    for n in range(0, len(pil), PER_SHEET):
+        sheet(pil[n:n + PER_SHEET], n).save(out / f"sheet{n // PER_SHEET}.png")
+    (out / "key.json").write_text(json.dumps([key[i] for i in order], indent=1))
+    reference().save(out / "reference.png")
+    print(f"wrote {len(pil)} images on {-(-len(pil) // PER_SHEET)} sheets, reference.png and key.json to {out}")
+
+
+def read_labels(path, n):
+    """labels.txt -> {number: (identity, style)}; every image labelled once, each label 0 or 1."""
+    labels = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3 or not parts[0].isdigit() or not set(parts[1:]) <= {"0", "1"}:
+            raise ValueError(f"{path}:{line_no}: expected '<number> <0/1> <0/1>', got {line!r}")
+        labels[int(parts[0])] = (parts[1] == "1", parts[2] == "1")
+    missing = sorted(set(range(n)) - set(labels))
+    if missing or len(labels) != n:
+        raise ValueError(f"{path}: {n} images, {len(labels)} labels; missing {missing[:10]}")
+    return labels
+
+
+def agreement(eye, judge):
+    """Agreement, Cohen's kappa and the 2x2 table of two lists of booleans."""
+    eye, judge = np.asarray(eye, bool), np.asarray(judge, bool)
+    table = [[int(np.sum(~eye & ~judge)), int(np.sum(~eye & judge))], [int(np.sum(eye & ~judge)), int(np.sum(eye & judge))]]
+    p_obs = float(np.mean(eye == judge))
+    p_chance = float(eye.mean() * judge.mean() + (1 - eye.mean()) * (1 - judge.mean()))
+    kappa = (p_obs - p_chance) / (1 - p_chance) if p_chance < 1 else 1.0
+    return {"agreement": p_obs, "kappa": kappa, "table [eye no/yes][judge no/yes]": table}
+
+
+def score(out):
+    key = json.loads((out / "key.json").read_text())
+    labels = read_labels(out / "labels.txt", len(key))
+    report = {}
+    for k, what in enumerate(("identity", "style")):
+        eye = [labels[i][k] for i in range(len(key))]
+        report[what] = agreement(eye, [row[f"judge {what}"] for row in key])
+        report[what]["per setting, eye / judge"] = {
+            title: [sum(eye[i] for i in idx) / len(idx), sum(key[i][f"judge {what}"] for i in idx) / len(idx)]
+            for title in dict.fromkeys(row["setting"] for row in key)
+            for idx in [[i for i, row in enumerate(key) if row["setting"] == title]]}
+        r = report[what]
+        print(f"{what:8s} agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}  {r['table [eye no/yes][judge no/yes]']}")
+    (out / "eyecheck.json").write_text(json.dumps(report, indent=1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=["render", "score"])
+    p.add_argument("--out", default="out/eyecheck")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.step == "render":
+        render_all(out, args.device)
+    else:
+        score(out)
+
+
+if __name__ == "__main__":
+    main()
