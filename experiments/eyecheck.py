@@ -4,6 +4,7 @@
     # look at reference.png, then label every image of the sheets in out/eyecheck/labels.txt, one line each:
     #     <number> <identity 0/1> <style 0/1>        e.g. "17 1 0": the identity member, not in rings
     python experiments/eyecheck.py score             # the judge's agreement with the labels -> eyecheck.json
+    python experiments/eyecheck.py score --labels docs/eyecheck_labels.txt   # the labels of docs/world.md
 
 `render` draws 40 images from each of the gates' five settings with the shipped adapters (weights/tiny/adapters),
 on prompts and noise of their own (seed 3000), shuffles them and numbers them on sheets of 50; which setting made
@@ -116,9 +117,9 @@ def agreement(eye, judge):
     return {"agreement": p_obs, "kappa": kappa, "table [eye no/yes][judge no/yes]": table}
 
 
-def score(out):
+def score(out, labels_file):
     key = json.loads((out / "key.json").read_text())
-    labels = read_labels(out / "labels.txt", len(key))
+    labels = read_labels(labels_file, len(key))
     report = {}
     for k, what in enumerate(("identity", "style")):
         eye = [labels[i][k] for i in range(len(key))]
@@ -136,6 +137,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=["render", "score"])
     p.add_argument("--out", default="out/eyecheck")
+    p.add_argument("--labels", help="the labels file (default: <out>/labels.txt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -143,7 +145,7 @@ def main(argv=None):
     if args.step == "render":
         render_all(out, args.device)
     else:
-        score(out)
+        score(out, Path(args.labels) if args.labels else out / "labels.txt")
 
 
 if __name__ == "__main__":

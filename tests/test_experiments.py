@@ -88,3 +88,19 @@ def test_demo_writes_its_grid_with_the_shipped_adapters(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert Image.open(tmp_path / "grid.png").size == (4 * 128, 44 + 4 * 128)  # 4 settings x 4 prompts
     assert all(title in printed for title in ("identity only", "style only (all)", "+ style, in0+out3"))
+
+
+def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
+    import eyecheck
+    # eye 1 1 0 0 0, judge 1 0 0 0 1: agree 3/5; chance 0.4*0.4 + 0.6*0.6 = 0.52; kappa (0.6-0.52)/0.48 = 1/6
+    r = eyecheck.agreement([1, 1, 0, 0, 0], [1, 0, 0, 0, 1])
+    assert r["agreement"] == pytest.approx(0.6) and r["kappa"] == pytest.approx(1 / 6)
+    assert r["table [eye no/yes][judge no/yes]"] == [[2, 1], [1, 1]]
+    (tmp_path / "l.txt").write_text("# a comment\n0 1 0\n1 0 1\n")
+    assert eyecheck.read_labels(tmp_path / "l.txt", 2) == {0: (True, False), 1: (False, True)}
+    (tmp_path / "l.txt").write_text("0 1 0\n")
+    with pytest.raises(ValueError, match="2 images, 1 labels; missing \\[1\\]"):
+        eyecheck.read_labels(tmp_path / "l.txt", 2)
+    (tmp_path / "l.txt").write_text("0 yes 0\n1 0 0\n")
+    with pytest.raises(ValueError, match="l.txt:1: expected"):
+        eyecheck.read_labels(tmp_path / "l.txt", 2)
