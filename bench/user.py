@@ -180,7 +180,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # this folder off the path: transformers probes for a `kernels` package and would import bench/kernels.py, which
-    # imports a half-imported minisd (a circular import); common is imported already
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     main()

@@ -2,7 +2,7 @@
 
 PyTorch's CUDA group_norm makes an NCHW copy of a channels_last input and returns NCHW, and the next conv (with
 channels_last weights) copies it back: two full copies per norm, ~15 % of a guided SD 1.4 step on an H100
-(bench/kernels.py). For a channels_last CUDA input, GroupNorm.forward computes the same in the input's layout:
+(bench/kernel_profile.py). For a channels_last CUDA input, GroupNorm.forward computes the same in the input's layout:
 
     per (sample, group): float32 sums of x and x^2 (column sums of the [B, H*W, C] view, no copy)
     mean, var = E[x^2] - mean^2, rstd = 1 / sqrt(var + eps)                              [B, G]
@@ -74,7 +74,7 @@ def group_norm_nhwc(x, groups, weight, bias, eps):
 class ChannelsLastGroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and names; minisd.fast.speed_up swaps it in) that takes the channels_last
     path above on CUDA, for activations large enough that the two copies cost more than its extra small kernels.
-    Measured on an H100 (bench/kernels.py, graph replays, norm + the copy back): forward-only it wins from ~2.6 M
+    Measured on an H100 (bench/kernel_profile.py, graph replays, norm + the copy back): forward-only it wins from ~2.6 M
     elements (2x320x64x64 fp16: 61 vs 74 us) and loses below (2x640x32x32: 50 vs 45 us); with the backward it wins
     from ~10 M (8x320x64x64 bf16: 355 vs 370 us, 32x320x64x64: 1.03 vs 1.37 ms) and loses at 2.6 M (149 vs 120 us)."""
 

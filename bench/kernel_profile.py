@@ -1,7 +1,7 @@
 """Where minisd's GPU time goes: a kernel-level profile of the training step's model work and of a guided step.
 
-    python bench/kernels.py --out out/bench/kernels.json
-    python bench/kernels.py --smoke --out /tmp/k.json     # the test suite's CPU smoke test: tiny U-Net, "copies" only
+    python bench/kernel_profile.py --out out/bench/kernels.json
+    python bench/kernel_profile.py --smoke --out /tmp/k.json     # the test suite's CPU smoke test: tiny U-Net, "copies" only
 
 train: forward + backward of the frozen SD 1.4 U-Net with rank-16 adapters on attention + feed-forward (bf16
        base, bf16 autocast or none, channels_last), as bench/overhead.py's minisd+fused rows; batch 8 and 32.
@@ -127,7 +127,7 @@ def main(argv=None):
     if args.smoke:  # the profiles read CUDA time: only the copy counts run on a CPU
         args.batches, args.sections = "1", "copies"
     elif dev.type != "cuda":
-        raise SystemExit("bench/kernels.py profiles CUDA kernels: run it on a GPU (or --smoke)")
+        raise SystemExit("bench/kernel_profile.py profiles CUDA kernels: run it on a GPU (or --smoke)")
     _, unet = build_unets(dev, torch.bfloat16, args.tiny)
     h, D = (8, unet.cfg.context_dim) if args.tiny else (64, 768)
     unet.to(memory_format=torch.channels_last)
