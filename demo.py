@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import minisd
-import sample
+from minisd.images import to_pil
 import train
 from tinyworld import judge as judges
 from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, Setting, rates, render_setting
@@ -58,7 +58,7 @@ def labelled_grid(columns, scores, path):
         draw.text((c * cell + 4, 2), title, fill="black")
         draw.text((c * cell + 4, 16), f"identity {scores[title][0]:.0%}", fill=(0, 90, 0))
         draw.text((c * cell + 4, 28), f"style    {scores[title][1]:.0%}", fill=(0, 0, 140))
-        for r, im in enumerate(sample.to_pil(images)):
+        for r, im in enumerate(to_pil(images)):
             sheet.paste(im.resize((cell, cell), Image.NEAREST), (c * cell, head + r * cell))
     sheet.save(path)
 

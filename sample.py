@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import lora
 import minisd
 from minisd import hashes
 from minisd.files import atomic_save
+from minisd.images import grid, to_pil
 from minisd.limits import check_device, require, sampling_bytes
 
 TINY = Path(__file__).resolve().parent / "weights" / "tiny"
@@ -212,21 +212,6 @@ def png_info(args, sd, size, adapters, index=None, seed=None):
     info = PngInfo()
     info.add_text("parameters", text)
     return info
-
-
-def to_pil(images):
-    """(B, 3, H, W) in [0, 1] -> PIL images (rounded like diffusers' numpy_to_pil)."""
-    arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arr]
-
-
-def grid(images, cols):
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    return sheet
 
 
 def check_model(args, sd):

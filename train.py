@@ -40,6 +40,7 @@ except ImportError:
 import lora
 import minisd
 from minisd.files import atomic_save, read_regular
+from minisd.images import grid, to_pil
 from minisd.limits import check_device, require, training_bytes
 
 ROOT = Path(__file__).resolve().parent
@@ -769,7 +770,6 @@ def _sample_prompts(spec):
 
 @torch.no_grad()
 def render_samples(sd, prompts, args, out, step):
-    from sample import grid, to_pil
     sd.unet.eval()
     images = to_pil(sd.sample(prompts, steps=args.sample_steps, guidance=7.5, seed=args.seed, progress=False))
     sd.unet.train()

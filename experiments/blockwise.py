@@ -130,7 +130,7 @@ def eval_job(job):
     """Every setting of one (algo, seed): {title: {metric: per-image values}} and the first images of each."""
     algo, seed, out, sweep, n, steps, guidance, device, threads = job
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=device)
     judge = judges.load(TINY / "judge.safetensors", device=device)
     scenes, prompts, masks = eval_scenes(n)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012

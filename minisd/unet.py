@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-@dataclass
+@dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4

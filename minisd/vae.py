@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
+@dataclass(frozen=True)
 class VAEConfig:
     in_channels: int = 3
     out_channels: int = 3

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import minisd
+from minisd.images import grid as pil_grid, to_pil
 from . import judge as judges
 from .world import dataset
 
@@ -21,13 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def grid(images, cols):
     """(B, 3, H, W) in [0, 1] -> one PIL image, cols images a row."""
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    b, h, w, _ = arr.shape
-    rows = -(-b // cols)
-    sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for i, a in enumerate(arr):
-        sheet[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = a
-    return Image.fromarray(sheet)
+    return pil_grid(to_pil(images), cols)
 
 
 def generate(sd, captions, seed, steps=30, guidance=5.0, batch=32):
