@@ -140,14 +140,14 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    with file_errors(path, "not a usable SD 1.x checkpoint"):
+    with file_errors(path, "not a usable SD 1.x checkpoint"):  # reading the file and making sense of it
         parts = _read_diffusers_folder(path, device, dtype) if path.is_dir() else _read_single_file(path, device, dtype)
         unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, text_cfg, schedule, sample_size = parts
-        with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file
-            unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)
-        load_strict(unet, unet_sd, path, "U-Net")
-        load_strict(vae, vae_sd, path, "VAE")
         text_encoder = build_text_encoder(text_sd, path, text_cfg)
+    with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file. The model
+        unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)  # code raises as it is: an edited unet.py shows its own error
+    load_strict(unet, unet_sd, path, "U-Net")
+    load_strict(vae, vae_sd, path, "VAE")
     if tokenizer or path.is_dir():
         tok = load_tokenizer(tokenizer or path / "tokenizer")
     else:  # a single file has none: CLIP's, shipped with minisd

@@ -314,3 +314,14 @@ def test_images_to_pil_rounds_and_clamps_and_grid_fills_rows():
     assert np.asarray(a)[:, :, 0].tolist() == [[0, 128], [255, 0]] and a.size == (2, 2)
     sheet = np.asarray(grid([a, b, a], cols=2))
     assert sheet.shape == (4, 4, 3) and (sheet[2:, 2:] == 255).all()  # the short row's empty cell stays white
+
+
+def test_an_error_in_the_model_code_is_not_reported_as_a_bad_checkpoint(layouts, monkeypatch):
+    """A researcher's broken layer raises its own error with its traceback, not "not a usable checkpoint"."""
+    from minisd import unet
+
+    def broken(self, *args, **kwargs):
+        raise TypeError("SpatialTransformer.__init__ is broken")
+    monkeypatch.setattr(unet.SpatialTransformer, "__init__", broken)
+    with pytest.raises(TypeError, match="SpatialTransformer.__init__ is broken"):
+        minisd.load(layouts["diffusers"])
