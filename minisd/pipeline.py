@@ -144,6 +144,7 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
         parts = _read_diffusers_folder(path, device, dtype) if path.is_dir() else _read_single_file(path, device, dtype)
         unet_sd, unet_cfg, vae_sd, vae_cfg, text_sd, text_cfg, schedule, sample_size = parts
         text_encoder = build_text_encoder(text_sd, path, text_cfg)
+        check_widths(unet_cfg, vae_cfg, path)
     with torch.device("meta"):  # no time spent on random init; every tensor is assigned from the file. The model
         unet, vae = UNet(unet_cfg), AutoencoderKL(vae_cfg)  # code raises as it is: an edited unet.py shows its own error
     load_strict(unet, unet_sd, path, "U-Net")
@@ -175,6 +176,18 @@ def _read_single_file(path, device, dtype):
             raise CheckpointError(f"{path}: no {prefix}* weights; not an SD 1.x single-file checkpoint")
     return (parts["unet"], infer_unet_config(parts["unet"], path), parts["vae"], infer_vae_config(parts["vae"], path),
             parts["text"], None, Schedule(), 64)
+
+
+def check_widths(unet_cfg, vae_cfg, path):
+    """Every layer width a multiple of its GroupNorm's groups (GroupNorm refuses others): a file that says otherwise
+    describes no buildable SD 1.x model."""
+    for what, cfg, width, mult in (("U-Net", unet_cfg, unet_cfg.model_channels, unet_cfg.channel_mult),
+                                   ("VAE", vae_cfg, vae_cfg.ch, vae_cfg.ch_mult)):
+        widths = [width] + [width * m for m in mult]
+        bad = sorted({w for w in widths if w <= 0 or w % cfg.norm_groups})
+        if bad:
+            raise CheckpointError(f"{path}: {what} widths {bad} are not positive multiples of its {cfg.norm_groups}"
+                                  " norm groups")
 
 
 def infer_unet_config(sd, path):
