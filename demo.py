@@ -12,7 +12,6 @@ blocks) and identity + style (in0, out3), side by side, scored by the world's ju
 member? is it the style?).
 """
 import argparse
-import shlex
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import minisd
 from minisd.images import to_pil
 import train
 from tinyworld import judge as judges
-from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, Setting, rates, render_setting
+from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, Setting, rates, recipe_argv, render_setting
 
 ROOT = Path(__file__).resolve().parent
 TINY = ROOT / "weights" / "tiny"
@@ -44,8 +43,7 @@ def adapter_files(args):
     files = {}
     for name, (data, blocks) in ADAPTERS.items():
         files[name] = Path(args.out) / f"{name}.safetensors"
-        train.main(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--out", str(files[name]), "--batch", "4",
-                    "--seed", "0", "--device", args.device, *shlex.split(recipe[data])])
+        train.main(recipe_argv(ROOT / "data" / data, blocks, files[name], recipe[data], args.device))
     return files
 
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import minisd  # noqa: E402
+from minisd.images import to_pil  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import Setting, prompts, render_setting  # noqa: E402
 from tinyworld.world import (CHARACTER, HELD_STYLE, IDENTITY, Scene, Style, member, render,  # noqa: E402
@@ -82,8 +83,7 @@ def render_all(out, device):
                  "judge style": bool(s["style"][i])} for i, c in enumerate(captions)]
     order = list(range(len(images)))
     random.Random(SEED).shuffle(order)
-    pil = [Image.fromarray((images[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-           for i in order]
+    pil = to_pil(torch.stack(images)[order])
     for n in range(0, len(pil), PER_SHEET):
         sheet(pil[n:n + PER_SHEET], n).save(out / f"sheet{n // PER_SHEET}.png")
     (out / "key.json").write_text(json.dumps([key[i] for i in order], indent=1))
@@ -110,7 +110,8 @@ def read_labels(path, n):
 def agreement(eye, judge):
     """Agreement, Cohen's kappa and the 2x2 table of two lists of booleans."""
     eye, judge = np.asarray(eye, bool), np.asarray(judge, bool)
-    table = [[int(np.sum(~eye & ~judge)), int(np.sum(~eye & judge))], [int(np.sum(eye & ~judge)), int(np.sum(eye & judge))]]
+    table = [[int(np.sum(~eye & ~judge)), int(np.sum(~eye & judge))],
+             [int(np.sum(eye & ~judge)), int(np.sum(eye & judge))]]
     p_obs = float(np.mean(eye == judge))
     p_chance = float(eye.mean() * judge.mean() + (1 - eye.mean()) * (1 - judge.mean()))
     kappa = (p_obs - p_chance) / (1 - p_chance) if p_chance < 1 else 1.0
@@ -120,16 +121,19 @@ def agreement(eye, judge):
 def score(out, labels_file):
     key = json.loads((out / "key.json").read_text())
     labels = read_labels(labels_file, len(key))
+    by_setting = {}  # setting -> image numbers
+    for i, row in enumerate(key):
+        by_setting.setdefault(row["setting"], []).append(i)
     report = {}
     for k, what in enumerate(("identity", "style")):
         eye = [labels[i][k] for i in range(len(key))]
         report[what] = agreement(eye, [row[f"judge {what}"] for row in key])
         report[what]["per setting, eye / judge"] = {
-            title: [sum(eye[i] for i in idx) / len(idx), sum(key[i][f"judge {what}"] for i in idx) / len(idx)]
-            for title in dict.fromkeys(row["setting"] for row in key)
-            for idx in [[i for i, row in enumerate(key) if row["setting"] == title]]}
+            title: [float(np.mean([eye[i] for i in idx])), float(np.mean([key[i][f"judge {what}"] for i in idx]))]
+            for title, idx in by_setting.items()}
         r = report[what]
-        print(f"{what:8s} agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}  {r['table [eye no/yes][judge no/yes]']}")
+        print(f"{what:8s} agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}  "
+              f"{r['table [eye no/yes][judge no/yes]']}")
     (out / "eyecheck.json").write_text(json.dumps(report, indent=1))
 
 

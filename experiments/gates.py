@@ -13,7 +13,6 @@ Writes <out>/gates.json (every image's scores, the recipe, the verdicts) and one
 """
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,16 +26,15 @@ import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, interval, prompts, rates,  # noqa: E402
-                                 render_setting, round_trip_both)
+                                 recipe_argv, render_setting, round_trip_both)
 from tinyworld.quality import grid  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 
 
 def train_adapter(data, blocks, out, flags, args):
-    if not out.exists():  # a recipe's own --data comes later and wins
-        train.main(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--out", str(out), "--batch", "4",
-                    "--seed", str(args.seed), "--device", args.device, "--quiet", *shlex.split(flags)])
+    if not out.exists():
+        train.main([*recipe_argv(ROOT / "data" / data, blocks, out, flags, args.device, args.seed), "--quiet"])
     return out
 
 

@@ -11,7 +11,6 @@ Writes <out>/recipe.json: per recipe and adapter the rates, similarities and tra
 """
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import Setting, prompts, rates, render_setting  # noqa: E402
+from tinyworld.evaluate import Setting, prompts, rates, recipe_argv, render_setting  # noqa: E402
 from tinyworld.world import write_set  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
@@ -61,10 +60,8 @@ RECIPES = [  # (data set, name, train.py flags), in the order they run: a run cu
 
 
 def train_adapter(flags, data, blocks, out, device):
-    args = ["--data", str(data), "--blocks", blocks, "--batch", "4", "--seed", "0", "--device", device, "--quiet",
-            *shlex.split(flags)]  # a recipe's own --data comes later and wins
     t0 = time.time()
-    train.main([*args, "--out", str(out)])
+    train.main([*recipe_argv(data, blocks, out, flags, device), "--quiet"])
     return time.time() - t0
 
 

@@ -4,6 +4,7 @@ the experiments share.
 Evaluation prompts are captions of a split for the experiment's identity member and held-out style, drawn with a
 seed; the same seed gives the same prompts and the same starting noise for every setting (paired comparisons).
 """
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from .world import HELD_STYLE, IDENTITY, dataset, render
 # that recipe stopped on a NaN loss at step 298 (bf16 on the GPU).
 IDENTITY_RECIPE = "--algo locon --rank 8 --lr 3e-3 --steps 1600"
 STYLE_RECIPE = "--algo locon --rank 8 --lr 5e-3 --steps 1600"
+
+
+def recipe_argv(data, blocks, out, flags, device, seed=0):
+    """train.py's argv for one adapter of the world: images `data`, block set, output file, recipe flags (a
+    recipe's own --data comes later and wins)."""
+    return ["--data", str(data), "--blocks", blocks, "--out", str(out), "--batch", "4", "--seed", str(seed),
+            "--device", device, *shlex.split(flags)]
 
 
 @dataclass(frozen=True)
