@@ -17,10 +17,12 @@ train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, batch 1, 15
 check   the first images of sample.py and of the diffusers script, max abs difference of 8-bit pixels.
 """
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,15 +55,35 @@ def write_model(root, tiny):
     return root / "model"
 
 
+def gpu_memory_used():
+    """MiB in use on GPU 0 as nvidia-smi reports it (every process's), or None without nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True)
+    return int(out.stdout.split()[0]) if out.returncode == 0 and out.stdout.strip() else None
+
+
 def run(cmd, pngs):
-    """(wall s, s to the first PNG under the folder `pngs`) of one fresh process."""
+    """(wall s, s to the first PNG under the folder `pngs`, peak GPU MiB) of one fresh process. The peak is
+    nvidia-smi's memory.used polled every 0.2 s less what was in use before: this process's share, since the
+    benchmark holds no GPU memory of its own between runs."""
+    base, peak, done = gpu_memory_used(), [0], threading.Event()
+
+    def poll():
+        while base is not None and not done.wait(0.2):
+            peak[0] = max(peak[0], gpu_memory_used() - base)
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
     t0 = time.time()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ...: exit {done.returncode}: {done.stderr[-2000:]}")
+    done.set()
+    watcher.join()
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ...: exit {result.returncode}: {result.stderr[-2000:]}")
     first = min((p.stat().st_mtime for p in Path(pngs).glob("*.png")), default=None)
-    return wall, None if first is None else first - t0
+    return wall, None if first is None else first - t0, None if base is None else peak[0]
 
 
 def sampling(rec, args, folder, tmp):
@@ -77,9 +99,9 @@ def sampling(rec, args, folder, tmp):
                         "--height", str(size), "--width", str(size), "--seed", "0", "--prompt", PROMPT,
                         "--device", args.device, "--out", out / "sample.png"] if impl == "minisd" else
                        [sys.executable, script, folder, str(n), str(steps), str(size), out / "d", args.device, PROMPT])
-                wall, first = run([str(c) for c in cmd], out)
+                wall, first, mib = run([str(c) for c in cmd], out)
                 rec.add(section="sample", impl=impl, n=n, steps=steps, size=size, rep=rep, wall_s=wall,
-                        first_image_s=first)
+                        first_image_s=first, peak_gpu_mib=mib)
         if not args.smoke:  # like for like: the first image of each (8-bit; fp16 and other kernels: rounding)
             ours, theirs = (np.asarray(Image.open(p), dtype=np.int16) for p in
                             (tmp / f"minisd-{n}-0" / ("sample.png" if n == 1 else "sample-000.png"),
@@ -127,8 +149,8 @@ def training(rec, args, folder, tmp):
         if impl == "diffusers" and not args.dreambooth:
             log("  train: diffusers skipped (no --dreambooth PATH)")
             continue
-        wall, _ = run([str(c) for c in cmd], tmp)
-        rec.add(section="train", impl=impl, steps=steps, size=size, wall_s=wall)
+        wall, _, mib = run([str(c) for c in cmd], tmp)
+        rec.add(section="train", impl=impl, steps=steps, size=size, wall_s=wall, peak_gpu_mib=mib)
 
 
 def markdown(rows):
@@ -141,12 +163,12 @@ def markdown(rows):
         keyed.setdefault(what[r["section"]], {}).setdefault(r["impl"], []).append(r)
     med = lambda rs, k: statistics.median(r[k] for r in rs) if rs and rs[0].get(k) is not None else None
     cell = lambda v: "-" if v is None else f"{v:.2f}"
-    lines = ["| what | minisd wall s | diffusers wall s | minisd first image s | diffusers first image s |",
-             "|---|---|---|---|---|"]
+    lines = ["| what | minisd wall s | diffusers wall s | minisd first image s | diffusers first image s "
+             "| minisd peak GPU MiB | diffusers peak GPU MiB |", "|---|---|---|---|---|---|---|"]
     for what, impls in keyed.items():
         m, d = impls.get("minisd", []), impls.get("diffusers", [])
-        lines.append(f"| {what} | {cell(med(m, 'wall_s'))} | {cell(med(d, 'wall_s'))} | "
-                     f"{cell(med(m, 'first_image_s'))} | {cell(med(d, 'first_image_s'))} |")
+        lines.append("| " + " | ".join([what] + [cell(med(rs, k)) for k in ("wall_s", "first_image_s", "peak_gpu_mib")
+                                                 for rs in (m, d)]) + " |")
     return "\n".join(lines) + "\n"
 
 
