@@ -55,7 +55,6 @@ def settings(unet, benchmark=False, channels_last=False, sdpa=None, pytorch_grou
         GroupNorm.forward = own_forward
         if channels_last:
             unet.to(memory_format=torch.contiguous_format)
-        graphs.release(unet)
 
 
 def variant_name(v):
@@ -217,16 +216,16 @@ def main(argv=None):
                 resident("both")
                 checks = {}
                 if "graph" in kept:
-                    checks["graph_vs_eager_images"] = rel(kept["graph"], kept["eager"])  # eager on contiguous weights
+                    checks["graph_vs_eager_images"] = rel(kept["graph"], kept["eager"])
                     checks["graph_vs_eager_latents"] = rel(kept["graph_latents"], kept["eager_latents"])
-                    try:  # eager on the channels_last weights the graph path left: the same kernels
+                    try:  # eager on channels_last weights, as attach leaves them on CUDA: the same kernels
                         ours(args.steps, False, "eager_cl")
                         checks["graph_vs_eager_cl_images"] = rel(kept["graph"], kept["eager_cl"])
                         checks["graph_vs_eager_cl_latents"] = rel(kept["graph_latents"], kept["eager_cl_latents"])
                     except Exception as e:
                         rec.error("same-layout check", e)
                 sd.unet.to(memory_format=torch.contiguous_format)
-                graphs.release(sd.unet)
+                sd.fast.graphs.release()
                 if "eager" in kept and "diffusers" in kept:
                     checks["eager_vs_diffusers_images"] = rel(kept["eager"], kept["diffusers"])
                 checks["latents_finite"] = bool(torch.isfinite(kept["eager_latents"]).all()) if "eager_latents" in kept else None
@@ -234,7 +233,7 @@ def main(argv=None):
                     lat = torch.randn(B, 4, h, h, device=dev, dtype=dt)
                     with torch.no_grad():
                         for layout, fmt in (("nchw", torch.contiguous_format), ("cl", torch.channels_last)):
-                            sd.vae.to(memory_format=fmt)  # channels_last: what sample(cuda_graph=True) leaves
+                            sd.vae.to(memory_format=fmt)  # channels_last: what minisd.fast.attach sets on CUDA
                             checks[f"vae_decode_ms_{layout}"] = round(time_ms(lambda: sd.decode(lat), dev, iters=2, reps=2,
                                                                               warmup=1), 2)
                         checks["text_encode_ms"] = round(time_ms(lambda: sd.encode_prompt([""] * B + prompts), dev, iters=3, reps=2), 2)
@@ -296,7 +295,7 @@ def main(argv=None):
                     sd.unet.to(memory_format=torch.contiguous_format)
                     lora.remove(sd.unet, "a")
                     lora.remove(sd.unet, "b")
-                    graphs.release(sd.unet)
+                    sd.fast.graphs.release()
                 except Exception as e:
                     rec.error(f"adapters minisd {dname} b{B}", e)
                 free(dev)

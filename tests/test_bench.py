@@ -78,11 +78,12 @@ def test_bench_script_smoke_mode_runs(name, bench_module, tmp_path, single_threa
 
 def test_user_bench_table_puts_medians_side_by_side(bench_module):
     """bench/user.py's markdown: one line per case, the median of the reps, '-' where a side did not run."""
-    rows = [dict(section="sample", impl="minisd", n=1, wall_s=w, first_image_s=f) for w, f in ((3.0, 2.0), (5.0, 4.0))]
-    rows += [dict(section="sample", impl="diffusers", n=1, wall_s=7.0, first_image_s=6.5),
+    rows = [dict(section="sample", impl="minisd", n=1, wall_s=w, first_image_s=f, peak_gpu_mib=m)
+            for w, f, m in ((3.0, 2.0, 1000), (5.0, 4.0, 3000))]
+    rows += [dict(section="sample", impl="diffusers", n=1, wall_s=7.0, first_image_s=6.5, peak_gpu_mib=2500),
              dict(section="check", n=1, first_image_max_abs_diff=1),
              dict(section="load", impl="minisd", dtype="fp16", wall_s=0.25),
              dict(section="train", impl="minisd", wall_s=100.0)]
     lines = bench_module("user").markdown(rows).splitlines()
-    assert lines[2:] == ["| sample.py --n 1 | 4.00 | 7.00 | 3.00 | 6.50 |", "| load fp16 | 0.25 | - | - | - |",
-                         "| DreamBooth-LoRA | 100.00 | - | - | - |"]
+    assert lines[2:] == ["| sample.py --n 1 | 4.00 | 7.00 | 3.00 | 6.50 | 2000.00 | 2500.00 |",
+                         "| load fp16 | 0.25 | - | - | - | - | - |", "| DreamBooth-LoRA | 100.00 | - | - | - | - | - |"]

@@ -119,6 +119,42 @@ def test_load_puts_the_speed_layer_on_and_the_pipeline_reaches_it_only_through_s
     assert calls == [("text", (4, 77)), ("step", 7.5)]
 
 
+def conv_layouts(module):
+    return {m.weight.is_contiguous(memory_format=torch.channels_last) for m in module.modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)}
+
+
+def test_sampling_changes_no_layout_and_attach_keeps_it_on_the_cpu(lora_sd):
+    """The layout is the explicit call's (attach, on CUDA only): on the CPU the weights stay contiguous, before and
+    after sampling."""
+    assert conv_layouts(lora_sd.unet) == conv_layouts(lora_sd.vae) == {False}
+    lora_sd.sample("a cat", steps=2, height=64, width=64, progress=False)
+    assert conv_layouts(lora_sd.unet) == conv_layouts(lora_sd.vae) == {False}
+    minisd.fast.to_channels_last(lora_sd.vae)
+    assert conv_layouts(lora_sd.vae) == {True}
+    lora_sd.vae.to(memory_format=torch.contiguous_format)
+
+
+def test_graph_cache_is_per_pipeline_and_follows_the_weights():
+    """A GraphCache makes a graph once per (module, key), again when a weight changes in place or is replaced, and
+    forgets on release; two caches share nothing (no process-wide graphs)."""
+    net = nn.Sequential(nn.Linear(3, 3))
+    made = []
+    make = lambda packs: made.append(len(made)) or len(made)
+    a, b = minisd.fast.GraphCache(), minisd.fast.GraphCache()
+    assert a.get(net, "k", make) == a.get(net, "k", make) == 1
+    assert a.get(net, "other", make) == 2 and b.get(net, "k", make) == 3
+    with torch.no_grad():
+        net[0].weight.add_(1)  # in place: the graphs would replay stale weights
+    assert a.get(net, "k", make) == 4 and a.get(net, "k", make) == 4
+    net[0].bias = nn.Parameter(torch.zeros(3))  # replaced
+    assert a.get(net, "k", make) == 5
+    a.release(net)
+    assert a.get(net, "k", make) == 6
+    a.release()
+    assert not a.entries and b.get(net, "k", make) == 7  # b saw the changed weights too
+
+
 def edited_unet(lora_sd):
     unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)

@@ -5,20 +5,23 @@ it is put on from outside, and computes what the core computes.
     sd.sample("a cat")                          # on CUDA: CUDA graphs (cuda_graph=False: the eager core)
 
 attach(sd): swaps the speed layer's modules into the U-Net and the VAE (speed_up: same Parameters, same state-dict
-keys) and sets sd.fast = FastPath(), which StableDiffusion.sample calls on CUDA. What lives here:
+keys), on CUDA stores their convolution weights channels_last (to_channels_last: cuDNN's NHWC kernels, the same
+function), and sets sd.fast = FastPath(), which StableDiffusion.sample calls on CUDA and which holds the captured
+graphs (sd.fast.graphs; sd.fast.graphs.release() frees them). What lives here:
     modules.py    module swaps: channels_last GroupNorm, GEGLU's lean backward, the VAE decoder's in-place ops
     groupnorm.py  the channels_last GroupNorm kernel (forward and backward)
     forms.py      capture-time forms of U-Net layers (fewer kernels inside a CUDA graph)
     graphs.py     the CUDA graphs: the guided sampling step, the text encoder, the whole training step
     stock.py      which modules and building blocks all of the above were written for (anything else runs as it is)
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import pipeline
 from .forms import FORMS
-from .graphs import GuidedUNetGraph, ReplayedCall, TrainStepGraph, encode_text, guided_unet, release, to_channels_last
+from .graphs import (GraphCache, GuidedUNetGraph, ReplayedCall, TrainStepGraph, encode_text, guided_unet,
+                     to_channels_last)
 from .modules import speed_up
 
 
@@ -62,8 +65,9 @@ class StepGates:
 @dataclass
 class FastPath:
     """The speed layer of a StableDiffusion (sd.fast). pack_adapters: how unmerged LoRA adapters are captured
-    ("weight", "factors" or None: minisd.fast.graphs)."""
+    ("weight", "factors" or None: minisd.fast.graphs); graphs: the graphs captured so far."""
     pack_adapters: str = "weight"
+    graphs: GraphCache = field(default_factory=GraphCache)
 
     def takes(self, on_step):
         """Whether the graphs can run with this on_step: a graph replays the model as it was captured, so only a
@@ -77,28 +81,30 @@ class FastPath:
         on_step a StepGates: its adapters are gated inside the graph, each replay with this step's gates."""
         if type(sd).guided_step is not pipeline.StableDiffusion.guided_step:
             return sd.guided_step(x, ctx, guidance)
-        to_channels_last(sd.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
         gated = on_step.names if isinstance(on_step, StepGates) else ()
-        graphs = {}
+        by_dtype = {}  # one graph per timestep dtype
 
         def eps(x_in, t, ctx):
             kind = torch.tensor(t).dtype
-            if kind not in graphs:
+            if kind not in by_dtype:
                 if gated:
                     on_step.all_on()
-                graphs[kind] = guided_unet(sd.unet, x, ctx, guidance, pack_adapters=self.pack_adapters,
-                                           timesteps=sd.schedule.num_train_timesteps, t_dtype=kind, gated=gated)
-            return graphs[kind](x_in, t, ctx, on_step.gates(x.device, x.dtype) if gated else None)
+                by_dtype[kind] = guided_unet(sd.unet, x, ctx, guidance, self.graphs, pack_adapters=self.pack_adapters,
+                                             timesteps=sd.schedule.num_train_timesteps, t_dtype=kind, gated=gated)
+            return by_dtype[kind](x_in, t, ctx, on_step.gates(x.device, x.dtype) if gated else None)
         return eps
 
     def encode_text(self, text_encoder, ids):
-        return encode_text(text_encoder, ids)
+        return encode_text(text_encoder, ids, self.graphs)
 
 
 def attach(sd):
-    """Put the speed layer on sd (in place; returns it): the module swaps, and sd.fast."""
-    speed_up(sd.unet)
-    speed_up(sd.vae)
+    """Put the speed layer on sd (in place; returns it): the module swaps, on CUDA the channels_last layout of the
+    convolution weights (docs/performance.md: cuDNN's NHWC kernels), and sd.fast. On the CPU the layout is kept."""
+    for module in (sd.unet, sd.vae):
+        speed_up(module)
+        if sd.device.type == "cuda":
+            to_channels_last(module)
     sd.fast = FastPath()
     return sd
 
@@ -108,5 +114,5 @@ def load(path, device="cpu", dtype=torch.float32, tokenizer=None):
     return attach(pipeline.load(path, device=device, dtype=dtype, tokenizer=tokenizer))
 
 
-__all__ = ["FORMS", "FastPath", "GuidedUNetGraph", "ReplayedCall", "StepGates", "TrainStepGraph", "attach",
-           "encode_text", "guided_unet", "load", "release", "speed_up", "to_channels_last"]
+__all__ = ["FORMS", "FastPath", "GraphCache", "GuidedUNetGraph", "ReplayedCall", "StepGates", "TrainStepGraph",
+           "attach", "encode_text", "guided_unet", "load", "speed_up", "to_channels_last"]

@@ -4,7 +4,7 @@ An eager SD 1.x U-Net step issues ~1,000 small kernels; at small batches the GPU
 launches them, so the step is launch-bound. A CUDA graph replays the recorded kernels with no Python in between.
 These are wrappers around the unchanged model: nothing here forks the model code.
 
-    eps = guided_unet(unet, x, ctx, guidance)(x, t, ctx)     # what sd.sample() does on CUDA (minisd.fast.FastPath)
+    eps = guided_unet(unet, x, ctx, guidance, cache)(x, t, ctx)   # what sd.sample() does on CUDA (minisd.fast.FastPath)
 
 GuidedUNetGraph: static input buffers (latents x, timestep t, context ctx); one replay runs the U-Net on [x, x]
 against [uncond; cond] and returns the guided eps, eps_u + guidance (eps_c - eps_u), with the guidance folded into
@@ -14,13 +14,13 @@ as GEMMs, conv biases folded into adds, the time embedding read from a table, up
 small map, the layers before the first cross-attention run once for both halves of the guided batch, ...:
 minisd.fast.forms); the model code is unchanged, and a layer the forms were not written for runs as it is.
 
-guided_unet keeps one graph per (unet, batch, latent size, dtype, guidance) and captures again whenever something the
-capture depends on changes: a parameter replaced or changed in place (merging an adapter), or which LoRA adapters
-run and with what gain. `release(module)` frees a module's graphs. It also stores the U-Net's convolution weights
-channels_last (once, in place; channels_last=False to keep them): cuDNN's NHWC kernels made the step 21 % (batch 1)
-and 7 % (batch 4) faster on an H200; the eager path computes the same function on either layout.
+GraphCache: the graphs of one pipeline (sd.fast.graphs), one per (module, batch, latent size, dtype, guidance);
+guided_unet and encode_text capture again whenever something the capture depends on changes: a parameter replaced
+or changed in place (merging an adapter), or which LoRA adapters run and with what gain. cache.release(module) frees
+a module's graphs. Nothing here changes a module's memory layout: to_channels_last is an explicit call
+(minisd.fast.attach makes it on CUDA; the eager path computes the same function on either layout).
 
-encode_text(text_encoder, ids): the text encoder replayed from a graph (ReplayedCall, captured per shape), as
+encode_text(text_encoder, ids, cache): the text encoder replayed from a graph (ReplayedCall, captured per shape), as
 sample(cuda_graph=True) runs it; the result is a fresh tensor.
 
 LoRA layers (lora.LoRALinear) with active unmerged adapters are captured in a packed form (pack_adapters), made
@@ -46,8 +46,9 @@ import torch
 
 from .forms import FORMS, adapted, applied, capture_forms, context_projections, packed_adapters
 
-_GRAPHS = weakref.WeakKeyDictionary()  # module -> {"sig": signature, "graphs": {key: graph}, "packs": {}}
-_SIDE_STREAMS = {}  # device index -> the one stream of all warm-ups and captures on it
+# device index -> the one stream of all warm-ups and captures on it. Process-wide like CUDA's own handles: the
+# stream is a resource of the device, not state of a model (see _side_stream).
+_SIDE_STREAMS = {}
 
 
 def _side_stream():
@@ -162,30 +163,42 @@ def _signature(unet):
     return hash(tuple(sig))
 
 
-def guided_unet(unet, x, ctx, guidance=None, warmup=3, channels_last=True, pack_adapters="weight", timesteps=1000,
+class GraphCache:
+    """Captured graphs per module (held weakly: a deleted model frees its graphs), each under a key of shapes and
+    settings. All of a module's graphs are dropped when its weights or adapters change (_signature): old graphs
+    would replay stale kernels."""
+
+    def __init__(self):
+        self.entries = weakref.WeakKeyDictionary()  # module -> {"sig": signature, "graphs": {key: graph}, "packs": {}}
+
+    def get(self, module, key, make):
+        """The graph of `module` under `key`, made by make(packs) on first use."""
+        sig = _signature(module)
+        entry = self.entries.get(module)
+        if entry is None or entry["sig"] != sig:
+            entry = self.entries[module] = {"sig": sig, "graphs": {}, "packs": {}}
+        if key not in entry["graphs"]:
+            entry["graphs"][key] = make(entry["packs"])
+        return entry["graphs"][key]
+
+    def release(self, module=None):
+        """Forget (and free) the graphs captured for this module (a U-Net, a text encoder); None: all of them."""
+        if module is None:
+            self.entries.clear()
+        else:
+            self.entries.pop(module, None)
+
+
+def guided_unet(unet, x, ctx, guidance, cache, warmup=3, pack_adapters="weight", timesteps=1000,
                 t_dtype=torch.int64, gated=()):
-    """The GuidedUNetGraph for these shapes and timestep dtype (captured on first use, then cached on the U-Net)."""
+    """The GuidedUNetGraph for these shapes and timestep dtype, from `cache` (a GraphCache; captured on first use)."""
     if x.device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, the latents are on {x.device}")
     guidance = None if guidance is None else float(guidance)
-    if channels_last:
-        to_channels_last(unet)
     key = (tuple(x.shape), x.dtype, x.device, tuple(ctx.shape), ctx.dtype, guidance, pack_adapters, timesteps, t_dtype,
            tuple(gated))
-    return _cached(unet, key, lambda packs: GuidedUNetGraph(unet, x, ctx, guidance, warmup, pack_adapters, packs,
-                                                            timesteps=timesteps, t_dtype=t_dtype, gated=gated))
-
-
-def _cached(module, key, make):
-    """The graph of `module` under `key`, made by make(packs) on first use; all of a module's graphs are dropped
-    when its weights or adapters change (new weights: old graphs would replay stale kernels)."""
-    sig = _signature(module)
-    entry = _GRAPHS.get(module)
-    if entry is None or entry["sig"] != sig:
-        entry = _GRAPHS[module] = {"sig": sig, "graphs": {}, "packs": {}}
-    if key not in entry["graphs"]:
-        entry["graphs"][key] = make(entry["packs"])
-    return entry["graphs"][key]
+    return cache.get(unet, key, lambda packs: GuidedUNetGraph(unet, x, ctx, guidance, warmup, pack_adapters, packs,
+                                                              timesteps=timesteps, t_dtype=t_dtype, gated=gated))
 
 
 class ReplayedCall:
@@ -209,26 +222,22 @@ class ReplayedCall:
         return self.out
 
 
-def encode_text(text_encoder, ids):
+def encode_text(text_encoder, ids, cache):
     """text_encoder(ids).last_hidden_state replayed from a CUDA graph (captured per shape), as a new tensor: SD 1.4's
     12-layer CLIP tower runs small kernels, launch-bound when eager."""
     ids = ids.to(text_encoder.device)
-    call = _cached(text_encoder, (tuple(ids.shape), ids.device),
-                   lambda packs: ReplayedCall(lambda i: text_encoder(i).last_hidden_state, [ids]))
+    call = cache.get(text_encoder, (tuple(ids.shape), ids.device),
+                     lambda packs: ReplayedCall(lambda i: text_encoder(i).last_hidden_state, [ids]))
     return call(ids).clone()  # a fresh tensor: a replay writes in place without a version bump that users could see
 
 
 def to_channels_last(module):
-    """Store a module's convolution weights channels_last (in place, once): cuDNN then runs its NHWC kernels, and
-    their outputs stay channels_last (minisd.groupnorm keeps them so through the norms)."""
+    """Store a module's convolution weights channels_last (in place; a no-op when they are): cuDNN then runs its NHWC
+    kernels, and their outputs stay channels_last (minisd.fast.groupnorm keeps them so through the norms). The same
+    function on either layout, other kernels: results may differ by rounding."""
     if any(m.weight.ndim == 4 and not m.weight.is_contiguous(memory_format=torch.channels_last)
            for m in module.modules() if isinstance(m, torch.nn.Conv2d)):
         module.to(memory_format=torch.channels_last)
-
-
-def release(module):
-    """Forget (and free) the graphs captured for this module (a U-Net, a text encoder)."""
-    _GRAPHS.pop(module, None)
 
 
 class TrainStepGraph:
