@@ -77,7 +77,7 @@ class FastPath:
         on_step a StepGates: its adapters are gated inside the graph, each replay with this step's gates."""
         if type(sd).guided_step is not pipeline.StableDiffusion.guided_step:
             return sd.guided_step(x, ctx, guidance)
-        to_channels_last(sd.vae)  # decode() at 512², batch 1: 21.6 -> 16.2 ms, H200 (docs/performance.md)
+        to_channels_last(sd.vae)  # NHWC decode is faster (docs/performance.md#channels_last-and-groupnorm)
         gated = on_step.names if isinstance(on_step, StepGates) else ()
         graphs = {}
 

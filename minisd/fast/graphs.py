@@ -17,8 +17,8 @@ minisd.fast.forms); the model code is unchanged, and a layer the forms were not 
 guided_unet keeps one graph per (unet, batch, latent size, dtype, guidance) and captures again whenever something the
 capture depends on changes: a parameter replaced or changed in place (merging an adapter), or which LoRA adapters
 run and with what gain. `release(module)` frees a module's graphs. It also stores the U-Net's convolution weights
-channels_last (once, in place; channels_last=False to keep them): cuDNN's NHWC kernels made the step 21 % (batch 1)
-and 7 % (batch 4) faster on an H200; the eager path computes the same function on either layout.
+channels_last (once, in place; channels_last=False to keep them): cuDNN's NHWC kernels make the step faster
+(docs/performance.md#channels_last-and-groupnorm); the eager path computes the same function on either layout.
 
 encode_text(text_encoder, ids): the text encoder replayed from a graph (ReplayedCall, captured per shape), as
 sample(cuda_graph=True) runs it; the result is a fresh tensor.
@@ -52,7 +52,8 @@ _SIDE_STREAMS = {}  # device index -> the one stream of all warm-ups and capture
 
 def _side_stream():
     """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace per stream it has run on
-    (32 MB here, H200), so a new stream per capture would hold another one for as long as the process lives."""
+    (docs/performance.md#memory), so a new stream per capture would hold another one for as long as the process
+    lives."""
     device = torch.cuda.current_device()
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream()
@@ -241,7 +242,7 @@ class TrainStepGraph:
     reduce_grads: a function run on one flat tensor holding every gradient, between the backward and the clipping,
     outside the graphs: e.g. `lambda g: dist.all_reduce(g, op=dist.ReduceOp.AVG)` under torchrun. The step is then
     two graphs (forward + backward; clipping + optimizer step) with one eager call between them. (An all-reduce
-    captured inside the graph hung on 2 H200s, docs/performance.md; the gradients are views of the flat tensor, as
+    captured inside the graph hangs: docs/performance.md#several-gpus; the gradients are views of the flat tensor, as
     DDP's gradient_as_bucket_view, so the call moves them all at once.)"""
 
     def __init__(self, loss_fn, optimizer, inputs, clip_norm=None, warmup=3, reduce_grads=None):
