@@ -418,7 +418,7 @@ def train(args, cleanup):
                          " (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do not"
                          " have; --algo locon also adapts convolutions)")
     lora.use_fused(sd.unet, device.type == "cuda", sd.text_encoder if args.te_rank else None)  # plain is faster on a CPU
-    if args.cuda_graph:  # cuDNN's NHWC kernels, minisd.fast's NHWC GroupNorm (docs/performance.md#channels_last-and-groupnorm)
+    if args.cuda_graph:  # NHWC kernels and GroupNorm (docs/performance.md#channels_last-and-groupnorm)
         sd.unet.to(memory_format=torch.channels_last)
     unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
     te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
