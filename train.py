@@ -418,7 +418,7 @@ def train(args, cleanup):
                          " (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do not"
                          " have; --algo locon also adapts convolutions)")
     lora.use_fused(sd.unet, device.type == "cuda", sd.text_encoder if args.te_rank else None)  # plain is faster on a CPU
-    if args.cuda_graph:  # cuDNN's NHWC kernels, and minisd.fast keeps the big activations NHWC (docs/performance.md)
+    if args.cuda_graph:  # NHWC kernels and GroupNorm (docs/performance.md#channels_last-and-groupnorm)
         sd.unet.to(memory_format=torch.channels_last)
     unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
     te_params = lora.trainable_parameters(sd.text_encoder, ADAPTER) if args.te_rank else []
@@ -603,7 +603,7 @@ def diffusion_loss(model, z0, noise, t, ctx, ac, snr, args, amp_dtype, device):
     a = ac[t][:, None, None, None]
     zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
     # fp16: float32 base under autocast. bf16: the base is bf16 already and runs as it is; autocast would only move
-    # every GroupNorm and LayerNorm to float32, with a cast on each side (docs/performance.md: 8 % of a step)
+    # every GroupNorm and LayerNorm to float32, with a cast on each side (docs/performance.md#training-speed)
     with torch.autocast(device.type, amp_dtype, enabled=amp_dtype == torch.float16, cache_enabled=False):
         eps = model(zt.to(ctx.dtype), t, ctx)
     per_sample = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))

@@ -1,4 +1,5 @@
-"""GroupNorm on a channels_last activation, in plain PyTorch: which formulation is cheapest (docs/performance.md).
+"""GroupNorm on a channels_last activation, in plain PyTorch: which formulation is cheapest
+(docs/performance.md#channels_last-and-groupnorm).
 
     python bench/groupnorm.py --out out/bench/groupnorm.json
     python bench/groupnorm.py --smoke --out /tmp/g.json       # the test suite's CPU smoke test: one small shape

@@ -1,5 +1,6 @@
 """Which U-Net levels gain from channels_last? The guided fp16 step replayed from a CUDA graph with the modules of
-some resolutions channels_last and the rest NCHW (docs/performance.md; minisd.fast.graphs makes all of them NHWC).
+some resolutions channels_last and the rest NCHW (docs/performance.md#channels_last-and-groupnorm;
+minisd.fast.graphs makes all of them NHWC).
 
     python bench/layout.py --out out/bench/layout.json
     python bench/layout.py --smoke --out /tmp/l.json      # the test suite's CPU smoke test: tiny U-Net, eager step

@@ -13,7 +13,7 @@ Per dtype (fp16, bf16) and batch (1, 4 images, CFG 7.5, so the U-Net sees 2, 8):
             stack's own: the other one's U-Net and VAE wait on the CPU; the text encoder is shared); the graph
             path's images and latents against the eager path's (rel err)
   compile   with pipeline: also diffusers with torch.compile(unet, mode="reduce-overhead", fullgraph=True) and a
-            channels_last U-Net (the stretch goal of issue 7), compile time reported
+            channels_last U-Net, compile time reported
   adapters  minisd with 1 and 2 unmerged rank-16 LoRA adapters (attn + ff, random non-zero ups) and with both
             merged, eager and graph; diffusers + peft with 2 unmerged adapters, eager
 """

@@ -14,8 +14,8 @@ except ImportError:
 
 # Activation bytes per (latent pixel x channels of the U-Net's first level x element size), lower bounds:
 SAMPLE_FACTOR = 16  # inference: the skip connections (layers + 1 per level), the feed-forward's 8-channel GEGLU input
-TRAIN_FACTOR = 200  # training keeps every activation for the backward: SD 1.4, 512², batch 8: 8.6 GB = 410 of these
-TRAIN_FACTOR_CHECKPOINTED = 80  # --grad-checkpointing: 3.5 GB = 167 of these (docs/performance.md)
+TRAIN_FACTOR = 200  # training keeps every activation for the backward (below the peaks in docs/performance.md#memory)
+TRAIN_FACTOR_CHECKPOINTED = 80  # --grad-checkpointing (likewise below its measured peaks)
 
 
 def check_device(spec):

@@ -79,8 +79,8 @@ class StableDiffusion:
     @torch.no_grad()
     def decode(self, latents):
         """Scaled latents (what the U-Net sees) -> images (B, 3, H, W) in [0, 1], float32 on the CPU.
-        Two images at a time: the VAE's full-resolution layers are the sampler's memory peak (512², batch 4, fp16,
-        H100: 2.18 GB above the weights in one call, 1.09 GB in pairs, 52 vs 64 ms; docs/performance.md)."""
+        Two images at a time: the VAE's full-resolution layers are the sampler's memory peak
+        (docs/performance.md#memory)."""
         z = latents.to(self.dtype) / self.vae.cfg.scale_factor
         return torch.cat([(self.vae.decode(pair).float() / 2 + 0.5).clamp(0, 1).cpu() for pair in z.split(2)])
 

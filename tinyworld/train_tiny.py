@@ -1,6 +1,6 @@
 """Train minisd-tiny from scratch on the tiny world: the VAE on the whole world, then text encoder + U-Net on base.
 
-    python -m tinyworld.train_tiny --out weights/tiny                  # one GPU, about 9 minutes on an H200
+    python -m tinyworld.train_tiny --out weights/tiny                  # one GPU (times: weights/tiny/training.json)
     python -m tinyworld.train_tiny --out /tmp/t --smoke --device cpu    # seconds: checks the plumbing
 
 The same minisd classes as SD 1.4 with a small config (the U-Net keeps the 12 + 1 + 12 block structure, so block

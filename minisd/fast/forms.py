@@ -2,8 +2,7 @@
 CUDA graph capture (minisd.fast.graphs.GuidedUNetGraph) sets them on the modules, `with applied({module: forward})`, and
 the modules' own forwards come back afterwards: the model code is unchanged, and eager runs never see them.
 
-FORMS, the ones GuidedUNetGraph uses by default (docs/performance.md: a guided SD 1.4 step at batch 1 takes 8.08
-instead of 9.16 ms on an H200, 20.2 instead of 23.1 at batch 4):
+FORMS, the ones GuidedUNetGraph uses by default (what each saves: docs/performance.md#capture-time-forms):
 "context_kv"  the cross-attention keys and values (to_k, to_v of every attn2) depend only on the text context,
               fixed for a whole sampling run: a second, small graph computes them when the context changes, and
               the step graph reads them (32 fewer GEMMs per step; built by GuidedUNetGraph, which owns that graph)

@@ -18,7 +18,8 @@ GraphCache: the graphs of one pipeline (sd.fast.graphs), one per (module, batch,
 guided_unet and encode_text capture again whenever something the capture depends on changes: a parameter replaced
 or changed in place (merging an adapter), or which LoRA adapters run and with what gain. cache.release(module) frees
 a module's graphs. Nothing here changes a module's memory layout: to_channels_last is an explicit call
-(minisd.fast.attach makes it on CUDA; the eager path computes the same function on either layout).
+(minisd.fast.attach makes it on CUDA: docs/performance.md#channels_last-and-groupnorm; the eager path computes the
+same function on either layout).
 
 encode_text(text_encoder, ids, cache): the text encoder replayed from a graph (ReplayedCall, captured per shape), as
 sample(cuda_graph=True) runs it; the result is a fresh tensor.
@@ -53,7 +54,8 @@ _SIDE_STREAMS = {}
 
 def _side_stream():
     """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace per stream it has run on
-    (32 MB here, H200), so a new stream per capture would hold another one for as long as the process lives."""
+    (docs/performance.md#memory), so a new stream per capture would hold another one for as long as the process
+    lives."""
     device = torch.cuda.current_device()
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream()
@@ -250,7 +252,7 @@ class TrainStepGraph:
     reduce_grads: a function run on one flat tensor holding every gradient, between the backward and the clipping,
     outside the graphs: e.g. `lambda g: dist.all_reduce(g, op=dist.ReduceOp.AVG)` under torchrun. The step is then
     two graphs (forward + backward; clipping + optimizer step) with one eager call between them. (An all-reduce
-    captured inside the graph hung on 2 H200s, docs/performance.md; the gradients are views of the flat tensor, as
+    captured inside the graph hangs: docs/performance.md#several-gpus; the gradients are views of the flat tensor, as
     DDP's gradient_as_bucket_view, so the call moves them all at once.)"""
 
     def __init__(self, loss_fn, optimizer, inputs, clip_norm=None, warmup=3, reduce_grads=None):

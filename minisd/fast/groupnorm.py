@@ -1,8 +1,9 @@
 """GroupNorm that keeps a channels_last activation channels_last (on CUDA).
 
 PyTorch's CUDA group_norm makes an NCHW copy of a channels_last input and returns NCHW, and the next conv (with
-channels_last weights) copies it back: two full copies per norm, ~15 % of a guided SD 1.4 step on an H100
-(bench/kernel_profile.py). For a channels_last CUDA input, GroupNorm.forward computes the same in the input's layout:
+channels_last weights) copies it back: two full copies per norm (their share of a step:
+docs/performance.md#channels_last-and-groupnorm). For a channels_last CUDA input, GroupNorm.forward computes the
+same in the input's layout:
 
     per (sample, group): float32 sums of x and x^2 (column sums of the [B, H*W, C] view, no copy)
     mean, var = E[x^2] - mean^2, rstd = 1 / sqrt(var + eps)                              [B, G]
@@ -30,9 +31,9 @@ class GroupNormNHWC(torch.autograd.Function):
         B, C, H, W = x.shape
         x3 = x.permute(0, 2, 3, 1).view(B, H * W, C)
         n = H * W * C // groups
-        # a, b (and the math of y = a x + b) in float16 for float16 x: one dtype makes a faster kernel (8x320x64x64:
-        # 91 vs 112 us on an H200), and the error is PyTorch's own kernel's (3e-4 against float32); bfloat16 (8-bit
-        # mantissa) and float32 keep float32 a, b
+        # a, b (and the math of y = a x + b) in float16 for float16 x: one dtype makes a faster kernel
+        # (docs/performance.md#channels_last-and-groupnorm), and the error is PyTorch's own kernel's (3e-4 against
+        # float32); bfloat16 (8-bit mantissa) and float32 keep float32 a, b
         ab = torch.float16 if x.dtype == torch.float16 else torch.float32
         sums = x3.new_empty(2, B, C, dtype=torch.float32)  # per channel: sums of x and of x^2 (few, small kernels)
         torch.sum(x3, 1, dtype=torch.float32, out=sums[0])
@@ -73,10 +74,8 @@ def group_norm_nhwc(x, groups, weight, bias, eps):
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and names; minisd.fast.speed_up swaps it in) that takes the channels_last
-    path above on CUDA, for activations large enough that the two copies cost more than its extra small kernels.
-    Measured on an H100 (bench/kernel_profile.py, graph replays, norm + the copy back): forward-only it wins from ~2.6 M
-    elements (2x320x64x64 fp16: 61 vs 74 us) and loses below (2x640x32x32: 50 vs 45 us); with the backward it wins
-    from ~10 M (8x320x64x64 bf16: 355 vs 370 us, 32x320x64x64: 1.03 vs 1.37 ms) and loses at 2.6 M (149 vs 120 us)."""
+    path above on CUDA, for activations large enough that the two copies cost more than its extra small kernels
+    (the thresholds come from docs/performance.md#channels_last-and-groupnorm)."""
 
     @classmethod
     def of(cls, norm):
