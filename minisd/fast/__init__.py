@@ -100,7 +100,8 @@ class FastPath:
 
 def attach(sd):
     """Put the speed layer on sd (in place; returns it): the module swaps, on CUDA the channels_last layout of the
-    convolution weights (cuDNN's NHWC kernels: docs/performance.md#channels_last-and-groupnorm), and sd.fast. On the CPU the layout is kept."""
+    convolution weights (cuDNN's NHWC kernels: docs/performance.md#channels_last-and-groupnorm), and sd.fast. On the
+    CPU the layout is kept."""
     for module in (sd.unet, sd.vae):
         speed_up(module)
         if sd.device.type == "cuda":
