@@ -34,7 +34,7 @@ import train
 from minisd import CheckpointError
 from minisd.checkpoint import read_pickle, read_state_dict
 from minisd.text import encode_prompts, load_tokenizer
-from tinyfiles import images, one_line_exit, tiny  # noqa: F401 (fixtures)
+from tinyfiles import images, one_line_exit, tiny, train_argv  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
 
@@ -42,11 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("MINISD_KILLS", 4))
 TE = "cond_stage_model.transformer.text_model."  # the released layout save_single_file writes
 TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-
-
-def train_argv(tiny, images, out, *extra):
-    return ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images), "--prompt",
-            "a box", "--resolution", "16", "--batch", "2", "--seed", "3", "--out", str(out), "--quiet", *map(str, extra)]
 
 
 # ------------------------------------------------------------------------------------------------ 1. files

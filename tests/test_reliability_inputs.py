@@ -34,7 +34,7 @@ import sample
 import train
 from minisd import CheckpointError
 from minisd.checkpoint import read_pickle
-from tinyfiles import images, one_line_exit, tiny  # noqa: F401 (fixtures)
+from tinyfiles import images, one_line_exit, tiny, train_argv  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,12 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # the tiny U-Net's first to_q: 32 -> 32
 Q_DIFFUSERS = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 K = Q.replace("to_q", "to_k")
-
-
-def train_argv(tiny, images, out, *extra):
-    return ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images),
-            "--prompt", "a box", "--resolution", "16", "--batch", "2", "--seed", "3", "--out", str(out), "--quiet",
-            *map(str, extra)]
 
 
 def sample_argv(tiny, out, *extra):
