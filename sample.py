@@ -34,11 +34,15 @@ from PIL.PngImagePlugin import PngInfo
 import lora
 import minisd
 from minisd import hashes
+from minisd.checkpoint import CheckpointError
+from minisd.cli import one_line_errors
 from minisd.files import atomic_save
 from minisd.images import grid, to_pil
 from minisd.limits import check_device, require, sampling_bytes
 
 TINY = Path(__file__).resolve().parent / "weights" / "tiny"
+# what checking the flags and reading or writing files raise: one line each (CheckpointError is a ValueError)
+INPUT_ERRORS = (ValueError, OSError, KeyError)
 CHUNK = 8  # images per sampler call: --n 100 runs 13 calls, chunk k seeded with --seed + k (n <= 8: one call)
 
 
@@ -245,42 +249,55 @@ def load_adapters(sd, adapters, dtype):
 
 
 def main(argv=None):
+    """Sample and write the PNGs. A bad flag or file ends the run with one line `error: ...` (--debug: the
+    traceback), as does too little memory; an error of the model's own code raises as it is."""
     args = parse_args(argv)
-    out = Path(args.out)
     try:
-        adapters = check(args)
-        dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
-        if args.device == "cpu":
-            torch.set_flush_denormal(True)  # tiny weights and activations otherwise hit slow denormal arithmetic
-        t0 = time.time()
-        sd = minisd.load(args.ckpt, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
-        check_model(args, sd)
-        names = load_adapters(sd, adapters, dtype)
-        on_step = step_switch(sd.unet, names, adapters, args.steps)
-        images = []
-        for k, first in enumerate(range(0, args.n, CHUNK)):
-            seed = (args.seed + k) % 2 ** 64 if k else args.seed
-            count = min(CHUNK, args.n - first)
-            chunk = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                                     eta=args.eta, height=args.height, width=args.width, n=count, seed=seed,
-                                     cuda_graph=graph_mode(args), sampler=args.sampler, on_step=on_step))
-            size = (chunk[0].height, chunk[0].width)
-            for i, im in enumerate(chunk if args.n > 1 else []):
-                info = png_info(args, sd, size, adapters, i, seed)
-                save_png(im, out.with_name(f"{out.stem}-{first + i:03d}.png"), info)
-            images += chunk
-        sheet = grid(images, min(len(images), 4)) if len(images) > 1 else images[0]
-        save_png(sheet, out, png_info(args, sd, size, adapters))
-    except (minisd.CheckpointError, ValueError, OSError, KeyError) as e:
-        if args.debug:
-            raise
-        sys.exit(f"error: {e}")
+        images, size, t0 = generate(args)
     except (MemoryError, torch.OutOfMemoryError) as e:
         if args.debug:
             raise
         size = f"--height {args.height} --width {args.width} " if args.height or args.width else ""
         sys.exit(f"error: out of memory at {size}--n {args.n} ({type(e).__name__})")
-    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {size[1]}x{size[0]}) in {time.time() - t0:.1f}s")
+    print(f"wrote {Path(args.out)} ({len(images)} image{'s' * (len(images) > 1)}, {size[1]}x{size[0]}) in "
+          f"{time.time() - t0:.1f}s")
+
+
+def generate(args):
+    """The images of --n, written one by one (n > 1) and as a grid at --out; returns them, their size and the time
+    the model began loading."""
+    out = Path(args.out)
+    with one_line_errors(INPUT_ERRORS, args.debug):
+        adapters = check(args)
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    if args.device == "cpu":
+        # process-wide: tiny weights and activations otherwise hit slow denormal arithmetic (flushed to 0 instead)
+        torch.set_flush_denormal(True)
+    t0 = time.time()
+    with one_line_errors(CheckpointError, args.debug):  # the file's problems; the model's code raises as it is
+        sd = minisd.load(args.ckpt, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    with one_line_errors(ValueError, args.debug):
+        check_model(args, sd)
+    with one_line_errors(CheckpointError, args.debug):  # the --lora files
+        names = load_adapters(sd, adapters, dtype)
+    on_step = step_switch(sd.unet, names, adapters, args.steps)
+    images = []
+    for k, first in enumerate(range(0, args.n, CHUNK)):
+        seed = (args.seed + k) % 2 ** 64 if k else args.seed
+        count = min(CHUNK, args.n - first)
+        chunk = to_pil(sd.sample(args.prompt, args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                                 eta=args.eta, height=args.height, width=args.width, n=count, seed=seed,
+                                 cuda_graph=graph_mode(args), sampler=args.sampler, on_step=on_step))
+        size = (chunk[0].height, chunk[0].width)
+        with one_line_errors(OSError, args.debug):
+            for i, im in enumerate(chunk if args.n > 1 else []):
+                info = png_info(args, sd, size, adapters, i, seed)
+                save_png(im, out.with_name(f"{out.stem}-{first + i:03d}.png"), info)
+        images += chunk
+    sheet = grid(images, min(len(images), 4)) if len(images) > 1 else images[0]
+    with one_line_errors(OSError, args.debug):
+        save_png(sheet, out, png_info(args, sd, size, adapters))
+    return images, size, t0
 
 
 def save_png(image, path, info):
