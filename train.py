@@ -72,7 +72,10 @@ def parse_args(argv=None):
     add_adapter_flags(p.add_argument_group("adapter"))
     add_training_flags(p.add_argument_group("training"))
     add_output_flags(p.add_argument_group("output"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device is None:  # asked only when needed: a forked run given --device cpu never touches CUDA
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
 
 def add_model_and_data_flags(a):
@@ -129,7 +132,7 @@ def add_training_flags(a):
     a.add_argument("--noise-offset", type=float, default=0.0,
                    help="offset noise (0.05-0.1 helps very dark/bright images)")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda where there is one)")
 
 
 def add_output_flags(a):
