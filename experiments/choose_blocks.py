@@ -138,6 +138,9 @@ def main(argv=None):
         score = f"{r['scores'][b]:10.4g}" if b in r["scores"] else f"{'-':>10s}"
         print(f"{b:6s} {score} {r['params'][b]:10d}{'  *' if b in r['blocks'] else ''}")
     used = sum(r["params"][b] for b in r["blocks"])
+    if args.method == "ablation" and r["details"]["B"] <= 0:
+        print(f"warning: the style adapter does not lower the denoising loss on --style-data (B = "
+              f"{r['details']['B']:.3g}): the ablation scores mean little")
     print(f"chosen ({used} of {r['budget']:.0f} parameters): --blocks {r['spec']}"
           + (f"  (or --blocks {args.out})" if args.out else ""))
 
