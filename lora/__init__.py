@@ -10,9 +10,11 @@ several named adapters (an identity adapter on all blocks, a style adapter on ch
                     block_weights=lora.parse_block_weights("OUTD"))
 
 Files: blocks (block names, lora-block-weight vectors), ranks (rank tables), layers (LoRALinear, LoConConv2d),
-fused (the fused autograd functions), network (inject and the switches), formats (kohya / diffusers files).
+fused (the fused autograd functions), network (inject and the switches), formats (kohya / diffusers files),
+choose (scores per block and a choice of blocks under a parameter budget).
 """
 from .blocks import BLOCKS, BLOCKS17, GROUPS, LBW_PRESETS, UNET_BLOCKS, block_of, parse_block_weights
+from .choose import block_parameters, choose_blocks
 from .formats import adapter_state_dict, kohya_metadata, load_kohya, read_adapter_file, save_kohya, unet_hash
 from .layers import Adapter, LoConConv2d, LoRALinear
 from .network import (C3LIER, LIERLA, TARGETS, adapted_layers, adapter_names, base_state_dict, enable, inject,
@@ -27,4 +29,5 @@ __all__ = [
     "C3LIER", "LIERLA", "TARGETS", "inject", "remove", "set_weights", "enable", "merge", "unmerge", "use_fused",
     "trainable_parameters", "adapted_layers", "adapter_names", "target_paths", "base_state_dict", "load_base_weights",
     "save_kohya", "load_kohya", "adapter_state_dict", "read_adapter_file", "kohya_metadata", "unet_hash",
+    "block_parameters", "choose_blocks",
 ]

@@ -104,3 +104,18 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
     (tmp_path / "l.txt").write_text("0 yes 0\n1 0 0\n")
     with pytest.raises(ValueError, match="l.txt:1: expected"):
         eyecheck.read_labels(tmp_path / "l.txt", 2)
+
+
+def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
+    import json
+
+    import choose_eval
+    choose_eval.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["metrics"]) == {"weights", "paper"} and report["metrics"]["paper"]["0"]["blocks"] == "in0,out3"
+    assert set(report["both"]["0"]) >= set(choose_eval.SMOKE_FAMILY)
+    assert all(len(r["per image"]["both"]) == 2 for r in report["per image"].values())
+    assert "| weights | 0 |" in (tmp_path / "results.md").read_text()
+    capsys.readouterr()
+    choose_eval.main(["--smoke", "--out", str(tmp_path)])  # everything found: nothing trained or scored again
+    assert "training 0 adapters" in capsys.readouterr().out

@@ -1,0 +1,280 @@
+"""How well do lora/choose.py's methods choose the style adapter's blocks? Checked against an oracle in the tiny world.
+
+The oracle trains style-only adapters (tinyworld STYLE_RECIPE) on every single coarse block and every in+out pair
+(25 sets), per training seed, and scores identity (all blocks, IDENTITY_RECIPE) + style(set) with the world's judges
+on the same "sks character ... zwx style" prompts and noise. Each method (experiments/choose_blocks.py on that
+seed's identity and all-block style adapters) chooses blocks under the same parameter budget; its choice is trained
+and scored the same way. Per seed and method:
+  regret    the oracle's best "both" among its sets within the budget - the method's "both"
+  tau       Kendall tau-b between the method's block scores and the oracle's single-block "both"
+  win rate  against the oracle's sets of the same size (singles, or in+out pairs): P(method > set), ties 1/2
+"paper" is the fixed in0+out3 choice, for comparison.
+
+    python experiments/choose_eval.py --seeds 0,1 --workers 7 --cuda-graph --out out/choose     # GPU; re-run to resume
+    python experiments/choose_eval.py --identity 26 --style zigzag/8 --out out/choose_26       # a reserved pair
+    python experiments/choose_eval.py --smoke --out /tmp/choose_smoke                          # CPU plumbing, < 60 s
+
+Resumable: trained adapters (adapters/), method choices (methods/) and scored settings (scores/) found under --out
+are kept; --budget-s stops starting new work after that many seconds (re-run to continue). Writes results.json
+(every image's scores, the choices, the metrics) and results.md once every setting is scored.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import lora.choose as choose  # noqa: E402
+import minisd  # noqa: E402
+from blockwise import COARSE, INS, OUTS, run_pool, train_job  # noqa: E402
+from choose_blocks import parse_args as choose_args, run as choose_run  # noqa: E402
+from tinyworld import judge as judges  # noqa: E402
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, prompts, rates, recipe_argv,  # noqa: E402
+                                 render_setting)
+from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, write_set  # noqa: E402
+
+TINY = ROOT / "weights" / "tiny"
+FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
+SMOKE_FAMILY = ["in0", "out3", "in0,out3"]
+EVAL_SEED = 3000  # prompts and noise (recipe.py uses 100, gates.py 1000 / 2000)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
+    p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--methods", default="ablation,weights,fisher", help="comma-separated lora/choose.py methods")
+    p.add_argument("--budget", default="in0,out3", help="parameters, a fraction <= 1, or a block set whose size it is")
+    p.add_argument("--rank", type=int, default=8, help="style adapter rank (the recipe's)")
+    p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (one GPU is shared by all)")
+    p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds")
+    p.add_argument("--smoke", action="store_true", help="plumbing check: 3 sets, 2 steps, 4 images, CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="out/choose")
+    args = p.parse_args(argv)
+    if args.identity not in HELD_MEMBERS:
+        p.error(f"--identity {args.identity}: not a held-out member; one of {HELD_MEMBERS}")
+    style = next((s for s in HELD_STYLES if s.name in (args.style, args.style + "/0")), None)
+    if style is None:
+        p.error(f"--style {args.style}: not a held-out style; one of {', '.join(s.name for s in HELD_STYLES)}")
+    args.style, args.seeds, args.methods = style, [int(s) for s in args.seeds.split(",")], args.methods.split(",")
+    if set(args.methods) - set(choose_blocks_methods()):
+        p.error(f"--methods: some of {', '.join(choose_blocks_methods())}, got {args.methods}")
+    if args.smoke:  # the ablation and fisher methods take minutes on a CPU: weights only, unless asked
+        args.n, args.sample_steps, args.device, args.workers = min(args.n, 2), 2, "cpu", 1
+        args.methods = ["weights"] if "--methods" not in (argv or sys.argv) else args.methods
+    args.family = SMOKE_FAMILY if args.smoke else FAMILY
+    args.recipe = {"identity": IDENTITY_RECIPE, "style": STYLE_RECIPE}
+    if args.smoke:
+        args.recipe = {k: v + " --steps 1 --batch 1" for k, v in args.recipe.items()}
+    return args
+
+
+def choose_blocks_methods():
+    return ("ablation", "weights", "fisher")
+
+
+# --------------------------------------------------------------------------------------------------- files
+
+def data_sets(args, out):
+    """{"identity": folder, "style": folder}: the shipped sets for the default pair, else (and in --smoke) sets of
+    the same size written for the pair (48 identity and 16 style images, seed 0; --smoke: 4 each)."""
+    if not args.smoke and args.identity == IDENTITY and args.style == HELD_STYLE:
+        return {"identity": ROOT / "data" / "identity", "style": ROOT / "data" / "style"}
+    folders = {}
+    for split, n in (("identity", 48), ("style", 16)):
+        n = 4 if args.smoke else n
+        folder = out / "data" / f"{split}_{args.identity}_{args.style.name.replace('/', '-')}_{n}"
+        if not folder.is_dir():
+            write_set(folder, n, seed=0, split=split, identity=args.identity, style=args.style)
+        folders[split] = folder
+    return folders
+
+
+def adapter_path(out, seed, data, blocks):
+    return out / "adapters" / f"seed{seed}" / f"{data}_{blocks.replace(',', '-')}.safetensors"
+
+
+def score_path(out, seed, blocks):
+    return out / "scores" / f"seed{seed}" / f"{blocks.replace(',', '-')}.json"
+
+
+def in_rounds(fn, jobs, args, deadline):
+    """run_pool in rounds of --workers jobs, starting none after the deadline; False if some were left."""
+    for i in range(0, len(jobs), args.workers):
+        if deadline and time.time() > deadline:
+            print(f"--budget-s reached: {len(jobs) - i} jobs left; run again to continue", flush=True)
+            return False
+        run_pool(fn, jobs[i:i + args.workers], args.workers)
+    return True
+
+
+def train_all(args, out, data, wanted, deadline):
+    """Train the (seed, data, blocks) adapters not found under out."""
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    threads = 1 if gpus else max(1, (os.cpu_count() or 1) // args.workers)
+    jobs = [(recipe_argv(data[d], blocks, adapter_path(out, seed, d, blocks), args.recipe[d], args.device, seed),
+             args.device, threads, args.cuda_graph) for seed, d, blocks in wanted
+            if not adapter_path(out, seed, d, blocks).exists()]
+    print(f"training {len(jobs)} adapters", flush=True)
+    return in_rounds(train_job, jobs, args, deadline)
+
+
+# ------------------------------------------------------------------------------------------ choices and scores
+
+def method_choice(args, out, data, seed, method, sd):
+    """A method's scores and choice for one seed (cached in methods/)."""
+    path = out / "methods" / f"seed{seed}" / f"{method}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    argv = ["--identity", str(adapter_path(out, seed, "identity", "all")),
+            "--style", str(adapter_path(out, seed, "style", "all")), "--identity-data", str(data["identity"]),
+            "--style-data", str(data["style"]), "--method", method, "--budget", str(args.budget_params),
+            "--rank", str(args.rank), "--algo", "locon", "--seed", str(seed), "--device", args.device]
+    argv += ["--images", "2", "--draws", "1"] if args.smoke else []
+    r = choose_run(choose_args(argv), sd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(r, indent=1))
+    return r
+
+
+def score_job(job):
+    """Render and judge identity + style(blocks) for a list of (seed, blocks); each result is written at once."""
+    items, out, args = job
+    torch.set_num_threads(1 if args.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // args.workers))
+    torch.set_flush_denormal(True)
+    sd = minisd.load(TINY, device=args.device)
+    judge = judges.load(TINY / "judge.safetensors", device=args.device)
+    captions, _ = prompts("combo", args.n, EVAL_SEED, args.identity, args.style)
+    for seed, blocks in items:
+        setting = Setting(blocks, ((adapter_path(out, seed, "identity", "all"), None),
+                                   (adapter_path(out, seed, "style", blocks), None)))
+        images = render_setting(sd, setting, captions, EVAL_SEED, steps=args.sample_steps)
+        r, s = rates(judge, images, args.identity, args.style)
+        r["per image"] = {k: s[k].tolist() for k in ("identity", "style", "both", "identity_sim", "style_sim")}
+        score_path(out, seed, blocks).parent.mkdir(parents=True, exist_ok=True)
+        score_path(out, seed, blocks).write_text(json.dumps(r))
+        print(f"seed {seed} identity + style({blocks}): both {r['both']:.2f}", flush=True)
+
+
+def score_all(args, out, wanted, deadline):
+    todo = [(seed, b) for seed, b in wanted if not score_path(out, seed, b).exists()]
+    print(f"scoring {len(todo)} settings", flush=True)
+    per = max(1, -(-len(todo) // (args.workers * 3)))  # about three chunks per worker
+    jobs = [(todo[i:i + per], out, args) for i in range(0, len(todo), per)]
+    return in_rounds(score_job, jobs, args, deadline)
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+def kendall_tau(x, y):
+    """Kendall tau-b of two equally long lists: (concordant - discordant) / sqrt((n0 - ties_x)(n0 - ties_y))."""
+    n, c, d, tx, ty = len(x), 0, 0, 0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            c, d = c + (sx * sy > 0), d + (sx * sy < 0)
+            tx, ty = tx + (sx == 0), ty + (sy == 0)
+    n0 = n * (n - 1) / 2
+    denom = ((n0 - tx) * (n0 - ty)) ** 0.5
+    return float((c - d) / denom) if denom else None
+
+
+def evaluate_choice(blocks, scores, both, params, budget, family):
+    """One method's metrics on one seed; both = {set: "both" rate}, params = {block: parameters}."""
+    size = lambda s: sum(params[b] for b in s.split(","))
+    fits = [s for s in family if size(s) <= budget]
+    best = max(fits, key=lambda s: both[s]) if fits else None
+    mine, key = both[",".join(blocks)], ",".join(blocks)
+    same = [s for s in family if len(s.split(",")) == len(blocks) and s != key]
+    singles = [b for b in COARSE if b in family and scores and b in scores]
+    return {"blocks": key, "params": size(key), "both": mine, "oracle best": best,
+            "oracle both": both[best] if best else None, "regret": both[best] - mine if best else None,
+            "tau": kendall_tau([scores[b] for b in singles], [both[b] for b in singles]) if len(singles) > 1 else None,
+            "win rate": float(np.mean([(mine > both[s]) + 0.5 * (mine == both[s]) for s in same])) if same else None}
+
+
+def mean_of(rows, key):
+    vals = [r[key] for r in rows if r[key] is not None]
+    return (float(np.mean(vals)), len(vals)) if vals else (None, 0)
+
+
+def markdown(report):
+    a = report["args"]
+    lines = [f"Choosing blocks against the oracle: identity {a['identity']}, style {a['style']}, seeds {a['seeds']}, "
+             f"budget {report['budget']:.0f} parameters ({a['budget']}), {a['n']} prompts per setting, "
+             f"{report['seconds']} s on {report['device']}.", "",
+             "| method | seed | chosen | params | both | oracle best (both) | regret | tau | win rate |",
+             "|---" * 9 + "|"]
+    f = lambda v: "-" if v is None else f"{v:.2f}"
+    for method, per_seed in report["metrics"].items():
+        for seed, m in per_seed.items():
+            lines.append(f"| {method} | {seed} | {m['blocks']} | {m['params']} | {f(m['both'])} | {m['oracle best']} "
+                         f"({f(m['oracle both'])}) | {f(m['regret'])} | {f(m['tau'])} | {f(m['win rate'])} |")
+    lines += ["", "| method | mean regret | mean tau | mean win rate |", "|---|---|---|---|"]
+    for method, (reg, tau, win) in report["means"].items():
+        lines.append(f"| {method} | {f(reg[0])} | {f(tau[0])} | {f(win[0])} |")
+    lines += ["", "Oracle, \"both\" per set and seed:", "", "| set | " + " | ".join(map(str, a["seeds"])) + " |",
+              "|---" * (len(a["seeds"]) + 1) + "|"]
+    for s in a["family"]:
+        lines.append(f"| {s} | " + " | ".join(f(report["both"][str(seed)][s]) for seed in a["seeds"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args, t0 = parse_args(argv), time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = t0 + args.budget_s if args.budget_s else None
+    data = data_sets(args, out)
+    base = [(s, "identity", "all") for s in args.seeds]
+    base += [(s, "style", b) for s in args.seeds for b in ["all", *args.family]]
+    if not train_all(args, out, data, base, deadline):
+        return
+    sd = minisd.load(TINY, device=args.device)
+    params = choose.block_parameters(sd.unet, args.rank, "locon")
+    spec = args.budget
+    args.budget_params = sum(params[b] for b in spec.split(",")) if spec[:1].isalpha() else spec
+    budget = choose.resolve_budget(args.budget_params, params)
+    choices = {m: {s: method_choice(args, out, data, s, m, sd) for s in args.seeds} for m in args.methods}
+    choices["paper"] = {s: {"blocks": ["in0", "out3"], "scores": None} for s in args.seeds}
+    del sd
+    chosen = {(s, ",".join(c[s]["blocks"])) for c in choices.values() for s in args.seeds}
+    if not train_all(args, out, data, [(s, "style", b) for s, b in sorted(chosen)], deadline):
+        return
+    wanted = sorted({(s, b) for s in args.seeds for b in args.family} | chosen)
+    if not score_all(args, out, wanted, deadline):
+        return
+    scored = {(s, b): json.loads(score_path(out, s, b).read_text()) for s, b in wanted}
+    both = {s: {b: scored[s, b]["both"] for ss, b in wanted if ss == s} for s in args.seeds}
+    metrics = {m: {s: evaluate_choice(c[s]["blocks"], c[s]["scores"], both[s], params, budget, args.family)
+                   for s in args.seeds} for m, c in choices.items()}
+    means = {m: [mean_of(list(rows.values()), k) for k in ("regret", "tau", "win rate")] for m, rows in metrics.items()}
+    report = {"args": {**vars(args), "style": args.style.name}, "budget": budget, "params": params,
+              "seconds": round(time.time() - t0), "device": torch.cuda.get_device_name(0)
+              if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+              "choices": {m: {str(s): c for s, c in cs.items()} for m, cs in choices.items()},
+              "both": {str(s): v for s, v in both.items()}, "metrics": metrics, "means": means,
+              "per image": {f"seed{s} {b}": r for (s, b), r in scored.items()}}
+    (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "results.md").write_text(markdown(json.loads(json.dumps(report, default=str))))
+    print(markdown(json.loads(json.dumps(report, default=str))))
+    print(f"wrote {out}/results.md, results.json in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""lora/choose.py: parameter counts, the greedy choice, and that each method finds the block a style lives in."""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lora
+import lora.choose as choose
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
+
+
+def randomize(unet, name, seed, std=0.2, blocks=None):
+    """Random ups (a fresh adapter's are 0), only in the coarse `blocks` if given."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for path, layer in lora.adapted_layers(unet, name=name):
+            if blocks is None or choose.GROUP_OF[lora.block_of(path)] in blocks:
+                layer.adapters[name].up.normal_(0, std, generator=g)
+
+
+@pytest.fixture
+def unet(lora_sd):
+    return copy.deepcopy(lora_sd.unet)
+
+
+def test_parameters_per_block_by_hand(unet):
+    # the small U-Net's in0 = IN01, IN02: two transformers at 32 channels, context 64, ff inner 128 (GEGLU: 256).
+    # Per transformer, rank r: attn1 q k v out 4 x r(32+32); attn2 q, out 2 x r(32+32), k v 2 x r(64+32);
+    # ff 0.proj r(32+256), ff 2 r(128+32); proj_in, proj_out (1x1 convs) 2 x r(32+32): 1152 r
+    params = choose.block_parameters(unet, rank=4, algo="lora")
+    assert params["in0"] == 2 * 1152 * 4
+    assert params["in3"] == 0 and params["out0"] == 0  # no attention at the lowest level: nothing for LoRA
+    locon = choose.block_parameters(unet, rank=4, algo="locon")
+    assert locon["in3"] > 0 and all(locon[b] >= params[b] for b in choose.COARSE)
+    lora.inject(unet, "x", lora.rank_table("in0=4"))  # the same count as an injected adapter's tensors
+    assert sum(p.numel() for p in lora.trainable_parameters(unet, "x")) == params["in0"]
+
+
+def test_greedy_choice_under_a_budget():
+    params = dict.fromkeys(choose.COARSE, 0) | {"in0": 10, "in1": 30, "mid": 20, "out3": 10}
+    scores = {"in0": 0.5, "in1": 2.0, "mid": 1.0, "out3": -1.0}
+    assert choose.choose_blocks(scores, params, 40, rank=8) == (["in0", "in1"], "in0=8,in1=8")  # in U-Net order
+    assert choose.choose_blocks(scores, params, 30)[0] == ["in1"]  # in1 fills it: mid and in0 no longer fit
+    assert choose.choose_blocks(scores, params, 25)[0] == ["mid"]  # mid fits; in0 on top would not
+    assert choose.choose_blocks(scores, params, 1.0)[0] == ["in0", "in1", "mid"]  # all of it; negative left out
+    assert choose.choose_blocks({"out3": -1.0, "in1": -2.0}, params, 10)[0] == ["out3"]  # at least one block
+    with pytest.raises(ValueError, match="no block fits a budget of 5"):
+        choose.choose_blocks(scores, params, 5)
+    assert choose.resolve_budget(0.5, params) == 35
+
+
+def adapters_in(unet, tmp_path):
+    """An identity adapter everywhere but out3; a style adapter on in0 (a copy of the identity's update there: overlap
+    1) and on out3 (its own). -> the two files."""
+    lora.inject(unet, "identity", lora.rank_table("all=4,out3=0"))
+    randomize(unet, "identity", 0)
+    lora.inject(unet, "style", lora.rank_table("in0=4,out3=4"))
+    randomize(unet, "style", 1)
+    with torch.no_grad():
+        for path, layer in lora.adapted_layers(unet, name="style"):
+            if lora.block_of(path).startswith("IN"):
+                for part in ("down", "up"):
+                    getattr(layer.adapters["style"], part).copy_(getattr(layer.adapters["identity"], part))
+    files = tmp_path / "identity.safetensors", tmp_path / "style.safetensors"
+    for name, f in zip(("identity", "style"), files):
+        lora.save_kohya(f, unet, name=name)
+    lora.remove(unet, "identity")
+    lora.remove(unet, "style")
+    return files
+
+
+def test_weight_signals_rank_the_style_only_block_first(unet, tmp_path):
+    identity, style = adapters_in(unet, tmp_path)
+    params = choose.block_parameters(unet, 4)
+    scores, signals = choose.weight_scores(unet, identity, style, params)
+    assert signals["in0"]["overlap"] == pytest.approx(1, abs=1e-5) and signals["out3"]["overlap"] == 0
+    assert signals["in0"]["update"] > 0 and signals["out3"]["update"] > 0
+    assert max(scores, key=scores.get) == "out3" and scores["in0"] == pytest.approx(0, abs=1e-5)
+    assert set(scores) == {b for b in choose.COARSE if params[b]} and scores["in1"] == 0  # no style update there
+    assert choose.choose_blocks(scores, params, params["out3"], rank=4) == (["out3"], "out3=4")
+
+
+def draws_of(seed, n=2):
+    g = torch.Generator().manual_seed(seed)
+    return choose.make_draws(torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 77, 64, generator=g), n=2, seed=seed)
+
+
+def test_ablation_finds_the_block_the_style_lives_in(lora_sd):
+    unet, ac = copy.deepcopy(lora_sd.unet), lora_sd.schedule.alphas_cumprod
+    style_draws, identity_draws = draws_of(1), draws_of(2)
+    lora.inject(unet, "identity", lora.rank_table("all", rank=4))
+    randomize(unet, "identity", 0, std=0.05)
+    lora.inject(unet, "style", lora.rank_table("in1=4"))  # the style: fitted to the style draws, in in1 only
+    opt = torch.optim.Adam(lora.trainable_parameters(unet, "style"), lr=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        choose.denoising_loss(unet, ac, style_draws, grad=True).backward()
+        opt.step()
+    params = choose.block_parameters(lora_sd.unet, 4)
+    scores, details = choose.ablation_scores(unet, ac, style_draws, identity_draws, params)
+    assert details["B"] > 0 and max(scores, key=scores.get) == "in1"
+    assert all(abs(details["benefit"][b]) < 1e-6 for b in scores if b != "in1")  # no style there: no change
+    assert all(a.block_multiplier == 1 for _, layer in lora.adapted_layers(unet, name="style")
+               for a in [layer.adapters["style"]])  # the weights are put back
+    assert choose.choose_blocks(scores, params, params["in1"])[0] == ["in1"]
+
+
+def test_fisher_is_zero_where_style_and_identity_pull_the_same_way(lora_sd):
+    unet, ac = copy.deepcopy(lora_sd.unet), lora_sd.schedule.alphas_cumprod
+    params = choose.block_parameters(unet, 4)
+    same, details = choose.fisher_scores(unet, ac, draws_of(1), draws_of(1), params, chunks=2)
+    assert all(abs(details["cos"][b] - 1) < 1e-4 for b in same) and max(map(abs, same.values())) < 1e-3
+    scores, details = choose.fisher_scores(unet, ac, draws_of(1), draws_of(2), params, chunks=2)
+    assert all(details["fisher"][b] > 0 for b in scores) and sum(scores.values()) > 0
+    assert not any(p.requires_grad for p in unet.parameters())  # the flags are put back
+
+
+def test_the_script_writes_a_table_train_py_trains(lora_sd, layouts, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import choose_blocks
+    import train
+    identity, style = adapters_in(copy.deepcopy(lora_sd.unet), tmp_path)
+    table = tmp_path / "table.json"
+    choose_blocks.main(["--ckpt", str(layouts["diffusers"]), "--identity", str(identity), "--style", str(style),
+                        "--method", "weights", "--budget", "0.2", "--rank", "4", "--out", str(table)])
+    assert "--blocks out3=4" in capsys.readouterr().out
+    assert json.loads(table.read_text()) == {"dims": "out3=4"}
+    assert lora.rank_table(str(table)).blocks() == ["OUT09", "OUT10", "OUT11"]
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "style_out3.safetensors"
+    train.main(["--ckpt", str(layouts["diffusers"]), "--data", str(tmp_path), "--prompt", "a box",
+                "--blocks", str(table), "--steps", "1", "--batch", "1", "--out", str(out), "--quiet", "--device", "cpu"])
+    assert {lora.block_of(p) for _, p, *_ in lora.read_adapter_file(out, lora_sd.unet)} == {"OUT09", "OUT10", "OUT11"}
+    for argv, message in ((["--method", "ablation", "--identity", str(identity), "--style", str(style)],
+                           "--identity-data is needed"),
+                          (["--identity", str(tmp_path / "nope.safetensors"), "--style", str(style)],
+                           "nope.safetensors"),
+                          (["--identity", str(identity), "--style", str(style), "--budget", "lots"], "--budget lots")):
+        with pytest.raises(SystemExit, match=message):
+            choose_blocks.main(["--ckpt", str(layouts["diffusers"]), *argv])
