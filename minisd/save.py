@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import rename, unet_prefixes, vae_prefixes
-from .pipeline import SINGLE_FILE_PARTS
+from .layouts import SINGLE_FILE_PARTS
 from .text import released_clip_config, released_clip_state_dict
 
 

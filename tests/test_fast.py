@@ -19,7 +19,7 @@ from minisd.fast.modules import InPlaceResnetBlock, LeanGEGLU
 from tinyfiles import tiny  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["unet", "vae", "ddim", "text", "checkpoint", "pipeline"]
+CORE = ["unet", "vae", "ddim", "text", "checkpoint", "layouts", "pipeline"]
 
 
 def rel(a, b):

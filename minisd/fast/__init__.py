@@ -1,5 +1,5 @@
-"""minisd.fast: the speed layer. The readable core (unet, vae, ddim, text, checkpoint, pipeline) never imports it;
-it is put on from outside, and computes what the core computes.
+"""minisd.fast: the speed layer. The readable core (unet, vae, ddim, text, checkpoint, layouts, pipeline) never
+imports it; it is put on from outside, and computes what the core computes.
 
     sd = minisd.load(path, device="cuda")     # = minisd.fast.load: minisd.pipeline.load, then attach(sd)
     sd.sample("a cat")                          # on CUDA: CUDA graphs (cuda_graph=False: the eager core)
