@@ -136,7 +136,7 @@ def lbw_tag(a):
     if a.blocks is not None:
         preset = a.blocks.strip().upper()
         values = ",".join(f"{v:g}" for v in lora.parse_block_weights(a.blocks).values())
-        tag += f":lbw={preset if preset in lora.LBW_PRESETS else values}"
+        tag += f":lbw={preset if preset in lora.blocks.LBW_PRESETS else values}"
     tag += "".join(f":{k}={v}" for k, v in (("start", a.start), ("stop", a.stop)) if v is not None)
     return tag + ">"
 
@@ -153,7 +153,7 @@ def step_switch(unet, names, adapters, steps):
     """on_step for sample(): each adapter with a step range runs on the U-Net only in its steps (step_table); its
     text-encoder part stays on: the prompt is encoded once, before the first step (as in webui). A
     minisd.fast.StepGates: eagerly it switches the adapters, under CUDA graphs the graph reads a gate per step."""
-    table = {n: on for n, on in step_table(names, adapters, steps).items() if lora.adapted_layers(unet, name=n)}
+    table = {n: on for n, on in step_table(names, adapters, steps).items() if lora.network.adapted_layers(unet, name=n)}
     return minisd.fast.StepGates(table, lambda name, on: lora.enable(unet, name, on)) if table else None
 
 
@@ -243,8 +243,8 @@ def load_adapters(sd, adapters, dtype):
             i += 1
             name = f"{stem}_{i}"
         names.append(name)
-        lora.load_kohya(a.path, sd.unet, sd.text_encoder, name=name, weight=a.weight,
-                        block_weights=lora.parse_block_weights(a.blocks) if a.blocks else None, dtype=dtype)
+        lora.load(a.path, sd.unet, sd.text_encoder, name=name, weight=a.weight,
+                  block_weights=lora.parse_block_weights(a.blocks) if a.blocks else None, dtype=dtype)
     return names
 
 

@@ -313,7 +313,7 @@ def start_processes(args, world):
 class Inputs:
     """What the flags name, read and checked before the model is: the files a run reads and writes."""
     out: Path  # the adapter file, locked while the run lives
-    table: lora.RankTable  # --blocks: the rank (and alpha) of each block
+    table: lora.ranks.RankTable  # --blocks: the rank (and alpha) of each block
     items: list  # (path, caption, repeats) of each training image
     prior_items: list  # the same for --prior-data's class images
     prompts: list  # --sample-prompts
@@ -490,9 +490,9 @@ def check_model_takes(sd, inputs, args):
 
 def adapter_bytes(sd, table, args):
     """The adapter's float32 parameters, gradients and two AdamW moments (16 bytes a value), before they exist."""
-    targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
+    targets = lora.LOCON_TARGETS if args.algo == "locon" else lora.LORA_TARGETS
     values = 0
-    for path, rank, _ in lora.target_paths(sd.unet, table, targets):
+    for path, rank, _ in lora.network.target_paths(sd.unet, table, targets):
         m = sd.unet.get_submodule(path)
         n_in, n_out = (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else \
             (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
@@ -505,7 +505,7 @@ def adapter_bytes(sd, table, args):
 def add_adapters(sd, table, gen, args):
     """The adapter being trained, in float32 (initialized from `gen`); returns its U-Net and text-encoder
     parameters."""
-    targets = lora.C3LIER if args.algo == "locon" else lora.LIERLA
+    targets = lora.LOCON_TARGETS if args.algo == "locon" else lora.LORA_TARGETS
     text_encoder = sd.text_encoder if args.te_rank else None
     adapted = lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=text_encoder, te_rank=args.te_rank,
                           te_alpha=args.te_alpha, generator=gen)
@@ -513,7 +513,7 @@ def add_adapters(sd, table, gen, args):
         raise RunError(f"--blocks {args.blocks}: nothing to train, no {args.algo} target layer in a block of nonzero "
                        "rank (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do "
                        "not have; --algo locon also adapts convolutions)")
-    lora.use_fused(sd.unet, sd.device.type == "cuda", text_encoder)  # plain is faster on a CPU
+    lora.network.use_fused(sd.unet, sd.device.type == "cuda", text_encoder)  # plain is faster on a CPU
     if args.cuda_graph:  # cuDNN's NHWC kernels, NHWC GroupNorm (docs/performance.md#channels_last-and-groupnorm)
         sd.unet.to(memory_format=torch.channels_last)
     unet_params = lora.trainable_parameters(sd.unet, ADAPTER) if any(p.startswith("unet.") for p in adapted) else []
@@ -967,7 +967,7 @@ def save_adapter(run):
     """The trained adapter at --out; on a full disk a checkpoint instead, if one fits, and one line saying so."""
     metadata = kohya_args(run.args, len(run.data.captions), run.size, run.step)
     try:
-        atomic_save(lambda p: lora.save_kohya(p, run.sd.unet, run.sd.text_encoder, ADAPTER, metadata=metadata),
+        atomic_save(lambda p: lora.save(p, run.sd.unet, run.sd.text_encoder, ADAPTER, metadata=metadata),
                     run.out)
     except OSError as e:  # a full disk: keep the run if a checkpoint still fits
         try:
@@ -988,7 +988,7 @@ def save_checkpoint(run):
     path = out.with_name(f"{out.stem}-step{step:06d}.state.pt")
     try:
         meta = kohya_args(args, 0, 0, step)
-        atomic_save(lambda p: lora.save_kohya(p, run.sd.unet, run.sd.text_encoder, ADAPTER, metadata=meta), adapter)
+        atomic_save(lambda p: lora.save(p, run.sd.unet, run.sd.text_encoder, ADAPTER, metadata=meta), adapter)
         atomic_save(lambda p: torch.save(state, p), path)
     except OSError as e:
         adapter.unlink(missing_ok=True)

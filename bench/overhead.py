@@ -10,7 +10,7 @@ their factors (float32 masters, rank 16 on to_q/k/v/out.0 + ff.net.0.proj/ff.net
 stacks); without, it runs to the latents, so both rows make the same backward pass through the frozen network.
   minisd            minisd.UNet, adapters disabled
   minisd+fused      lora's fused autograd functions (the default)
-  minisd+plain      lora.use_fused(unet, False): the plain composition
+  minisd+plain      lora.network.use_fused(unet, False): the plain composition
   diffusers         UNet2DConditionModel
   diffusers+peft    with peft's LoraConfig(r=16) on the same layers
   .../bf16          the same without autocast: the bf16 base runs as it is (autocast would run every GroupNorm and
@@ -60,7 +60,7 @@ def main(argv=None):
         amp = not variant.endswith("/bf16")  # /bf16: the bf16 base run as it is, no autocast (norms in bf16)
         if variant.startswith("minisd"):
             lora.enable(ours, "a", adapters)
-            lora.use_fused(ours, "plain" not in variant)
+            lora.network.use_fused(ours, "plain" not in variant)
             model, params = (lambda z: ours(z, t, ctx)), ours_params
             x = x.to(memory_format=torch.channels_last)
         else:

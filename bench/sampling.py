@@ -263,7 +263,7 @@ def main(argv=None):
                     for name in ("a", "b"):
                         lora.inject(sd.unet, name, 16, targets=("attn", "ff"), dtype=dt, generator=gen)
                         with torch.no_grad():
-                            for _, layer in lora.adapted_layers(sd.unet, name=name):
+                            for _, layer in lora.network.adapted_layers(sd.unet, name=name):
                                 layer.adapters[name].up.normal_(0, 0.02, generator=gen)
                     cases = [("none", lambda: None), ("1 unmerged", lambda: lora.enable(sd.unet, "b", False)),
                              ("2 unmerged", lambda: lora.enable(sd.unet, "b", True)),

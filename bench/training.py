@@ -11,7 +11,7 @@ clip_grad_norm_(1.0), AdamW. One step = draw t and noise, forward, backward, cli
 --algos locon: also every ResBlock and sampler conv (3x3 convs at --conv-rank 8, k x k down / 1x1 up; the 1x1
 shortcuts and time-embedding projections at rank 16); peft: the same modules, rank_pattern for the 3x3 convs.
   minisd-eager        lora's fused autograd functions (the default)
-  minisd-eager-plain  lora.use_fused(unet, False): the plain composition
+  minisd-eager-plain  lora.network.use_fused(unet, False): the plain composition
   minisd-graph        minisd.fast.TrainStepGraph: forward + backward + clip + AdamW(capturable) in one CUDA graph
   diffusers-eager     diffusers UNet2DConditionModel + peft
   ...-cl              minisd's U-Net channels_last
@@ -166,7 +166,7 @@ def main(argv=None):
                     continue
                 try:
                     resident(*((ref, ours) if v.startswith("diffusers") else (ours, ref)))
-                    lora.use_fused(ours, "plain" not in v)
+                    lora.network.use_fused(ours, "plain" not in v)
                     ours.gradient_checkpointing = "-ckpt" in v
                     if "-cl" in v:
                         ours.to(memory_format=torch.channels_last)
@@ -199,7 +199,7 @@ def main(argv=None):
                     rec.error(f"train {algo} {v} b{B}", e)
                 ours.to(memory_format=torch.contiguous_format)
                 ours.gradient_checkpointing = False
-            lora.use_fused(ours, True)
+            lora.network.use_fused(ours, True)
             free(dev)
 
     rows = [r for r in rec.rows if r["section"] == "train"]

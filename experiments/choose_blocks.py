@@ -93,10 +93,10 @@ def block_scores(sd, method, params, args, id_draws=None, style_draws=None):
     ac = sd.schedule.alphas_cumprod
     if method == "fisher":
         return choose.fisher_scores(sd.unet, ac, style_draws, id_draws, params, args.algo)
-    lora.load_kohya(args.identity, sd.unet, sd.text_encoder, name="identity")
+    lora.load(args.identity, sd.unet, sd.text_encoder, name="identity")
     try:
-        lora.load_kohya(args.style, sd.unet, sd.text_encoder, name="style")
-        lora.use_fused(sd.unet, sd.device.type == "cuda")  # the plain composition is faster on a CPU (train.py)
+        lora.load(args.style, sd.unet, sd.text_encoder, name="style")
+        lora.network.use_fused(sd.unet, sd.device.type == "cuda")  # the plain composition is faster on a CPU (train.py)
         try:
             return choose.ablation_scores(sd.unet, ac, style_draws, id_draws, params, harm_weight=args.harm_weight)
         finally:

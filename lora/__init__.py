@@ -5,29 +5,30 @@ several named adapters (an identity adapter on all blocks, a style adapter on ch
     lora.inject(sd.unet, "identity", table, text_encoder=sd.text_encoder, te_rank=4)
     params = lora.trainable_parameters(sd.unet, "identity", text_encoder=sd.text_encoder)
     ...train params (the fused path is used under autocast too)...
-    lora.save_kohya("identity.safetensors", sd.unet, sd.text_encoder, "identity", {"ss_steps": 1000})
-    lora.load_kohya("style.safetensors", sd.unet, sd.text_encoder, name="style", weight=0.8,
-                    block_weights=lora.parse_block_weights("OUTD"))
+    lora.save("identity.safetensors", sd.unet, sd.text_encoder, "identity", {"ss_steps": 1000})
+    lora.load("style.safetensors", sd.unet, sd.text_encoder, name="style", weight=0.8,
+              block_weights=lora.parse_block_weights("OUTD"))
+    lora.set_weight(sd.unet, "style", 0.5, text_encoder=sd.text_encoder)   # later: another global weight
 
-Files: blocks (block names, lora-block-weight vectors), ranks (rank tables), layers (LoRALinear, LoConConv2d),
-fused (the fused autograd functions), network (inject and the switches), formats (kohya / diffusers files),
-choose (scores per block and a choice of blocks under a parameter budget).
+The names below are the public API; the rest is importable from its submodule (lora.network.adapted_layers,
+lora.blocks.block_of, lora.layers.LoRALinear, lora.formats.unet_hash, ...). Files: blocks (block names,
+lora-block-weight vectors), ranks (rank tables), layers (LoRALinear, LoConConv2d), fused (the fused autograd
+functions), network (inject and the switches), formats (kohya / LyCORIS / diffusers / peft files), choose (scores
+per block and a choice of blocks under a parameter budget).
 """
-from .blocks import BLOCKS, BLOCKS17, GROUPS, LBW_PRESETS, UNET_BLOCKS, block_of, parse_block_weights
+# Importing a submodule makes it an attribute of the package: these imports load all seven (choose loads layers,
+# layers loads fused), so `import lora; lora.network.adapted_layers` works (tests/test_lora_network.py checks it).
+from .blocks import BLOCKS, GROUPS, parse_block_weights
 from .choose import block_parameters, choose_blocks
-from .formats import adapter_state_dict, kohya_metadata, load_kohya, read_adapter_file, save_kohya, unet_hash
-from .layers import Adapter, LoConConv2d, LoRALinear
-from .network import (C3LIER, LIERLA, TARGETS, adapted_layers, adapter_names, base_state_dict, enable, inject,
-                      load_base_weights, merge, remove, set_weights, target_paths, trainable_parameters, unmerge,
-                      use_fused)
-from .ranks import RANK_PRESETS, RankTable, rank_table
+from .formats import load, save
+from .network import (LOCON_TARGETS, LORA_TARGETS, adapter_names, enable, inject, merge, remove, set_weight,
+                      trainable_parameters, unmerge)
+from .ranks import rank_table
 
 __all__ = [
-    "BLOCKS", "BLOCKS17", "GROUPS", "LBW_PRESETS", "UNET_BLOCKS", "block_of", "parse_block_weights",
-    "RANK_PRESETS", "RankTable", "rank_table",
-    "Adapter", "LoConConv2d", "LoRALinear",
-    "C3LIER", "LIERLA", "TARGETS", "inject", "remove", "set_weights", "enable", "merge", "unmerge", "use_fused",
-    "trainable_parameters", "adapted_layers", "adapter_names", "target_paths", "base_state_dict", "load_base_weights",
-    "save_kohya", "load_kohya", "adapter_state_dict", "read_adapter_file", "kohya_metadata", "unet_hash",
-    "block_parameters", "choose_blocks",
+    "BLOCKS", "GROUPS", "parse_block_weights", "rank_table",
+    "LORA_TARGETS", "LOCON_TARGETS", "inject", "remove", "enable", "merge", "unmerge", "set_weight",
+    "trainable_parameters", "adapter_names",
+    "save", "load",
+    "choose_blocks", "block_parameters",
 ]

@@ -34,11 +34,11 @@ import torch
 from .blocks import BLOCKS, GROUPS, block_of
 from .formats import read_adapter_file
 from .layers import wrap
-from .network import C3LIER, LIERLA, set_weights, target_paths
+from .network import LOCON_TARGETS, LORA_TARGETS, set_weight, target_paths
 from .ranks import rank_table
 
 COARSE = tuple(GROUPS)  # in0, in1, in2, in3, mid, out0, out1, out2, out3
-ALGOS = {"lora": LIERLA, "locon": C3LIER}  # train.py --algo -> inject targets
+ALGOS = {"lora": LORA_TARGETS, "locon": LOCON_TARGETS}  # train.py --algo -> inject targets
 GROUP_OF = {b: g for g, blocks in GROUPS.items() for b in blocks}  # 'IN04' -> 'in1'
 
 
@@ -163,7 +163,7 @@ def denoising_loss(unet, alphas_cumprod, draws, chunk=16, grad=False):
 
 def _with_blocks(unet, name, on):
     """Per-block weights of adapter `name`: 1 in the coarse blocks `on` (and BASE, the text encoder), 0 elsewhere."""
-    set_weights(unet, name, block_weights={"BASE": 1.0, **{b: 1.0 for b in on}})
+    set_weight(unet, name, block_weights={"BASE": 1.0, **{b: 1.0 for b in on}})
 
 
 def ablation_scores(unet, alphas_cumprod, style_draws, identity_draws, params, style="style", identity="identity",
@@ -188,7 +188,7 @@ def ablation_scores(unet, alphas_cumprod, style_draws, identity_draws, params, s
             benefit[b] = ((s_none - s_only) + (s_wo - s_all)) / 2
             harm[b] = ((i_only - i_none) + (i_all - i_wo)) / 2
     finally:
-        set_weights(unet, style, block_weights=dict.fromkeys(BLOCKS, 1.0))
+        set_weight(unet, style, block_weights=dict.fromkeys(BLOCKS, 1.0))
     B, P = s_none - s_all, sum(params[b] for b in blocks)
     scale = abs(B) or 1.0
     scores = {b: benefit[b] / scale / (params[b] / P) - harm_weight * harm[b] / scale for b in blocks}

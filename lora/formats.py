@@ -20,11 +20,11 @@ LoHa (hada_*), LoKr (lokr_*), DoRA (dora_scale, magnitude vectors), Tucker LoCon
 whole-tensor differences (.diff, .diff_b), and
 SD 2.x / SDXL adapters (hinted from their key names and shapes).
 
-Metadata written by save_kohya (safetensors metadata is str -> str):
+Metadata written by `save` (safetensors metadata is str -> str):
     ss_network_module "networks.lora", ss_network_dim / ss_network_alpha (the largest linear rank and its alpha),
     ss_network_args   JSON: kohya's block_dims, block_alphas (25 comma-separated values each, IN00..OUT11), and
                       for LoCon files conv_block_dims, conv_block_alphas, conv_dim / conv_alpha: kohya's create_network
-                      given these builds exactly the file's modules (for the LIERLA and C3LIER targets)
+                      given these builds exactly the file's modules (for LORA_TARGETS and LOCON_TARGETS)
     ss_base_model_version "sd_v1", ss_v2 "False"
     minisd_adapter_name, minisd_algo ("lora", or "locon" when k x k convs are adapted), minisd_blocks (the adapted
     blocks, BASE = text encoder), minisd_te_dim / minisd_te_alpha,
@@ -56,7 +56,7 @@ from minisd.hashes import kohya_hashes
 from minisd.save import write_safetensors
 
 from .blocks import UNET_BLOCKS, block_of
-from .network import adapted_layers, adapter_names, add_adapter_at, base_state_dict, remove, set_weights
+from .network import adapted_layers, adapter_names, add_adapter_at, base_state_dict, remove, set_weight
 
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 KOHYA_STYLE = ("lora_unet_", "lora_te", "lycoris_", "diffusion_model.", "text_encoders.")  # names with kohya's parts
@@ -220,10 +220,10 @@ def _read_adapter_file(path, unet, text_encoder):
     return entries
 
 
-def load_kohya(path, unet, text_encoder=None, name=None, weight=1.0, block_weights=None, dtype=torch.float32):
-    """Load a LoRA file (kohya/A1111/ComfyUI or diffusers/peft) as adapter `name` (default: the file's stem), with
-    a global weight and per-block weights (anything lora.parse_block_weights takes; None = all 1). Nothing is
-    changed if the file does not fit. Returns the adapted paths, prefixed 'unet.' / 'text_encoder.'."""
+def load(path, unet, text_encoder=None, name=None, weight=1.0, block_weights=None, dtype=torch.float32):
+    """Load an adapter file (kohya/A1111/ComfyUI, LyCORIS, diffusers or peft) as adapter `name` (default: the
+    file's stem), with a global weight and per-block weights (anything lora.parse_block_weights takes; None = all
+    1). Nothing is changed if the file does not fit. Returns the adapted paths, prefixed 'unet.' / 'text_encoder.'."""
     name = name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
     if name in adapter_names(unet, text_encoder):
         raise ValueError(f"{path}: an adapter {name!r} exists already; remove it first or choose another name")
@@ -234,7 +234,7 @@ def load_kohya(path, unet, text_encoder=None, name=None, weight=1.0, block_weigh
             with torch.no_grad():
                 adapter.down.copy_(down)
                 adapter.up.copy_(up)
-        set_weights(unet, name, weight, block_weights, text_encoder=text_encoder)
+        set_weight(unet, name, weight, block_weights, text_encoder=text_encoder)
     except BaseException:  # the promise above: what was added goes again; the error itself is passed on as it is
         if name in adapter_names(unet, text_encoder):
             remove(unet, name, text_encoder)
@@ -243,7 +243,8 @@ def load_kohya(path, unet, text_encoder=None, name=None, weight=1.0, block_weigh
 
 
 def adapter_state_dict(unet, name, text_encoder=None):
-    """Adapter `name` as kohya tensors {key: tensor} (the multipliers are inference settings, not saved)."""
+    """Adapter `name` as kohya tensors {key: tensor} (its weights, set by set_weight, are inference settings and
+    not saved)."""
     pairs, out = unet_prefixes(unet.cfg), {}
     for part, model in (("unet", unet), ("te", text_encoder)):
         for path, layer in adapted_layers(model, name=name) if model is not None else ():
@@ -298,7 +299,7 @@ def kohya_metadata(unet, name, text_encoder=None):
             "minisd_base_unet_sha256": unet_hash(unet)}
 
 
-def save_kohya(path, unet, text_encoder=None, name=None, metadata=None):
+def save(path, unet, text_encoder=None, name=None, metadata=None):
     """Write adapter `name` (default: the only adapter) as a kohya .safetensors file with metadata."""
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"{path}: adapter files are written as .safetensors")

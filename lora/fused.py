@@ -1,6 +1,6 @@
 """Fused low-rank forward/backward for a frozen base layer plus n adapters, in plain PyTorch.
 
-Linear, with A_i = down [r_i, in], B_i = up [out, r_i], g_i = the adapter's gain (alpha/r * multipliers), and all
+Linear, with A_i = down [r_i, in], B_i = up [out, r_i], g_i = the adapter's gain (lora.layers: scale * weights), and all
 adapters stacked: A = [A_1; ...; A_n] [R, in], gB = [g_1 B_1, ..., g_n B_n] [out, R]:
 
     y = x W^T + b + sum_i g_i (x A_i^T) B_i^T  =  x W'^T + b,    W' = W + gB A   (folded: one small addmm)

@@ -1,16 +1,20 @@
 """Layers with named low-rank adapters: LoRALinear (nn.Linear) and LoConConv2d (nn.Conv2d).
 
-    y = base(x) + sum_i gain_i * up_i(down_i(x)),    gain_i = alpha_i / rank_i * multiplier_i * block_multiplier_i
+    y = base(x) + sum_i gain_i * up_i(down_i(x)),    gain_i = scale_i * global_weight_i * block_weight_i,
+                                                     scale_i = alpha_i / rank_i
+
+scale is LoRA's own alpha / rank; the weights are the user's: global_weight is A1111's <lora:name:weight>,
+block_weight the weight of the layer's block (lora-block-weight); gain is the factor the math uses.
 
 LoRALinear: down [r, in], up [out, r]. LoConConv2d: down = a k x k conv [r, in, kh, kw] with the layer's stride,
 padding and dilation, up = a 1x1 conv [out, r, 1, 1]; 1x1 convs (SD 1.x's proj_in/proj_out, skip_connection) use it
 too, which is exactly how kohya stores them. Init like kohya/peft: down kaiming-uniform (a = sqrt(5)), up zero,
-so a fresh adapter changes nothing. The multipliers scale the adapter's output (= its up weight), never both.
+so a fresh adapter changes nothing. The gain scales the adapter's output (= its up weight), never both.
 
 State dict: a wrapped layer *is* an nn.Linear / nn.Conv2d holding the base `weight`/`bias` Parameters (the same
 objects, frozen or not as they were), so the model's base keys are unchanged. Adapter tensors are extra keys
 `<layer>.adapters.<name>.down` / `.up`; load base weights before injecting (minisd.load does), or with
-`lora.load_base_weights`, which accepts a base state dict and tolerates exactly these keys.
+`lora.network.load_base_weights`, which accepts a base state dict and tolerates exactly these keys.
 
 The capture interface (capture_weight, stacked_factors, capture_factors, capture_signature) is what minisd.fast's
 CUDA graphs read of an adapter layer: the weight that computes what the layer computes now (optionally without some
@@ -73,8 +77,8 @@ class Adapter(nn.Module):
         super().__init__()
         self.down, self.up = nn.Parameter(down), nn.Parameter(up)
         self.alpha = float(alpha)
-        self.multiplier = 1.0  # the adapter's global weight (A1111's <lora:name:weight>)
-        self.block_multiplier = 1.0  # the weight of this layer's block (lora-block-weight)
+        self.global_weight = 1.0  # the adapter's weight (A1111's <lora:name:weight>)
+        self.block_weight = 1.0  # the weight of this layer's block (lora-block-weight); not `weight`: not a Parameter
         self.enabled = True
         self.merged = False
 
@@ -88,11 +92,12 @@ class Adapter(nn.Module):
 
     @property
     def gain(self):
-        return self.scale * self.multiplier * self.block_multiplier
+        """The factor of up @ down: scale * global_weight * block_weight."""
+        return self.scale * self.global_weight * self.block_weight
 
     def extra_repr(self):
-        return (f"rank={self.rank}, alpha={self.alpha:g}, multiplier={self.multiplier:g}, "
-                f"block_multiplier={self.block_multiplier:g}, enabled={self.enabled}, merged={self.merged}")
+        return (f"rank={self.rank}, alpha={self.alpha:g}, global_weight={self.global_weight:g}, "
+                f"block_weight={self.block_weight:g}, enabled={self.enabled}, merged={self.merged}")
 
 
 class _Adapted:
@@ -128,13 +133,13 @@ class _Adapted:
         self.unmerge(name)
         del self.adapters[name]
 
-    def configure(self, name, multiplier=None, block_multiplier=None, enabled=None):
+    def configure(self, name, weight=None, block_weight=None, enabled=None):
         """Change an adapter's switches (None: keep); a merged adapter is merged again with the new ones."""
         a = self.adapters[name]
         merged = a.merged
         self.unmerge(name)
-        a.multiplier = a.multiplier if multiplier is None else float(multiplier)
-        a.block_multiplier = a.block_multiplier if block_multiplier is None else float(block_multiplier)
+        a.global_weight = a.global_weight if weight is None else float(weight)
+        a.block_weight = a.block_weight if block_weight is None else float(block_weight)
         a.enabled = a.enabled if enabled is None else bool(enabled)
         if merged:
             self.merge(name)

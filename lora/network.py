@@ -2,15 +2,15 @@
 
 Targets (module paths are minisd's LDM names):
     attn     transformer_blocks.0.attn1/attn2 .to_q .to_k .to_v .to_out.0     \
-    ff       ff.net.0.proj, ff.net.2                                           >  LIERLA: kohya's LoRA-LierLa,
+    ff       ff.net.0.proj, ff.net.2                                           >  LORA_TARGETS (kohya's LoRA-LierLa),
     proj     SpatialTransformer proj_in, proj_out (1x1 convs in SD 1.x)       /   192 U-Net modules in SD 1.x
     resnet   ResBlock in_layers.2, out_layers.3 (3x3), skip_connection (1x1), emb_layers.1 (time embedding)
-    sampler  Downsample .op, Upsample .conv (3x3)             C3LIER = LIERLA + resnet + sampler (LoRA-C3Lier)
+    sampler  Downsample .op, Upsample .conv (3x3)   LOCON_TARGETS = LORA_TARGETS + resnet + sampler (LoRA-C3Lier)
     text encoder: every layer's self_attn q/k/v/out_proj and mlp fc1/fc2 (72 modules in SD 1.x), block BASE.
 Linear layers and 1x1 convs take the table's linear rank, k x k convs its conv rank (as kohya does).
 
 Several adapters live side by side (say "identity" on all blocks and "style" on in0 + out3); each has a global
-weight and per-block weights (`set_weights`), can be disabled, merged, removed. The functions take the U-Net
+weight and per-block weights (`set_weight`), can be disabled, merged, removed. The functions take the U-Net
 first and the text encoder as the keyword `text_encoder` (None: U-Net only).
 """
 import re
@@ -28,8 +28,8 @@ TARGETS = {
     "resnet": r"\.(in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1)$",
     "sampler": r"^(input_blocks\.\d+\.0\.op|output_blocks\.\d+\.\d+\.conv)$",
 }
-LIERLA = ("attn", "ff", "proj")
-C3LIER = LIERLA + ("resnet", "sampler")
+LORA_TARGETS = ("attn", "ff", "proj")  # kohya's LoRA-LierLa
+LOCON_TARGETS = LORA_TARGETS + ("resnet", "sampler")  # kohya's LoRA-C3Lier
 TEXT_TARGET = r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"
 
 
@@ -56,7 +56,7 @@ def _layers_with(unet, text_encoder, name):
     return layers
 
 
-def target_paths(unet, table, targets=LIERLA):
+def target_paths(unet, table, targets=LORA_TARGETS):
     """[(path, rank, alpha)] that `inject` would adapt in the U-Net for this table and these targets."""
     table = table if isinstance(table, RankTable) else rank_table(table)
     unknown = [targets] if isinstance(targets, str) else [t for t in targets if t not in TARGETS]
@@ -83,7 +83,7 @@ def _replace(model, path):
     return wrapped
 
 
-def inject(unet, name, table, targets=LIERLA, text_encoder=None, te_rank=0, te_alpha=None,
+def inject(unet, name, table, targets=LORA_TARGETS, text_encoder=None, te_rank=0, te_alpha=None,
            dtype=torch.float32, generator=None):
     """Add a fresh adapter `name` (up = 0: the model's output is unchanged) to the U-Net modules of `targets` whose
     block has a nonzero rank in `table` (a RankTable or anything `rank_table` takes, e.g. 8 or "in0=8,out3=16"),
@@ -118,7 +118,7 @@ def remove(unet, name, text_encoder=None):
                 setattr(model.get_submodule(parent) if parent else model, child, layer.unwrap())
 
 
-def set_weights(unet, name, weight=None, block_weights=None, text_encoder=None):
+def set_weight(unet, name, weight=None, block_weights=None, text_encoder=None):
     """Set adapter `name`'s global weight and/or its per-block weights (anything parse_block_weights takes:
     "OUTD", 17/26 values, "in0=1,out3=0.5", a dict; blocks not mentioned get 0). None leaves a setting as it is.
     Modules outside the 26 blocks (time_embed, out: only in foreign files) keep block weight 1."""

@@ -104,11 +104,11 @@ class StableDiffusion:
         B = len(prompts)
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
-        cfg = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
+        guided = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
         fast = self.uses_fast(cuda_graph, on_step)
-        ctx = self.encode_prompt(([negative_prompt] * B if cfg else []) + prompts, fast, weighted=True)
-        step = (self.fast.guided_step(self, x, ctx, guidance if cfg else None, on_step) if fast else
-                self.guided_step(x, ctx, guidance if cfg else None))
+        ctx = self.encode_prompt(([negative_prompt] * B if guided else []) + prompts, fast, weighted=True)
+        step = (self.fast.guided_step(self, x, ctx, guidance if guided else None, on_step) if fast else
+                self.guided_step(x, ctx, guidance if guided else None))
         count, bar = itertools.count(), tqdm(total=steps, desc="sampling", disable=not progress)
 
         def model(x_in, t):  # the guided eps

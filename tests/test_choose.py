@@ -20,8 +20,8 @@ def randomize(unet, name, seed, std=0.2, blocks=None):
     """Random ups (a fresh adapter's are 0), only in the coarse `blocks` if given."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for path, layer in lora.adapted_layers(unet, name=name):
-            if blocks is None or choose.GROUP_OF[lora.block_of(path)] in blocks:
+        for path, layer in lora.network.adapted_layers(unet, name=name):
+            if blocks is None or choose.GROUP_OF[lora.blocks.block_of(path)] in blocks:
                 layer.adapters[name].up.normal_(0, std, generator=g)
 
 
@@ -64,13 +64,13 @@ def adapters_in(unet, tmp_path):
     lora.inject(unet, "style", lora.rank_table("in0=4,out3=4"))
     randomize(unet, "style", 1)
     with torch.no_grad():
-        for path, layer in lora.adapted_layers(unet, name="style"):
-            if lora.block_of(path).startswith("IN"):
+        for path, layer in lora.network.adapted_layers(unet, name="style"):
+            if lora.blocks.block_of(path).startswith("IN"):
                 for part in ("down", "up"):
                     getattr(layer.adapters["style"], part).copy_(getattr(layer.adapters["identity"], part))
     files = tmp_path / "identity.safetensors", tmp_path / "style.safetensors"
     for name, f in zip(("identity", "style"), files):
-        lora.save_kohya(f, unet, name=name)
+        lora.save(f, unet, name=name)
     lora.remove(unet, "identity")
     lora.remove(unet, "style")
     return files
@@ -107,7 +107,7 @@ def test_ablation_finds_the_block_the_style_lives_in(lora_sd):
     scores, details = choose.ablation_scores(unet, ac, style_draws, identity_draws, params)
     assert details["B"] > 0 and max(scores, key=scores.get) == "in1"
     assert all(abs(details["benefit"][b]) < 1e-6 for b in scores if b != "in1")  # no style there: no change
-    assert all(a.block_multiplier == 1 for _, layer in lora.adapted_layers(unet, name="style")
+    assert all(a.block_weight == 1 for _, layer in lora.network.adapted_layers(unet, name="style")
                for a in [layer.adapters["style"]])  # the weights are put back
     assert choose.choose_blocks(scores, params, params["in1"])[0] == ["in1"]
 
@@ -137,7 +137,8 @@ def test_the_script_writes_a_table_train_py_trains(lora_sd, layouts, tmp_path, c
     out = tmp_path / "style_out3.safetensors"
     train.main(["--ckpt", str(layouts["diffusers"]), "--data", str(tmp_path), "--prompt", "a box",
                 "--blocks", str(table), "--steps", "1", "--batch", "1", "--out", str(out), "--quiet", "--device", "cpu"])
-    assert {lora.block_of(p) for _, p, *_ in lora.read_adapter_file(out, lora_sd.unet)} == {"OUT09", "OUT10", "OUT11"}
+    entries = lora.formats.read_adapter_file(out, lora_sd.unet)
+    assert {lora.blocks.block_of(p) for _, p, *_ in entries} == {"OUT09", "OUT10", "OUT11"}
     for argv, message in ((["--method", "ablation", "--identity", str(identity), "--style", str(style)],
                            "--identity-data is needed"),
                           (["--identity", str(tmp_path / "nope.safetensors"), "--style", str(style)],

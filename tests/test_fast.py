@@ -242,18 +242,18 @@ def test_an_edited_model_computes_the_same_through_the_forms(edit, lora_sd, monk
 
 def test_capture_interface_computes_what_the_layer_computes(single_thread):
     """lora's capture interface against the layer's own forward: capture_weight() (the weight itself while no
-    adapter is active) and stacked_factors(), with a merged adapter, one at another multiplier, and a LoCon conv;
+    adapter is active) and stacked_factors(), with a merged adapter, one at another weight, and a LoCon conv;
     capture_signature() follows the switches and in-place changes of the factors."""
     g = torch.Generator().manual_seed(0)
-    lin = lora.LoRALinear(nn.Linear(24, 40).requires_grad_(False))
-    conv = lora.LoConConv2d(nn.Conv2d(6, 8, 3, padding=1).requires_grad_(False))
+    lin = lora.layers.LoRALinear(nn.Linear(24, 40).requires_grad_(False))
+    conv = lora.layers.LoConConv2d(nn.Conv2d(6, 8, 3, padding=1).requires_grad_(False))
     x, xc = torch.randn(3, 5, 24, generator=g), torch.randn(2, 6, 7, 7, generator=g)
     with torch.no_grad():
         assert lin.capture_weight() is lin.weight and lin.stacked_factors() is None
         for layer in (lin, conv):
             for name, rank in (("a", 4), ("b", 8), ("c", 2)):
                 layer.add_adapter(name, rank, alpha=rank / 2, generator=g).up.normal_(0, 0.1, generator=g)
-            layer.configure("b", multiplier=0.7)
+            layer.configure("b", weight=0.7)
             layer.merge("c")
         sig = lin.capture_signature()
         w, (down, up) = lin.capture_weight(), lin.stacked_factors()
@@ -263,7 +263,7 @@ def test_capture_interface_computes_what_the_layer_computes(single_thread):
         assert rel(F.linear(x, lin.weight, lin.bias) + F.linear(F.linear(x, down), up), y) < 1e-6
         yc = conv(xc)
         assert rel(F.conv2d(xc, conv.capture_weight(), conv.bias, padding=1), yc) < 1e-6
-        lin.configure("a", multiplier=0.5)
+        lin.configure("a", weight=0.5)
         assert lin.capture_signature() != sig
         sig = lin.capture_signature()
         lin.adapters["b"].up.mul_(2)

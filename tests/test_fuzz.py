@@ -285,7 +285,7 @@ def test_fuzz_adapter_loading(tiny, tmp_path):
 
     def load(path):
         try:
-            lora.load_kohya(path, sd.unet, sd.text_encoder, name="fuzz")
+            lora.load(path, sd.unet, sd.text_encoder, name="fuzz")
         except CheckpointError:
             assert lora.adapter_names(sd.unet, sd.text_encoder) == []  # nothing changed
             raise

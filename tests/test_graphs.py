@@ -39,7 +39,7 @@ def test_packed_adapters_compute_what_the_layer_computes(single_thread):
     layer = LoRALinear(nn.Linear(24, 40).requires_grad_(False))
     for name, rank in (("a", 4), ("b", 8)):
         layer.add_adapter(name, rank, alpha=rank / 2, generator=g).up.data.normal_(0, 0.1, generator=g)
-    layer.configure("b", multiplier=0.7)
+    layer.configure("b", weight=0.7)
     x = torch.randn(3, 5, 24, generator=g)
     with torch.no_grad():
         for mode in ("weight", "factors"):
@@ -115,7 +115,7 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
         with torch.no_grad():
             assert rel(form(h), up(h)) < 1e-5 and form(h).is_contiguous(memory_format=torch.channels_last)
     qkv, geglu = forms.stacked_qkv(unet, packs), forms.split_geglu(unet, packs)
-    prefix = forms.cfg_prefix(unet, {})
+    prefix = forms.guided_prefix(unet, {})
     names = sorted(n for n, m in unet.named_modules() if m in prefix)
     assert names == ["input_blocks.0.0", "input_blocks.1.0", "input_blocks.1.1.norm", "input_blocks.1.1.proj_in",
                      "input_blocks.1.1.transformer_blocks.0.attn1"]
@@ -125,7 +125,7 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
     with torch.no_grad():
         ref = unet(both, 500, ctx)
         everything = {**silu, **qkv, **geglu, **ups}
-        everything.update(forms.cfg_prefix(unet, everything))  # wraps the forms of the layers it shares
+        everything.update(forms.guided_prefix(unet, everything))  # wraps the forms of the layers it shares
         for active in (qkv, geglu, ups, prefix, everything):
             active, calls = counted(active)
             with forms.applied(active):
@@ -153,7 +153,7 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
 
 def test_gated_adapters_follow_their_gate_through_the_capture_forms(lora_sd, single_thread):
     """A step range in the graph: adapter "r" gated (gated_forms: its share times a gate tensor read at every call),
-    "s" packed into W' as usual, LoRA on attention and feed-forward and LoCon on the convs (C3LIER). Through the
+    "s" packed into W' as usual, LoRA on attention and feed-forward and LoCon on the convs (LOCON_TARGETS). Through the
     capture-time forms (the graph's, on a CPU; no time table, which would hold the capture's gains), gate 1 computes
     the U-Net with "r" on, then gate 0 with "r" off: the same forms, the gate and the context's keys and values
     changed in place, as a replay sees them."""
@@ -161,8 +161,8 @@ def test_gated_adapters_follow_their_gate_through_the_capture_forms(lora_sd, sin
     unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
     for name in ("r", "s"):
-        lora.inject(unet, name, 4, targets=lora.C3LIER)
-    for _, m in lora.adapted_layers(unet):
+        lora.inject(unet, name, 4, targets=lora.LOCON_TARGETS)
+    for _, m in lora.network.adapted_layers(unet):
         for a in m.adapters.values():
             a.up.data.normal_(0, 0.05, generator=g)
     x = torch.randn(1, 4, 8, 8, generator=g)
@@ -175,7 +175,8 @@ def test_gated_adapters_follow_their_gate_through_the_capture_forms(lora_sd, sin
         off = unet(both, 301, ctx)
         lora.enable(unet, "r", True)
         gated = forms.gated_forms(unet, {}, {"r": gate})
-        assert any(isinstance(m, lora.LoConConv2d) for m in gated) and any(isinstance(m, LoRALinear) for m in gated)
+        assert any(isinstance(m, lora.layers.LoConConv2d) for m in gated)
+        assert any(isinstance(m, LoRALinear) for m in gated)
 
         def keys_values():
             with forms.applied(forms.packed_adapters(unet, packs, "weight", {"r": gate})):
@@ -198,7 +199,7 @@ def test_signature_follows_adapter_changes(lora_sd):
     s0 = graphs._signature(unet)
     lora.inject(unet, "a", 4, targets=("attn",))
     s1 = graphs._signature(unet)
-    lora.set_weights(unet, "a", weight=0.5)
+    lora.set_weight(unet, "a", weight=0.5)
     s2 = graphs._signature(unet)
     assert len({s0, s1, s2}) == 3
 
@@ -277,9 +278,9 @@ def test_guided_graph_forms_with_unmerged_c3lier_adapters(lora_sd, monkeypatch):
         return e_u + 7.5 * (e_c - e_u)
     with torch.no_grad():
         base = guided()
-        lora.inject(unet, "a", 4, targets=lora.C3LIER)
+        lora.inject(unet, "a", 4, targets=lora.LOCON_TARGETS)
         for m in unet.modules():
-            if isinstance(m, (LoRALinear, lora.LoConConv2d)):
+            if isinstance(m, (LoRALinear, lora.layers.LoConConv2d)):
                 for a in m.adapters.values():
                     a.up.normal_(0, 0.05, generator=g)
         ref = guided()
@@ -474,8 +475,8 @@ def test_step_gates_in_the_graph_match_eager_switching(lora_sd, monkeypatch, sam
                                                                           lora_sd.text_encoder))
     g = torch.Generator("cuda").manual_seed(0)
     for name in ("r", "s"):
-        lora.inject(sd.unet, name, 4, targets=lora.C3LIER)
-    for _, m in lora.adapted_layers(sd.unet):
+        lora.inject(sd.unet, name, 4, targets=lora.LOCON_TARGETS)
+    for _, m in lora.network.adapted_layers(sd.unet):
         for a in m.adapters.values():
             a.up.data.normal_(0, 0.05, generator=g)
     gates = lambda: minisd.fast.StepGates({"r": [False, True, True, False, False]},

@@ -197,9 +197,9 @@ def test_adapter_files_carry_kohyas_hashes_and_mode_0644(tmp_path):
     from safetensors.torch import load_file, save as serialize
     from tinyfiles import tiny_model
     sd = tiny_model(tmp_path / "tok")
-    lora.inject(sd.unet, "a", 64, targets=lora.C3LIER)
+    lora.inject(sd.unet, "a", 64, targets=lora.LOCON_TARGETS)
     path = tmp_path / "a.safetensors"
-    lora.save_kohya(path, sd.unet, name="a", metadata={"ss_output_name": "a", "note": "not hashed"})
+    lora.save(path, sd.unet, name="a", metadata={"ss_output_name": "a", "note": "not hashed"})
     raw = path.read_bytes()
     assert len(raw) > 0x110000 and stat_mode(path) == 0o644
     with safe_open(str(path), "pt") as f:
@@ -228,7 +228,7 @@ def test_sample_png_carries_webui_hashes(tiny, tmp_path, monkeypatch):
     adapter = sha(after_header(tiny["adapter"].read_bytes()))[:12]
     assert f"Model hash: {model}," in text and f'Lora hashes: "adapter: {adapter}"' in text
     assert len(json.loads((tmp_path / "cache" / "minisd" / "hashes.json").read_text())) == 2
-    assert stat_mode(tiny["adapter"]) == 0o644  # written by lora.save_kohya
+    assert stat_mode(tiny["adapter"]) == 0o644  # written by lora.save
 
 
 def test_a_hub_name_missing_from_the_cache_is_an_error(tiny):

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from lora import BLOCKS, BLOCKS17, UNET_BLOCKS, block_of, parse_block_weights, rank_table
+from lora.blocks import BLOCKS, BLOCKS17, UNET_BLOCKS, block_of, parse_block_weights
+from lora.ranks import rank_table
 from minisd.checkpoint import unet_prefixes
 from minisd.unet import UNetConfig
 

@@ -37,7 +37,7 @@ def inputs():
 def randomize(unet, name, text_encoder=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in lora.adapted_layers(unet, text_encoder, name):
+        for _, layer in lora.network.adapted_layers(unet, text_encoder, name):
             layer.adapters[name].up.normal_(0, 0.3, generator=g)
 
 
@@ -64,15 +64,16 @@ def peft_modules(module):
 def test_round_trip_is_exact(models, lora_sd, layouts, inputs, tmp_path):
     unet, te = models
     table = lora.rank_table("all=4,in0=8,out3=6", alphas="out3=3", conv_dims="mid=2")
-    lora.inject(unet, "identity", table, targets=lora.C3LIER, text_encoder=te, te_rank=3, te_alpha=1.5)
+    lora.inject(unet, "identity", table, targets=lora.LOCON_TARGETS, text_encoder=te, te_rank=3, te_alpha=1.5)
     randomize(unet, "identity", te)
     path = tmp_path / "identity.safetensors"
-    lora.save_kohya(path, unet, te, "identity", {"ss_steps": 100, "ss_comment": "test"})
+    lora.save(path, unet, te, "identity", {"ss_steps": 100, "ss_comment": "test"})
 
     unet2, te2 = copy.deepcopy(lora_sd.unet), copy.deepcopy(lora_sd.text_encoder)
-    paths = lora.load_kohya(path, unet2, te2)  # the name defaults to the file's stem
-    assert lora.adapter_names(unet2, te2) == ["identity"] and len(paths) == len(lora.adapted_layers(unet, te))
-    for (p1, l1), (p2, l2) in zip(lora.adapted_layers(unet, te), lora.adapted_layers(unet2, te2), strict=True):
+    paths = lora.load(path, unet2, te2)  # the name defaults to the file's stem
+    assert lora.adapter_names(unet2, te2) == ["identity"] and len(paths) == len(lora.network.adapted_layers(unet, te))
+    adapted = lora.network.adapted_layers
+    for (p1, l1), (p2, l2) in zip(adapted(unet, te), adapted(unet2, te2), strict=True):
         a1, a2 = l1.adapters["identity"], l2.adapters["identity"]
         assert p1 == p2 and torch.equal(a1.down, a2.down) and torch.equal(a1.up, a2.up) and a1.alpha == a2.alpha
     for a, b in zip(outputs(unet, te, inputs), outputs(unet2, te2, inputs)):
@@ -87,20 +88,21 @@ def test_round_trip_is_exact(models, lora_sd, layouts, inputs, tmp_path):
     assert [int(v) for v in args["conv_block_dims"].split(",")] == [0] * 12 + [2] + [0] * 12  # mid only
     assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "8", "8")
     assert (meta["minisd_algo"], meta["minisd_te_dim"], meta["minisd_te_alpha"]) == ("locon", "3", "1.5")
-    assert meta["minisd_blocks"].split(",") == ["BASE"] + [b for b in lora.UNET_BLOCKS if b not in ("IN00", "IN03", "IN06", "IN09")]
+    unadapted = ("IN00", "IN03", "IN06", "IN09")
+    assert meta["minisd_blocks"].split(",") == ["BASE"] + [b for b in lora.blocks.UNET_BLOCKS if b not in unadapted]
     assert (meta["ss_steps"], meta["ss_comment"]) == ("100", "test")
     # the base hash does not depend on the layout the base came from, and ignores adapters
-    assert meta["minisd_base_unet_sha256"] == lora.unet_hash(lora_sd.unet) == lora.unet_hash(
+    assert meta["minisd_base_unet_sha256"] == lora.formats.unet_hash(lora_sd.unet) == lora.formats.unet_hash(
         minisd.load(layouts["ckpt"], tokenizer=layouts["tokenizer"]).unet)
     lora.merge(unet)
-    assert lora.unet_hash(unet) == meta["minisd_base_unet_sha256"]
+    assert lora.formats.unet_hash(unet) == meta["minisd_base_unet_sha256"]
 
 
 def test_paper_style_file_has_only_in0_and_out3_keys(models, tmp_path):
     unet, te = models
-    paths = lora.inject(unet, "style", lora.rank_table("in0,out3", rank=4), targets=lora.C3LIER)
+    paths = lora.inject(unet, "style", lora.rank_table("in0,out3", rank=4), targets=lora.LOCON_TARGETS)
     assert all(re.match(r"unet\.(input_blocks\.[123]|output_blocks\.(9|10|11))\.", p) for p in paths)
-    lora.save_kohya(tmp_path / "style.safetensors", unet, te)  # the only adapter
+    lora.save(tmp_path / "style.safetensors", unet, te)  # the only adapter
     with safe_open(str(tmp_path / "style.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert len(keys) == 3 * len(paths)
@@ -111,15 +113,16 @@ def test_paper_style_file_has_only_in0_and_out3_keys(models, tmp_path):
 
 def test_load_with_weight_and_block_weights(models, lora_sd, inputs, tmp_path):
     unet, te = models
-    lora.inject(unet, "style", 4, targets=lora.C3LIER, text_encoder=te, te_rank=2)
+    lora.inject(unet, "style", 4, targets=lora.LOCON_TARGETS, text_encoder=te, te_rank=2)
     randomize(unet, "style", te)
-    lora.save_kohya(tmp_path / "s.safetensors", unet, te, "style")
-    lora.load_kohya(tmp_path / "s.safetensors", unet, te, name="style2", weight=0.8,
-                    block_weights=lora.parse_block_weights("OUTD"))
+    lora.save(tmp_path / "s.safetensors", unet, te, "style")
+    lora.load(tmp_path / "s.safetensors", unet, te, name="style2", weight=0.8,
+              block_weights=lora.parse_block_weights("OUTD"))
     outd = lora.parse_block_weights("OUTD")
-    for path, layer in lora.adapted_layers(unet, te, "style2"):
-        assert (layer.adapters["style2"].multiplier, layer.adapters["style2"].block_multiplier) == (0.8, outd[lora.block_of(path)])
-    lora.set_weights(unet, "style", 0.8, "OUTD", text_encoder=te)
+    for path, layer in lora.network.adapted_layers(unet, te, "style2"):
+        a = layer.adapters["style2"]
+        assert (a.global_weight, a.block_weight) == (0.8, outd[lora.blocks.block_of(path)])
+    lora.set_weight(unet, "style", 0.8, "OUTD", text_encoder=te)
     lora.enable(unet, "style2", False, text_encoder=te)
     y_style = outputs(unet, te, inputs)
     lora.enable(unet, "style2", text_encoder=te)
@@ -163,7 +166,7 @@ def test_refused_files(models, tmp_path, modules, message):
     unet, _ = models
     path = write(tmp_path / "bad.safetensors", modules)
     with pytest.raises(CheckpointError, match=re.escape(message)) as e:
-        lora.load_kohya(path, unet, None, name="x")
+        lora.load(path, unet, None, name="x")
     assert str(path) in str(e.value)
     assert lora.adapter_names(unet) == []  # nothing was changed
 
@@ -171,30 +174,31 @@ def test_refused_files(models, tmp_path, modules, message):
 def test_other_errors(models, tmp_path):
     unet, te = models
     with pytest.raises(CheckpointError, match="no such file"):
-        lora.load_kohya(tmp_path / "missing.safetensors", unet)
+        lora.load(tmp_path / "missing.safetensors", unet)
     lora.inject(unet, "a", 2)
     lora.inject(unet, "b", 2)
     with pytest.raises(ValueError, match="name the adapter to save; adapters: a, b"):
-        lora.save_kohya(tmp_path / "x.safetensors", unet)
+        lora.save(tmp_path / "x.safetensors", unet)
     with pytest.raises(ValueError, match=r"\.safetensors"):
-        lora.save_kohya(tmp_path / "x.pt", unet, name="a")
-    lora.save_kohya(tmp_path / "a.safetensors", unet, name="a")
+        lora.save(tmp_path / "x.pt", unet, name="a")
+    lora.save(tmp_path / "a.safetensors", unet, name="a")
     with pytest.raises(ValueError, match="exists already"):
-        lora.load_kohya(tmp_path / "a.safetensors", unet)
+        lora.load(tmp_path / "a.safetensors", unet)
 
 
 def test_our_file_loads_in_diffusers(models, pipe, inputs, tmp_path):
     """(a) A file written here, LoCon convs and text encoder included, in diffusers' load_lora_weights: every
     module is adapted there and the U-Net and text-encoder outputs equal ours."""
     unet, te = models
-    lora.inject(unet, "identity", lora.rank_table("all=4,out3=8", alphas=3), targets=lora.C3LIER, text_encoder=te, te_rank=2)
+    lora.inject(unet, "identity", lora.rank_table("all=4,out3=8", alphas=3), targets=lora.LOCON_TARGETS,
+                text_encoder=te, te_rank=2)
     randomize(unet, "identity", te)
     path = tmp_path / "ours.safetensors"
-    lora.save_kohya(path, unet, te, "identity")
+    lora.save(path, unet, te, "identity")
     base = diffusers_outputs(pipe, inputs)
     pipe.load_lora_weights(str(path), adapter_name="identity")
-    assert len(peft_modules(pipe.unet)) == len(lora.adapted_layers(unet))  # nothing left over
-    assert len(peft_modules(pipe.text_encoder)) == len(lora.adapted_layers(te))
+    assert len(peft_modules(pipe.unet)) == len(lora.network.adapted_layers(unet))  # nothing left over
+    assert len(peft_modules(pipe.text_encoder)) == len(lora.network.adapted_layers(te))
     for ours, theirs, before in zip(outputs(unet, te, inputs), diffusers_outputs(pipe, inputs), base):
         assert rel_err(ours, theirs) <= 1e-4 and rel_err(before, theirs) > 1e-2
 
@@ -206,7 +210,7 @@ def test_blockwise_alphas_in_diffusers(models, pipe, inputs, tmp_path):
     unet, te = models
     lora.inject(unet, "style", "in0=4,out3=8")  # alpha = rank: alphas 4 and 8
     randomize(unet, "style")
-    lora.save_kohya(tmp_path / "style.safetensors", unet, te, "style")
+    lora.save(tmp_path / "style.safetensors", unet, te, "style")
     pipe.load_lora_weights(str(tmp_path / "style.safetensors"))
     assert rel_err(outputs(unet, te, inputs)[0], diffusers_outputs(pipe, inputs)[0]) <= 1e-4
 
@@ -232,7 +236,7 @@ def test_kohya_file_loads_here_as_in_diffusers(models, pipe, inputs, tmp_path):
     assert any("conv_shortcut" in n for n in modules) and any("upsamplers" in n for n in modules)
     path = write(tmp_path / "kohya.safetensors", modules)
     unet, te = models
-    paths = lora.load_kohya(path, unet, te, name="k")
+    paths = lora.load(path, unet, te, name="k")
     assert len(paths) == len(modules)
     pipe.load_lora_weights(str(path), adapter_name="k")
     assert len(peft_modules(pipe.unet)) + len(peft_modules(pipe.text_encoder)) == len(modules)
@@ -253,7 +257,7 @@ def test_diffusers_peft_file_loads_here(models, pipe, inputs, tmp_path):
                                               unet_lora_adapter_metadata=config.to_dict())
     path = tmp_path / "pytorch_lora_weights.safetensors"
     unet, te = models
-    lora.load_kohya(path, unet, te, name="p")
+    lora.load(path, unet, te, name="p")
     theirs = diffusers_outputs(pipe, inputs)[0]
     assert rel_err(outputs(unet, te, inputs)[0], theirs) <= 1e-4
     with safe_open(str(path), "pt") as f:
@@ -262,7 +266,7 @@ def test_diffusers_peft_file_loads_here(models, pipe, inputs, tmp_path):
         alphas = {k.replace("lora_A.weight", "alpha"): torch.tensor(3.0 if ".to_k." in k else 6.0) for k in f.keys() if "lora_A" in k}
     save_file({**old, **alphas}, str(tmp_path / "old.safetensors"))
     lora.remove(unet, "p")
-    lora.load_kohya(tmp_path / "old.safetensors", unet, te, name="p")
+    lora.load(tmp_path / "old.safetensors", unet, te, name="p")
     assert rel_err(outputs(unet, te, inputs)[0], theirs) <= 1e-4
 
 
@@ -317,12 +321,12 @@ def kohya_modules(meta, unet, text_encoder):
 
 
 @pytest.mark.parametrize("table, targets, te", [
-    (4, lora.LIERLA, True),                                       # LoRA
-    (lora.rank_table(4, conv_dims=2), lora.C3LIER, False),         # LoCon
-    ("in0=8,mid=2,out3=6", lora.LIERLA, False),                   # block-wise LoRA
-    (lora.rank_table("in1=4,out2=2", conv_dims="in1=2,mid=4"), lora.C3LIER, True),  # block-wise LoCon
-    (lora.rank_table("in2=4", conv_dims="out0=2"), lora.C3LIER, False),  # convs only where there are no linears
-    (0, lora.LIERLA, True),                                       # text encoder only
+    (4, lora.LORA_TARGETS, True),                                       # LoRA
+    (lora.rank_table(4, conv_dims=2), lora.LOCON_TARGETS, False),         # LoCon
+    ("in0=8,mid=2,out3=6", lora.LORA_TARGETS, False),                   # block-wise LoRA
+    (lora.rank_table("in1=4,out2=2", conv_dims="in1=2,mid=4"), lora.LOCON_TARGETS, True),  # block-wise LoCon
+    (lora.rank_table("in2=4", conv_dims="out0=2"), lora.LOCON_TARGETS, False),  # convs only where there are no linears
+    (0, lora.LORA_TARGETS, True),                                       # text encoder only
 ])
 def test_kohya_builds_exactly_the_files_modules_from_its_metadata(table, targets, te, models, ref_pipe, tmp_path):
     """ss_network_args under kohya's rules names the file's modules, no more (a LoRA file with conv_block_dims of
@@ -330,13 +334,13 @@ def test_kohya_builds_exactly_the_files_modules_from_its_metadata(table, targets
     unet, text_encoder = models
     lora.inject(unet, "a", table, targets=targets, text_encoder=text_encoder if te else None, te_rank=3)
     path = tmp_path / "a.safetensors"
-    lora.save_kohya(path, unet, text_encoder, "a")
+    lora.save(path, unet, text_encoder, "a")
     with safe_open(str(path), "pt") as f:
         in_file, meta = {k.split(".")[0] for k in f.keys()}, f.metadata()
     built = kohya_modules(meta, ref_pipe.unet, ref_pipe.text_encoder)
     trained = {n for n in built if n.startswith("lora_unet") or te}  # kohya's --network_train_unet_only drops the TE
     assert in_file and trained == in_file
-    if targets == lora.LIERLA:
+    if targets == lora.LORA_TARGETS:
         assert "conv_block_dims" not in json.loads(meta["ss_network_args"])
 
 
@@ -366,9 +370,9 @@ def test_lycoris_own_format_loads_with_lycoris_deltas(algo, pipe, models, inputs
     with safe_open(str(tmp_path / "u.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("lycoris_") for k in keys) and "lycoris_conv_in.lora_down.weight" in keys
-    lora.load_kohya(tmp_path / "u.safetensors", unet, name="u")
-    lora.load_kohya(tmp_path / "t.safetensors", unet, te, name="t")
-    assert len(lora.adapted_layers(unet, name="u")) == len(keys) // 3
+    lora.load(tmp_path / "u.safetensors", unet, name="u")
+    lora.load(tmp_path / "t.safetensors", unet, te, name="t")
+    assert len(lora.network.adapted_layers(unet, name="u")) == len(keys) // 3
     for ours, theirs in zip(outputs(unet, te, inputs), diffusers_outputs(pipe, inputs), strict=True):
         assert rel_err(ours, theirs) < 1e-5
 
@@ -378,7 +382,7 @@ def comfy_names(unet, te, name):
     text_model.<path>; lora_up / lora_down, no alpha (ComfyUI then scales by 1: alpha = rank)."""
     out = {}
     for prefix, model in (("diffusion_model.", unet), ("text_encoders.clip_l.transformer.text_model.", te)):
-        for path, layer in lora.adapted_layers(model, name=name):
+        for path, layer in lora.network.adapted_layers(model, name=name):
             a = layer.adapters[name]
             key = prefix + path.removeprefix("text_model.")
             out[key + ".lora_up.weight"] = a.up.detach().clone()
@@ -388,13 +392,14 @@ def comfy_names(unet, te, name):
 
 def test_comfyui_lorasave_format_loads(models, lora_sd, inputs, tmp_path):
     unet, te = models
-    lora.inject(unet, "c", lora.rank_table(4, conv_dims=2), targets=lora.C3LIER, text_encoder=te, te_rank=4)
+    lora.inject(unet, "c", lora.rank_table(4, conv_dims=2), targets=lora.LOCON_TARGETS, text_encoder=te, te_rank=4)
     randomize(unet, "c", te)
-    assert all(layer.adapters["c"].alpha == layer.adapters["c"].rank for _, layer in lora.adapted_layers(unet, te))
+    assert all(layer.adapters["c"].alpha == layer.adapters["c"].rank
+               for _, layer in lora.network.adapted_layers(unet, te))
     save_file(comfy_names(unet, te, "c"), str(tmp_path / "comfy.safetensors"))
     unet2, te2 = copy.deepcopy(lora_sd.unet), copy.deepcopy(lora_sd.text_encoder)
-    paths = lora.load_kohya(tmp_path / "comfy.safetensors", unet2, te2)
-    assert len(paths) == len(lora.adapted_layers(unet, te))
+    paths = lora.load(tmp_path / "comfy.safetensors", unet2, te2)
+    assert len(paths) == len(lora.network.adapted_layers(unet, te))
     for a, b in zip(outputs(unet, te, inputs), outputs(unet2, te2, inputs), strict=True):
         assert torch.equal(a, b)
 
@@ -408,4 +413,4 @@ def test_comfyui_lorasave_format_loads(models, lora_sd, inputs, tmp_path):
 def test_other_algorithms_in_these_formats_are_refused(keys, message, models, tmp_path):
     save_file(keys, str(tmp_path / "x.safetensors"))
     with pytest.raises(CheckpointError, match=r"x.safetensors: " + message):
-        lora.load_kohya(tmp_path / "x.safetensors", *models)
+        lora.load(tmp_path / "x.safetensors", *models)

@@ -8,7 +8,7 @@ from lora.layers import LoConConv2d, LoRALinear
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
 
-# (rank, alpha, multiplier, block multiplier) per adapter: gains that are not powers of two
+# (rank, alpha, global weight, block weight) per adapter: gains that are not powers of two
 ADAPTERS = [(3, 5.0, 0.7, 1.3), (5, 2.0, 1.1, 0.6), (2, 7.0, -0.9, 1.0)]
 
 
@@ -23,7 +23,7 @@ def adapted(layer, n, seed=0):
         a = layer.add_adapter(f"a{i}", rank, alpha, generator=g)
         with torch.no_grad():
             a.up.normal_(0, 0.5, generator=g)
-        a.multiplier, a.block_multiplier = mult, block
+        a.global_weight, a.block_weight = mult, block
     return layer
 
 
@@ -148,7 +148,7 @@ def test_inactive_adapters_are_skipped():
     x = torch.randn(5, 8)
     base = nn.functional.linear(x, layer.weight, layer.bias)
     layer.adapters["a0"].enabled = False
-    layer.adapters["a1"].block_multiplier = 0.0
+    layer.adapters["a1"].block_weight = 0.0
     layer.merge("a2")
     assert layer.active() == []
     torch.testing.assert_close(layer(x), base + x @ layer.delta_weight("a2").T)

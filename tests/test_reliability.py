@@ -82,7 +82,7 @@ def test_pickles_that_run_code_are_refused_without_running(suffix, plain, tiny, 
             if suffix == ".ckpt":
                 minisd.load(path, tokenizer=tiny["tokenizer"])
             else:
-                lora.load_kohya(path, sd.unet, sd.text_encoder)
+                lora.load(path, sd.unet, sd.text_encoder)
         assert not marker.exists()
     assert lora.adapter_names(sd.unet, sd.text_encoder) == []
 
@@ -253,12 +253,12 @@ def test_corrupt_adapters_give_one_clear_line(name, write, message, tiny, tmp_pa
     path = path if path.exists() else path.with_suffix(".pt")
     t0 = time.time()
     if message is None:  # loads, and in well under a second
-        lora.load_kohya(path, sd.unet, sd.text_encoder, name="ok")
+        lora.load(path, sd.unet, sd.text_encoder, name="ok")
         lora.remove(sd.unet, "ok", sd.text_encoder)
         assert time.time() - t0 < 10
         return
     with pytest.raises(CheckpointError) as e:
-        lora.load_kohya(path, sd.unet, sd.text_encoder)
+        lora.load(path, sd.unet, sd.text_encoder)
     assert re.search(re.escape(str(path)) + ": .*" + message, str(e.value)) and "\n" not in str(e.value), str(e.value)
     assert lora.adapter_names(sd.unet, sd.text_encoder) == []  # nothing changed
 
@@ -612,7 +612,7 @@ def finite_outputs(adapter, sd):
     """Whether the adapter loads and the adapted U-Net gives finite outputs."""
     sd = copy.deepcopy(sd)
     try:
-        lora.load_kohya(adapter, sd.unet, sd.text_encoder)
+        lora.load(adapter, sd.unet, sd.text_encoder)
     except CheckpointError:
         return False
     with torch.no_grad():

@@ -136,7 +136,7 @@ def fail_for(name_part, real):
 def test_disk_full_at_the_final_adapter_keeps_the_run(tiny, images, tmp_path, monkeypatch):
     out = tmp_path / "a.safetensors"
     argv = train_argv(tiny, images, out, "--steps", 3)
-    monkeypatch.setattr(lora, "save_kohya", fail_for("-a.safetensors", lora.save_kohya))  # the final file only
+    monkeypatch.setattr(lora, "save", fail_for("-a.safetensors", lora.save))  # the final file only
     message = one_line_exit(train.main, argv)
     state = tmp_path / "a-step000003.state.pt"
     assert message == (f"error: {out}: not written (No space left on device); saved {state} instead: run the same "
@@ -551,12 +551,12 @@ def test_one_module_named_twice_changes_nothing_and_names_the_file(tiny, tmp_pat
     path = write_adapter(tmp_path / "twice.safetensors", {K: factors(0), Q: factors(1), Q_DIFFUSERS: factors(2)})
     types = [type(m) for m in sd.unet.modules()]
     with pytest.raises(CheckpointError, match=re.escape(f"{path}: {Q} and {Q_DIFFUSERS} name the same module")):
-        lora.load_kohya(path, sd.unet, sd.text_encoder)
+        lora.load(path, sd.unet, sd.text_encoder)
     assert lora.adapter_names(sd.unet, sd.text_encoder) == [] and [type(m) for m in sd.unet.modules()] == types
 
 
 def test_a_failure_while_adding_leaves_the_model_unchanged(tiny, tmp_path, monkeypatch):
-    """load_kohya's promise for any failure after the file was read (here: the second module cannot be added)."""
+    """load's promise for any failure after the file was read (here: the second module cannot be added)."""
     sd = copy.deepcopy(tiny["model"])
     path = write_adapter(tmp_path / "x.safetensors", {K: factors(0), Q: factors(1)})
     calls, real = [], lora.formats.add_adapter_at
@@ -569,7 +569,7 @@ def test_a_failure_while_adding_leaves_the_model_unchanged(tiny, tmp_path, monke
     monkeypatch.setattr(lora.formats, "add_adapter_at", add)
     types = [type(m) for m in sd.unet.modules()]
     with pytest.raises(RuntimeError, match="out of memory"):
-        lora.load_kohya(path, sd.unet, sd.text_encoder)
+        lora.load(path, sd.unet, sd.text_encoder)
     assert lora.adapter_names(sd.unet, sd.text_encoder) == [] and [type(m) for m in sd.unet.modules()] == types
 
 
@@ -581,7 +581,7 @@ def test_a_duplicate_factor_is_refused(tiny, tmp_path):
                f"{Q_DIFFUSERS}.lora.down.weight": g["lora_down.weight"] * 2,
                f"{Q_DIFFUSERS}.lora_B.weight": g["lora_up.weight"]}, str(path))
     with pytest.raises(CheckpointError, match=re.escape(f"{path}: {Q_DIFFUSERS} has two down tensors")):
-        lora.load_kohya(path, sd.unet, sd.text_encoder)
+        lora.load(path, sd.unet, sd.text_encoder)
     assert lora.adapter_names(sd.unet, sd.text_encoder) == []
 
 
@@ -593,15 +593,15 @@ def test_adapter_names_that_are_module_attributes_work(name, tiny, tmp_path):
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 64)
     with torch.no_grad():
         base = sd.unet(x, t, ctx)
-        lora.load_kohya(path, sd.unet, sd.text_encoder)
+        lora.load(path, sd.unet, sd.text_encoder)
         assert lora.adapter_names(sd.unet, sd.text_encoder) == [name]
         adapted = sd.unet(x, t, ctx)
-        lora.set_weights(sd.unet, name, 0.5, text_encoder=sd.text_encoder)
+        lora.set_weight(sd.unet, name, 0.5, text_encoder=sd.text_encoder)
         lora.merge(sd.unet, name, sd.text_encoder)
         lora.unmerge(sd.unet, name, sd.text_encoder)
-        lora.set_weights(sd.unet, name, 1.0, text_encoder=sd.text_encoder)
+        lora.set_weight(sd.unet, name, 1.0, text_encoder=sd.text_encoder)
         assert torch.allclose(sd.unet(x, t, ctx), adapted, atol=1e-5)
-        lora.save_kohya(tmp_path / "again.safetensors", sd.unet, sd.text_encoder, name)
+        lora.save(tmp_path / "again.safetensors", sd.unet, sd.text_encoder, name)
         a, b = load_file(str(path)), load_file(str(tmp_path / "again.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # tensors copied, not computed
         assert callable(sd.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q.adapters.train)  # still the method

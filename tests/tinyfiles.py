@@ -42,11 +42,11 @@ def write_tiny_files(root):
     sd = tiny_model(root / "tokenizer")
     save_single_file(sd, root / "tiny.safetensors", dtype=torch.float16)
     save_lightning_ckpt(load_file(str(root / "tiny.safetensors")), root / "tiny.ckpt")
-    lora.inject(sd.unet, "a", 2, targets=lora.C3LIER, text_encoder=sd.text_encoder, te_rank=2)
+    lora.inject(sd.unet, "a", 2, targets=lora.LOCON_TARGETS, text_encoder=sd.text_encoder, te_rank=2)
     with torch.no_grad():
-        for _, layer in lora.adapted_layers(sd.unet, sd.text_encoder, "a"):
+        for _, layer in lora.network.adapted_layers(sd.unet, sd.text_encoder, "a"):
             layer.adapters["a"].up.normal_(0, 0.1)
-    lora.save_kohya(root / "adapter.safetensors", sd.unet, sd.text_encoder, "a")
+    lora.save(root / "adapter.safetensors", sd.unet, sd.text_encoder, "a")
     lora.remove(sd.unet, "a", sd.text_encoder)
     return {"safetensors": root / "tiny.safetensors", "ckpt": root / "tiny.ckpt", "tokenizer": root / "tokenizer",
             "adapter": root / "adapter.safetensors", "model": sd}

@@ -48,9 +48,9 @@ def render_setting(sd, setting, captions, seed, steps=30, guidance=5.0, batch=32
     names = []
     for i, (path, blocks) in enumerate(setting.adapters):
         name = f"a{i}_{Path(path).stem}"
-        lora.load_kohya(path, sd.unet, sd.text_encoder, name=name)
+        lora.load(path, sd.unet, sd.text_encoder, name=name)
         if blocks:
-            lora.set_weights(sd.unet, name, block_weights=blocks)
+            lora.set_weight(sd.unet, name, block_weights=blocks)
         names.append(name)
     try:
         return torch.cat([sd.sample(captions[i:i + batch], steps=steps, guidance=guidance, seed=seed + i,

@@ -22,9 +22,9 @@ FORMS, the ones GuidedUNetGraph uses by default (what each saves: docs/performan
               product read contiguous tensors
 "upsample"    nearest 2x upsampling + 3x3 convolution as one 2x2 convolution on the small map to the four phases of
               the output (4C channels, 16/36 of the multiply-adds) and one copy that interleaves them
-"cfg_prefix"  a guided step runs the U-Net on [x, x]: until the first cross-attention both halves are the same, so
-              the layers before it (conv_in, the first ResBlock, the first self-attention) run on one half and
-              their outputs are concatenated to both
+"guided_prefix"  a guided step runs the U-Net on [x, x]: until the first cross-attention both halves are the
+              same, so the layers before it (conv_in, the first ResBlock, the first self-attention) run on one half
+              and their outputs are concatenated to both
 A form takes only a layer that is exactly the class it was written for, with that class's own forward (stock.stock;
 the containers whose data flow it relies on too), and calls the core's own building blocks (minisd.unet.attention,
 geglu, UNet.embed_time) where it does not replace them; a form that replaces a block's math ("upsample") takes it
@@ -48,7 +48,7 @@ from .. import unet as U
 from .modules import LeanGEGLU
 from .stock import stock, unchanged
 
-FORMS = ("context_kv", "gemm_1x1", "biases", "time_table", "silu_nhwc", "qkv", "geglu", "upsample", "cfg_prefix")
+FORMS = ("context_kv", "gemm_1x1", "biases", "time_table", "silu_nhwc", "qkv", "geglu", "upsample", "guided_prefix")
 
 
 @contextlib.contextmanager
@@ -247,7 +247,7 @@ def subpixel_upsample(unet, packs):
 
 
 def _per_sample(layer):
-    """A layer of the prefix that computes each sample on its own, as cfg_prefix relies on."""
+    """A layer of the prefix that computes each sample on its own, as guided_prefix relies on."""
     if isinstance(layer, U.ResBlock):
         return stock(layer, U.ResBlock)
     if isinstance(layer, U.SpatialTransformer):
@@ -257,7 +257,7 @@ def _per_sample(layer):
     return runs_plain(layer, nn.Conv2d) or (isinstance(layer, nn.Conv2d) and adapted(layer))
 
 
-def cfg_prefix(unet, forms):
+def guided_prefix(unet, forms):
     """{layer: forward} for a U-Net run on [x, x] at one timestep (a guided step): the layers before the first
     cross-attention run on the first half of their input and return it twice. Wraps the forms given for them.
     Empty unless the U-Net, its blocks and the layers of the prefix are stock (each sample computed on its own)."""
@@ -365,6 +365,6 @@ def capture_forms(unet, names, packs, dtype, t, kv=None, guided=True, timesteps=
                 table = time_table(unet, timesteps, dtype, packs, key)
             row = _kept(packs, ("row", timesteps, dtype, key), lambda: table.new_empty(1, table.shape[1]))
             layer.update(table_forms(unet, table, t, row))
-        if "cfg_prefix" in names and guided:
-            layer.update(cfg_prefix(unet, layer))
+        if "guided_prefix" in names and guided:
+            layer.update(guided_prefix(unet, layer))
     return {**forms, **layer}

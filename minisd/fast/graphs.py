@@ -24,7 +24,7 @@ same function on either layout).
 encode_text(text_encoder, ids, cache): the text encoder replayed from a graph (ReplayedCall, captured per shape), as
 sample(cuda_graph=True) runs it; the result is a fresh tensor.
 
-LoRA layers (lora.LoRALinear) with active unmerged adapters are captured in a packed form (pack_adapters), made
+LoRA layers (lora.layers.LoRALinear) with active unmerged adapters are captured in a packed form (pack_adapters), made
 by their capture interface (capture_weight(), stacked_factors(); minisd.fast.forms):
   "weight"   (default) y = x W'^T + b with W' = W + sum_i g_i U_i A_i computed once per capture into a private copy
              (the base weights stay untouched): exactly the cost of merged adapters, plus the memory of the copies
