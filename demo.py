@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import minisd
-from minisd.images import to_pil
+from minisd.images import save_png, to_pil
 import train
 from tinyworld import judge as judges
 from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, Setting, rates, recipe_argv, render_setting
@@ -58,7 +58,7 @@ def labelled_grid(columns, scores, path):
         draw.text((c * cell + 4, 28), f"style    {scores[title][1]:.0%}", fill=(0, 0, 140))
         for r, im in enumerate(to_pil(images)):
             sheet.paste(im.resize((cell, cell), Image.NEAREST), (c * cell, head + r * cell))
-    sheet.save(path)
+    save_png(sheet, path)
 
 
 def main(argv=None):

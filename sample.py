@@ -29,15 +29,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from PIL.PngImagePlugin import PngInfo
 
 import lora
 import minisd
 from minisd import hashes
 from minisd.checkpoint import CheckpointError
 from minisd.cli import one_line_errors
-from minisd.files import atomic_save
-from minisd.images import grid, to_pil
+from minisd.images import a1111_parameters, grid, save_png, to_pil
 from minisd.limits import check_device, require, sampling_bytes
 
 TINY = Path(__file__).resolve().parent / "weights" / "tiny"
@@ -200,8 +198,8 @@ def check(args):
     return adapters
 
 
-def png_info(args, sd, size, adapters, index=None, seed=None):
-    """AUTOMATIC1111's `parameters` text chunk, so other tools read the settings back."""
+def png_parameters(args, sd, size, adapters, index=None, seed=None):
+    """AUTOMATIC1111's `parameters` text for an image of this run (minisd.images.a1111_parameters)."""
     tags = "".join(" " + lbw_tag(a) for a in adapters)
     fields = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": f"{args.guidance:g}",
               "Seed": args.seed if seed is None else seed, "Size": f"{size[1]}x{size[0]}",
@@ -212,10 +210,7 @@ def png_info(args, sd, size, adapters, index=None, seed=None):
         fields.update({"Batch size": args.n, "Batch pos": index})
     if adapters:
         fields["Lora hashes"] = '"' + ", ".join(f"{a.path.stem}: {hashes.lora_hash(a.path)}" for a in adapters) + '"'
-    text = f"{args.prompt}{tags}\nNegative prompt: {args.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
-    info = PngInfo()
-    info.add_text("parameters", text)
-    return info
+    return a1111_parameters(args.prompt + tags, args.negative_prompt, fields)
 
 
 def check_model(args, sd):
@@ -291,18 +286,13 @@ def generate(args):
         size = (chunk[0].height, chunk[0].width)
         with one_line_errors(OSError, args.debug):
             for i, im in enumerate(chunk if args.n > 1 else []):
-                info = png_info(args, sd, size, adapters, i, seed)
-                save_png(im, out.with_name(f"{out.stem}-{first + i:03d}.png"), info)
+                save_png(im, out.with_name(f"{out.stem}-{first + i:03d}.png"),
+                         png_parameters(args, sd, size, adapters, i, seed))
         images += chunk
     sheet = grid(images, min(len(images), 4)) if len(images) > 1 else images[0]
     with one_line_errors(OSError, args.debug):
-        save_png(sheet, out, png_info(args, sd, size, adapters))
+        save_png(sheet, out, png_parameters(args, sd, size, adapters))
     return images, size, t0
-
-
-def save_png(image, path, info):
-    """Written to a temporary file and renamed: a full disk or a kill leaves the previous image, not a torn one."""
-    atomic_save(lambda p: image.save(p, format="PNG", pnginfo=info), path)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from lora.network import TEXT_TARGET
 from minisd.checkpoint import CheckpointError, file_errors, read_pickle
 from minisd.cli import one_line_errors
 from minisd.files import atomic_save, read_regular
-from minisd.images import grid, to_pil
+from minisd.images import grid, save_png, to_pil
 from minisd.limits import check_device, require, training_bytes
 from minisd.pipeline import StableDiffusion
 
@@ -1007,8 +1007,7 @@ def render_samples(run):
     folder = out.with_name(f"{out.stem}-samples")
     with one_line_errors(OSError, args.debug):
         folder.mkdir(exist_ok=True)
-        atomic_save(lambda p: grid(images, min(4, len(images))).save(p, format="PNG"),
-                    folder / f"step{run.step:06d}.png")
+        save_png(grid(images, min(4, len(images))), folder / f"step{run.step:06d}.png")
 
 
 def kohya_args(args, n_images, size, step):

@@ -1,5 +1,8 @@
-"""Tensors to pictures: what sample.py, train.py, demo.py and tinyworld save."""
+"""Tensors to pictures, and PNG files with their settings: what sample.py, train.py, demo.py and tinyworld save."""
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .files import atomic_save
 
 
 def to_pil(images):
@@ -16,3 +19,19 @@ def grid(images, cols):
     for i, im in enumerate(images):
         sheet.paste(im, ((i % cols) * w, (i // cols) * h))
     return sheet
+
+
+def a1111_parameters(prompt, negative_prompt, fields):
+    """AUTOMATIC1111's `parameters` text: the prompt, "Negative prompt: ..." on the next line, then "Key: value"
+    pairs joined by ", " (Steps, Sampler, CFG scale, Seed, Size, Model hash, ...): what webui's PNG Info, civitai
+    and other tools read back from a PNG."""
+    return f"{prompt}\nNegative prompt: {negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+
+
+def save_png(image, path, parameters=None):
+    """A PIL image as a PNG with the `parameters` text chunk (if given), written to a temporary file and renamed: a
+    full disk or a kill leaves the previous file, never a torn one."""
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    atomic_save(lambda p: image.save(p, format="PNG", pnginfo=info), path)

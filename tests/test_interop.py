@@ -231,6 +231,21 @@ def test_sample_png_carries_webui_hashes(tiny, tmp_path, monkeypatch):
     assert stat_mode(tiny["adapter"]) == 0o644  # written by lora.save
 
 
+def test_png_parameters_in_webuis_layout(tmp_path):
+    """minisd.images: the `parameters` chunk as webui writes it (prompt, "Negative prompt:" line, "Key: value, ..."),
+    read back by PIL; the PNG is written whole (no temporary file left)."""
+    from PIL import Image
+    from minisd.images import a1111_parameters, save_png
+    text = a1111_parameters("a cat <lora:x:0.8>", "blurry", {"Steps": 20, "Sampler": "DDIM", "CFG scale": "7.5",
+                                                             "Seed": 3, "Size": "512x768"})
+    assert text == ("a cat <lora:x:0.8>\nNegative prompt: blurry\n"
+                    "Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 3, Size: 512x768")
+    save_png(Image.new("RGB", (4, 4), "red"), tmp_path / "a.png", text)
+    assert Image.open(tmp_path / "a.png").text["parameters"] == text and os.listdir(tmp_path) == ["a.png"]
+    save_png(Image.new("RGB", (4, 4)), tmp_path / "b.png")
+    assert "parameters" not in Image.open(tmp_path / "b.png").text
+
+
 def test_a_hub_name_missing_from_the_cache_is_an_error(tiny):
     """transformers 5 loads a hub name that is not in the cache as an empty tokenizer, without an error."""
     with pytest.raises(minisd.CheckpointError, match="minisd-test/no-such-tokenizer: no CLIP tokenizer found"):
