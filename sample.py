@@ -32,6 +32,7 @@ import torch
 
 import lora
 import minisd
+import minisd.fast
 from minisd import hashes
 from minisd.checkpoint import CheckpointError
 from minisd.cli import one_line_errors

@@ -1,4 +1,4 @@
-"""Issue #17's adversarial pass: lost work, small inputs of unbounded cost, crashes and silent nonsense, adapters.
+"""The adversarial pass: lost work, small inputs of unbounded cost, crashes and silent nonsense, adapters.
 
 Every case runs on the tiny model of tests/tinyfiles.py (or the shipped weights/tiny), single-threaded. Cases that
 would allocate without bound if the code regressed run under an address-space limit (`memory_limit`: RLIMIT_AS at
