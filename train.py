@@ -650,6 +650,7 @@ class Run:
     rng_state: torch.Tensor | None = None  # gen's state that a checkpoint after this step saves
     graph: minisd.fast.TrainStepGraph | None = None  # the captured step (--cuda-graph)
     t0: float = 0.0  # when the loop began (the graph's capture included)
+    base_hash: str | None = None  # the frozen base U-Net's hash for the adapters' metadata, computed at the first save
 
     @property
     def device(self):
@@ -963,9 +964,16 @@ def finish(run):
           f"final loss {np.mean([h[1] for h in run.history[-20:]]):.4f}; wrote {run.out}")
 
 
+def adapter_metadata(run, n_images, size):
+    """kohya's ss_* training settings and the base U-Net's hash (a sha256 over every base weight, seconds for SD
+    1.4): computed at a run's first save only, since the base does not change while the adapter trains."""
+    run.base_hash = run.base_hash or lora.formats.unet_hash(run.sd.unet)
+    return {**kohya_args(run.args, n_images, size, run.step), "minisd_base_unet_sha256": run.base_hash}
+
+
 def save_adapter(run):
     """The trained adapter at --out; on a full disk a checkpoint instead, if one fits, and one line saying so."""
-    metadata = kohya_args(run.args, len(run.data.captions), run.size, run.step)
+    metadata = adapter_metadata(run, len(run.data.captions), run.size)
     try:
         atomic_save(lambda p: lora.save(p, run.sd.unet, run.sd.text_encoder, ADAPTER, metadata=metadata),
                     run.out)
@@ -987,7 +995,7 @@ def save_checkpoint(run):
              "adapter": {k: p.detach().cpu() for k, p in adapter_parameters(run.sd).items()}}
     path = out.with_name(f"{out.stem}-step{step:06d}.state.pt")
     try:
-        meta = kohya_args(args, 0, 0, step)
+        meta = adapter_metadata(run, 0, 0)
         atomic_save(lambda p: lora.save(p, run.sd.unet, run.sd.text_encoder, ADAPTER, metadata=meta), adapter)
         atomic_save(lambda p: torch.save(state, p), path)
     except OSError as e:

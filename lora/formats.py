@@ -266,9 +266,10 @@ def unet_hash(unet):
     return h.hexdigest()
 
 
-def kohya_metadata(unet, name, text_encoder=None):
+def kohya_metadata(unet, name, text_encoder=None, base_hash=None):
     """The derived metadata of adapter `name` (see the module docstring): ranks and alphas as adapted, per block
-    (the largest where a block's modules differ)."""
+    (the largest where a block's modules differ). base_hash: unet_hash(unet) if the caller has it already (a sha256
+    over all base weights: seconds for SD 1.4), else it is computed."""
     dims = {kind: [(0, 0.0)] * 25 for kind in ("block", "conv_block")}  # (rank, alpha) per kohya block
     te, blocks = (0, 0.0), set()
     for path, layer in adapted_layers(unet, text_encoder, name):
@@ -296,11 +297,13 @@ def kohya_metadata(unet, name, text_encoder=None):
             "minisd_adapter_name": name, "minisd_algo": "locon" if conv_dim else "lora",
             "minisd_blocks": ",".join(b for b in ("BASE",) + UNET_BLOCKS if b in blocks),
             "minisd_te_dim": str(te[0]), "minisd_te_alpha": f"{te[1]:g}",
-            "minisd_base_unet_sha256": unet_hash(unet)}
+            "minisd_base_unet_sha256": base_hash or unet_hash(unet)}
 
 
 def save(path, unet, text_encoder=None, name=None, metadata=None):
-    """Write adapter `name` (default: the only adapter) as a kohya .safetensors file with metadata."""
+    """Write adapter `name` (default: the only adapter) as a kohya .safetensors file with metadata. A caller that
+    saves often (checkpoints) may pass the base U-Net's hash as metadata["minisd_base_unet_sha256"] (unet_hash of
+    this U-Net; the base does not change while an adapter trains) so that it is not computed again."""
     if Path(path).suffix != ".safetensors":
         raise ValueError(f"{path}: adapter files are written as .safetensors")
     names = adapter_names(unet, text_encoder)
@@ -312,6 +315,6 @@ def save(path, unet, text_encoder=None, name=None, metadata=None):
         raise KeyError(f"no adapter {name!r}; adapters: {', '.join(names) or 'none'}")
     tensors = {k: v.cpu() for k, v in adapter_state_dict(unet, name, text_encoder).items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    meta.update(kohya_metadata(unet, name, text_encoder))
+    meta.update(kohya_metadata(unet, name, text_encoder, meta.get("minisd_base_unet_sha256")))
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
     write_safetensors(tensors, path, meta)

@@ -519,6 +519,23 @@ def start_run(argv):
     return pid
 
 
+def test_the_base_hash_is_computed_once_a_run_and_is_right_in_every_file(tiny, images, tmp_path, monkeypatch):
+    """--save-every 1: every checkpoint adapter and the final one carry minisd_base_unet_sha256 = unet_hash of the
+    base model, computed once (it is a pass over every base weight)."""
+    from safetensors import safe_open
+    calls = []
+    real = lora.formats.unet_hash
+    monkeypatch.setattr(lora.formats, "unet_hash", lambda unet: calls.append(1) or real(unet))
+    out = tmp_path / "run.safetensors"
+    train.main(train_argv(tiny, images, out, "--steps", 3, "--save-every", 1))
+    base = real(minisd.load(tiny["safetensors"], tokenizer=tiny["tokenizer"]).unet)
+    files = [out] + sorted(tmp_path.glob("run-step*.safetensors"))
+    assert len(files) == 3 and len(calls) == 1
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            assert h.metadata()["minisd_base_unet_sha256"] == base, f.name
+
+
 def test_sigkill_while_saving_loses_no_checkpoint_and_resume_continues(tiny, images, tmp_path, capsys):
     """A training run with --save-every 1 is killed (SIGKILL) KILLS times, every other time the moment a checkpoint
     file is being written, else at a random moment 1-3 checkpoints in, and restarted with --resume: every checkpoint
