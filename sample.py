@@ -47,8 +47,10 @@ CHUNK = 8  # images per sampler call: --n 100 runs 13 calls, chunk k seeded with
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=str(TINY), help="LDM single file (.safetensors/.ckpt) or diffusers folder (default: minisd-tiny)")
-    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or hub name, for single files (default: CLIP's, shipped with minisd)")
+    p.add_argument("--ckpt", default=str(TINY),
+                   help="LDM single file (.safetensors/.ckpt) or diffusers folder (default: minisd-tiny)")
+    p.add_argument("--tokenizer", default=None,
+                   help="CLIP tokenizer folder or hub name, for single files (default: CLIP's, shipped with minisd)")
     p.add_argument("--prompt", default="a large red star on a blue background, striped style")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT][:BLOCKS][:start=N][:stop=N]",
                    help="an adapter; repeatable")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on GPU, float32 on CPU")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--eager", action="store_true", help="plain PyTorch steps (default on CUDA: CUDA graphs)")
     mode.add_argument("--cuda-graph", action="store_true", help="replay each U-Net step from a CUDA graph (the default "

@@ -103,7 +103,8 @@ def module_index(unet, text_encoder=None):
 def _hint(keys, shapes=()):
     if any(m in k for k in keys for m in SDXL_MARKS):
         return " (this looks like an SDXL adapter; minisd is SD 1.x)"
-    if any(re.search(r"encoder_layers_(1[2-9]|2[0-3])_|encoder\.layers\.(1[2-9]|2[0-3])\.", k) for k in keys) or 1024 in shapes:
+    deep_text = r"encoder_layers_(1[2-9]|2[0-3])_|encoder\.layers\.(1[2-9]|2[0-3])\."  # layers 12-23: SD 2.x text encoder
+    if any(re.search(deep_text, k) for k in keys) or 1024 in shapes:
         return " (this looks like an SD 2.x adapter; minisd is SD 1.x)"
     return ""
 
@@ -151,28 +152,7 @@ def _read_adapter_file(path, unet, text_encoder):
     if Path(path).suffix == ".safetensors":
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-    for key in sd:
-        for mark, algo in UNSUPPORTED.items():
-            if mark in key:
-                raise CheckpointError(f"{path}: {algo} adapters are not supported, only LoRA / LoCon ({key})")
-        if key.endswith(DIFF_SUFFIXES):
-            raise CheckpointError(f"{path}: whole-tensor differences ({key}) are not supported, only LoRA / LoCon "
-                                  f"factors (ComfyUI: save with lora_type standard and bias_diff off)")
-    kohya = any(k.startswith(KOHYA_STYLE) for k in sd)
-    parts_of = KOHYA_PARTS if kohya else DIFFUSERS_PARTS
-    groups, odd = {}, []  # {module name: {"down": t, "up": t, "alpha": t}}, keys of no known kind
-    for key, t in sd.items():
-        suffix = next((s for s in parts_of if key.endswith("." + s)), None)
-        if suffix is None:
-            odd.append(key)
-            continue
-        group = groups.setdefault(key[:-len(suffix) - 1], {})
-        if parts_of[suffix] in group:  # lora_A and lora.down of one module: which one is meant?
-            raise CheckpointError(f"{path}: {key[:-len(suffix) - 1]} has two {parts_of[suffix]} tensors")
-        group[parts_of[suffix]] = t
-    if odd or not groups:
-        raise CheckpointError(f"{path}: not a LoRA file: keys that are no LoRA factor or alpha ({len(odd)}): "
-                              f"{', '.join(odd[:4]) or 'no keys'}{_hint(odd)}")
+    groups, kohya = _factor_groups(path, sd)
     index = module_index(unet, text_encoder)
     unknown = [n for n in groups if n not in index]
     if unknown:
@@ -186,38 +166,80 @@ def _read_adapter_file(path, unet, text_encoder):
         part, mpath = index[mod_name]
         if seen.setdefault((part, mpath), mod_name) != mod_name:  # a kohya and a diffusers name of one module
             raise CheckpointError(f"{path}: {seen[part, mpath]} and {mod_name} name the same module")
-        if "down" not in g or "up" not in g:
-            raise CheckpointError(f"{path}: {mod_name} lacks its {'lora_up' if 'down' in g else 'lora_down'} tensor")
         module = (unet if part == "unet" else text_encoder).get_submodule(mpath)
-        fitted = _fit(module, g["down"], g["up"])
-        if fitted is None:
-            shapes = [s for t in (g["down"], g["up"]) for s in t.shape]
-            raise CheckpointError(f"{path}: {mod_name}: down {tuple(g['down'].shape)} / up {tuple(g['up'].shape)} "
-                                  f"do not fit {module}{_hint([mod_name], shapes)}")
-        rank = fitted[0].shape[0]
-        if not all(t.is_floating_point() for t in fitted) or rank == 0:
-            raise CheckpointError(f"{path}: {mod_name}: factors of {fitted[0].dtype} / {fitted[1].dtype} and rank {rank}; "
-                                  f"expected floating point and rank >= 1")
-        largest = torch.stack([t.float().abs().max() for t in fitted]).max().item()  # NaN if any value is
-        if not math.isfinite(largest):
-            raise CheckpointError(f"{path}: {mod_name}: the factors hold NaN or infinite values")
-        if largest > FP16_MAX:
-            raise CheckpointError(f"{path}: {mod_name}: a factor value of {largest:.3g}, beyond float16's range: a damaged file")
-        if "alpha" in g:
-            if g["alpha"].numel() != 1:
-                raise CheckpointError(f"{path}: {mod_name}.alpha has {g['alpha'].numel()} values, expected one")
-            alpha = g["alpha"].item()
-        else:
-            # peft: alpha_pattern keys match a path's end; compared as text, since a regex from a file can hang
-            default, patterns = peft.get(part, (None, {}))
-            name = mod_name.split(".", 1)[1] if not kohya else mod_name
-            alpha = next((a for p, a in patterns.items() if name == p or name.endswith("." + p)), default) or rank
-        if not math.isfinite(float(alpha)):
-            raise CheckpointError(f"{path}: {mod_name}: alpha is {alpha}")
-        if abs(float(alpha)) > FP16_MAX:
-            raise CheckpointError(f"{path}: {mod_name}: alpha is {float(alpha):.3g}, beyond float16's range: a damaged file")
-        entries.append((part, mpath, *fitted, float(alpha)))
+        down, up = _checked_factors(path, mod_name, g, module)
+        alpha = _alpha(path, mod_name, g, peft.get(part, (None, {})), kohya, rank=down.shape[0])
+        entries.append((part, mpath, down, up, alpha))
     return entries
+
+
+def _factor_groups(path, sd):
+    """{module name: {"down": t, "up": t, "alpha": t}} of a file's tensors, and whether it names them kohya's way;
+    formats minisd does not read are refused by name."""
+    for key in sd:
+        for mark, algo in UNSUPPORTED.items():
+            if mark in key:
+                raise CheckpointError(f"{path}: {algo} adapters are not supported, only LoRA / LoCon ({key})")
+        if key.endswith(DIFF_SUFFIXES):
+            raise CheckpointError(f"{path}: whole-tensor differences ({key}) are not supported, only LoRA / LoCon "
+                                  f"factors (ComfyUI: save with lora_type standard and bias_diff off)")
+    kohya = any(k.startswith(KOHYA_STYLE) for k in sd)
+    parts_of = KOHYA_PARTS if kohya else DIFFUSERS_PARTS
+    groups, odd = {}, []  # keys of no known kind in `odd`
+    for key, t in sd.items():
+        suffix = next((s for s in parts_of if key.endswith("." + s)), None)
+        if suffix is None:
+            odd.append(key)
+            continue
+        group = groups.setdefault(key[:-len(suffix) - 1], {})
+        if parts_of[suffix] in group:  # lora_A and lora.down of one module: which one is meant?
+            raise CheckpointError(f"{path}: {key[:-len(suffix) - 1]} has two {parts_of[suffix]} tensors")
+        group[parts_of[suffix]] = t
+    if odd or not groups:
+        raise CheckpointError(f"{path}: not a LoRA file: keys that are no LoRA factor or alpha ({len(odd)}): "
+                              f"{', '.join(odd[:4]) or 'no keys'}{_hint(odd)}")
+    return groups, kohya
+
+
+def _checked_factors(path, mod_name, g, module):
+    """(down, up) of one module, shaped for it (_fit), floating point, of rank >= 1, finite and within fp16's range."""
+    if "down" not in g or "up" not in g:
+        raise CheckpointError(f"{path}: {mod_name} lacks its {'lora_up' if 'down' in g else 'lora_down'} tensor")
+    fitted = _fit(module, g["down"], g["up"])
+    if fitted is None:
+        shapes = [s for t in (g["down"], g["up"]) for s in t.shape]
+        raise CheckpointError(f"{path}: {mod_name}: down {tuple(g['down'].shape)} / up {tuple(g['up'].shape)} "
+                              f"do not fit {module}{_hint([mod_name], shapes)}")
+    rank = fitted[0].shape[0]
+    if not all(t.is_floating_point() for t in fitted) or rank == 0:
+        raise CheckpointError(f"{path}: {mod_name}: factors of {fitted[0].dtype} / {fitted[1].dtype} and rank {rank}; "
+                              f"expected floating point and rank >= 1")
+    largest = torch.stack([t.float().abs().max() for t in fitted]).max().item()  # NaN if any value is
+    if not math.isfinite(largest):
+        raise CheckpointError(f"{path}: {mod_name}: the factors hold NaN or infinite values")
+    if largest > FP16_MAX:
+        raise CheckpointError(f"{path}: {mod_name}: a factor value of {largest:.3g}, beyond float16's range: "
+                              "a damaged file")
+    return fitted
+
+
+def _alpha(path, mod_name, g, peft_part, kohya, rank):
+    """The module's alpha: its own tensor, else peft's config (alpha_pattern, then lora_alpha), else the rank."""
+    if "alpha" in g:
+        if g["alpha"].numel() != 1:
+            raise CheckpointError(f"{path}: {mod_name}.alpha has {g['alpha'].numel()} values, expected one")
+        alpha = g["alpha"].item()
+    else:
+        # peft: alpha_pattern keys match a path's end; compared as text, since a regex from a file can hang
+        default, patterns = peft_part
+        name = mod_name.split(".", 1)[1] if not kohya else mod_name
+        alpha = next((a for p, a in patterns.items() if name == p or name.endswith("." + p)), default) or rank
+    if not math.isfinite(float(alpha)):
+        raise CheckpointError(f"{path}: {mod_name}: alpha is {alpha}")
+    if abs(float(alpha)) > FP16_MAX:
+        raise CheckpointError(f"{path}: {mod_name}: alpha is {float(alpha):.3g}, beyond float16's range: "
+                              "a damaged file")
+    return float(alpha)
 
 
 def load(path, unet, text_encoder=None, name=None, weight=1.0, block_weights=None, dtype=torch.float32):
