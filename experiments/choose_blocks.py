@@ -44,14 +44,20 @@ def parse_args(argv=None):
     p.add_argument("--budget", default="0.25", help="parameters (> 1) or a fraction (<= 1) of the all-block adapter's")
     p.add_argument("--rank", type=int, default=8, help="the rank the style adapter will be trained at")
     p.add_argument("--algo", choices=sorted(choose.ALGOS), default="lora", help="as train.py --algo")
-    p.add_argument("--images", type=int, default=16, help="at most this many images of each folder")
-    p.add_argument("--draws", type=int, default=4, help="(noise, timestep) draws per image")
+    p.add_argument("--images", type=int, default=None,
+                   help="at most this many images of each folder (default: 16 on a GPU, 4 on a CPU)")
+    p.add_argument("--draws", type=int, default=None,
+                   help="(noise, timestep) draws per image (default: 4 on a GPU, 1 on a CPU)")
     p.add_argument("--harm-weight", type=float, default=1.0, help="ablation: weight of the identity harm")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's native size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="rank-table file to write (.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cpu = str(args.device).startswith("cpu")  # ablation on a CPU: 16 images x 4 draws took over 15 min for minisd-tiny
+    args.images = args.images if args.images is not None else 4 if cpu else 16
+    args.draws = args.draws if args.draws is not None else 1 if cpu else 4
+    return args
 
 
 def check_args(args):

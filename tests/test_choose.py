@@ -146,3 +146,12 @@ def test_the_script_writes_a_table_train_py_trains(lora_sd, layouts, tmp_path, c
                           (["--identity", str(identity), "--style", str(style), "--budget", "lots"], "--budget lots")):
         with pytest.raises(SystemExit, match=message):
             choose_blocks.main(["--ckpt", str(layouts["diffusers"]), *argv])
+
+
+def test_the_scripts_sample_size_suits_the_device():
+    """16 images x 4 draws on a GPU, 4 x 1 on a CPU (where 16 x 4 of the ablation took over 15 min), the flags win."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import choose_blocks
+    size = lambda *argv: (lambda a: (a.images, a.draws))(choose_blocks.parse_args(list(argv)))
+    assert size("--device", "cpu") == (4, 1) and size("--device", "cuda:1") == (16, 4)
+    assert size("--device", "cpu", "--images", "8", "--draws", "2") == (8, 2)
