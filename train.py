@@ -490,9 +490,8 @@ def check_model_takes(sd, inputs, args):
 
 def adapter_bytes(sd, table, args):
     """The adapter's float32 parameters, gradients and two AdamW moments (16 bytes a value), before they exist."""
-    targets = lora.LOCON_TARGETS if args.algo == "locon" else lora.LORA_TARGETS
     values = 0
-    for path, rank, _ in lora.network.target_paths(sd.unet, table, targets):
+    for path, rank, _ in lora.network.target_paths(sd.unet, table, lora.network.ALGOS[args.algo]):
         m = sd.unet.get_submodule(path)
         n_in, n_out = (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else \
             (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
@@ -505,10 +504,9 @@ def adapter_bytes(sd, table, args):
 def add_adapters(sd, table, gen, args):
     """The adapter being trained, in float32 (initialized from `gen`); returns its U-Net and text-encoder
     parameters."""
-    targets = lora.LOCON_TARGETS if args.algo == "locon" else lora.LORA_TARGETS
     text_encoder = sd.text_encoder if args.te_rank else None
-    adapted = lora.inject(sd.unet, ADAPTER, table, targets=targets, text_encoder=text_encoder, te_rank=args.te_rank,
-                          te_alpha=args.te_alpha, generator=gen)
+    adapted = lora.inject(sd.unet, ADAPTER, table, targets=lora.network.ALGOS[args.algo], text_encoder=text_encoder,
+                          te_rank=args.te_rank, te_alpha=args.te_alpha, generator=gen)
     if not adapted:
         raise RunError(f"--blocks {args.blocks}: nothing to train, no {args.algo} target layer in a block of nonzero "
                        "rank (LoRA adapts attention, feed-forward and proj layers, which SD 1.x's in3 and out0 do "

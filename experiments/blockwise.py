@@ -45,7 +45,6 @@ INS, OUTS = ("in0", "in1", "in2", "in3"), ("out0", "out1", "out2", "out3")
 COARSE = INS + ("mid",) + OUTS
 LBW = ("OUTD", "OUTS", "INS", "IND", "MIDD")  # lora-block-weight presets tried on the all-block style adapter
 METRICS = ("identity", "style", "both", "prompt", "iou")
-TARGETS = {"lora": lora.LORA_TARGETS, "locon": lora.LOCON_TARGETS}  # what train.py --algo adapts
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%
 
 
@@ -56,7 +55,8 @@ def style_subsets(sweep, algo):
     subsets = ["in0,out3", "in0", "out3", "mid"] if sweep == "small" else [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]
     seen, kept = set(), []
     for s in subsets:
-        layers = frozenset(path for path, _, _ in lora.network.target_paths(_tiny_unet(), lora.rank_table(s, rank=1), TARGETS[algo]))
+        layers = frozenset(path for path, _, _ in lora.network.target_paths(_tiny_unet(), lora.rank_table(s, rank=1),
+                                                                            lora.network.ALGOS[algo]))
         if layers and layers not in seen:
             seen.add(layers)
             kept.append(s)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import lora  # noqa: E402
 import lora.choose as choose  # noqa: E402
 import minisd  # noqa: E402
+from minisd.files import atomic_save  # noqa: E402
 import train  # noqa: E402
 
 NEEDS = {"ablation": ("identity", "style", "identity_data", "style_data"), "weights": ("identity", "style"),
@@ -128,8 +129,8 @@ def run(args, sd=None):
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(choose.rank_file(blocks, args.rank)) + "\n")
-        out.with_suffix(".scores.json").write_text(json.dumps(result, indent=1))
+        atomic_save(lambda p: p.write_text(json.dumps({"dims": spec}) + "\n"), out)  # a rank-table file (lora.ranks)
+        atomic_save(lambda p: p.write_text(json.dumps(result, indent=1)), out.with_suffix(".scores.json"))
     return result
 
 

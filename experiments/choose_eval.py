@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import lora.choose as choose  # noqa: E402
 import minisd  # noqa: E402
 from blockwise import COARSE, INS, OUTS, run_pool, train_job  # noqa: E402
-from choose_blocks import parse_args as choose_args, run as choose_run  # noqa: E402
+from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, prompts, rates, recipe_argv,  # noqa: E402
                                  render_setting)
@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
     p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--methods", default="ablation,weights,fisher", help="comma-separated lora/choose.py methods")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated lora/choose.py methods (default: all; --smoke: weights, the fast one)")
     p.add_argument("--budget", default="in0,out3", help="parameters, a fraction <= 1, or a block set whose size it is")
     p.add_argument("--rank", type=int, default=8, help="style adapter rank (the recipe's)")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
@@ -69,21 +70,18 @@ def parse_args(argv=None):
     style = next((s for s in HELD_STYLES if s.name in (args.style, args.style + "/0")), None)
     if style is None:
         p.error(f"--style {args.style}: not a held-out style; one of {', '.join(s.name for s in HELD_STYLES)}")
-    args.style, args.seeds, args.methods = style, [int(s) for s in args.seeds.split(",")], args.methods.split(",")
-    if set(args.methods) - set(choose_blocks_methods()):
-        p.error(f"--methods: some of {', '.join(choose_blocks_methods())}, got {args.methods}")
-    if args.smoke:  # the ablation and fisher methods take minutes on a CPU: weights only, unless asked
+    # ablation and fisher take minutes on a CPU: --smoke runs weights only unless asked
+    methods = args.methods or ("weights" if args.smoke else ",".join(sorted(NEEDS)))
+    args.style, args.seeds, args.methods = style, [int(s) for s in args.seeds.split(",")], methods.split(",")
+    if set(args.methods) - set(NEEDS):
+        p.error(f"--methods: some of {', '.join(sorted(NEEDS))}, got {args.methods}")
+    if args.smoke:
         args.n, args.sample_steps, args.device, args.workers = min(args.n, 2), 2, "cpu", 1
-        args.methods = ["weights"] if "--methods" not in (argv or sys.argv) else args.methods
     args.family = SMOKE_FAMILY if args.smoke else FAMILY
     args.recipe = {"identity": IDENTITY_RECIPE, "style": STYLE_RECIPE}
     if args.smoke:
         args.recipe = {k: v + " --steps 1 --batch 1" for k, v in args.recipe.items()}
     return args
-
-
-def choose_blocks_methods():
-    return ("ablation", "weights", "fisher")
 
 
 # --------------------------------------------------------------------------------------------------- files
@@ -271,8 +269,9 @@ def main(argv=None):
               "both": {str(s): v for s, v in both.items()}, "metrics": metrics, "means": means,
               "per image": {f"seed{s} {b}": r for (s, b), r in scored.items()}}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "results.md").write_text(markdown(json.loads(json.dumps(report, default=str))))
-    print(markdown(json.loads(json.dumps(report, default=str))))
+    table = markdown(json.loads(json.dumps(report, default=str)))  # the report as its JSON reads back
+    (out / "results.md").write_text(table)
+    print(table)
     print(f"wrote {out}/results.md, results.json in {time.time() - t0:.0f} s")
 
 

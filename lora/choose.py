@@ -34,11 +34,10 @@ import torch
 from .blocks import BLOCKS, GROUPS, block_of
 from .formats import read_adapter_file
 from .layers import wrap
-from .network import LOCON_TARGETS, LORA_TARGETS, set_weight, target_paths
+from .network import ALGOS, set_weight, target_paths
 from .ranks import rank_table
 
 COARSE = tuple(GROUPS)  # in0, in1, in2, in3, mid, out0, out1, out2, out3
-ALGOS = {"lora": LORA_TARGETS, "locon": LOCON_TARGETS}  # train.py --algo -> inject targets
 GROUP_OF = {b: g for g, blocks in GROUPS.items() for b in blocks}  # 'IN04' -> 'in1'
 
 
@@ -76,11 +75,6 @@ def choose_blocks(scores, params, budget, rank=8):
         raise ValueError(f"no block fits a budget of {limit:.0f} parameters (the smallest block needs {smallest})")
     chosen = [b for b in COARSE if b in chosen]
     return chosen, ",".join(f"{b}={rank}" for b in chosen)
-
-
-def rank_file(blocks, rank):
-    """The rank-table file's content (lora.rank_table / train.py --blocks read it from .json): {"dims": "in0=8,..."}."""
-    return {"dims": ",".join(f"{b}={rank}" for b in blocks)}
 
 
 # ------------------------------------------------------------------------------- (b) weights of the trained files

@@ -30,6 +30,7 @@ TARGETS = {
 }
 LORA_TARGETS = ("attn", "ff", "proj")  # kohya's LoRA-LierLa
 LOCON_TARGETS = LORA_TARGETS + ("resnet", "sampler")  # kohya's LoRA-C3Lier
+ALGOS = {"lora": LORA_TARGETS, "locon": LOCON_TARGETS}  # train.py --algo -> inject's targets
 TEXT_TARGET = r"(^|\.)encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"
 
 
