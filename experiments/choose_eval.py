@@ -2,7 +2,8 @@
 
 The oracle trains style-only adapters (tinyworld STYLE_RECIPE) on every single coarse block and every in+out pair
 (25 sets), per training seed, and scores identity (all blocks, IDENTITY_RECIPE) + style(set) with the world's judges
-on the same "sks character ... zwx style" prompts and noise. Each method (experiments/choose_blocks.py on that
+on "sks character ... zwx style" prompts and noise drawn for that seed (the same for every set of the seed: paired;
+fresh for each seed: no prompt is shared by two seeds). Each method (experiments/choose_blocks.py on that
 seed's identity and all-block style adapters) chooses blocks under the same parameter budget; its choice is trained
 and scored the same way. Per seed and method:
   regret    the oracle's best "both" among its sets within the budget - the method's "both"
@@ -44,7 +45,7 @@ from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, wri
 TINY = ROOT / "weights" / "tiny"
 FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
 SMOKE_FAMILY = ["in0", "out3", "in0,out3"]
-EVAL_SEED = 3000  # prompts and noise (recipe.py uses 100, gates.py 1000 / 2000)
+EVAL_SEED = 3000  # prompts and noise of training seed s: EVAL_SEED + 100 s (recipe.py uses 100, gates.py 1000 / 2000)
 
 
 def parse_args(argv=None):
@@ -155,11 +156,12 @@ def score_job(job):
     torch.set_flush_denormal(True)
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
-    captions, _ = prompts("combo", args.n, EVAL_SEED, args.identity, args.style)
     for seed, blocks in items:
+        eval_seed = EVAL_SEED + 100 * seed  # noise seeds eval_seed + i, i < n: disjoint for n <= 100
+        captions, _ = prompts("combo", args.n, eval_seed, args.identity, args.style)
         setting = Setting(blocks, ((adapter_path(out, seed, "identity", "all"), None),
                                    (adapter_path(out, seed, "style", blocks), None)))
-        images = render_setting(sd, setting, captions, EVAL_SEED, steps=args.sample_steps)
+        images = render_setting(sd, setting, captions, eval_seed, steps=args.sample_steps)
         r, s = rates(judge, images, args.identity, args.style)
         r["per image"] = {k: s[k].tolist() for k in ("identity", "style", "both", "identity_sim", "style_sim")}
         score_path(out, seed, blocks).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import struct
 import time
+import traceback
 import zipfile
 import zlib
 from pathlib import Path
@@ -191,6 +192,8 @@ def forked_train(argv, log, before=None):
             code = 0
         except SystemExit as e:
             os.write(2, f"{e.code}\n".encode())
+        except BaseException:  # anything else would end the child silently: its traceback goes to the log
+            os.write(2, traceback.format_exc().encode())
         finally:
             os._exit(code)
     return pid
