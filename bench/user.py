@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import common
@@ -117,16 +116,17 @@ def loading(rec, args, folder):
         loads = {"minisd": lambda: minisd.load(folder, device=args.device, dtype=dt),
                  "diffusers": lambda: StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dt,
                                                                               safety_checker=None).to(args.device)}
-        for impl in list(loads)[:1 if args.smoke else 2]:
-            times = []
-            for _ in range(args.reps):
+        impls, times = list(loads)[:1 if args.smoke else 2], {}
+        for rep in range(args.reps):
+            for impl in impls if rep % 2 == 0 else impls[::-1]:  # alternating: neither always pays the first load
                 common.free(args.device)
                 t0 = time.perf_counter()
                 model = loads[impl]()
                 sync(args.device)
-                times.append(time.perf_counter() - t0)
+                times.setdefault(impl, []).append(time.perf_counter() - t0)
                 del model
-            rec.add(section="load", impl=impl, dtype=dtype, wall_s=statistics.median(times))
+        for impl in impls:
+            rec.add(section="load", impl=impl, dtype=dtype, wall_s=statistics.median(times[impl]))
 
 
 def training(rec, args, folder, tmp):

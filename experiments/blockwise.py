@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lora  # noqa: E402
+import stats  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, render  # noqa: E402
@@ -77,6 +78,35 @@ def settings(sweep, algo):
     return rows
 
 
+# The paper's four claims as paired comparisons: (claim, metric, settings a, settings b, the paper's sign of a - b).
+# A list of settings is averaged image by image; a setting the sweep lacks is left out, a claim with none left too.
+UPPER, LOWER = ["id + style(in0)", "id + style(out3)"], ["id + style(in3)", "id + style(mid)", "id + style(out0)"]
+CLAIMS = [
+    ("1 identity drops when an all-block style adapter joins", "identity", ["id + style(all)"], ["identity only"], -1),
+    ("2 training on in0+out3 beats weighting them at inference", "both", ["id + style(in0,out3)"],
+     ["id + style(all) @in0,out3"], +1),
+    ("3 style on in0+out3 keeps both better than on all blocks", "both", ["id + style(in0,out3)"], ["id + style(all)"], +1),
+    ("4 the upper blocks (in0, out3) carry more than the lowest (in3, mid, out0)", "both", UPPER, LOWER, +1),
+]
+
+
+def claims(rows, n_boot=10_000):
+    """{claim: stats.compare of its settings} for one algorithm's {title: {seed: {metric: values}}}; claim 1 also
+    gets the identity's retention (among the images the identity-only adapter got right)."""
+    out = {}
+    for claim, metric, a, b, sign in CLAIMS:
+        a, b = [t for t in a if t in rows], [t for t in b if t in rows]
+        if not a or not b:
+            continue
+        seeds = sorted(set.intersection(*(set(rows[t]) for t in a + b)))
+        mean_of = lambda titles: {s: np.mean([rows[t][s][metric] for t in titles], axis=0) for s in seeds}
+        r = stats.compare(mean_of(a), mean_of(b), sign, n_boot=n_boot)
+        if claim.startswith("1"):
+            r["retention"] = stats.retention(mean_of(a), mean_of(b))
+        out[claim] = {"metric": metric, "a": a, "b": b, **r}
+    return out
+
+
 def adapter_file(out, algo, seed, data, blocks):
     return out / "adapters" / algo / f"seed{seed}" / f"{data}_{blocks.replace(',', '+')}.safetensors"
 
@@ -111,9 +141,10 @@ def training_jobs(args, out):
 
 # --------------------------------------------------------------------------------------------- evaluation
 
-def eval_scenes(n):
-    """n held-out "sks character in zwx style" scenes (fixed), their captions and true silhouettes."""
-    scenes = [s for _, _, s in dataset(n, seed=2024, split="combo")]
+def eval_scenes(n, seed):
+    """n held-out "sks character in zwx style" scenes of training seed `seed` (the same for every setting of the
+    seed, fresh for each seed), their captions and true silhouettes."""
+    scenes = [s for _, _, s in dataset(n, seed=2024 + 100 * seed, split="combo")]
     return scenes, [s.caption() for s in scenes], np.stack([render(s)[1] for s in scenes])
 
 
@@ -133,7 +164,7 @@ def eval_job(job):
     torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=device)
     judge = judges.load(TINY / "judge.safetensors", device=device)
-    scenes, prompts, masks = eval_scenes(n)
+    scenes, prompts, masks = eval_scenes(n, seed)
     results, thumbs = {}, {}
     for title, style, block_weights, with_identity in settings(sweep, algo):
         if style and not adapter_file(out, algo, seed, "style", style).exists():
@@ -201,7 +232,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--te-rank", type=int, default=0, help="text-encoder rank of the identity adapter (0: U-Net only)")
-    p.add_argument("--n", type=int, default=16, help="images per setting and seed")
+    p.add_argument("--n", type=int, default=None, help="images (prompts) per setting and seed (default: 64 on a GPU, "
+                   "as the protocol asks; 16 on a CPU)")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=max(1, torch.cuda.device_count()),
@@ -220,6 +252,7 @@ def main(argv=None):
     devices = [f"cuda:{i % gpus}" for i in range(args.workers)] if gpus else ["cpu"] * args.workers
     threads = max(1, (os.cpu_count() or 1) // args.workers) if not gpus else 1
     gates = read_gates(args.gates)
+    args.n = args.n or (64 if gpus else 16)
 
     jobs = training_jobs(args, out)
     print(f"training {len(jobs)} adapters on {args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
@@ -235,11 +268,12 @@ def main(argv=None):
             raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
         thumbs[algo, seed] = th
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
+    tested = {algo: claims(rows) for algo, rows in raw.items()}
 
     report = {"args": {k: v for k, v in vars(args).items()}, "gates": gates,
               "seconds": {"training": round(t_train), "total": round(time.time() - t0)},
               "device": torch.cuda.get_device_name(0) if gpus else f"cpu ({os.cpu_count()} cores)",
-              "summary": table, "per_image": raw}
+              "summary": table, "claims": tested, "per_image": raw}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown(report))
     figures(thumbs, table, args, out)
@@ -258,8 +292,21 @@ def markdown(report):
         lines += [f"### {algo}", "", "| setting | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
         for title, s in rows.items():
             lines.append(f"| {title} | {s['seeds']} | " + " | ".join(f"{s[m][0]:.2f} ± {s[m][1]:.2f}" for m in METRICS) + " |")
-        lines.append("")
+        lines += ["", *claims_markdown(report["claims"].get(algo, {}), all(report["gates"].values())), ""]
     return "\n".join(lines)
+
+
+def claims_markdown(tested, judged):
+    """The claims table: a - b with its paired-bootstrap interval, verdict (only when every gate is met), the
+    observed sigma_s and p_d, the power to see 0.10 at them, and the seeds that power 0.8 would need."""
+    lines = ["| claim | metric: a - b | 95% interval | verdict | seeds × images | σ_s | p_d | power (0.10) | seeds for 0.8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for claim, r in tested.items():
+        extra = f"; retention {r['retention']:.2f}" if "retention" in r else ""
+        lines.append(f"| {claim} | {r['metric']}: {r['mean']:+.3f}{extra} | [{r['low']:+.3f}, {r['high']:+.3f}] | "
+                     f"{r['verdict'] if judged else 'not judged (gate)'} | {r['seeds']} × {r['images']} | "
+                     f"{r['sigma_s']:.3f} | {r['p_d']:.2f} | {r['power']:.2f} | {r['seeds_needed'] or '> 100'} |")
+    return lines
 
 
 def figures(thumbs, table, args, out):

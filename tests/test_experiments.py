@@ -32,6 +32,25 @@ def test_summary_is_a_t_interval_over_seed_means():
     assert s["identity"][1] == pytest.approx(4.30 * 0.381881 / 3 ** 0.5, abs=1e-4)
 
 
+def test_claims_compare_the_paper_settings_image_by_image():
+    """Claim 3 from hand-made outcomes (in0+out3 "both" beats all-block on 2 more images of 4 in each seed), claim 4
+    averaging the upper and the lower singles per image, and claims whose settings the sweep lacks left out."""
+    both = lambda *seeds: {s: {"both": v, "identity": v} for s, v in enumerate(seeds)}
+    rows = {"id + style(in0,out3)": both([1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1]),
+            "id + style(all)": both([1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0]),
+            "id + style(in0)": both([1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]),
+            "id + style(out3)": both([1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]),
+            "id + style(mid)": both([0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0])}
+    tested = blockwise.claims(rows, n_boot=500)
+    assert [c[0] for c in tested] == ["3", "4"]  # no identity-only and no inference-weights settings
+    c3, c4 = tested[next(iter(tested))], tested[list(tested)[1]]
+    assert c3["mean"] == pytest.approx(0.5) and c3["verdict"] == "holds" and c3["seeds"] == 3
+    assert c4["mean"] == pytest.approx((0.375 - 0 + 0.75 - 0.25 + 0.25 - 0) / 3)  # (in0 + out3) / 2 - mid
+    lines = blockwise.claims_markdown(tested, judged=False)
+    assert len(lines) == 4 and all("not judged (gate)" in line for line in lines[2:])
+    assert "| holds |" in blockwise.claims_markdown(tested, judged=True)[2]
+
+
 def test_wilson_interval_by_hand():
     # 8 hits of 10, z = 1.96: centre (0.8 + 1.96^2 / 20) / (1 + 1.96^2 / 10) = 0.71679, half-width
     # 1.96 * sqrt(0.016 + 1.96^2 / 400) / 1.38416 = 0.22658, by hand
