@@ -1,7 +1,7 @@
 """The paper's experiments in miniature (Block-wise LoRA, arXiv 2403.07500), on minisd-tiny, scored by the world's
 judges (tinyworld/judge.py) instead of by eye.
 
-    python experiments/blockwise.py                                 # small sweep, one seed: CPU, about 25 minutes
+    python experiments/blockwise.py                                 # small sweep, one seed (CPU: over 45 min, below)
     python experiments/blockwise.py --sweep full --seeds 0,1,2 --full-seeds 1 --workers 4 --cuda-graph   # GPU(s)
 
 For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
@@ -14,6 +14,9 @@ Each setting renders the same held-out "sks character in zwx style" prompts with
 Settings: identity alone; style alone; identity + style(all) (the paper's conflict); the same with the style adapter's
 blocks weighted at inference (lora-block-weight presets, and its in0+out3 blocks only: block-wise inference); identity
 + style trained block-wise on each subset. Means over seeds with 95% t-intervals (one seed: over images).
+
+On a 2-core CPU one 200-step adapter of world v2 (32x32 latents) takes about 4 minutes (244 s for the first, LoRA
+identity), so the small sweep's 12 adapters alone take over 45 minutes there.
 
 Writes under --out: adapters/ (kept: a rerun skips trained ones), results.json, results.md, fig_conflict_*.png,
 fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
