@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import lora.choose as choose  # noqa: E402
+import stats  # noqa: E402
 import minisd  # noqa: E402
 from blockwise import COARSE, INS, OUTS, run_pool, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
@@ -207,8 +208,18 @@ def evaluate_choice(blocks, scores, both, params, budget, family):
 
 
 def mean_of(rows, key):
+    """(mean over seeds, seeds, low, high): the 95 % interval from resampling seeds (none with fewer than 2)."""
     vals = [r[key] for r in rows if r[key] is not None]
-    return (float(np.mean(vals)), len(vals)) if vals else (None, 0)
+    if len(vals) < 2:
+        return (float(vals[0]) if vals else None, len(vals), None, None)
+    return (float(np.mean(vals)), len(vals), *stats.bootstrap_interval({i: np.array([v]) for i, v in enumerate(vals)}))
+
+
+def versus_paper(choice, paper, scored, seeds):
+    """stats.compare of a method's chosen set against the paper's in0+out3, image by image on "both" (same prompts
+    and noise within a seed); the paper's direction is the method doing better."""
+    per_image = lambda c: {s: scored[s, ",".join(c[s]["blocks"])]["per image"]["both"] for s in seeds}
+    return stats.compare(per_image(choice), per_image(paper), +1)
 
 
 def markdown(report):
@@ -223,9 +234,14 @@ def markdown(report):
         for seed, m in per_seed.items():
             lines.append(f"| {method} | {seed} | {m['blocks']} | {m['params']} | {f(m['both'])} | {m['oracle best']} "
                          f"({f(m['oracle both'])}) | {f(m['regret'])} | {f(m['tau'])} | {f(m['win rate'])} |")
-    lines += ["", "| method | mean regret | mean tau | mean win rate |", "|---|---|---|---|"]
+    mean = lambda m: f(m[0]) if m[2] is None else f"{f(m[0])} [{f(m[2])}, {f(m[3])}]"
+    lines += ["", "Means over seeds with 95 % intervals (resampling seeds); \"both\" against the paper's in0+out3 is "
+              "paired image by image (experiments/stats.py):", "",
+              "| method | regret | tau | win rate | both - paper's (interval) | verdict |", "|---|---|---|---|---|---|"]
     for method, (reg, tau, win) in report["means"].items():
-        lines.append(f"| {method} | {f(reg[0])} | {f(tau[0])} | {f(win[0])} |")
+        v = report["versus paper"].get(method)
+        vs = f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}] | {v['verdict']}" if v else "- | -"
+        lines.append(f"| {method} | {mean(reg)} | {mean(tau)} | {mean(win)} | {vs} |")
     lines += ["", "Oracle, \"both\" per set and seed:", "", "| set | " + " | ".join(map(str, a["seeds"])) + " |",
               "|---" * (len(a["seeds"]) + 1) + "|"]
     for s in a["family"]:
@@ -264,11 +280,13 @@ def main(argv=None):
     metrics = {m: {s: evaluate_choice(c[s]["blocks"], c[s]["scores"], both[s], params, budget, args.family)
                    for s in args.seeds} for m, c in choices.items()}
     means = {m: [mean_of(list(rows.values()), k) for k in ("regret", "tau", "win rate")] for m, rows in metrics.items()}
+    versus = {m: versus_paper(choices[m], choices["paper"], scored, args.seeds) for m in args.methods}
     report = {"args": {**vars(args), "style": args.style.name}, "budget": budget, "params": params,
               "seconds": round(time.time() - t0), "device": torch.cuda.get_device_name(0)
               if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
               "choices": {m: {str(s): c for s, c in cs.items()} for m, cs in choices.items()},
               "both": {str(s): v for s, v in both.items()}, "metrics": metrics, "means": means,
+              "versus paper": versus,
               "per image": {f"seed{s} {b}": r for (s, b), r in scored.items()}}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
     table = markdown(json.loads(json.dumps(report, default=str)))  # the report as its JSON reads back

@@ -97,7 +97,9 @@ def t_quantile(q, df):
 
 
 def standard_error(sigma_s, p_d, seeds, images, delta=0.10):
-    return math.sqrt(sigma_s ** 2 / seeds + max(p_d - delta ** 2, 0.0) / (seeds * images))
+    """Of the mean difference under a true difference delta, which needs at least a share delta of discordant pairs
+    (so an observed p_d below delta, even 0, still gives a positive error)."""
+    return math.sqrt(sigma_s ** 2 / seeds + (max(p_d, delta) - delta ** 2) / (seeds * images))
 
 
 def power(sigma_s, p_d, seeds, images, delta=0.10):

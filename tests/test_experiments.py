@@ -135,6 +135,10 @@ def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     assert set(report["both"]["0"]) >= set(choose_eval.SMOKE_FAMILY)
     assert all(len(r["per image"]["both"]) == 2 for r in report["per image"].values())
     assert "| weights | 0 |" in (tmp_path / "results.md").read_text()
+    # the method's "both" against the paper's in0+out3, from the two sets' per-image scores
+    key = lambda m: f"seed0 {report['metrics'][m]['0']['blocks']}"
+    mine, paper = (report["per image"][key(m)]["per image"]["both"] for m in ("weights", "paper"))
+    assert report["versus paper"]["weights"]["mean"] == pytest.approx(sum(mine) / 2 - sum(paper) / 2)
     capsys.readouterr()
     choose_eval.main(["--smoke", "--out", str(tmp_path)])  # everything found: nothing trained or scored again
     assert "training 0 adapters" in capsys.readouterr().out

@@ -38,6 +38,8 @@ def test_power_is_the_noncentral_t_power():
         c = scipy_stats.t.ppf(0.975, seeds - 1)
         exact = scipy_stats.nct.sf(c, seeds - 1, shift) + scipy_stats.nct.cdf(-c, seeds - 1, shift)
         assert stats.power(sigma_s, p_d, seeds, 64) == pytest.approx(exact, abs=1e-6)
+    # no discordant pair observed: the error is the least a true difference of 0.10 allows (a share 0.10 discordant)
+    assert stats.standard_error(0.0, 0.0, 4, 64) == pytest.approx(((0.10 - 0.01) / (4 * 64)) ** 0.5)
 
 
 def test_mcnemar_matches_scipy_binomtest():
