@@ -11,7 +11,7 @@ and scored the same way. Per seed and method:
   win rate  against the oracle's sets of the same size (singles, or in+out pairs): P(method > set), ties 1/2
 "paper" is the fixed in0+out3 choice, for comparison.
 
-    python experiments/choose_eval.py --seeds 0,1 --workers 7 --cuda-graph --out out/choose     # GPU; re-run to resume
+    python experiments/choose_eval.py --seeds 0,1 --workers 2 --cuda-graph --out out/choose     # GPU; re-run to resume
     python experiments/choose_eval.py --identity 26 --style zigzag/8 --out out/choose_26       # a reserved pair
     python experiments/choose_eval.py --smoke --out /tmp/choose_smoke                          # CPU plumbing, < 60 s
 
