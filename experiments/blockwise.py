@@ -1,22 +1,25 @@
 """The paper's experiments in miniature (Block-wise LoRA, arXiv 2403.07500), on minisd-tiny, scored by the world's
 judges (tinyworld/judge.py) instead of by eye.
 
-    python experiments/blockwise.py                                 # small sweep, one seed (CPU: over 45 min, below)
-    python experiments/blockwise.py --sweep full --seeds 0,1,2 --full-seeds 1 --workers 4 --cuda-graph   # GPU(s)
+    python experiments/blockwise.py --algos locon --steps 200 --lr 5e-3     # CPU: small sweep, one seed, short training
+    python experiments/blockwise.py --sweep full --seeds 0,1,2,3,4,5,6,7 --guidance 5,2,7.5 --workers 2 --cuda-graph
 
 For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
 blocks; style adapters ("zwx style", data/style) on all blocks and block-wise on subsets of the paper's coarse blocks
-{in0..in3, mid, out0..out3} (full sweep: every single block and every in+out pair, the paper's in0+out3 among them).
-Each setting renders the same held-out "sks character in zwx style" prompts with the same noise and is scored:
+{in0..in3, mid, out0..out3} (full sweep: every single block and every in+out pair, the paper's in0+out3 among them),
+trained with the world's recipe (tinyworld.evaluate, the one the gates checked) unless --steps / --lr say otherwise.
+Every setting of a seed renders the same "sks character in zwx style" prompts (drawn for that seed) with the same
+noise, and is scored:
   identity  the judge reads the identity member              style   it reads the held-out style
   both      both at once in one image                          prompt  it reads the background the prompt asked for
   iou       pixels that differ from the asked background vs the character's true silhouette (position, size, shape)
+  identity_sim, style_sim   the judges' similarities (continuous)
 Settings: identity alone; style alone; identity + style(all) (the paper's conflict); the same with the style adapter's
 blocks weighted at inference (lora-block-weight presets, and its in0+out3 blocks only: block-wise inference); identity
-+ style trained block-wise on each subset. Means over seeds with 95% t-intervals (one seed: over images).
-
-On a 2-core CPU one 200-step adapter of world v2 (32x32 latents) takes about 4 minutes (244 s for the first, LoRA
-identity), so the small sweep's 12 adapters alone take over 45 minutes there.
++ style trained block-wise on each subset; full sweep: style alone on each subset and style weights 0.25-1.5 of the
+all-block and in0+out3 adapters. The first --guidance renders every setting, the others the claims' settings.
+Means over seeds with 95% t-intervals (one seed: over images), and the paper's four claims as paired comparisons with
+the protocol's bootstrap, power and verdict (experiments/stats.py, docs/blockwise.md).
 
 Writes under --out: adapters/ (kept: a rerun skips trained ones), results.json, results.md, fig_conflict_*.png,
 fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
@@ -28,6 +31,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,13 +46,16 @@ import lora  # noqa: E402
 import stats  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
+from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE  # noqa: E402
 from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 INS, OUTS = ("in0", "in1", "in2", "in3"), ("out0", "out1", "out2", "out3")
 COARSE = INS + ("mid",) + OUTS
 LBW = ("OUTD", "OUTS", "INS", "IND", "MIDD")  # lora-block-weight presets tried on the all-block style adapter
-METRICS = ("identity", "style", "both", "prompt", "iou")
+METRICS = ("identity", "style", "both", "prompt", "iou", "identity_sim", "style_sim")
+STYLE_WEIGHTS = (0.25, 0.5, 0.75, 1.5)  # full sweep: trade-off curves of the all-block and in0+out3 style adapters
+GUIDED = ("identity only", "id + style(all)", "id + style(all) @in0,out3", "id + style(in0,out3)")  # at every --guidance
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%
 
 
@@ -73,11 +80,15 @@ def _tiny_unet():
 
 
 def settings(sweep, algo):
-    """[(title, style adapter or None, inference block weights of the style adapter or None, identity on?)]."""
+    """[(title, style adapter or None, its inference block weights or None, identity on?, its global weight)]."""
     rows = [("identity only", None, None, True), ("style only", "all", None, False), ("id + style(all)", "all", None, True)]
     rows += [(f"id + style(all) @{p}", "all", p, True) for p in LBW]
     rows += [("id + style(all) @in0,out3", "all", "in0=1,out3=1", True)]
     rows += [(f"id + style({s})", s, None, True) for s in style_subsets(sweep, algo)]
+    rows = [(*r, 1.0) for r in rows]
+    if sweep == "full":
+        rows += [(f"style only({s})", s, None, False, 1.0) for s in style_subsets(sweep, algo)]
+        rows += [(f"id + style({s}) x{w}", s, None, True, w) for s in ("all", "in0,out3") for w in STYLE_WEIGHTS]
     return rows
 
 
@@ -110,6 +121,13 @@ def claims(rows, n_boot=10_000):
     return out
 
 
+def renders(sweep, algo, guidances):
+    """[(title, guidance, style, block weights, identity on?, style weight)]: every setting at the first guidance, the
+    GUIDED ones at the others too, titled "... g=2"."""
+    return [(t if g == guidances[0] else f"{t} g={g:g}", g, *rest) for g in guidances
+            for t, *rest in settings(sweep, algo) if g == guidances[0] or t in GUIDED]
+
+
 def adapter_file(out, algo, seed, data, blocks):
     return out / "adapters" / algo / f"seed{seed}" / f"{data}_{blocks.replace(',', '+')}.safetensors"
 
@@ -135,10 +153,12 @@ def training_jobs(args, out):
             for data, blocks in [("identity", "all"), ("style", "all")] + [("style", s) for s in style_subsets(sweep, algo)]:
                 path = adapter_file(out, algo, seed, data, blocks)
                 te = ["--te-rank", str(args.te_rank)] if data == "identity" and args.te_rank else []
+                recipe = shlex.split(IDENTITY_RECIPE if data == "identity" else STYLE_RECIPE)  # the gates' recipe
+                recipe += ["--steps", str(args.steps)] if args.steps else []  # a later flag wins
+                recipe += ["--lr", str(args.lr)] if args.lr else []
                 if not path.exists():
-                    jobs.append(["--data", str(ROOT / "data" / data), "--blocks", blocks, "--algo", algo,
-                                 "--rank", str(args.rank), "--steps", str(args.steps), "--lr", str(args.lr),
-                                 "--batch", "4", "--seed", str(seed), "--out", str(path)] + te)
+                    jobs.append(["--data", str(ROOT / "data" / data), "--blocks", blocks, *recipe, "--algo", algo,
+                                 "--rank", str(args.rank), "--batch", "4", "--seed", str(seed), "--out", str(path)] + te)
     return jobs
 
 
@@ -161,15 +181,16 @@ def silhouette_iou(images, scenes, masks, threshold=60.0):
 
 
 def eval_job(job):
-    """Every setting of one (algo, seed): {title: {metric: per-image values}} and the first images of each."""
-    algo, seed, out, sweep, n, steps, guidance, device, threads = job
+    """Every setting of one (algo, seed) at the first guidance, the GUIDED settings at the others too ("... g=2"):
+    {title: {metric: per-image values}} and the first images of each."""
+    algo, seed, out, sweep, n, steps, guidances, device, threads = job
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=device)
     judge = judges.load(TINY / "judge.safetensors", device=device)
     scenes, prompts, masks = eval_scenes(n, seed)
     results, thumbs = {}, {}
-    for title, style, block_weights, with_identity in settings(sweep, algo):
+    for title, guidance, style, block_weights, with_identity, weight in renders(sweep, algo, guidances):
         if style and not adapter_file(out, algo, seed, "style", style).exists():
             continue  # a seed that ran the small sweep only
         names = []
@@ -177,7 +198,8 @@ def eval_job(job):
             lora.load(adapter_file(out, algo, seed, "identity", "all"), sd.unet, sd.text_encoder, name="identity")
             names.append("identity")
         if style:
-            lora.load(adapter_file(out, algo, seed, "style", style), sd.unet, name="style", block_weights=block_weights)
+            lora.load(adapter_file(out, algo, seed, "style", style), sd.unet, name="style", weight=weight,
+                      block_weights=block_weights)
             names.append("style")
         images = sd.sample(prompts, steps=steps, guidance=guidance, seed=1000 + seed, progress=False,
                            cuda_graph=device.startswith("cuda")).float().cpu()
@@ -187,7 +209,8 @@ def eval_job(job):
         identity, style_ok, pred = s["identity"].numpy(), s["style"].numpy(), s["read"]
         results[title] = {"identity": identity.tolist(), "style": style_ok.tolist(), "both": (identity & style_ok).tolist(),
                           "prompt": [p == s.background for p, s in zip(pred["background"], scenes)],
-                          "iou": silhouette_iou(images, scenes, masks).tolist()}
+                          "iou": silhouette_iou(images, scenes, masks).tolist(),
+                          "identity_sim": s["identity_sim"].tolist(), "style_sim": s["style_sim"].tolist()}
         thumbs[title] = (images[:4] * 255).round().to(torch.uint8)
     return algo, seed, results, thumbs
 
@@ -231,14 +254,16 @@ def main(argv=None):
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--full-seeds", type=int, default=None,
                    help="with --sweep full: only the first N seeds train every subset, the others the small sweep's")
-    p.add_argument("--steps", type=int, default=200, help="training steps per adapter")
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per adapter (default: the world's recipe, tinyworld.evaluate, as the gates)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--te-rank", type=int, default=0, help="text-encoder rank of the identity adapter (0: U-Net only)")
     p.add_argument("--n", type=int, default=None, help="images (prompts) per setting and seed (default: 64 on a GPU, "
                    "as the protocol asks; 16 on a CPU)")
     p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", default="5", help="comma-separated: every setting at the first, identity only, "
+                   "id + style(all) (plain and @in0,out3) and id + style(in0,out3) at the others (protocol: 5,2,7.5)")
     p.add_argument("--workers", type=int, default=max(1, torch.cuda.device_count()),
                    help="parallel processes, spread over the GPUs (default: one per GPU, else 1)")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
@@ -249,6 +274,7 @@ def main(argv=None):
     if set(args.algos) - {"lora", "locon"}:
         p.error(f"--algos: lora and/or locon, got {args.algos}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.guidance = [float(g) for g in args.guidance.split(",")]
     args.full_seeds = len(args.seeds) if args.full_seeds is None else args.full_seeds
     out, t0 = Path(args.out), time.time()
     gpus = torch.cuda.device_count()
@@ -287,7 +313,7 @@ def main(argv=None):
 def markdown(report):
     a = report["args"]
     lines = [f"Block-wise LoRA on minisd-tiny: {a['sweep']} sweep, seeds {a['seeds']}, {a['n']} images per setting and seed, "
-             f"rank {a['rank']}, {a['steps']} steps at lr {a['lr']}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
+             f"rank {a['rank']}, {a['steps'] or 'recipe'} steps at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
              f"{report['device']}, {report['seconds']['total']} s.", "",
              "Gates: " + "; ".join(f"{g}: {'met' if ok else 'NOT MET'}" for g, ok in report["gates"].items()), "",
              "" if all(report["gates"].values()) else "**No conclusion: a gate is not met** (experiments/gates.py).", ""]
@@ -317,7 +343,7 @@ def figures(thumbs, table, args, out):
     from demo import labelled_grid
     seed = args.seeds[0]
     for algo in args.algos:
-        th = thumbs[algo, seed]
+        th = {t: v for t, v in thumbs[algo, seed].items() if " x" not in t and " g=" not in t}  # weight 1, main guidance
         score = {t: (table[algo][t]["identity"][0], table[algo][t]["style"][0]) for t in th}
         conflict = [t for t in th if not t.startswith("id + style(") or t.startswith("id + style(all)") or t == "id + style(in0,out3)"]
         blocks = ["id + style(all)"] + [t for t in th if t.startswith("id + style(") and "all" not in t]

@@ -23,6 +23,39 @@ def test_style_subsets_skip_blocks_lora_cannot_adapt():
     assert "in0,out3" in lora_subsets and len(lora_subsets) == 7 + 9
 
 
+def test_renders_cover_the_protocol_settings():
+    """Every setting at the main guidance; the claims' settings at the other guidances; on the full sweep the style
+    weight curves of the all-block and the in0+out3 adapters."""
+    small = blockwise.renders("small", "locon", [5.0, 2.0, 7.5])
+    main = [r for r in small if r[1] == 5.0]
+    assert [r[0] for r in main] == [t for t, *_ in blockwise.settings("small", "locon")]
+    assert sorted(r[0] for r in small if r[1] == 2.0) == sorted(f"{t} g=2" for t in blockwise.GUIDED)
+    assert all(r[5] == 1.0 for r in small)
+    full = {r[0]: r for r in blockwise.renders("full", "locon", [5.0])}
+    assert full["id + style(in0,out3) x0.25"][2:] == ("in0,out3", None, True, 0.25)
+    assert full["style only(in0)"][2:] == ("in0", None, False, 1.0)
+    assert {t for t in full if " x" in t} == {f"id + style({s}) x{w}" for s in ("all", "in0,out3")
+                                             for w in blockwise.STYLE_WEIGHTS}
+
+
+def test_training_uses_the_world_recipe_unless_told(tmp_path):
+    """The adapters train with tinyworld.evaluate's recipes (those the gates checked); --steps / --lr override them,
+    and train.py reads the overriding flag (argparse keeps the last)."""
+    from types import SimpleNamespace
+
+    import train
+    from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE
+    args = SimpleNamespace(algos=["lora"], seeds=[0], sweep="small", full_seeds=1, te_rank=0, rank=8, steps=None, lr=None)
+    parse = lambda argv: train.parse_args(argv + ["--ckpt", "x"])
+    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path)}
+    recipe = lambda flags, key: float(flags.split(f"--{key} ")[1].split()[0])
+    assert jobs["identity_all"].lr == recipe(IDENTITY_RECIPE, "lr") and jobs["style_all"].lr == recipe(STYLE_RECIPE, "lr")
+    assert jobs["identity_all"].steps == recipe(IDENTITY_RECIPE, "steps") and jobs["style_all"].algo == "lora"
+    args.steps, args.lr = 200, 5e-3
+    jobs = [parse(j) for j in blockwise.training_jobs(args, tmp_path)]
+    assert all(a.steps == 200 and a.lr == 5e-3 and a.algo == "lora" for a in jobs)
+
+
 def test_summary_is_a_t_interval_over_seed_means():
     per_seed = {0: {m: [1, 1, 0, 0] for m in blockwise.METRICS}, 1: {m: [1, 1, 1, 1] for m in blockwise.METRICS},
                 2: {m: [1, 0, 0, 0] for m in blockwise.METRICS}}
