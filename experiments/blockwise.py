@@ -1,7 +1,7 @@
 """The paper's experiments in miniature (Block-wise LoRA, arXiv 2403.07500), on minisd-tiny, scored by the world's
 judges (tinyworld/judge.py) instead of by eye.
 
-    python experiments/blockwise.py --algos locon --steps 200 --lr 5e-3     # CPU: small sweep, one seed, short training
+    python experiments/blockwise.py --algos locon --steps 100 --lr 5e-3     # CPU: small sweep, one seed: 19 min, below
     python experiments/blockwise.py --sweep full --seeds 0,1,2,3,4,5,6,7 --guidance 5,2,7.5 --workers 2 --cuda-graph
 
 For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
@@ -20,6 +20,10 @@ blocks weighted at inference (lora-block-weight presets, and its in0+out3 blocks
 all-block and in0+out3 adapters. The first --guidance renders every setting, the others the claims' settings.
 Means over seeds with 95% t-intervals (one seed: over images), and the paper's four claims as paired comparisons with
 the protocol's bootstrap, power and verdict (experiments/stats.py, docs/blockwise.md).
+
+On the 2-core CPU the first command took 18 min 58 s: 6 LoCon adapters of 100 steps in 478 s (49-111 s each: world v2's
+32x32 latents cost about four times v1's), 13 settings x 16 images rendered and scored in the rest. A demonstration
+of the pipeline and its report, one seed of weak adapters; not a result.
 
 Writes under --out: adapters/ (kept: a rerun skips trained ones), results.json, results.md, fig_conflict_*.png,
 fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
@@ -334,7 +338,8 @@ def claims_markdown(tested, judged):
         extra = f"; retention {r['retention']:.2f}" if "retention" in r else ""
         lines.append(f"| {claim} | {r['metric']}: {r['mean']:+.3f}{extra} | [{r['low']:+.3f}, {r['high']:+.3f}] | "
                      f"{r['verdict'] if judged else 'not judged (gate)'} | {r['seeds']} × {r['images']} | "
-                     f"{r['sigma_s']:.3f} | {r['p_d']:.2f} | {r['power']:.2f} | {r['seeds_needed'] or '> 100'} |")
+                     f"{r['sigma_s']:.3f} | {r['p_d']:.2f} | " + (f"{r['power']:.2f} | {r['seeds_needed'] or '> 100'} |"
+                                                                    if r["seeds"] > 1 else "- | - |"))
     return lines
 
 

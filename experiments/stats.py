@@ -151,5 +151,5 @@ def compare(a, b, direction, delta=0.10, n_boot=10_000):
     return {"mean": mean_difference(diffs), "low": low, "high": high, "verdict": verdict(low, high, direction, delta),
             "seeds": S, "images": P, "sigma_s": sigma_s, "p_d": p_d,
             "power": power(sigma_s, p_d, S, P, delta) if S > 1 else float("nan"),
-            "seeds_needed": seeds_needed(sigma_s, p_d, P, delta),
+            "seeds_needed": seeds_needed(sigma_s, p_d, P, delta) if S > 1 else None,  # one seed cannot tell sigma_s
             "mcnemar_p": {str(s): mcnemar_p(a[s], b[s]) for s in a} if binary else {}}
