@@ -59,7 +59,8 @@ COARSE = INS + ("mid",) + OUTS
 LBW = ("OUTD", "OUTS", "INS", "IND", "MIDD")  # lora-block-weight presets tried on the all-block style adapter
 METRICS = ("identity", "style", "both", "prompt", "iou", "identity_sim", "style_sim")
 STYLE_WEIGHTS = (0.25, 0.5, 0.75, 1.5)  # full sweep: trade-off curves of the all-block and in0+out3 style adapters
-GUIDED = ("identity only", "id + style(all)", "id + style(all) @in0,out3", "id + style(in0,out3)")  # at every --guidance
+# rendered at every --guidance (the claims' settings); the other settings at the first only
+GUIDED = ("identity only", "id + style(all)", "id + style(all) @in0,out3", "id + style(in0,out3)")
 T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%
 
 
@@ -103,7 +104,8 @@ CLAIMS = [
     ("1 identity drops when an all-block style adapter joins", "identity", ["id + style(all)"], ["identity only"], -1),
     ("2 training on in0+out3 beats weighting them at inference", "both", ["id + style(in0,out3)"],
      ["id + style(all) @in0,out3"], +1),
-    ("3 style on in0+out3 keeps both better than on all blocks", "both", ["id + style(in0,out3)"], ["id + style(all)"], +1),
+    ("3 style on in0+out3 keeps both better than on all blocks", "both", ["id + style(in0,out3)"],
+     ["id + style(all)"], +1),
     ("4 the upper blocks (in0, out3) carry more than the lowest (in3, mid, out0)", "both", UPPER, LOWER, +1),
 ]
 
@@ -162,7 +164,8 @@ def training_jobs(args, out):
                 recipe += ["--lr", str(args.lr)] if args.lr else []
                 if not path.exists():
                     jobs.append(["--data", str(ROOT / "data" / data), "--blocks", blocks, *recipe, "--algo", algo,
-                                 "--rank", str(args.rank), "--batch", "4", "--seed", str(seed), "--out", str(path)] + te)
+                                 "--rank", str(args.rank), "--batch", "4", "--seed", str(seed),
+                                 "--out", str(path)] + te)
     return jobs
 
 
