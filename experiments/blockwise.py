@@ -68,7 +68,8 @@ def style_subsets(sweep, algo):
     """Block subsets the style adapter is trained on, besides "all". With LoRA (attention, feed-forward and proj
     layers only) in3 and out0 have nothing to adapt (no attention at the 8x8 level): subsets that adapt nothing or
     the same layers as an earlier subset are left out."""
-    subsets = ["in0,out3", "in0", "out3", "mid"] if sweep == "small" else [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]
+    pairs = [f"{i},{o}" for i in INS for o in OUTS]
+    subsets = ["in0,out3", "in0", "out3", "mid"] if sweep == "small" else [*COARSE, *pairs]
     seen, kept = set(), []
     for s in subsets:
         layers = frozenset(path for path, _, _ in lora.network.target_paths(_tiny_unet(), lora.rank_table(s, rank=1),
@@ -86,7 +87,8 @@ def _tiny_unet():
 
 def settings(sweep, algo):
     """[(title, style adapter or None, its inference block weights or None, identity on?, its global weight)]."""
-    rows = [("identity only", None, None, True), ("style only", "all", None, False), ("id + style(all)", "all", None, True)]
+    rows = [("identity only", None, None, True), ("style only", "all", None, False),
+            ("id + style(all)", "all", None, True)]
     rows += [(f"id + style(all) @{p}", "all", p, True) for p in LBW]
     rows += [("id + style(all) @in0,out3", "all", "in0=1,out3=1", True)]
     rows += [(f"id + style({s})", s, None, True) for s in style_subsets(sweep, algo)]
@@ -156,7 +158,8 @@ def training_jobs(args, out):
     for algo in args.algos:
         for seed in args.seeds:
             sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
-            for data, blocks in [("identity", "all"), ("style", "all")] + [("style", s) for s in style_subsets(sweep, algo)]:
+            adapters = [("identity", "all"), ("style", "all")] + [("style", s) for s in style_subsets(sweep, algo)]
+            for data, blocks in adapters:
                 path = adapter_file(out, algo, seed, data, blocks)
                 te = ["--te-rank", str(args.te_rank)] if data == "identity" and args.te_rank else []
                 recipe = shlex.split(IDENTITY_RECIPE if data == "identity" else STYLE_RECIPE)  # the gates' recipe
@@ -214,7 +217,8 @@ def eval_job(job):
             lora.remove(sd.unet, name, sd.text_encoder)
         s = judges.score(judge, images, IDENTITY, HELD_STYLE)
         identity, style_ok, pred = s["identity"].numpy(), s["style"].numpy(), s["read"]
-        results[title] = {"identity": identity.tolist(), "style": style_ok.tolist(), "both": (identity & style_ok).tolist(),
+        results[title] = {"identity": identity.tolist(), "style": style_ok.tolist(),
+                          "both": (identity & style_ok).tolist(),
                           "prompt": [p == s.background for p, s in zip(pred["background"], scenes)],
                           "iou": silhouette_iou(images, scenes, masks).tolist(),
                           "identity_sim": s["identity_sim"].tolist(), "style_sim": s["style_sim"].tolist()}
@@ -256,7 +260,8 @@ def run_pool(fn, jobs, workers):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", choices=["small", "full"], default="small",
-                   help="small: style on all, in0+out3, in0, out3, mid; full: all, every single block, every in+out pair")
+                   help="small: style on all, in0+out3, in0, out3, mid; "
+                        "full: all, every single block, every in+out pair")
     p.add_argument("--algos", default="lora,locon", help="comma-separated: lora, locon")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--full-seeds", type=int, default=None,
@@ -292,7 +297,8 @@ def main(argv=None):
 
     jobs = training_jobs(args, out)
     print(f"training {len(jobs)} adapters on {args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
-    run_pool(train_job, [(j, devices[i % len(devices)], threads, args.cuda_graph) for i, j in enumerate(jobs)], args.workers)
+    run_pool(train_job, [(j, devices[i % len(devices)], threads, args.cuda_graph) for i, j in enumerate(jobs)],
+             args.workers)
     t_train = time.time() - t0
 
     evals = [(a, s, out, args.sweep, args.n, args.sample_steps, args.guidance, devices[i % len(devices)], threads)
@@ -314,20 +320,25 @@ def main(argv=None):
     (out / "results.md").write_text(markdown(report))
     figures(thumbs, table, args, out)
     print(markdown(report))
-    print(f"done in {time.time() - t0:.0f}s (training {t_train:.0f}s); wrote {out}/results.md, results.json, fig_*.png")
+    print(f"done in {time.time() - t0:.0f}s (training {t_train:.0f}s); "
+          f"wrote {out}/results.md, results.json, fig_*.png")
 
 
 def markdown(report):
     a = report["args"]
-    lines = [f"Block-wise LoRA on minisd-tiny: {a['sweep']} sweep, seeds {a['seeds']}, {a['n']} images per setting and seed, "
-             f"rank {a['rank']}, {a['steps'] or 'recipe'} steps at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
+    lines = [f"Block-wise LoRA on minisd-tiny: {a['sweep']} sweep, seeds {a['seeds']}, "
+             f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
+             f"at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
              f"{report['device']}, {report['seconds']['total']} s.", "",
              "Gates: " + "; ".join(f"{g}: {'met' if ok else 'NOT MET'}" for g, ok in report["gates"].items()), "",
-             "" if all(report["gates"].values()) else "**No conclusion: a gate is not met** (experiments/gates.py).", ""]
+             "" if all(report["gates"].values()) else "**No conclusion: a gate is not met** (experiments/gates.py).",
+             ""]
     for algo, rows in report["summary"].items():
-        lines += [f"### {algo}", "", "| setting | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+        lines += [f"### {algo}", "", "| setting | seeds | " + " | ".join(METRICS) + " |",
+                  "|---" * (len(METRICS) + 2) + "|"]
         for title, s in rows.items():
-            lines.append(f"| {title} | {s['seeds']} | " + " | ".join(f"{s[m][0]:.2f} ± {s[m][1]:.2f}" for m in METRICS) + " |")
+            cells = " | ".join(f"{s[m][0]:.2f} ± {s[m][1]:.2f}" for m in METRICS)
+            lines.append(f"| {title} | {s['seeds']} | {cells} |")
         lines += ["", *claims_markdown(report["claims"].get(algo, {}), all(report["gates"].values())), ""]
     return "\n".join(lines)
 
@@ -335,25 +346,29 @@ def markdown(report):
 def claims_markdown(tested, judged):
     """The claims table: a - b with its paired-bootstrap interval, verdict (only when every gate is met), the
     observed sigma_s and p_d, the power to see 0.10 at them, and the seeds that power 0.8 would need."""
-    lines = ["| claim | metric: a - b | 95% interval | verdict | seeds × images | σ_s | p_d | power (0.10) | seeds for 0.8 |",
+    lines = ["| claim | metric: a - b | 95% interval | verdict | seeds × images | σ_s | p_d | power (0.10) "
+             "| seeds for 0.8 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for claim, r in tested.items():
         extra = f"; retention {r['retention']:.2f}" if "retention" in r else ""
         lines.append(f"| {claim} | {r['metric']}: {r['mean']:+.3f}{extra} | [{r['low']:+.3f}, {r['high']:+.3f}] | "
                      f"{r['verdict'] if judged else 'not judged (gate)'} | {r['seeds']} × {r['images']} | "
-                     f"{r['sigma_s']:.3f} | {r['p_d']:.2f} | " + (f"{r['power']:.2f} | {r['seeds_needed'] or '> 100'} |"
-                                                                    if r["seeds"] > 1 else "- | - |"))
+                     f"{r['sigma_s']:.3f} | {r['p_d']:.2f} | "
+                     + (f"{r['power']:.2f} | {r['seeds_needed'] or '> 100'} |" if r["seeds"] > 1 else "- | - |"))
     return lines
 
 
 def figures(thumbs, table, args, out):
-    """Paper-style grids for the first seed: the conflict and its inference-time fixes (Fig. 2-3), the block sweep (Fig. 4)."""
+    """Paper-style grids for the first seed: the conflict and its inference-time fixes (Fig. 2-3), the block sweep
+    (Fig. 4)."""
     from demo import labelled_grid
     seed = args.seeds[0]
     for algo in args.algos:
-        th = {t: v for t, v in thumbs[algo, seed].items() if " x" not in t and " g=" not in t}  # weight 1, main guidance
+        # weight 1 at the main guidance only
+        th = {t: v for t, v in thumbs[algo, seed].items() if " x" not in t and " g=" not in t}
         score = {t: (table[algo][t]["identity"][0], table[algo][t]["style"][0]) for t in th}
-        conflict = [t for t in th if not t.startswith("id + style(") or t.startswith("id + style(all)") or t == "id + style(in0,out3)"]
+        conflict = [t for t in th if not t.startswith("id + style(") or t.startswith("id + style(all)")
+                    or t == "id + style(in0,out3)"]
         blocks = ["id + style(all)"] + [t for t in th if t.startswith("id + style(") and "all" not in t]
         for name, titles in (("conflict", conflict), ("blocks", blocks)):
             labelled_grid({t.replace("id + ", "+"): th[t].float() / 255 for t in titles},
