@@ -113,8 +113,8 @@ CLAIMS = [
 
 
 def claims(rows, n_boot=10_000):
-    """{claim: stats.compare of its settings} for one algorithm's {title: {seed: {metric: values}}}; claim 1 also
-    gets the identity's retention (among the images the identity-only adapter got right)."""
+    """{claim: stats.compare of its settings} for one algorithm's {title: {seed: {metric: values}}}; a claim on the
+    identity also gets its retention (among the images where setting b got the identity right)."""
     out = {}
     for claim, metric, a, b, sign in CLAIMS:
         a, b = [t for t in a if t in rows], [t for t in b if t in rows]
@@ -123,7 +123,7 @@ def claims(rows, n_boot=10_000):
         seeds = sorted(set.intersection(*(set(rows[t]) for t in a + b)))
         mean_of = lambda titles: {s: np.mean([rows[t][s][metric] for t in titles], axis=0) for s in seeds}
         r = stats.compare(mean_of(a), mean_of(b), sign, n_boot=n_boot)
-        if claim.startswith("1"):
+        if metric == "identity":
             r["retention"] = stats.retention(mean_of(a), mean_of(b))
         out[claim] = {"metric": metric, "a": a, "b": b, **r}
     return out

@@ -157,12 +157,14 @@ def score_job(job):
     torch.set_flush_denormal(True)
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
+    captions = {}  # per training seed, drawn once for all its sets
     for seed, blocks in items:
         eval_seed = EVAL_SEED + 100 * seed  # noise seeds eval_seed + i, i < n: disjoint for n <= 100
-        captions, _ = prompts("combo", args.n, eval_seed, args.identity, args.style)
+        if seed not in captions:
+            captions[seed] = prompts("combo", args.n, eval_seed, args.identity, args.style)[0]
         setting = Setting(blocks, ((adapter_path(out, seed, "identity", "all"), None),
                                    (adapter_path(out, seed, "style", blocks), None)))
-        images = render_setting(sd, setting, captions, eval_seed, steps=args.sample_steps)
+        images = render_setting(sd, setting, captions[seed], eval_seed, steps=args.sample_steps)
         r, s = rates(judge, images, args.identity, args.style)
         r["per image"] = {k: s[k].tolist() for k in ("identity", "style", "both", "identity_sim", "style_sim")}
         score_path(out, seed, blocks).parent.mkdir(parents=True, exist_ok=True)
