@@ -61,7 +61,6 @@ METRICS = ("identity", "style", "both", "prompt", "iou", "identity_sim", "style_
 STYLE_WEIGHTS = (0.25, 0.5, 0.75, 1.5)  # full sweep: trade-off curves of the all-block and in0+out3 style adapters
 # rendered at every --guidance (the claims' settings); the other settings at the first only
 GUIDED = ("identity only", "id + style(all)", "id + style(all) @in0,out3", "id + style(in0,out3)")
-T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5%
 
 
 def style_subsets(sweep, algo):
@@ -227,16 +226,16 @@ def eval_job(job):
 
 
 def summarize(per_seed):
-    """{seed: {metric: values}} -> {metric: (mean, 95% half-width)}: t-interval over seed means, or over images
-    when there is one seed; and "seeds": how many."""
+    """{seed: {metric: values}} -> {metric: (mean, 95% half-width)}: Student t interval over seed means, or over
+    images when there is one seed; and "seeds": how many."""
     summary = {"seeds": len(per_seed)}
     for m in METRICS:
         if len(per_seed) > 1:
             means = np.array([np.mean(v[m]) for v in per_seed.values()])
-            half = T975.get(len(means) - 1, 1.96) * means.std(ddof=1) / math.sqrt(len(means))
         else:
             means = np.asarray(next(iter(per_seed.values()))[m], np.float64)
-            half = 1.96 * means.std(ddof=1) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+        n = len(means)
+        half = stats.t_quantile(0.975, n - 1) * means.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
         summary[m] = (float(means.mean()), float(half))
     return summary
 
