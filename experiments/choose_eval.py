@@ -20,7 +20,9 @@ are kept; --budget-s stops starting new work after that many seconds (re-run to 
 (every image's scores, the choices, the metrics) and results.md once every setting is scored.
 """
 import argparse
+import concurrent.futures as cf
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import lora.choose as choose  # noqa: E402
 import stats  # noqa: E402
 import minisd  # noqa: E402
-from blockwise import COARSE, INS, OUTS, run_pool, train_job  # noqa: E402
+from blockwise import COARSE, INS, OUTS, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, prompts, rates, recipe_argv,  # noqa: E402
@@ -112,13 +114,26 @@ def score_path(out, seed, blocks):
 
 
 def in_rounds(fn, jobs, args, deadline):
-    """run_pool in rounds of --workers jobs, starting none after the deadline; False if some were left."""
-    for i in range(0, len(jobs), args.workers):
-        if deadline and time.time() > deadline:
-            print(f"--budget-s reached: {len(jobs) - i} jobs left; run again to continue", flush=True)
-            return False
-        run_pool(fn, jobs[i:i + args.workers], args.workers)
-    return True
+    """Run jobs on --workers processes of one pool (each pays its imports and start-up once), keeping every worker
+    busy and starting none after the deadline; False if some were left."""
+    todo = list(jobs)
+    if args.workers <= 1:
+        while todo and not (deadline and time.time() > deadline):
+            fn(todo.pop(0))
+    else:
+        with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            running = set()
+            while todo or running:
+                while todo and len(running) < args.workers and not (deadline and time.time() > deadline):
+                    running.add(pool.submit(fn, todo.pop(0)))
+                if not running:
+                    break
+                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for job in done:
+                    job.result()  # a failed job raises here, with its traceback
+    if todo:
+        print(f"--budget-s reached: {len(todo)} jobs left; run again to continue", flush=True)
+    return not todo
 
 
 def train_all(args, out, data, wanted, deadline):
