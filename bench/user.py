@@ -10,9 +10,9 @@ sample  a fresh process each: `python sample.py --n N` against a ten-line script
         size and seed, fp16 on CUDA. wall_s: launch to exit; first_image_s: launch to the first PNG's mtime.
 load    in this process: minisd.load(folder) against StableDiffusionPipeline.from_pretrained(folder).to(device), fp16
         and fp32 (the folder holds fp32 weights), median of --reps.
-train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, batch 1, 150 steps on 16 images, `train.py`
-        against diffusers' examples/dreambooth/train_dreambooth_lora.py (only with --dreambooth PATH: it is not part
-        of the diffusers package, and needs accelerate). Wall time, launch to exit, includes loading and (train.py)
+train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, 16 images, --train-steps (150) at each of
+        --train-batches (1), `train.py` against diffusers' examples/dreambooth/train_dreambooth_lora.py (only with
+        --dreambooth PATH: it is not part of the diffusers package, and needs accelerate). Wall time, launch to exit, includes loading and (train.py)
         latent caching.
 check   the first images of sample.py and of the diffusers script, max abs difference of 8-bit pixels.
 """
@@ -130,27 +130,34 @@ def loading(rec, args, folder):
 
 
 def training(rec, args, folder, tmp):
-    size, steps = (64, 2) if args.tiny else (512, 150)
+    size = 64 if args.tiny else 512
     data = tmp / "images"
     data.mkdir()
     g = np.random.default_rng(0)
     for i in range(16):  # smooth random colour fields, 512²
         small = g.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BICUBIC).save(data / f"{i:03d}.png")
+    for steps in [2] if args.tiny else args.train_steps:
+        for batch in args.train_batches:
+            train_pair(rec, args, folder, tmp, data, size, steps, batch)
+
+
+def train_pair(rec, args, folder, tmp, data, size, steps, batch):
+    """One DreamBooth-LoRA setting, train.py then diffusers' script, each in a fresh process."""
     prompt = "a photo of sks box"
     ours = [sys.executable, "train.py", "--ckpt", folder, "--data", data, "--prompt", prompt, "--resolution", size,
-            "--rank", 16, "--steps", steps, "--batch", 1, "--lr", 1e-4, "--seed", 0, "--device", args.device,
+            "--rank", 16, "--steps", steps, "--batch", batch, "--lr", 1e-4, "--seed", 0, "--device", args.device,
             "--mixed-precision", "no" if args.device == "cpu" else "bf16", "--quiet", "--out", tmp / "ours.safetensors"]
     theirs = [sys.executable, args.dreambooth, "--pretrained_model_name_or_path", folder, "--instance_data_dir", data,
               "--instance_prompt", prompt, "--resolution", size, "--rank", 16, "--max_train_steps", steps,
-              "--train_batch_size", 1, "--learning_rate", 1e-4, "--lr_scheduler", "constant", "--lr_warmup_steps", 0,
+              "--train_batch_size", batch, "--learning_rate", 1e-4, "--lr_scheduler", "constant", "--lr_warmup_steps", 0,
               "--mixed_precision", "bf16", "--seed", 0, "--checkpointing_steps", 10 ** 6, "--output_dir", tmp / "db"]
     for impl, cmd in (("minisd", ours), ("diffusers", theirs)):
         if impl == "diffusers" and not args.dreambooth:
             log("  train: diffusers skipped (no --dreambooth PATH)")
             continue
         wall, _, mib = run([str(c) for c in cmd], tmp)
-        rec.add(section="train", impl=impl, steps=steps, size=size, wall_s=wall, peak_gpu_mib=mib)
+        rec.add(section="train", impl=impl, steps=steps, batch=batch, size=size, wall_s=wall, peak_gpu_mib=mib)
 
 
 def markdown(rows):
@@ -159,7 +166,7 @@ def markdown(rows):
     for r in rows:
         if r["section"] == "check":
             continue
-        what = {"sample": f"sample.py --n {r.get('n')}", "load": f"load {r.get('dtype')}", "train": "DreamBooth-LoRA"}
+        what = {"sample": f"sample.py --n {r.get('n')}", "load": f"load {r.get('dtype')}", "train": f"DreamBooth-LoRA {r.get('steps')} steps, batch {r.get('batch')}"}
         keyed.setdefault(what[r["section"]], {}).setdefault(r["impl"], []).append(r)
     med = lambda rs, k: statistics.median(r[k] for r in rs) if rs and rs[0].get(k) is not None else None
     cell = lambda v: "-" if v is None else f"{v:.2f}"
@@ -178,7 +185,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=2, help="runs of each sample / load case (median in the table)")
     p.add_argument("--dreambooth", default=None, help="diffusers' examples/dreambooth/train_dreambooth_lora.py")
     p.add_argument("--sections", default="sample,load,train")
+    p.add_argument("--train-steps", default="150", help="comma-separated training lengths (the smoke run: 2)")
+    p.add_argument("--train-batches", default="1", help="comma-separated batch sizes")
     args = p.parse_args(argv)
+    args.train_steps = [int(s) for s in args.train_steps.split(",")]
+    args.train_batches = [int(b) for b in args.train_batches.split(",")]
     dev, rec = common.start("user", args)
     if args.smoke:
         args.reps = 1

@@ -83,7 +83,7 @@ def test_user_bench_table_puts_medians_side_by_side(bench_module):
     rows += [dict(section="sample", impl="diffusers", n=1, wall_s=7.0, first_image_s=6.5, peak_gpu_mib=2500),
              dict(section="check", n=1, first_image_max_abs_diff=1),
              dict(section="load", impl="minisd", dtype="fp16", wall_s=0.25),
-             dict(section="train", impl="minisd", wall_s=100.0)]
+             dict(section="train", impl="minisd", steps=150, batch=8, wall_s=100.0)]
     lines = bench_module("user").markdown(rows).splitlines()
     assert lines[2:] == ["| sample.py --n 1 | 4.00 | 7.00 | 3.00 | 6.50 | 2000.00 | 2500.00 |",
-                         "| load fp16 | 0.25 | - | - | - | - | - |", "| DreamBooth-LoRA | 100.00 | - | - | - | - | - |"]
+                         "| load fp16 | 0.25 | - | - | - | - | - |", "| DreamBooth-LoRA 150 steps, batch 8 | 100.00 | - | - | - | - | - |"]
