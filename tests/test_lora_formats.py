@@ -1,5 +1,6 @@
 """Adapter files: kohya round trips, metadata, refused files, and interop with diffusers (the reference)."""
 import copy
+import hashlib
 import json
 import re
 
@@ -96,6 +97,10 @@ def test_round_trip_is_exact(models, lora_sd, layouts, inputs, tmp_path):
         minisd.load(layouts["ckpt"], tokenizer=layouts["tokenizer"]).unet)
     lora.merge(unet)
     assert lora.formats.unet_hash(unet) == meta["minisd_base_unet_sha256"]
+    by_hand = hashlib.sha256()  # the documented definition: sorted LDM names, each name + shape, then float32 bytes
+    for k, v in sorted(minisd.load(layouts["ckpt"], tokenizer=layouts["tokenizer"]).unet.state_dict().items()):
+        by_hand.update(f"{k}{tuple(v.shape)}".encode() + v.float().numpy().tobytes())
+    assert by_hand.hexdigest() == meta["minisd_base_unet_sha256"]
 
 
 def test_paper_style_file_has_only_in0_and_out3_keys(models, tmp_path):
