@@ -103,7 +103,8 @@ def module_index(unet, text_encoder=None):
 def _hint(keys, shapes=()):
     if any(m in k for k in keys for m in SDXL_MARKS):
         return " (this looks like an SDXL adapter; minisd is SD 1.x)"
-    deep_text = r"encoder_layers_(1[2-9]|2[0-3])_|encoder\.layers\.(1[2-9]|2[0-3])\."  # layers 12-23: SD 2.x text encoder
+    # layers 12-23: an SD 2.x text encoder
+    deep_text = r"encoder_layers_(1[2-9]|2[0-3])_|encoder\.layers\.(1[2-9]|2[0-3])\."
     if any(re.search(deep_text, k) for k in keys) or 1024 in shapes:
         return " (this looks like an SD 2.x adapter; minisd is SD 1.x)"
     return ""

@@ -97,7 +97,8 @@ def inject(unet, name, table, targets=LORA_TARGETS, text_encoder=None, te_rank=0
     plan = [(unet, "unet.", p, r, a) for p, r, a in target_paths(unet, table, targets)]
     if text_encoder is not None and te_rank:
         plan += [(text_encoder, "text_encoder.", p, te_rank, te_rank if te_alpha is None else te_alpha)
-                 for p, m in text_encoder.named_modules() if isinstance(m, torch.nn.Linear) and re.search(TEXT_TARGET, p)]
+                 for p, m in text_encoder.named_modules()
+                 if isinstance(m, torch.nn.Linear) and re.search(TEXT_TARGET, p)]
     for model, _, path, rank, alpha in plan:
         _replace(model, path).add_adapter(name, rank, alpha, dtype=dtype, generator=generator)
     return [prefix + path for _, prefix, path, _, _ in plan]

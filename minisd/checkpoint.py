@@ -75,9 +75,12 @@ def read_pickle(path):
     except Exception as e:
         found = re.findall(r"GLOBAL ([\w.]+)", str(e)) or re.findall(r"global ([\w.]+)", str(e))
         if found:
-            raise CheckpointError(f"{path}: refused to unpickle {found[0]}: the file tries to load code, not only tensors") from None
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()  # not torch's advice to load it unsafely
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}{': ' + detail[0][:300] if detail else ''})") from None
+            raise CheckpointError(f"{path}: refused to unpickle {found[0]}: the file tries to load code, "
+                                  "not only tensors") from None
+        # the unpickler's reason, not torch's advice to load the file unsafely
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        reason = type(e).__name__ + (": " + detail[0][:300] if detail else "")
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
 def _first_line(e):
@@ -106,9 +109,11 @@ def check_fits(expected, sd, path, what):
     """A CheckpointError naming the file and its missing, unexpected, mis-shaped or non-float tensors, if any."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in sd and sd[k].shape != v.shape]
+    found = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
     problems = [f"{name} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
+                for name, keys in found if keys]
     if problems:
         raise CheckpointError(f"{path}: {what} does not fit: " + "; ".join(problems))
     dtypes = {v.dtype for v in sd.values()}
@@ -195,10 +200,12 @@ def unet_from_diffusers(sd, cfg, path):
 
 def vae_from_diffusers(sd, cfg, path):
     old = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.14 names
-    sd = {re.sub(r"attentions\.0\.(query|key|value|proj_attn)\.", lambda m: f"attentions.0.{old[m[1]]}.", k): v for k, v in sd.items()}
+    pattern = r"attentions\.0\.(query|key|value|proj_attn)\."
+    sd = {re.sub(pattern, lambda m: f"attentions.0.{old[m[1]]}.", k): v for k, v in sd.items()}
     sd = _convert(sd, vae_prefixes(cfg), path, "VAE")
     # diffusers stores the mid-block attention projections as Linear (C, C); LDM as 1x1 convs (C, C, 1, 1)
-    return {k: v[:, :, None, None] if ".attn_1." in k and k.endswith("weight") and v.ndim == 2 else v for k, v in sd.items()}
+    return {k: v[:, :, None, None] if ".attn_1." in k and k.endswith("weight") and v.ndim == 2 else v
+            for k, v in sd.items()}
 
 
 def _convert(sd, pairs, path, what):

@@ -14,7 +14,8 @@ class Schedule:
     @property
     def alphas_cumprod(self):  # (1000,) float64
         if self.beta_schedule == "scaled_linear":  # linear in sqrt(beta)
-            betas = torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, self.num_train_timesteps, dtype=torch.float64) ** 2
+            betas = torch.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, self.num_train_timesteps,
+                                   dtype=torch.float64) ** 2
         elif self.beta_schedule == "linear":
             betas = torch.linspace(self.beta_start, self.beta_end, self.num_train_timesteps, dtype=torch.float64)
         else:

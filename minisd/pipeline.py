@@ -103,7 +103,8 @@ class StableDiffusion:
         prompts = [p for p in prompts for _ in range(n)]
         B = len(prompts)
         g = torch.Generator("cpu").manual_seed(seed)
-        x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g).to(self.device, self.dtype)
+        x = torch.randn((B, self.unet.cfg.in_channels, height // f, width // f), generator=g)
+        x = x.to(self.device, self.dtype)
         guided = guidance > 1.0  # diffusers skips the unconditional pass at guidance <= 1
         fast = self.uses_fast(cuda_graph, on_step)
         ctx = self.encode_prompt(([negative_prompt] * B if guided else []) + prompts, fast, weighted=True)

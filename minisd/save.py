@@ -37,19 +37,20 @@ def save_diffusers(sd, folder, dtype=torch.float16):
     folder = Path(folder)
     u, v = sd.unet.cfg, sd.vae.cfg
     boc = [u.model_channels * m for m in u.channel_mult]
-    n = len(boc)
+    n, attn = len(boc), u.attention_levels
     unet_cfg = {"_class_name": "UNet2DConditionModel", "sample_size": sd.native_size // v.downscale,
                 "in_channels": u.in_channels, "out_channels": u.out_channels, "block_out_channels": boc,
                 "layers_per_block": u.num_res_blocks, "cross_attention_dim": u.context_dim,
                 "attention_head_dim": u.num_heads,  # diffusers' SD 1.x name for the head count
                 "norm_num_groups": u.norm_groups, "flip_sin_to_cos": True, "freq_shift": 0,
-                "down_block_types": ["CrossAttnDownBlock2D" if i in u.attention_levels else "DownBlock2D" for i in range(n)],
-                "up_block_types": ["CrossAttnUpBlock2D" if n - 1 - i in u.attention_levels else "UpBlock2D" for i in range(n)]}
+                "down_block_types": ["CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)],
+                "up_block_types": ["CrossAttnUpBlock2D" if n - 1 - i in attn else "UpBlock2D" for i in range(n)]}
     vboc = [v.ch * m for m in v.ch_mult]
     vae_cfg = {"_class_name": "AutoencoderKL", "in_channels": v.in_channels, "out_channels": v.out_channels,
                "block_out_channels": vboc, "layers_per_block": v.num_res_blocks, "latent_channels": v.z_channels,
                "norm_num_groups": v.norm_groups, "scaling_factor": v.scale_factor, "sample_size": sd.native_size,
-               "down_block_types": ["DownEncoderBlock2D"] * len(vboc), "up_block_types": ["UpDecoderBlock2D"] * len(vboc)}
+               "down_block_types": ["DownEncoderBlock2D"] * len(vboc),
+               "up_block_types": ["UpDecoderBlock2D"] * len(vboc)}
     s = sd.schedule
     sched_cfg = {"_class_name": "DDIMScheduler", "beta_start": s.beta_start, "beta_end": s.beta_end,
                  "beta_schedule": s.beta_schedule, "num_train_timesteps": s.num_train_timesteps,
@@ -60,7 +61,8 @@ def save_diffusers(sd, folder, dtype=torch.float16):
              "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     unet_sd = {rename(k, unet_prefixes(u)): t for k, t in _tensors(sd.unet, dtype).items()}
     vae_sd = {rename(k, vae_prefixes(v)): t for k, t in _tensors(sd.vae, dtype).items()}
-    vae_sd = {k: t[:, :, 0, 0] if ".attentions." in k and t.ndim == 4 else t for k, t in vae_sd.items()}  # Linear in diffusers
+    # the VAE's attention projections are Linear in diffusers, 1x1 convs in LDM
+    vae_sd = {k: t[:, :, 0, 0] if ".attentions." in k and t.ndim == 4 else t for k, t in vae_sd.items()}
     for sub, cfg, weights, name in (("unet", unet_cfg, unet_sd, "diffusion_pytorch_model"),
                                     ("vae", vae_cfg, vae_sd, "diffusion_pytorch_model")):
         (folder / sub).mkdir(parents=True, exist_ok=True)

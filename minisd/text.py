@@ -15,8 +15,10 @@ CLIP_TOKENIZER = Path(__file__).parent / "clip_tokenizer"  # its vocab.json / me
 def clip_config_from_weights(sd):
     """The CLIPTextConfig that fits a text-encoder state dict (SD 1.x: ViT-L/14's text tower, heads of width 64)."""
     vocab, width = sd["embeddings.token_embedding.weight"].shape
-    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})  # a count: a hostile index asks for no more
-    return CLIPTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+    # a count of the layers present: a hostile index asks for no more
+    layers = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+                          num_attention_heads=width // 64,
                           intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
                           max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
                           hidden_act="quick_gelu", projection_dim=width)
@@ -106,7 +108,8 @@ def encode_prompts(tokenizer, text_encoder, prompts, run=None):
     prompts, n = list(prompts), tokenizer.model_max_length
     for prompt, full in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
         if len(full) > n:
-            warnings.warn(f"prompt longer than {n} tokens, the last {len(full) - n} dropped: {prompt[:60]!r}...", stacklevel=2)
+            warnings.warn(f"prompt longer than {n} tokens, the last {len(full) - n} dropped: {prompt[:60]!r}...",
+                          stacklevel=2)
     ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
     return run(ids) if run else text_encoder(ids.to(text_encoder.device)).last_hidden_state
 

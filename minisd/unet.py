@@ -212,7 +212,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x, t, context):
-        """x (B, 4, h, w) latents, t (B,) or scalar integer timesteps, context (B, 77, context_dim) -> eps (B, 4, h, w)."""
+        """x (B, 4, h, w) latents, t (B,) or scalar integer timesteps, context (B, 77, context_dim)
+        -> eps (B, 4, h, w)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         emb = self.embed_time(t, x.dtype)
         run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else (lambda b, *a: b(*a))

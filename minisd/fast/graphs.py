@@ -67,7 +67,8 @@ def _capture(graph, pool=None):
 
 
 def _warm_up(fn, n):
-    """Run fn n times on the side stream (as capture requires): allocator, cuDNN/cuBLAS handles and autotuning settle."""
+    """Run fn n times on the side stream (as capture requires): allocator, cuDNN/cuBLAS handles and autotuning
+    settle."""
     side = _side_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

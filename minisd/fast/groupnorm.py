@@ -42,7 +42,8 @@ class GroupNormNHWC(torch.autograd.Function):
         mean, ex2 = sums.view(2, B, groups, -1).sum(3).div_(n)  # [B, G] each
         rstd = torch.addcmul(ex2, mean, mean, value=-1).clamp_min_(0).add_(eps).rsqrt_()  # E[x^2] - mean^2
         a = torch.mul(rstd[:, :, None], weight.view(groups, -1), out=x3.new_empty(B, groups, C // groups, dtype=ab))
-        b = torch.addcmul(bias.view(groups, -1), mean[:, :, None], a, value=-1, out=torch.empty_like(a))  # beta - mean a
+        # beta - mean a
+        b = torch.addcmul(bias.view(groups, -1), mean[:, :, None], a, value=-1, out=torch.empty_like(a))
         ctx.save_for_backward(x, weight, mean, rstd, a)
         y = torch.addcmul(b.view(B, 1, C), x3, a.view(B, 1, C), out=torch.empty_like(x3))
         return y.view(B, H, W, C).permute(0, 3, 1, 2)
