@@ -17,8 +17,9 @@ import resource
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import time
-import traceback
 import zipfile
 import zlib
 from pathlib import Path
@@ -162,41 +163,28 @@ def test_disk_full_at_a_step_checkpoint_leaves_whole_pairs(tiny, images, tmp_pat
 
 def test_a_real_file_size_limit_is_a_clean_line(tiny, images, tmp_path):
     """The same with the kernel refusing the write (RLIMIT_FSIZE: EFBIG, like a full disk) inside safetensors' and
-    torch's own writers, in a forked run."""
+    torch's own writers, in a train.py process of its own."""
     out = tmp_path / "a.safetensors"
     log = tmp_path / "log"
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    pid = forked_train(train_argv(tiny, images, out, "--steps", 2, "--rank", 16), log, before=limit_file_size)
-    assert os.waitpid(pid, 0)[1] == 1 << 8
+    limit_file_size = ("import resource, signal\n"  # the write fails with EFBIG instead of killing the process
+                       "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                       "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
+                       "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))")
+    run = train_process(train_argv(tiny, images, out, "--steps", 2, "--rank", 16), log, setup=limit_file_size)
+    assert run.wait() == 1
     last = log.read_text().strip().splitlines()[-1]
     assert last.startswith(f"error: {out}: not written (") and "no checkpoint either" in last, last
     assert not out.exists() and leftovers(tmp_path) == []
 
 
-def forked_train(argv, log, before=None):
-    """train.main(argv) in a forked child whose stderr goes to `log` (`before()` runs in the child first, e.g. to set
-    a resource limit); the child's exit code is 1 for an error."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT)
-            os.dup2(fd, 2)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            if before is not None:
-                before()
-            train.main([*argv, "--device", "cpu"])  # a forked child cannot use CUDA once the parent has
-            code = 0
-        except SystemExit as e:
-            os.write(2, f"{e.code}\n".encode())
-        except BaseException:  # anything else would end the child silently: its traceback goes to the log
-            os.write(2, traceback.format_exc().encode())
-        finally:
-            os._exit(code)
-    return pid
+def train_process(argv, log, setup=""):
+    """`python train.py argv` in a new process (not a fork: once this process has run a backward pass on CUDA, torch
+    refuses autograd in a forked child), its stderr to `log`; `setup`: Python code run first, e.g. a resource limit.
+    One thread, as these tests run (single_thread): a run resumed here then sums in the same order."""
+    code = f"{setup}\nimport runpy, sys\nsys.argv[0] = 'train.py'\nrunpy.run_path('train.py', run_name='__main__')"
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def wait_for(condition, seconds=120):
@@ -210,14 +198,14 @@ def wait_for(condition, seconds=120):
 def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, tmp_path):
     out, log = tmp_path / "a.safetensors", tmp_path / "log"
     argv = train_argv(tiny, images, out, "--steps", 400, "--save-every", 2, "--lr", "1e-2", "--schedule", "constant")
-    pid = forked_train(argv, log)
+    run = train_process(argv, log)
     wait_for(lambda: train.state_files(out))  # training has begun
-    os.kill(pid, sig)
-    status = os.waitpid(pid, 0)[1]
+    run.send_signal(sig)
+    code = run.wait()
     last = log.read_text().strip().splitlines()[-1]
     m = re.fullmatch(rf"error: {sig.name} at step (\d+): saved (\S+); to continue, run the same command with --resume",
                      last)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1 and m, (status, last)
+    assert code == 1 and m, (code, last)
     step, state = int(m[1]), Path(m[2])
     assert 2 <= step < 400 and state == train.state_files(out)[-1] and read_pickle(state)["step"] == step
     assert leftovers(tmp_path) == [] and not (tmp_path / ".a.safetensors.lock").exists()
@@ -233,13 +221,13 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, t
 def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tiny, images, tmp_path):
     out = tmp_path / "a.safetensors"
     argv = train_argv(tiny, images, out, "--steps", 400, "--save-every", 2)
-    pid = forked_train(argv, tmp_path / "log")
-    lock = tmp_path / ".a.safetensors.lock"
+    run = train_process(argv, tmp_path / "log")
+    pid, lock = run.pid, tmp_path / ".a.safetensors.lock"
     wait_for(lambda: train.state_files(out))
     message = one_line_exit(train.main, train_argv(tiny, images, out, "--steps", 1))
     assert message == f"error: --out {out}: another train.py run (PID {pid}) is writing it (lock file {lock})"
-    os.kill(pid, signal.SIGKILL)  # no clean-up: the lock file stays, with the dead run's PID
-    os.waitpid(pid, 0)
+    run.kill()  # SIGKILL, no clean-up: the lock file stays, with the dead run's PID
+    run.wait()
     assert lock.read_text().strip() == str(pid)
     assert train.main(train_argv(tiny, images, out, "--steps", 1)) == out and not lock.exists()
 

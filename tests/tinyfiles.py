@@ -71,8 +71,8 @@ def images(tmp_path_factory):
 
 
 def train_argv(tiny, images, out, *extra):
-    """On the CPU on every machine: forked runs cannot use CUDA once this process has, a resumed run must use the
-    kernels its first part used, and the default fp32 is what makes --lr 1e3 overflow (bf16 on CUDA does not)."""
+    """On the CPU on every machine: a resumed run must use the kernels its first part used, and the default fp32 is
+    what makes --lr 1e3 overflow (bf16 on CUDA does not)."""
     return ["--ckpt", str(tiny["safetensors"]), "--tokenizer", str(tiny["tokenizer"]), "--data", str(images),
             "--prompt", "a box", "--resolution", "16", "--batch", "2", "--seed", "3", "--out", str(out), "--quiet",
             "--device", "cpu", *map(str, extra)]
