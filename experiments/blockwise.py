@@ -343,15 +343,16 @@ def markdown(report):
 
 
 def claims_markdown(tested, judged):
-    """The claims table: a - b with its paired-bootstrap interval, verdict (only when every gate is met), the
-    observed sigma_s and p_d, the power to see 0.10 at them, and the seeds that power 0.8 would need."""
+    """The claims table: a - b with its paired-bootstrap interval, verdict (only when every gate is met and the run
+    has the protocol's seeds: stats.judgement), the observed sigma_s and p_d, the power to see 0.10 at them, and the
+    seeds that power 0.8 would need."""
     lines = ["| claim | metric: a - b | 95% interval | verdict | seeds × images | σ_s | p_d | power (0.10) "
              "| seeds for 0.8 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for claim, r in tested.items():
         extra = f"; retention {r['retention']:.2f}" if "retention" in r else ""
         lines.append(f"| {claim} | {r['metric']}: {r['mean']:+.3f}{extra} | [{r['low']:+.3f}, {r['high']:+.3f}] | "
-                     f"{r['verdict'] if judged else 'not judged (gate)'} | {r['seeds']} × {r['images']} | "
+                     f"{stats.judgement(r) if judged else 'not judged (gate)'} | {r['seeds']} × {r['images']} | "
                      f"{r['sigma_s']:.3f} | {r['p_d']:.2f} | "
                      + (f"{r['power']:.2f} | {r['seeds_needed'] or '> 100'} |" if r["seeds"] > 1 else "- | - |"))
     return lines

@@ -257,7 +257,7 @@ def markdown(report):
               "| method | regret | tau | win rate | both - paper's (interval) | verdict |", "|---|---|---|---|---|---|"]
     for method, (reg, tau, win) in report["means"].items():
         v = report["versus paper"].get(method)
-        vs = f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}] | {v['verdict']}" if v else "- | -"
+        vs = f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}] | {stats.judgement(v)}" if v else "- | -"
         lines.append(f"| {method} | {mean(reg)} | {mean(tau)} | {mean(win)} | {vs} |")
     lines += ["", "Oracle, \"both\" per set and seed:", "", "| set | " + " | ".join(map(str, a["seeds"])) + " |",
               "|---" * (len(a["seeds"]) + 1) + "|"]

@@ -130,6 +130,19 @@ def verdict(low, high, direction, delta=0.10):
     return "fails" if high < 0 or high < delta else "inconclusive"
 
 
+PROTOCOL_SEEDS = 8  # docs/blockwise.md: at least 8 training seeds, more where the observed sigma_s and p_d need more
+
+
+def judgement(r):
+    """What a report may say of a compare() result: its verdict once the run has the protocol's seeds (8, or as many
+    as power 0.8 needs at the observed sigma_s and p_d), else 'not judged' with the seeds run and needed, and what
+    the interval alone reads."""
+    needed = PROTOCOL_SEEDS if r["seeds"] < 2 else max(PROTOCOL_SEEDS, r["seeds_needed"] or 101)
+    if r["seeds"] >= needed:
+        return r["verdict"]
+    return f"not judged: {r['seeds']} of {needed if needed <= 100 else '> 100'} seeds (interval alone: {r['verdict']})"
+
+
 def retention(combined, alone):
     """The identity's rate in the combination among the images whose identity-only render succeeded (same prompt and
     noise), averaged over seeds; nan for a seed where nothing succeeded alone."""

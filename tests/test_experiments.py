@@ -81,7 +81,9 @@ def test_claims_compare_the_paper_settings_image_by_image():
     assert c4["mean"] == pytest.approx((0.375 - 0 + 0.75 - 0.25 + 0.25 - 0) / 3)  # (in0 + out3) / 2 - mid
     lines = blockwise.claims_markdown(tested, judged=False)
     assert len(lines) == 4 and all("not judged (gate)" in line for line in lines[2:])
-    assert "| holds |" in blockwise.claims_markdown(tested, judged=True)[2]
+    # gates met, but 3 seeds are fewer than the protocol's 8: the interval's reading is shown, not judged
+    assert "| not judged: 3 of " in blockwise.claims_markdown(tested, judged=True)[2]
+    assert "seeds (interval alone: holds) |" in blockwise.claims_markdown(tested, judged=True)[2]
 
 
 def test_wilson_interval_by_hand():

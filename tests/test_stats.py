@@ -97,6 +97,19 @@ def test_compare_reports_a_clear_effect_and_no_effect():
     assert stats.compare(a, b, direction=+1, n_boot=2000)["verdict"] in ("fails", "inconclusive")
 
 
+def test_a_verdict_is_printed_only_with_the_protocols_seeds():
+    """8 seeds at sigma_s 0.02, p_d 0.3 have the power (the protocol's table: 7 needed at 0.03): the verdict stands;
+    one seed, or 8 where the observed spread needs more, is 'not judged' with the numbers."""
+    rng = np.random.default_rng(3)
+    r = stats.compare(*simulated(0.02, 0.3, 0.15, 8, 64, rng), direction=+1, n_boot=2000)
+    assert r["seeds_needed"] <= 8 and stats.judgement(r) == "holds"
+    one = stats.compare(*simulated(0.02, 0.3, 0.15, 1, 64, rng), direction=+1, n_boot=2000)
+    assert stats.judgement(one) == f"not judged: 1 of 8 seeds (interval alone: {one['verdict']})"
+    wide = {**r, "seeds_needed": 12}
+    assert stats.judgement(wide) == "not judged: 8 of 12 seeds (interval alone: holds)"
+    assert stats.judgement({**r, "seeds_needed": None}) == "not judged: 8 of > 100 seeds (interval alone: holds)"
+
+
 def test_verdicts_and_retention_by_hand():
     assert stats.verdict(0.02, 0.2, +1) == "holds"
     assert stats.verdict(-0.2, -0.02, -1) == "holds"
