@@ -144,10 +144,9 @@ def lbw_tag(a):
 
 
 def step_table(names, adapters, steps):
-    """{adapter name: [whether it runs at step i] for i < steps} for the adapters with a step range: on while
-    start <= step < stop (1-based steps, as lora-block-weight counts them: start=10 switches it on at the 10th step,
-    stop=30 off at the 30th)."""
-    return {n: [(a.start or 0) <= i + 1 and (a.stop is None or i + 1 < a.stop) for i in range(steps)]
+    """{adapter name: [whether it runs at step i] for i < steps} for the adapters with a step range
+    (lora.blocks.step_mask: 1-based steps, start included, stop excluded, as lora-block-weight counts them)."""
+    return {n: lora.blocks.step_mask(a.start, a.stop, steps)
             for n, a in zip(names, adapters) if a.start is not None or a.stop is not None}
 
 

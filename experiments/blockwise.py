@@ -84,17 +84,32 @@ def _tiny_unet():
     return minisd.load(TINY).unet
 
 
+# full sweep: the training-free step-range baseline (lora-block-weight's start/stop; K-LoRA: content early, style
+# late) on the all-block adapters, as {adapter: (start, stop)} in fractions of the sampling steps (None: open)
+STEP_RANGES = {"id + style(all) style from 1/3": {"style": (1 / 3, None)},
+               "id to 1/2, style(all) from 1/2": {"identity": (None, 1 / 2), "style": (1 / 2, None)}}
+
+
+def step_table(ranges, steps):
+    """{adapter: [on at step i]} of STEP_RANGES' fractions over `steps` sampling steps: a fraction f is step
+    round(f steps) + 1 (1-based, as lora.blocks.step_mask counts), so 1/2 of 30 splits steps 1-15 from 16-30."""
+    step = lambda f: None if f is None else round(f * steps) + 1
+    return {name: lora.blocks.step_mask(step(start), step(stop), steps) for name, (start, stop) in ranges.items()}
+
+
 def settings(sweep, algo):
-    """[(title, style adapter or None, its inference block weights or None, identity on?, its global weight)]."""
+    """[(title, style adapter or None, its inference block weights or None, identity on?, its global weight, step
+    ranges or None)]."""
     rows = [("identity only", None, None, True), ("style only", "all", None, False),
             ("id + style(all)", "all", None, True)]
     rows += [(f"id + style(all) @{p}", "all", p, True) for p in LBW]
     rows += [("id + style(all) @in0,out3", "all", "in0=1,out3=1", True)]
     rows += [(f"id + style({s})", s, None, True) for s in style_subsets(sweep, algo)]
-    rows = [(*r, 1.0) for r in rows]
+    rows = [(*r, 1.0, None) for r in rows]
     if sweep == "full":
-        rows += [(f"style only({s})", s, None, False, 1.0) for s in style_subsets(sweep, algo)]
-        rows += [(f"id + style({s}) x{w}", s, None, True, w) for s in ("all", "in0,out3") for w in STYLE_WEIGHTS]
+        rows += [(f"style only({s})", s, None, False, 1.0, None) for s in style_subsets(sweep, algo)]
+        rows += [(f"id + style({s}) x{w}", s, None, True, w, None) for s in ("all", "in0,out3") for w in STYLE_WEIGHTS]
+        rows += [(title, "all", None, True, 1.0, ranges) for title, ranges in STEP_RANGES.items()]
     return rows
 
 
@@ -199,7 +214,7 @@ def eval_job(job):
     judge = judges.load(TINY / "judge.safetensors", device=device)
     scenes, prompts, masks = eval_scenes(n, seed)
     results, thumbs = {}, {}
-    for title, guidance, style, block_weights, with_identity, weight in renders(sweep, algo, guidances):
+    for title, guidance, style, block_weights, with_identity, weight, ranges in renders(sweep, algo, guidances):
         if style and not adapter_file(out, algo, seed, "style", style).exists():
             continue  # a seed that ran the small sweep only
         names = []
@@ -210,8 +225,9 @@ def eval_job(job):
             lora.load(adapter_file(out, algo, seed, "style", style), sd.unet, name="style", weight=weight,
                       block_weights=block_weights)
             names.append("style")
+        gates = ranges and minisd.fast.StepGates(step_table(ranges, steps), lambda a, on: lora.enable(sd.unet, a, on))
         images = sd.sample(prompts, steps=steps, guidance=guidance, seed=1000 + seed, progress=False,
-                           cuda_graph=device.startswith("cuda")).float().cpu()
+                           cuda_graph=device.startswith("cuda"), on_step=gates or None).float().cpu()
         for name in names:
             lora.remove(sd.unet, name, sd.text_encoder)
         s = judges.score(judge, images, IDENTITY, HELD_STYLE)

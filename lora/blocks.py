@@ -141,6 +141,12 @@ def parse_block_weights(spec):
     return _finite(weights)
 
 
+def step_mask(start, stop, steps):
+    """lora-block-weight's step range as [whether the adapter runs at step i] for i < steps: on while start <= step <
+    stop, steps counted from 1 (start=10 switches it on at the 10th step, stop=30 off at the 30th); None: open."""
+    return [(start or 0) <= i + 1 and (stop is None or i + 1 < stop) for i in range(steps)]
+
+
 def _finite(weights):
     bad = next((f"{b}={v}" for b, v in weights.items() if not math.isfinite(v)), None)
     if bad:

@@ -30,12 +30,22 @@ def test_renders_cover_the_protocol_settings():
     main = [r for r in small if r[1] == 5.0]
     assert [r[0] for r in main] == [t for t, *_ in blockwise.settings("small", "locon")]
     assert sorted(r[0] for r in small if r[1] == 2.0) == sorted(f"{t} g=2" for t in blockwise.GUIDED)
-    assert all(r[5] == 1.0 for r in small)
+    assert all(r[5] == 1.0 and r[6] is None for r in small)
     full = {r[0]: r for r in blockwise.renders("full", "locon", [5.0])}
-    assert full["id + style(in0,out3) x0.25"][2:] == ("in0,out3", None, True, 0.25)
-    assert full["style only(in0)"][2:] == ("in0", None, False, 1.0)
+    assert full["id + style(in0,out3) x0.25"][2:] == ("in0,out3", None, True, 0.25, None)
+    assert full["style only(in0)"][2:] == ("in0", None, False, 1.0, None)
+    assert full["id to 1/2, style(all) from 1/2"][2:6] == ("all", None, True, 1.0)
     assert {t for t in full if " x" in t} == {f"id + style({s}) x{w}" for s in ("all", "in0,out3")
                                              for w in blockwise.STYLE_WEIGHTS}
+
+
+def test_step_ranges_split_the_sampling_steps():
+    """The step-range baseline over 30 steps: the identity on steps 1-15, the style on 16-30 (lora-block-weight's
+    start=16); "from 1/3": the style from step 11."""
+    split = blockwise.step_table(blockwise.STEP_RANGES["id to 1/2, style(all) from 1/2"], 30)
+    assert split == {"identity": [True] * 15 + [False] * 15, "style": [False] * 15 + [True] * 15}
+    assert blockwise.step_table(blockwise.STEP_RANGES["id + style(all) style from 1/3"], 30) == {
+        "style": [False] * 10 + [True] * 20}
 
 
 def test_training_uses_the_world_recipe_unless_told(tmp_path):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from lora.blocks import BLOCKS, BLOCKS17, UNET_BLOCKS, block_of, parse_block_weights
+from lora.blocks import BLOCKS, BLOCKS17, UNET_BLOCKS, block_of, parse_block_weights, step_mask
 from lora.ranks import rank_table
 from minisd.checkpoint import unet_prefixes
 from minisd.unet import UNetConfig
@@ -138,3 +138,10 @@ def test_rank_table_files(tmp_path):
 def test_rank_table_errors(args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         rank_table(*args)
+
+
+def test_step_mask_counts_steps_as_lora_block_weight():
+    """start=2, stop=4 over 5 steps: on at the 2nd and 3rd step (1-based, stop excluded); open ends run to the edge."""
+    assert step_mask(2, 4, 5) == [False, True, True, False, False]
+    assert step_mask(None, 3, 4) == [True, True, False, False]
+    assert step_mask(3, None, 4) == [False, False, True, True]
