@@ -3,6 +3,7 @@ judges (tinyworld/judge.py) instead of by eye.
 
     python experiments/blockwise.py --algos locon --steps 100 --lr 5e-3     # CPU: small sweep, one seed: 19 min, below
     python experiments/blockwise.py --sweep full --seeds 0,1,2,3,4,5,6,7 --guidance 5,2,7.5 --workers 2 --cuda-graph
+    python experiments/blockwise.py --smoke --out /tmp/blockwise_smoke      # the test suite's plumbing check
 
 For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
 blocks; style adapters ("zwx style", data/style) on all blocks and block-wise on subsets of the paper's coarse blocks
@@ -296,7 +297,11 @@ def main(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
     p.add_argument("--out", default="out/blockwise")
     p.add_argument("--gates", default="out/gates/gates.json", help="experiments/gates.py's report for this recipe")
+    p.add_argument("--smoke", action="store_true", help="the test suite's plumbing check: LoCon, small sweep, 2 "
+                   "training steps, 2 images of 2 sampling steps per setting, on the CPU")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.algos, args.sweep, args.steps, args.n, args.sample_steps, args.workers = "locon", "small", 2, 2, 2, 1
     args.algos = [a.strip() for a in args.algos.split(",")]
     if set(args.algos) - {"lora", "locon"}:
         p.error(f"--algos: lora and/or locon, got {args.algos}")
@@ -304,7 +309,7 @@ def main(argv=None):
     args.guidance = [float(g) for g in args.guidance.split(",")]
     args.full_seeds = len(args.seeds) if args.full_seeds is None else args.full_seeds
     out, t0 = Path(args.out), time.time()
-    gpus = torch.cuda.device_count()
+    gpus = 0 if args.smoke else torch.cuda.device_count()
     devices = [f"cuda:{i % gpus}" for i in range(args.workers)] if gpus else ["cpu"] * args.workers
     threads = max(1, (os.cpu_count() or 1) // args.workers) if not gpus else 1
     gates = read_gates(args.gates)

@@ -1,4 +1,5 @@
-"""experiments/blockwise.py's and experiments/gates.py's building blocks."""
+"""experiments/: blockwise.py and gates.py, their parts, and the smoke runs of blockwise.py and choose_eval.py."""
+import json
 import sys
 from pathlib import Path
 
@@ -170,9 +171,23 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
         eyecheck.read_labels(tmp_path / "l.txt", 2)
 
 
-def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
-    import json
+def test_blockwise_smoke_writes_its_report(tmp_path, capsys):
+    """experiments/blockwise.py end to end on the CPU (2 training steps, 2 images per setting): every small-sweep
+    setting scored image by image, the claims table, and no verdict while the gates are not known."""
+    blockwise.main(["--smoke", "--out", str(tmp_path), "--gates", str(tmp_path / "no-gates.json")])
+    report = json.loads((tmp_path / "results.json").read_text())
+    titles = [t for t, *_ in blockwise.settings("small", "locon")]
+    assert list(report["summary"]["locon"]) == titles
+    assert all(len(report["per_image"]["locon"][t]["0"]["both"]) == 2 for t in titles)
+    assert {c[0] for c in report["claims"]["locon"]} == {"1", "2", "3", "4"}
+    table = (tmp_path / "results.md").read_text()
+    assert "not judged (gate)" in table and "holds |" not in table.replace("alone: holds", "")
+    assert sorted(p.name for p in (tmp_path / "adapters" / "locon" / "seed0").glob("*.safetensors")) == sorted(
+        f"{d}_{b.replace(',', '+')}.safetensors" for d, b in [("identity", "all"), ("style", "all")]
+        + [("style", s) for s in blockwise.style_subsets("small", "locon")])
 
+
+def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     import choose_eval
     choose_eval.main(["--smoke", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
