@@ -34,7 +34,7 @@ import train
 from minisd import CheckpointError
 from minisd.checkpoint import read_pickle, read_state_dict
 from minisd.text import encode_prompts, load_tokenizer
-from tinyfiles import images, one_line_exit, tiny, train_argv  # noqa: F401 (fixtures)
+from tinyfiles import images, one_line_exit, tiny, train_argv, train_process  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest
 
@@ -503,22 +503,6 @@ def checkpoints(folder):
     return sorted(p for p in folder.glob("run-step*") if p.name.endswith((".state.pt", ".safetensors")))
 
 
-def start_run(argv):
-    """train.py's main(argv) in a forked child process (the interpreter and imports are already warm), quiet."""
-    pid = os.fork()
-    if pid == 0:  # the child never returns into pytest
-        code = 1
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            train.main([*argv, "--device", "cpu"])  # a forked child cannot use CUDA once the parent has
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
 def test_the_base_hash_is_computed_once_a_run_and_is_right_in_every_file(tiny, images, tmp_path, monkeypatch):
     """--save-every 1: every checkpoint adapter and the final one carry minisd_base_unet_sha256 = unet_hash of the
     base model, computed once (it is a pass over every base weight)."""
@@ -548,7 +532,7 @@ def test_sigkill_while_saving_loses_no_checkpoint_and_resume_continues(tiny, ima
     good = set()  # checkpoints seen complete
     while kills < KILLS:
         n_before = len(train.state_files(out))
-        pid = start_run(argv + (["--resume"] if n_before else []))
+        run = train_process(argv + (["--resume"] if n_before else []), tmp_path / "log")
         deadline, wait_for = time.time() + 60, n_before + (1 if kills % 2 else rng.randint(1, 3))
         while len(train.state_files(out)) < wait_for and time.time() < deadline:  # checkpoints of its own
             time.sleep(0.002)
@@ -558,8 +542,8 @@ def test_sigkill_while_saving_loses_no_checkpoint_and_resume_continues(tiny, ima
                 pass
         else:
             time.sleep(rng.uniform(0, 0.05))
-        os.kill(pid, signal.SIGKILL)
-        assert os.waitpid(pid, 0)[1] == signal.SIGKILL, "the run ended before it was killed: raise the step count"
+        run.kill()
+        assert run.wait() == -signal.SIGKILL, "the run ended before it was killed: raise the step count"
         kills += 1
         mid_write += bool({n for n in os.listdir(tmp_path) if n.startswith(".tmp")} - tmp_before)  # left half-written
         present = {p: loads(p) for p in checkpoints(tmp_path)}

@@ -36,7 +36,7 @@ import sample
 import train
 from minisd import CheckpointError
 from minisd.checkpoint import read_pickle
-from tinyfiles import images, one_line_exit, tiny, train_argv  # noqa: F401 (fixtures)
+from tinyfiles import images, one_line_exit, tiny, train_argv, train_process  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -175,16 +175,6 @@ def test_a_real_file_size_limit_is_a_clean_line(tiny, images, tmp_path):
     last = log.read_text().strip().splitlines()[-1]
     assert last.startswith(f"error: {out}: not written (") and "no checkpoint either" in last, last
     assert not out.exists() and leftovers(tmp_path) == []
-
-
-def train_process(argv, log, setup=""):
-    """`python train.py argv` in a new process (not a fork: once this process has run a backward pass on CUDA, torch
-    refuses autograd in a forked child), its stderr to `log`; `setup`: Python code run first, e.g. a resource limit.
-    One thread, as these tests run (single_thread): a run resumed here then sums in the same order."""
-    code = f"{setup}\nimport runpy, sys\nsys.argv[0] = 'train.py'\nrunpy.run_path('train.py', run_name='__main__')"
-    with open(log, "w") as err:
-        return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def wait_for(condition, seconds=120):

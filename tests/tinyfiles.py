@@ -4,6 +4,9 @@
 Built from minisd's own modules with fixed seeds, so no diffusers import and no download; every load of them
 takes tens of milliseconds.
 """
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,13 @@ def one_line_exit(main, argv):
     message = str(e.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+def train_process(argv, log, setup=""):
+    """`python train.py argv` in a new process (not a fork: once this process has run a backward pass on CUDA, torch
+    refuses autograd in a forked child), its stderr to `log`; `setup`: Python code run first, e.g. a resource limit.
+    One thread, as these tests run (single_thread): a run resumed here then sums in the same order."""
+    code = f"{setup}\nimport runpy, sys\nsys.argv[0] = 'train.py'\nrunpy.run_path('train.py', run_name='__main__')"
+    with open(log, "w") as err:
+        return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=Path(__file__).resolve().parents[1],
+                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
