@@ -44,6 +44,7 @@ except ImportError:
 
 import lora
 import minisd.fast
+import minisd.hashes
 import minisd.text
 from lora.network import TEXT_TARGET
 from minisd.checkpoint import CheckpointError, file_errors, read_pickle
@@ -964,8 +965,13 @@ def finish(run):
 
 def adapter_metadata(run, n_images, size):
     """kohya's ss_* training settings and the base U-Net's hash (a sha256 over every base weight, seconds for SD
-    1.4): computed at a run's first save only, since the base does not change while the adapter trains."""
-    run.base_hash = run.base_hash or lora.formats.unet_hash(run.sd.unet)
+    1.4): computed at a run's first save only, since the base does not change while the adapter trains, and cached
+    across runs (minisd.hashes: by the checkpoint's U-Net file, its size and modification time, and the dtype)."""
+    if run.base_hash is None:
+        kind = f"base-unet-sha256 {str(run.sd.dtype).removeprefix('torch.')}"
+        compute = lambda _: lora.formats.unet_hash(run.sd.unet)
+        run.base_hash = minisd.hashes.cached(minisd.hashes.unet_file(run.args.ckpt), kind, compute,
+                                             minisd.hashes.default_cache())
     return {**kohya_args(run.args, n_images, size, run.step), "minisd_base_unet_sha256": run.base_hash}
 
 

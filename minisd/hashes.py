@@ -8,6 +8,8 @@
                        file's `sshs_model_hash` metadata instead where there is one: for kohya's and minisd's files
                        that is the same value.)
     kohya_hashes(...)  kohya's `sshs_model_hash` / `sshs_legacy_hash` metadata, from the tensors and the ss_* metadata
+    cached(...)        any such value, cached by file (train.py: the base U-Net's tensor hash, minisd_base_unet_sha256,
+                       keyed by the checkpoint's U-Net file and the dtype it was loaded in)
 
 The cache (as webui's cache.json does it) is a JSON file, by default $XDG_CACHE_HOME/minisd/hashes.json
 (~/.cache/...), keyed by the resolved path, the size and the modification time: a changed file is hashed again.
@@ -80,15 +82,20 @@ def cached(path, kind, compute, cache):
     return table[key]["sha256"]
 
 
+def unet_file(path):
+    """The file a checkpoint's U-Net comes from: the file itself, or a diffusers folder's unet/ weights."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    files = sorted((path / "unet").glob("diffusion_pytorch_model*"))
+    if not files:
+        raise CheckpointError(f"{path}: no unet/diffusion_pytorch_model* file to hash")
+    return files[0]
+
+
 def model_hash(path, cache=None):
     """webui's "Model hash" of a checkpoint file (a diffusers folder: of its U-Net weights)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted((path / "unet").glob("diffusion_pytorch_model*"))
-        if not files:
-            raise CheckpointError(f"{path}: no unet/diffusion_pytorch_model* file to hash")
-        path = files[0]
-    return cached(path, "file", sha256_file, cache or default_cache())[:10]
+    return cached(unet_file(path), "file", sha256_file, cache or default_cache())[:10]
 
 
 def lora_hash(path, cache=None):

@@ -6,6 +6,20 @@ from sdfixtures import make_pipeline, write_layouts
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache(tmp_path_factory):
+    """minisd's hash cache ($XDG_CACHE_HOME/minisd/hashes.json) in a folder of the test session's, not the home
+    folder's: the tests neither read nor leave cached hashes there (train.py processes they start inherit it)."""
+    import os
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def ref_pipe():
     """A small random-weight diffusers StableDiffusionPipeline (the reference)."""

@@ -503,10 +503,12 @@ def checkpoints(folder):
     return sorted(p for p in folder.glob("run-step*") if p.name.endswith((".state.pt", ".safetensors")))
 
 
-def test_the_base_hash_is_computed_once_a_run_and_is_right_in_every_file(tiny, images, tmp_path, monkeypatch):
+def test_the_base_hash_is_computed_once_and_is_right_in_every_file(tiny, images, tmp_path, monkeypatch):
     """--save-every 1: every checkpoint adapter and the final one carry minisd_base_unet_sha256 = unet_hash of the
-    base model, computed once (it is a pass over every base weight)."""
+    base model, computed once (it is a pass over every base weight) and cached: a second run on the same base file
+    computes nothing, a base file that changed is hashed again."""
     from safetensors import safe_open
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = []
     real = lora.formats.unet_hash
     monkeypatch.setattr(lora.formats, "unet_hash", lambda unet: calls.append(1) or real(unet))
@@ -515,9 +517,21 @@ def test_the_base_hash_is_computed_once_a_run_and_is_right_in_every_file(tiny, i
     base = real(minisd.load(tiny["safetensors"], tokenizer=tiny["tokenizer"]).unet)
     files = [out] + sorted(tmp_path.glob("run-step*.safetensors"))
     assert len(files) == 3 and len(calls) == 1
+    train.main(train_argv(tiny, images, tmp_path / "again.safetensors", "--steps", 1))
+    files.append(tmp_path / "again.safetensors")
+    assert len(calls) == 1
     for f in files:
         with safe_open(str(f), "pt") as h:
             assert h.metadata()["minisd_base_unet_sha256"] == base, f.name
+    changed = tmp_path / "changed.safetensors"  # the same base with one weight changed: a new file, a new hash
+    weights = load_file(str(tiny["safetensors"]))
+    first = sorted(k for k in weights if k.startswith("model.diffusion_model."))[0]
+    weights[first] = weights[first] + 1
+    save_file(weights, str(changed))
+    argv = train_argv(tiny, images, tmp_path / "other.safetensors", "--steps", 1)
+    train.main([*argv, "--ckpt", str(changed)])
+    with safe_open(str(tmp_path / "other.safetensors"), "pt") as h:
+        assert len(calls) == 2 and h.metadata()["minisd_base_unet_sha256"] not in (base, None)
 
 
 def test_sigkill_while_saving_loses_no_checkpoint_and_resume_continues(tiny, images, tmp_path, capsys):
