@@ -17,7 +17,8 @@ and scored the same way. Per seed and method:
 
 Resumable: trained adapters (adapters/), method choices (methods/) and scored settings (scores/) found under --out
 are kept; --budget-s stops starting new work after that many seconds (re-run to continue). Writes results.json
-(every image's scores, the choices, the metrics) and results.md once every setting is scored.
+(every image's scores, the choices, the metrics), results.md and the first seed's figures (fig_oracle_singles_seedS.png,
+fig_oracle_pairs_seedS.png: the first 4 images of every set) once every setting is scored.
 """
 import argparse
 import concurrent.futures as cf
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import lora.choose as choose  # noqa: E402
 import stats  # noqa: E402
 import minisd  # noqa: E402
+from minisd.images import grid, save_png, to_pil  # noqa: E402
 from blockwise import COARSE, INS, OUTS, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
@@ -48,6 +51,7 @@ from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, wri
 TINY = ROOT / "weights" / "tiny"
 FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
 SMOKE_FAMILY = ["in0", "out3", "in0,out3"]
+THUMBS = 4  # images per set kept for the figures
 EVAL_SEED = 3000  # prompts and noise of training seed s: EVAL_SEED + 100 s (recipe.py uses 100, gates.py 1000 / 2000)
 
 
@@ -183,8 +187,31 @@ def score_job(job):
         r, s = rates(judge, images, args.identity, args.style)
         r["per image"] = {k: s[k].tolist() for k in ("identity", "style", "both", "identity_sim", "style_sim")}
         score_path(out, seed, blocks).parent.mkdir(parents=True, exist_ok=True)
+        write_thumbs(out, seed, blocks, images)
         score_path(out, seed, blocks).write_text(json.dumps(r))
         print(f"seed {seed} identity + style({blocks}): both {r['both']:.2f}", flush=True)
+
+
+def thumb_path(out, seed, blocks):
+    return score_path(out, seed, blocks).with_suffix(".png")
+
+
+def write_thumbs(out, seed, blocks, images):
+    """The first THUMBS images of a scored setting, one row of a PNG beside its scores (for the figures)."""
+    save_png(grid(to_pil(images[:THUMBS]), THUMBS), thumb_path(out, seed, blocks))
+
+
+def figures(out, seed, scored, family):
+    """Paper-style grids of one seed's oracle: identity + style on each single block, and on each in+out pair; a
+    column per set with its identity and style rates over all its images, the first THUMBS images below."""
+    from demo import labelled_grid
+    read = lambda b: torch.from_numpy(np.array(Image.open(thumb_path(out, seed, b)).convert("RGB"))).permute(2, 0, 1)
+    for name, sets in (("singles", [b for b in family if "," not in b]), ("pairs", [b for b in family if "," in b])):
+        sets = [b for b in sets if thumb_path(out, seed, b).exists()]
+        if sets:
+            columns = {b: torch.stack(read(b).float().div(255).chunk(THUMBS, dim=2)) for b in sets}
+            rates = {b: (scored[seed, b]["identity"], scored[seed, b]["style"]) for b in sets}
+            labelled_grid(columns, rates, out / f"fig_oracle_{name}_seed{seed}.png")
 
 
 def score_all(args, out, wanted, deadline):
@@ -308,8 +335,9 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(report, indent=1, default=str))
     table = markdown(json.loads(json.dumps(report, default=str)))  # the report as its JSON reads back
     (out / "results.md").write_text(table)
+    figures(out, args.seeds[0], scored, args.family)
     print(table)
-    print(f"wrote {out}/results.md, results.json in {time.time() - t0:.0f} s")
+    print(f"wrote {out}/results.md, results.json, fig_oracle_*.png in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
