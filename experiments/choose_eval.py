@@ -117,7 +117,7 @@ def score_path(out, seed, blocks):
     return out / "scores" / f"seed{seed}" / f"{blocks.replace(',', '-')}.json"
 
 
-def in_rounds(fn, jobs, args, deadline):
+def run_jobs(fn, jobs, args, deadline):
     """Run jobs on --workers processes of one pool (each pays its imports and start-up once), keeping every worker
     busy and starting none after the deadline; False if some were left."""
     todo = list(jobs)
@@ -148,7 +148,7 @@ def train_all(args, out, data, wanted, deadline):
              args.device, threads, args.cuda_graph) for seed, d, blocks in wanted
             if not adapter_path(out, seed, d, blocks).exists()]
     print(f"training {len(jobs)} adapters", flush=True)
-    return in_rounds(train_job, jobs, args, deadline)
+    return run_jobs(train_job, jobs, args, deadline)
 
 
 # ------------------------------------------------------------------------------------------ choices and scores
@@ -219,7 +219,7 @@ def score_all(args, out, wanted, deadline):
     print(f"scoring {len(todo)} settings", flush=True)
     per = max(1, -(-len(todo) // (args.workers * 3)))  # about three chunks per worker
     jobs = [(todo[i:i + per], out, args) for i in range(0, len(todo), per)]
-    return in_rounds(score_job, jobs, args, deadline)
+    return run_jobs(score_job, jobs, args, deadline)
 
 
 # ------------------------------------------------------------------------------------------------- metrics
