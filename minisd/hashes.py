@@ -23,6 +23,7 @@ from pathlib import Path
 from safetensors.torch import save as safetensors_bytes
 
 from .checkpoint import CheckpointError
+from .layouts import weights_file
 
 BLOCK = 1 << 20  # bytes read at a time
 
@@ -83,14 +84,10 @@ def cached(path, kind, compute, cache):
 
 
 def unet_file(path):
-    """The file a checkpoint's U-Net comes from: the file itself, or a diffusers folder's unet/ weights."""
+    """The file a checkpoint's U-Net comes from: the file itself, or the unet/ weights file that minisd.load reads
+    from a diffusers folder (its .safetensors before .bin before the fp16 variants)."""
     path = Path(path)
-    if not path.is_dir():
-        return path
-    files = sorted((path / "unet").glob("diffusion_pytorch_model*"))
-    if not files:
-        raise CheckpointError(f"{path}: no unet/diffusion_pytorch_model* file to hash")
-    return files[0]
+    return weights_file(path / "unet", "diffusion_pytorch_model") if path.is_dir() else path
 
 
 def model_hash(path, cache=None):

@@ -152,7 +152,8 @@ def _read_json(path, bounds=()):
     return cfg
 
 
-def _weights_file(folder, stem):
+def weights_file(folder, stem):
+    """The weights file minisd.load reads from a diffusers component folder (the first that exists)."""
     for name in (f"{stem}.safetensors", f"{stem}.bin", f"{stem}.fp16.safetensors", f"{stem}.fp16.bin"):
         if (folder / name).is_file():
             return folder / name
@@ -182,8 +183,8 @@ def read_diffusers_folder(path, device, dtype):
     sc = _read_json(scheduler, SCHEDULER_BOUNDS) if (path / "scheduler").is_dir() else {}
     keys = ("beta_start", "beta_end", "num_train_timesteps", "beta_schedule")
     schedule = Schedule(**{k: sc[k] for k in keys if k in sc})
-    unet_file = _weights_file(path / "unet", "diffusion_pytorch_model")
-    vae_file = _weights_file(path / "vae", "diffusion_pytorch_model")
+    unet_file = weights_file(path / "unet", "diffusion_pytorch_model")
+    vae_file = weights_file(path / "vae", "diffusion_pytorch_model")
     text_file = next((f for f in (path / "text_encoder" / n for n in ("model.safetensors", "pytorch_model.bin",
                       "model.fp16.safetensors", "pytorch_model.fp16.bin")) if f.is_file()), None)
     if text_file is None:

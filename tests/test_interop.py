@@ -189,6 +189,17 @@ def test_hashes_are_cached_by_path_size_and_mtime(tmp_path):
     assert model_hash(f, cache) == sha(b"y" * 101)[:10] and json.loads(cache.read_text())
 
 
+def test_a_folders_hash_is_of_the_unet_file_that_load_reads(tmp_path):
+    """A diffusers folder with fp16 and fp32 U-Net files: the model hash (and train.py's cached base hash) is keyed
+    by the file minisd.load reads, the .safetensors, not the first name in sort order (.fp16.safetensors)."""
+    from minisd.hashes import model_hash, unet_file
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a" * 10)
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"b" * 10)
+    assert unet_file(tmp_path) == tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    assert model_hash(tmp_path, tmp_path / "hashes.json") == sha(b"b" * 10)[:10]
+
+
 def test_adapter_files_carry_kohyas_hashes_and_mode_0644(tmp_path):
     """sshs_model_hash: sha256 of the bytes after the header (of the file as written: the tensor bytes do not depend
     on the metadata); sshs_legacy_hash: sha256 of bytes [1 MiB, 1 MiB + 64 KiB) of the file the tensors and only the
