@@ -226,9 +226,10 @@ def eval_job(job):
             lora.load(adapter_file(out, algo, seed, "style", style), sd.unet, name="style", weight=weight,
                       block_weights=block_weights)
             names.append("style")
-        gates = ranges and minisd.fast.StepGates(step_table(ranges, steps), lambda a, on: lora.enable(sd.unet, a, on))
+        switch = lambda a, on: lora.enable(sd.unet, a, on)
+        gates = minisd.fast.StepGates(step_table(ranges, steps), switch) if ranges else None
         images = sd.sample(prompts, steps=steps, guidance=guidance, seed=1000 + seed, progress=False,
-                           cuda_graph=device.startswith("cuda"), on_step=gates or None).float().cpu()
+                           cuda_graph=device.startswith("cuda"), on_step=gates).float().cpu()
         for name in names:
             lora.remove(sd.unet, name, sd.text_encoder)
         s = judges.score(judge, images, IDENTITY, HELD_STYLE)

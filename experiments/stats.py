@@ -16,6 +16,7 @@ each other's seed effect. Everything here takes {seed: per-image values} for eac
 
 No scipy: Student's t and the test's power are integrated numerically (tests check them against scipy.stats).
 """
+import functools
 import math
 
 import numpy as np
@@ -87,8 +88,9 @@ def t_cdf(x, df):
     return 0.5 + math.copysign(area, x)
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(q, df):
-    """The x with t_cdf(x, df) = q, by bisection (to 1e-9)."""
+    """The x with t_cdf(x, df) = q, by bisection (to 1e-9); cached: reports ask for the same few quantiles often."""
     low, high = -1e3, 1e3
     while high - low > 1e-9:
         mid = (low + high) / 2

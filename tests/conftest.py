@@ -10,14 +10,9 @@ torch.set_num_threads(2)
 def hash_cache(tmp_path_factory):
     """minisd's hash cache ($XDG_CACHE_HOME/minisd/hashes.json) in a folder of the test session's, not the home
     folder's: the tests neither read nor leave cached hashes there (train.py processes they start inherit it)."""
-    import os
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME")
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
