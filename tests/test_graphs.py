@@ -1,6 +1,9 @@
 """minisd.fast.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph ==
 eager;
 train.py / sample.py --cuda-graph: refused with one line where it cannot run, and (on CUDA) the same results as eager."""
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -411,6 +414,44 @@ def test_train_step_graph_with_reduce_grads_is_the_one_graph_step():
         runs.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     assert rel(runs[1], runs[0]) < 1e-5 and calls[-1] == sum(p.numel() for p in net.parameters())
     assert len(calls) == 3 + 5  # the warm-up steps, then one per replay
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_dead_step_graph_collected_mid_capture_does_not_break_the_capture():
+    """A finished run's step graph in a reference cycle (train.py: run -> graph -> loss function -> run) is garbage
+    when the next capture begins. Python's collector runs at whatever allocation crosses its threshold; here the
+    threshold is 1 and the loss function allocates during the capture, as a U-Net's forward does. Destroying a graph
+    mid-capture would invalidate the capture (cudaErrorStreamCaptureInvalidated)."""
+    dev = torch.device("cuda")
+    x = torch.randn(4, 16, device=dev)
+
+    def cyclic_step_graph(on_capture=lambda: None):
+        net = nn.Linear(16, 4).to(dev)
+        run = {}
+
+        def loss_fn(x):
+            if torch.cuda.is_current_stream_capturing():
+                on_capture()
+            return run["net"](x).square().mean()
+        run["net"] = net
+        run["graph"] = graphs.TrainStepGraph(loss_fn, torch.optim.AdamW(net.parameters(), capturable=True), [x])
+        return run["graph"]  # the cycle: run -> graph -> loss_fn -> run
+
+    def allocate_with_threshold_1():
+        gc.set_threshold(1, 1, 1)
+        [[] for _ in range(1000)]  # container allocations: an automatic collection, if the collector is on
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(10 ** 9, 10 ** 9, 10 ** 9)  # no collection before the capture: the dead graph must reach it
+    try:
+        dead = weakref.ref(cyclic_step_graph())
+        assert dead() is not None  # alive through its cycle alone, until a collection
+        graph = cyclic_step_graph(on_capture=allocate_with_threshold_1)
+    finally:
+        gc.set_threshold(*thresholds)
+    gc.collect()
+    assert dead() is None
+    assert torch.isfinite(graph(x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -40,6 +40,8 @@ gradient accumulators, bound to another stream, and the capture fails.
 
 The outputs are static tensors, overwritten by the next replay: use (or clone) them before calling again.
 """
+import contextlib
+import gc
 import warnings
 import weakref
 
@@ -62,8 +64,21 @@ def _side_stream():
     return _SIDE_STREAMS[device]
 
 
+@contextlib.contextmanager
 def _capture(graph, pool=None):
-    return torch.cuda.graph(graph, pool=pool, stream=_side_stream())
+    """torch.cuda.graph on the side stream, with Python's cyclic garbage collector paused. A dead reference cycle
+    that holds a CUDA graph (a finished training run: its step graph's loss function refers back to the run) may
+    otherwise be collected mid-capture; destroying a graph while a stream captures invalidates the capture
+    (cudaErrorStreamCaptureInvalidated), and torch.cuda.graph no longer collects before it begins. The cycle is
+    collected after the capture instead."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=_side_stream()):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _warm_up(fn, n):
