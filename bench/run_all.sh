@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
   timeout 270 python3 bench/sampling.py --out "$OUT/sampling.json" || echo "sampling: exit $?"
   timeout 170 python3 bench/training.py --variants diffusers-eager,minisd-graph-cl-bf16,minisd-graph-cl-bf16-ckpt --out "$OUT/training.json" || echo "training: exit $?"
   timeout 60 python3 bench/groupnorm.py --out "$OUT/groupnorm.json" || echo "groupnorm: exit $?"
+  timeout 90 python3 bench/first_call.py --out "$OUT/first_call.json" || echo "first_call: exit $?"
   timeout 100 python3 bench/layout.py --out "$OUT/layout.json" || echo "layout: exit $?"
   left=$(( ${BUDGET_S:-1080} - SECONDS ))
   echo "seconds used: $SECONDS, left for the optional compile row (COMPILE=1): $left"

@@ -59,7 +59,7 @@ def test_ddp_bench_scaling_is_against_one_gpu_in_the_same_mode(bench_module, tmp
     assert [r["scaling"] for r in saved] == [1.0, 1.0, 1.2, 1.96, None]  # batch 16 has no one-GPU run
 
 
-SMOKE = ["layers", "overhead", "sampling", "training", "groupnorm", "layout", "kernel_profile", "ddp", "user"]
+SMOKE = ["layers", "overhead", "sampling", "training", "groupnorm", "layout", "kernel_profile", "ddp", "user", "first_call"]
 
 
 def test_every_bench_script_has_a_smoke_test():
