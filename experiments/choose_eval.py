@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--workers", type=int, default=1, help="parallel processes (one GPU is shared by all)")
+    p.add_argument("--threads", action="store_true", help="the workers are threads of this process, each on a CUDA "
+                   "stream of its own: one process's streams run side by side on a GPU, processes take turns")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds")
     p.add_argument("--smoke", action="store_true", help="plumbing check: 3 sets, 2 steps, 4 images, CPU")
@@ -118,14 +120,16 @@ def score_path(out, seed, blocks):
 
 
 def run_jobs(fn, jobs, args, deadline):
-    """Run jobs on --workers processes of one pool (each pays its imports and start-up once), keeping every worker
-    busy and starting none after the deadline; False if some were left."""
+    """Run jobs on --workers processes of one pool (each pays its imports and start-up once; --threads: threads of
+    this process), keeping every worker busy and starting none after the deadline; False if some were left."""
     todo = list(jobs)
     if args.workers <= 1:
         while todo and not (deadline and time.time() > deadline):
             fn(todo.pop(0))
     else:
-        with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool = (cf.ThreadPoolExecutor(args.workers, initializer=own_stream, initargs=(args.device,)) if args.threads
+                else cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")))
+        with pool:
             running = set()
             while todo or running:
                 while todo and len(running) < args.workers and not (deadline and time.time() > deadline):
@@ -138,6 +142,13 @@ def run_jobs(fn, jobs, args, deadline):
     if todo:
         print(f"--budget-s reached: {len(todo)} jobs left; run again to continue", flush=True)
     return not todo
+
+
+def own_stream(device):
+    """A worker thread's start: on CUDA its work goes to a stream of its own (for the thread's whole life: cuBLAS
+    keeps a workspace per stream it ran on)."""
+    if device.startswith("cuda"):
+        torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
 
 
 def train_all(args, out, data, wanted, deadline):

@@ -1,4 +1,5 @@
 """experiments/: blockwise.py and gates.py, their parts, and the smoke runs of blockwise.py and choose_eval.py."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 
 from tinyworld import CHARACTER, IDENTITY, Scene, Style, judge, render
 from tinyworld.evaluate import interval
+from tinyfiles import images, tiny, train_argv  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -206,3 +208,23 @@ def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     choose_eval.main(["--smoke", "--out", str(tmp_path)])  # everything found: nothing trained or scored again
     assert "training 0 adapters" in capsys.readouterr().out
+
+
+def test_choose_eval_threads_train_what_one_after_another_trains(tiny, images, tmp_path):
+    """--workers 2 --threads: two train.py runs at once in one process (on CUDA each on a stream of its own) write
+    the adapters that the same runs write one after another."""
+    import choose_eval
+    from safetensors.torch import load_file
+
+    def train(folder, **kw):
+        jobs = [(train_argv(tiny, images, folder / f"{seed}.safetensors", "--steps", 3, "--seed", seed), "cpu", 1,
+                 False) for seed in (1, 2)]
+        assert choose_eval.run_jobs(blockwise.train_job, jobs, argparse.Namespace(device="cpu", **kw), None)
+        return [load_file(folder / f"{seed}.safetensors") for seed in (1, 2)]
+    alone = train(tmp_path / "alone", workers=1, threads=False)
+    together = train(tmp_path / "together", workers=2, threads=True)
+    down = next(name for name in alone[0] if name.endswith("lora_down.weight"))
+    assert alone[0].keys() == together[0].keys() and not torch.equal(alone[0][down], alone[1][down])  # two seeds
+    for a, b in zip(alone, together):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)

@@ -1,6 +1,7 @@
 """minisd.fast.graphs: the packed LoRA form used inside captured graphs (CPU), the CPU refusal, and (on CUDA) graph ==
 eager;
 train.py / sample.py --cuda-graph: refused with one line where it cannot run, and (on CUDA) the same results as eager."""
+import concurrent.futures as cf
 import gc
 import weakref
 
@@ -452,6 +453,37 @@ def test_a_dead_step_graph_collected_mid_capture_does_not_break_the_capture():
     gc.collect()
     assert dead() is None
     assert torch.isfinite(graph(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_graphs_captured_and_replayed_in_threads_match_one_after_another():
+    """Four threads, each on a CUDA stream of its own, build a step graph and replay 20 steps while the others
+    capture or replay: each ends where the same run alone ends (experiments/choose_eval.py --threads)."""
+    dev = torch.device("cuda")
+    data = torch.randn(20, 8, 16, device=dev)
+
+    def run(seed):
+        torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())  # data was made there
+        net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16)).to(dev)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)).to(dev) / 4)
+        step = graphs.TrainStepGraph(lambda x: (net(x) - x.flip(1)).square().mean(),
+                                     torch.optim.AdamW(net.parameters(), lr=1e-2, capturable=True), [data[0]],
+                                     clip_norm=1.0)
+        for x in data:
+            step(x)
+        return torch.cat([p.detach().flatten() for p in net.parameters()]).cpu()
+
+    alone = [run(seed) for seed in range(4)]
+
+    def on_own_stream(seed):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return run(seed)
+    with cf.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(on_own_stream, range(4)))
+    for a, b in zip(alone, together):
+        assert rel(b, a) < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

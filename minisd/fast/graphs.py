@@ -42,6 +42,7 @@ The outputs are static tensors, overwritten by the next replay: use (or clone) t
 """
 import contextlib
 import gc
+import threading
 import warnings
 import weakref
 
@@ -49,36 +50,42 @@ import torch
 
 from .forms import FORMS, adapted, applied, capture_forms, context_projections, packed_adapters
 
-# device index -> the one stream of all warm-ups and captures on it. Process-wide like CUDA's own handles: the
-# stream is a resource of the device, not state of a model (see _side_stream).
-_SIDE_STREAMS = {}
+# Per thread: device index -> the one stream of that thread's warm-ups and captures on it (see _side_stream).
+_SIDE_STREAMS = threading.local()
+# One capture at a time in a process (see _capture).
+_CAPTURE_LOCK = threading.Lock()
 
 
 def _side_stream():
-    """One side stream per device for every warm-up and capture: cuBLAS keeps a workspace per stream it has run on
-    (docs/performance.md#memory), so a new stream per capture would hold another one for as long as the process
-    lives."""
+    """One side stream per device and thread for every warm-up and capture: cuBLAS keeps a workspace per stream it
+    has run on (docs/performance.md#memory), so a new stream per capture would hold another one for as long as the
+    process lives; a thread of its own, so that one thread's warm-up never lands in another thread's capture."""
+    streams = _SIDE_STREAMS.__dict__.setdefault("streams", {})
     device = torch.cuda.current_device()
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream()
-    return _SIDE_STREAMS[device]
+    if device not in streams:
+        streams[device] = torch.cuda.Stream()
+    return streams[device]
 
 
 @contextlib.contextmanager
 def _capture(graph, pool=None):
-    """torch.cuda.graph on the side stream, with Python's cyclic garbage collector paused. A dead reference cycle
-    that holds a CUDA graph (a finished training run: its step graph's loss function refers back to the run) may
-    otherwise be collected mid-capture; destroying a graph while a stream captures invalidates the capture
-    (cudaErrorStreamCaptureInvalidated), and torch.cuda.graph no longer collects before it begins. The cycle is
-    collected after the capture instead."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with torch.cuda.graph(graph, pool=pool, stream=_side_stream()):
-            yield
-    finally:
-        if enabled:
-            gc.enable()
+    """torch.cuda.graph on the side stream; one capture at a time in a process, with Python's cyclic garbage
+    collector paused.
+    - Threads: torch.cuda.graph begins with a device-wide synchronize, which another thread's capture would not
+      survive; in "thread_local" mode the other threads' replays, copies and stream waits go on meanwhile.
+    - The collector: a dead reference cycle that holds a CUDA graph (a finished training run: its step graph's loss
+      function refers back to the run) may otherwise be collected mid-capture; destroying a graph while a stream
+      captures invalidates the capture (cudaErrorStreamCaptureInvalidated), and torch.cuda.graph no longer collects
+      before it begins. The cycle is collected after the capture instead."""
+    with _CAPTURE_LOCK:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=_side_stream(), capture_error_mode="thread_local"):
+                yield
+        finally:
+            if enabled:
+                gc.enable()
 
 
 def _warm_up(fn, n):
