@@ -26,7 +26,8 @@ On the 2-core CPU the first command took 18 min 58 s: 6 LoCon adapters of 100 st
 world v2's 32x32 latents cost two to four times v1's per step), then 13 settings x 16 images rendered and scored.
 A demonstration of the pipeline and its report, one seed of weak adapters; not a result.
 
-Writes under --out: adapters/ (kept: a rerun skips trained ones), results.json, results.md, fig_conflict_*.png,
+Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, so
+--budget-s splits the protocol into runs of any length), results.json, results.md, fig_conflict_*.png,
 fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
 """
 import argparse
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -205,10 +207,26 @@ def silhouette_iou(images, scenes, masks, threshold=60.0):
     return (fg & masks).sum((1, 2)) / np.maximum((fg | masks).sum((1, 2)), 1)
 
 
+def eval_path(out, algo, seed):
+    return out / "evals" / f"{algo}_seed{seed}.json"
+
+
+def eval_settings(args):
+    """What an (algo, seed)'s evaluation depends on besides its adapters: a kept one with other settings is redone."""
+    return {"sweep": args.sweep, "n": args.n, "sample_steps": args.sample_steps, "guidance": args.guidance}
+
+
+def evaluated(out, algo, seed, settings):
+    path = eval_path(out, algo, seed)
+    return path.exists() and json.loads(path.read_text())["settings"] == settings
+
+
 def eval_job(job):
-    """Every setting of one (algo, seed) at the first guidance, the GUIDED settings at the others too ("... g=2"):
-    {title: {metric: per-image values}} and the first images of each."""
-    algo, seed, out, sweep, n, steps, guidances, device, threads = job
+    """Every setting of one (algo, seed) at the first guidance, the GUIDED settings at the others too ("... g=2"),
+    written under out/evals/: {title: {metric: per-image values}} (JSON, written last) and the first images of each
+    (safetensors)."""
+    algo, seed, out, settings, device, threads = job
+    sweep, n, steps, guidances = (settings[k] for k in ("sweep", "n", "sample_steps", "guidance"))
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=device)
@@ -240,7 +258,23 @@ def eval_job(job):
                           "iou": silhouette_iou(images, scenes, masks).tolist(),
                           "identity_sim": s["identity_sim"].tolist(), "style_sim": s["style_sim"].tolist()}
         thumbs[title] = (images[:4] * 255).round().to(torch.uint8)
-    return algo, seed, results, thumbs
+    path = eval_path(out, algo, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(thumbs, path.with_suffix(".safetensors"))
+    path.with_suffix(".tmp").write_text(json.dumps({"settings": settings, "results": results}))
+    path.with_suffix(".tmp").replace(path)  # its presence says the (algo, seed) is done
+
+
+def read_evals(out, args):
+    """({algo: {title: {seed: results}}}, {(algo, seed): {title: first images}}) from out/evals/."""
+    raw, thumbs = {}, {}
+    for algo in args.algos:
+        for seed in args.seeds:
+            path = eval_path(out, algo, seed)
+            for title, r in json.loads(path.read_text())["results"].items():
+                raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
+            thumbs[algo, seed] = load_file(path.with_suffix(".safetensors"))
+    return raw, thumbs
 
 
 def summarize(per_seed):
@@ -267,11 +301,38 @@ def read_gates(path):
     return json.loads(Path(path).read_text())["gates"]
 
 
-def run_pool(fn, jobs, workers):
+def run_jobs(fn, jobs, workers, threads=False, deadline=None):
+    """fn over the jobs on `workers` processes of one pool (each pays its imports and start-up once), or on threads
+    of this process (threads: on CUDA each on streams of its own; one process's streams run side by side on a GPU,
+    processes take turns). Every worker stays busy; no job starts after `deadline` (a time.time()). False if some
+    were left."""
+    todo = list(jobs)
     if workers <= 1:
-        return [fn(j) for j in jobs]
-    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(fn, jobs))
+        while todo and not (deadline and time.time() > deadline):
+            fn(todo.pop(0))
+    else:
+        pool = (cf.ThreadPoolExecutor(workers, initializer=own_streams) if threads
+                else cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+        with pool:
+            running = set()
+            while todo or running:
+                while todo and len(running) < workers and not (deadline and time.time() > deadline):
+                    running.add(pool.submit(fn, todo.pop(0)))
+                if not running:
+                    break
+                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for job in done:
+                    job.result()  # a failed job raises here, with its traceback
+    if todo:
+        print(f"--budget-s reached: {len(todo)} jobs left; run again to continue", flush=True)
+    return not todo
+
+
+def own_streams():
+    """A worker thread's start: on every CUDA device its work goes to a stream of its own (for the thread's whole
+    life: cuBLAS keeps a workspace per stream it ran on)."""
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.set_stream(torch.cuda.Stream(i))
 
 
 def main(argv=None):
@@ -295,7 +356,11 @@ def main(argv=None):
                    "id + style(all) (plain and @in0,out3) and id + style(in0,out3) at the others (protocol: 5,2,7.5)")
     p.add_argument("--workers", type=int, default=max(1, torch.cuda.device_count()),
                    help="parallel processes, spread over the GPUs (default: one per GPU, else 1)")
+    p.add_argument("--threads", action="store_true", help="the workers are threads of this process, each on CUDA "
+                   "streams of its own: one process's streams run side by side on a GPU, processes take turns")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds; run "
+                   "again to continue (trained adapters and scored (algo, seed) pairs are kept)")
     p.add_argument("--out", default="out/blockwise")
     p.add_argument("--gates", default="out/gates/gates.json", help="experiments/gates.py's report for this recipe")
     p.add_argument("--smoke", action="store_true", help="the test suite's plumbing check: LoCon, small sweep, 2 "
@@ -316,20 +381,21 @@ def main(argv=None):
     gates = read_gates(args.gates)
     args.n = args.n or (64 if gpus else 16)
 
+    deadline = t0 + args.budget_s if args.budget_s else None
     jobs = training_jobs(args, out)
     print(f"training {len(jobs)} adapters on {args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
-    run_pool(train_job, [(j, devices[i % len(devices)], threads, args.cuda_graph) for i, j in enumerate(jobs)],
-             args.workers)
+    if not run_jobs(train_job, [(j, devices[i % len(devices)], threads, args.cuda_graph) for i, j in enumerate(jobs)],
+                    args.workers, args.threads, deadline):
+        return
     t_train = time.time() - t0
 
-    evals = [(a, s, out, args.sweep, args.n, args.sample_steps, args.guidance, devices[i % len(devices)], threads)
-             for i, (a, s) in enumerate((a, s) for a in args.algos for s in args.seeds)]
-    print(f"rendering and scoring {len(evals)} (algo, seed) pairs", flush=True)
-    raw, thumbs = {}, {}
-    for algo, seed, results, th in run_pool(eval_job, evals, args.workers):
-        for title, r in results.items():
-            raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
-        thumbs[algo, seed] = th
+    settings = eval_settings(args)
+    pairs = [(a, s) for a in args.algos for s in args.seeds if not evaluated(out, a, s, settings)]
+    print(f"rendering and scoring {len(pairs)} (algo, seed) pairs", flush=True)
+    if not run_jobs(eval_job, [(a, s, out, settings, devices[i % len(devices)], threads)
+                               for i, (a, s) in enumerate(pairs)], args.workers, args.threads, deadline):
+        return
+    raw, thumbs = read_evals(out, args)
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
     tested = {algo: claims(rows) for algo, rows in raw.items()}
 

@@ -21,9 +21,7 @@ are kept; --budget-s stops starting new work after that many seconds (re-run to 
 fig_oracle_pairs_seedS.png: the first 4 images of every set) once every setting is scored.
 """
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -41,7 +39,7 @@ import lora.choose as choose  # noqa: E402
 import stats  # noqa: E402
 import minisd  # noqa: E402
 from minisd.images import grid, save_png, to_pil  # noqa: E402
-from blockwise import COARSE, INS, OUTS, train_job  # noqa: E402
+from blockwise import COARSE, INS, OUTS, run_jobs, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, prompts, rates, recipe_argv,  # noqa: E402
@@ -119,38 +117,6 @@ def score_path(out, seed, blocks):
     return out / "scores" / f"seed{seed}" / f"{blocks.replace(',', '-')}.json"
 
 
-def run_jobs(fn, jobs, args, deadline):
-    """Run jobs on --workers processes of one pool (each pays its imports and start-up once; --threads: threads of
-    this process), keeping every worker busy and starting none after the deadline; False if some were left."""
-    todo = list(jobs)
-    if args.workers <= 1:
-        while todo and not (deadline and time.time() > deadline):
-            fn(todo.pop(0))
-    else:
-        pool = (cf.ThreadPoolExecutor(args.workers, initializer=own_stream, initargs=(args.device,)) if args.threads
-                else cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")))
-        with pool:
-            running = set()
-            while todo or running:
-                while todo and len(running) < args.workers and not (deadline and time.time() > deadline):
-                    running.add(pool.submit(fn, todo.pop(0)))
-                if not running:
-                    break
-                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for job in done:
-                    job.result()  # a failed job raises here, with its traceback
-    if todo:
-        print(f"--budget-s reached: {len(todo)} jobs left; run again to continue", flush=True)
-    return not todo
-
-
-def own_stream(device):
-    """A worker thread's start: on CUDA its work goes to a stream of its own (for the thread's whole life: cuBLAS
-    keeps a workspace per stream it ran on)."""
-    if device.startswith("cuda"):
-        torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
-
-
 def train_all(args, out, data, wanted, deadline):
     """Train the (seed, data, blocks) adapters not found under out."""
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
@@ -159,7 +125,7 @@ def train_all(args, out, data, wanted, deadline):
              args.device, threads, args.cuda_graph) for seed, d, blocks in wanted
             if not adapter_path(out, seed, d, blocks).exists()]
     print(f"training {len(jobs)} adapters", flush=True)
-    return run_jobs(train_job, jobs, args, deadline)
+    return run_jobs(train_job, jobs, args.workers, args.threads, deadline)
 
 
 # ------------------------------------------------------------------------------------------ choices and scores
@@ -230,7 +196,7 @@ def score_all(args, out, wanted, deadline):
     print(f"scoring {len(todo)} settings", flush=True)
     per = max(1, -(-len(todo) // (args.workers * 3)))  # about three chunks per worker
     jobs = [(todo[i:i + per], out, args) for i in range(0, len(todo), per)]
-    return run_jobs(score_job, jobs, args, deadline)
+    return run_jobs(score_job, jobs, args.workers, args.threads, deadline)
 
 
 # ------------------------------------------------------------------------------------------------- metrics

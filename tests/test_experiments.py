@@ -1,5 +1,4 @@
 """experiments/: blockwise.py and gates.py, their parts, and the smoke runs of blockwise.py and choose_eval.py."""
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -173,10 +172,14 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
         eyecheck.read_labels(tmp_path / "l.txt", 2)
 
 
-def test_blockwise_smoke_writes_its_report(tmp_path, capsys):
+def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     """experiments/blockwise.py end to end on the CPU (2 training steps, 2 images per setting): every small-sweep
-    setting scored image by image, the claims table, and no verdict while the gates are not known."""
-    blockwise.main(["--smoke", "--out", str(tmp_path), "--gates", str(tmp_path / "no-gates.json")])
+    setting scored image by image, the claims table, and no verdict while the gates are not known. A run whose
+    --budget-s is spent starts nothing; a rerun keeps what was trained and scored."""
+    argv = ["--smoke", "--out", str(tmp_path), "--gates", str(tmp_path / "no-gates.json")]
+    blockwise.main(argv + ["--budget-s", "1e-9"])
+    assert "run again to continue" in capsys.readouterr().out and not (tmp_path / "adapters").exists()
+    blockwise.main(argv)
     report = json.loads((tmp_path / "results.json").read_text())
     titles = [t for t, *_ in blockwise.settings("small", "locon")]
     assert list(report["summary"]["locon"]) == titles
@@ -187,6 +190,10 @@ def test_blockwise_smoke_writes_its_report(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "adapters" / "locon" / "seed0").glob("*.safetensors")) == sorted(
         f"{d}_{b.replace(',', '+')}.safetensors" for d, b in [("identity", "all"), ("style", "all")]
         + [("style", s) for s in blockwise.style_subsets("small", "locon")])
+    capsys.readouterr()
+    blockwise.main(argv)
+    assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 (algo, seed) pairs" in said
+    assert json.loads((tmp_path / "results.json").read_text())["per_image"] == report["per_image"]
 
 
 def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
@@ -210,16 +217,15 @@ def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     assert "training 0 adapters" in capsys.readouterr().out
 
 
-def test_choose_eval_threads_train_what_one_after_another_trains(tiny, images, tmp_path):
-    """--workers 2 --threads: two train.py runs at once in one process (on CUDA each on a stream of its own) write
-    the adapters that the same runs write one after another."""
-    import choose_eval
+def test_threaded_workers_train_what_one_after_another_trains(tiny, images, tmp_path):
+    """--workers 2 --threads (blockwise.py, choose_eval.py): two train.py runs at once in one process (on CUDA each on
+    a stream of its own) write the adapters that the same runs write one after another."""
     from safetensors.torch import load_file
 
     def train(folder, **kw):
         jobs = [(train_argv(tiny, images, folder / f"{seed}.safetensors", "--steps", 3, "--seed", seed), "cpu", 1,
                  False) for seed in (1, 2)]
-        assert choose_eval.run_jobs(blockwise.train_job, jobs, argparse.Namespace(device="cpu", **kw), None)
+        assert blockwise.run_jobs(blockwise.train_job, jobs, **kw)
         return [load_file(folder / f"{seed}.safetensors") for seed in (1, 2)]
     alone = train(tmp_path / "alone", workers=1, threads=False)
     together = train(tmp_path / "together", workers=2, threads=True)
