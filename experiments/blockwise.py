@@ -335,7 +335,7 @@ def own_streams():
         torch.cuda.set_stream(torch.cuda.Stream(i))
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", choices=["small", "full"], default="small",
                    help="small: style on all, in0+out3, in0, out3, mid; "
@@ -374,6 +374,11 @@ def main(argv=None):
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.guidance = [float(g) for g in args.guidance.split(",")]
     args.full_seeds = len(args.seeds) if args.full_seeds is None else args.full_seeds
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     out, t0 = Path(args.out), time.time()
     gpus = 0 if args.smoke else torch.cuda.device_count()
     devices = [f"cuda:{i % gpus}" for i in range(args.workers)] if gpus else ["cpu"] * args.workers
