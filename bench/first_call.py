@@ -46,6 +46,8 @@ def child(backend, device, tiny):
     """The child process: prints one JSON line of its timings."""
     device = torch.device(device)
     torch.zeros(1, device=device)  # the CUDA context, before the clock
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     shapes, dtype = (TINY_SHAPES, torch.float32) if tiny else (SD14_SHAPES, torch.bfloat16)
     t0 = time.perf_counter()
     attention_pass(backend, shapes, device, dtype)
@@ -69,7 +71,8 @@ def main(argv=None):
         argv = [sys.executable, __file__, "--child", name, "--device", str(dev)] + (["--tiny"] if args.tiny else [])
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode:
-            rec.error(f"{name} (process {position})", RuntimeError(done.stderr.strip().splitlines()[-1]))
+            why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            rec.error(f"{name} (process {position})", RuntimeError(why))
             continue
         rec.add(process=position, backend=name, **json.loads(done.stdout.strip().splitlines()[-1]))
     rec.save()

@@ -355,7 +355,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", default="5", help="comma-separated: every setting at the first, identity only, "
                    "id + style(all) (plain and @in0,out3) and id + style(in0,out3) at the others (protocol: 5,2,7.5)")
     p.add_argument("--workers", type=int, default=max(1, torch.cuda.device_count()),
-                   help="parallel processes, spread over the GPUs (default: one per GPU, else 1)")
+                   help="parallel workers (processes; threads with --threads), spread over the GPUs (default: "
+                   "one per GPU, else 1)")
     p.add_argument("--threads", action="store_true", help="the workers are threads of this process, each on CUDA "
                    "streams of its own: one process's streams run side by side on a GPU, processes take turns")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")

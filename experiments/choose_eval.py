@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8, help="style adapter rank (the recipe's)")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (one GPU is shared by all)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel workers (processes; threads with --threads); one GPU is shared by all")
     p.add_argument("--threads", action="store_true", help="the workers are threads of this process, each on a CUDA "
                    "stream of its own: one process's streams run side by side on a GPU, processes take turns")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
