@@ -12,9 +12,9 @@ load    in this process: minisd.load(folder) against StableDiffusionPipeline.fro
         and fp32 (the folder holds fp32 weights), median of --reps.
 train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, 16 images, --train-steps (150) at each of
         --train-batches (1), `train.py` against diffusers' examples/dreambooth/train_dreambooth_lora.py (only with
-        --dreambooth PATH: it is not part of the diffusers package, and needs accelerate). Wall time, launch to exit, includes loading and (train.py)
-        latent caching. The order alternates over the settings (and over the reps of sample), and every
-        package's files are read once before the first timed process (warm_page_cache).
+        --dreambooth PATH: it is not part of the diffusers package, and needs accelerate). Wall time, launch to exit,
+        includes loading and (train.py) latent caching. The order alternates over the settings (and over the reps
+        of sample), and every package's files are read once before the first timed process (warm_page_cache).
 check   the first images of sample.py and of the diffusers script, max abs difference of 8-bit pixels.
 """
 import json
@@ -92,7 +92,8 @@ def warm_page_cache(packages=("torch", "transformers", "diffusers", "accelerate"
     only on the first run after a boot. Returns (files, GB, seconds)."""
     import importlib.util
     t0, files, size = time.time(), 0, 0
-    roots = {Path(spec.origin).parent.parent for spec in map(importlib.util.find_spec, packages) if spec and spec.origin}
+    specs = [importlib.util.find_spec(name) for name in packages]
+    roots = {Path(spec.origin).parent.parent for spec in specs if spec and spec.origin}  # their site-packages
     for root in roots:
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink():
@@ -186,7 +187,8 @@ def markdown(rows):
     for r in rows:
         if r["section"] == "check":
             continue
-        what = {"sample": f"sample.py --n {r.get('n')}", "load": f"load {r.get('dtype')}", "train": f"DreamBooth-LoRA {r.get('steps')} steps, batch {r.get('batch')}"}
+        what = {"sample": f"sample.py --n {r.get('n')}", "load": f"load {r.get('dtype')}",
+                "train": f"DreamBooth-LoRA {r.get('steps')} steps, batch {r.get('batch')}"}
         keyed.setdefault(what[r["section"]], {}).setdefault(r["impl"], []).append(r)
     med = lambda rs, k: statistics.median(r[k] for r in rs) if rs and rs[0].get(k) is not None else None
     cell = lambda v: "-" if v is None else f"{v:.2f}"
