@@ -76,7 +76,7 @@ class Case:
     ctx: torch.Tensor  # (2B, 77, D): [uncond; cond]
     peak: float | None  # the bf16 matmul peak, TFLOP/s
     t: int = 501
-    flops: float = 0.0
+    flops: float = dataclasses.field(init=False)  # of one guided step, counted at construction
 
     def __post_init__(self):
         self.gs, self.cuda, self.peer = self.args.guidance, self.dev.type == "cuda", not self.args.smoke
@@ -219,8 +219,9 @@ def pipeline_section(c, sections):
     prompts = [f"a photo of cat number {i}" for i in range(c.B)]
     kept = {}  # images and latents of each run, for the checks
     pipeline_runs(c, sections, prompts, kept)
-    checks = pipeline_checks(c, prompts, kept)
-    memory_parts(c, checks)
+    lat = torch.randn(c.B, 4, *c.x.shape[2:], device=c.dev, dtype=c.dt)  # latents for the decoder's timings
+    checks = pipeline_checks(c, prompts, kept, lat)
+    memory_parts(c, checks, lat)
     c.resident("both")
     c.rec.add(section="check", **c.base,
               **{k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in checks.items()})
@@ -269,7 +270,7 @@ def pipeline_runs(c, sections, prompts, kept):
     c.resident("both")
 
 
-def pipeline_checks(c, prompts, kept):
+def pipeline_checks(c, prompts, kept, lat):
     checks = {}
     if "graph" in kept:
         checks["graph_vs_eager_images"] = rel(kept["graph"], kept["eager"])
@@ -286,7 +287,6 @@ def pipeline_checks(c, prompts, kept):
         checks["eager_vs_diffusers_images"] = rel(kept["eager"], kept["diffusers"])
     checks["latents_finite"] = bool(torch.isfinite(kept["eager_latents"]).all()) if "eager_latents" in kept else None
     try:
-        lat = torch.randn(c.B, 4, *c.x.shape[2:], device=c.dev, dtype=c.dt)
         with torch.no_grad():
             for layout, fmt in (("nchw", torch.contiguous_format), ("cl", torch.channels_last)):
                 c.sd.vae.to(memory_format=fmt)  # channels_last: what minisd.fast.attach sets on CUDA
@@ -299,9 +299,8 @@ def pipeline_checks(c, prompts, kept):
     return checks
 
 
-def memory_parts(c, checks):
+def memory_parts(c, checks, lat):
     """Where each pipeline's peak comes from: resident weights, VAE decode, one eager U-Net step."""
-    lat = torch.randn(c.B, 4, *c.x.shape[2:], device=c.dev, dtype=c.dt)
     stacks = (("minisd", lambda: c.sd.vae.decode(lat), c.eager_minisd),
               ("diffusers", lambda: c.pipe.vae.decode(lat).sample, c.eager_diffusers))
     for stack, decode, step in stacks[:1 + c.peer]:
