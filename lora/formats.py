@@ -253,10 +253,7 @@ def load(path, unet, text_encoder=None, name=None, weight=1.0, block_weights=Non
     entries = read_adapter_file(path, unet, text_encoder)
     try:
         for part, mpath, down, up, alpha in entries:
-            adapter = add_adapter_at(unet if part == "unet" else text_encoder, mpath, name, down.shape[0], alpha, dtype)
-            with torch.no_grad():
-                adapter.down.copy_(down)
-                adapter.up.copy_(up)
+            add_adapter_at(unet if part == "unet" else text_encoder, mpath, name, (down, up), alpha, dtype)
         set_weight(unet, name, weight, block_weights, text_encoder=text_encoder)
     except BaseException:  # the promise above: what was added goes again; the error itself is passed on as it is
         if name in adapter_names(unet, text_encoder):

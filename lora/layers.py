@@ -111,8 +111,10 @@ class _Adapted:
         self.register_buffer("unmerged_weight", None, persistent=False)  # the base weight while anything is merged
         self.merge_order = []
 
-    def add_adapter(self, name, rank, alpha=None, dtype=torch.float32, generator=None):
-        """A fresh adapter: down kaiming-uniform, up zero; alpha None -> rank (scale 1)."""
+    def add_adapter(self, name, rank, alpha=None, dtype=torch.float32, generator=None, factors=None):
+        """A new adapter; alpha None -> rank (scale 1). factors: its (down, up) (a file's), copied in; None: a fresh
+        one, down kaiming-uniform and up zero. Copying draws no random numbers, so a file loads while another
+        thread captures a CUDA graph (a draw from the CUDA generator outside that capture is an error then)."""
         if not NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r}: use letters, digits, '_' and '-'")
         if name in self.adapters:
@@ -121,11 +123,17 @@ class _Adapted:
             raise ValueError(f"rank must be >= 1, got {rank}")
         down_shape, up_shape = self.factor_shapes(rank)
         device = self.weight.device
-        # drawn where the generator lives (a CPU generator: the same initial adapter on a CPU and on a GPU)
-        down = torch.empty(down_shape, device=generator.device if generator is not None else device, dtype=dtype)
-        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
-        down = down.to(device)
-        up = torch.zeros(up_shape, device=device, dtype=dtype)
+        if factors is not None:
+            down, up = (torch.empty(shape, device=device, dtype=dtype) for shape in (down_shape, up_shape))
+            with torch.no_grad():
+                down.copy_(factors[0])
+                up.copy_(factors[1])
+        else:
+            # drawn where the generator lives (a CPU generator: the same initial adapter on a CPU and on a GPU)
+            down = torch.empty(down_shape, device=generator.device if generator is not None else device, dtype=dtype)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+            down = down.to(device)
+            up = torch.zeros(up_shape, device=device, dtype=dtype)
         self.adapters[name] = Adapter(down, up, rank if alpha is None else alpha)
         return self.adapters[name]
 

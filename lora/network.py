@@ -104,9 +104,9 @@ def inject(unet, name, table, targets=LORA_TARGETS, text_encoder=None, te_rank=0
     return [prefix + path for _, prefix, path, _, _ in plan]
 
 
-def add_adapter_at(model, path, name, rank, alpha, dtype=torch.float32):
-    """Add adapter `name` to one module (used by the file loaders); returns the Adapter."""
-    return _replace(model, path).add_adapter(name, rank, alpha, dtype=dtype)
+def add_adapter_at(model, path, name, factors, alpha, dtype=torch.float32):
+    """Add adapter `name` with a file's (down, up) factors to one module (used by the file loaders)."""
+    return _replace(model, path).add_adapter(name, factors[0].shape[0], alpha, dtype=dtype, factors=factors)
 
 
 def remove(unet, name, text_encoder=None):

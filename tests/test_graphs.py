@@ -2,7 +2,9 @@
 eager;
 train.py / sample.py --cuda-graph: refused with one line where it cannot run, and (on CUDA) the same results as eager."""
 import concurrent.futures as cf
+import copy
 import gc
+import threading
 import weakref
 
 import numpy as np
@@ -65,7 +67,6 @@ def test_capture_time_forms_compute_the_layers(lora_sd, single_thread):
     time-embedding projection and the 1x1 skip) and of the time-embedding path (a row of a table over the timesteps)
     against the U-Net's own layers, on a channels_last U-Net as the graphs run it; adapter-wrapped layers keep their
     own forward."""
-    import copy
     unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
     lora.inject(unet, "a", 4, targets=("proj",))  # proj_in / proj_out become adapter wrappers
     gemms = forms.gemm_1x1(unet)
@@ -101,7 +102,6 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
     """The SiLU that writes channels_last, self-attention from one stacked q/k/v GEMM, upsampling + 3x3 conv as a
     2x2 conv to the four output phases, and the guided step's shared prefix (the layers before the first
     cross-attention on one half of [x, x]) against the U-Net's own layers, each alone and all together."""
-    import copy
     unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
     for p in unet.parameters():  # weights large enough that every layer moves the output
@@ -160,18 +160,19 @@ def test_gated_adapters_follow_their_gate_through_the_capture_forms(lora_sd, sin
     "s" packed into W' as usual, LoRA on attention and feed-forward and LoCon on the convs (LOCON_TARGETS). Through the
     capture-time forms (the graph's, on a CPU; no time table, which would hold the capture's gains), gate 1 computes
     the U-Net with "r" on, then gate 0 with "r" off: the same forms, the gate and the context's keys and values
-    changed in place, as a replay sees them."""
-    import copy
-    unet = copy.deepcopy(lora_sd.unet).to(memory_format=torch.channels_last)
+    changed in place, as a replay sees them. In float64: the forms pack "s" into W' (other rounding), and float32
+    rounding through a random U-Net's GroupNorms differs by 2e-6 to 8e-5 with the draw; float64's by ~2e-7."""
+    unet = copy.deepcopy(lora_sd.unet)
     g = torch.Generator().manual_seed(0)
     for name in ("r", "s"):
-        lora.inject(unet, name, 4, targets=lora.LOCON_TARGETS)
+        lora.inject(unet, name, 4, targets=lora.LOCON_TARGETS, generator=g)
+    unet.to(torch.float64, memory_format=torch.channels_last)
     for _, m in lora.network.adapted_layers(unet):
         for a in m.adapters.values():
             a.up.data.normal_(0, 0.05, generator=g)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g)
-    both, gate, packs = torch.cat([x, x]), torch.ones(()), {}
+    x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    ctx = torch.randn(2, 77, unet.cfg.context_dim, generator=g, dtype=torch.float64)
+    both, gate, packs = torch.cat([x, x]), torch.ones((), dtype=torch.float64), {}
     names = tuple(f for f in forms.FORMS if f != "time_table")
     with torch.no_grad():
         on = unet(both, 301, ctx)
@@ -198,7 +199,6 @@ def test_gated_adapters_follow_their_gate_through_the_capture_forms(lora_sd, sin
 
 
 def test_signature_follows_adapter_changes(lora_sd):
-    import copy
     unet = copy.deepcopy(lora_sd.unet)
     s0 = graphs._signature(unet)
     lora.inject(unet, "a", 4, targets=("attn",))
@@ -217,7 +217,6 @@ def test_cuda_graph_needs_cuda(lora_sd):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_sampling_matches_eager(lora_sd, monkeypatch):
-    import copy
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the graph runs some 1x1 convolutions on cuBLAS
     sd = copy.copy(lora_sd)
     sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae, lora_sd.text_encoder))
@@ -233,7 +232,6 @@ def test_graph_sampling_matches_eager(lora_sd, monkeypatch):
 def test_text_encoder_graph_follows_new_prompts(lora_sd):
     """The text encoder replayed from a graph returns a new tensor per call: a second prompt list after the first
     gives its own embeddings (and the sampler's guided graph sees a new context), equal to the eager encoder's."""
-    import copy
     sd = copy.copy(lora_sd)
     sd.text_encoder = copy.deepcopy(lora_sd.text_encoder).cuda()
     first = sd.encode_prompt(["a cat", ""], cuda_graph=True)
@@ -247,7 +245,6 @@ def test_guided_graph_forms_and_a_new_context(lora_sd, monkeypatch):
     """The step with every capture-time form (the context's cross-attention keys/values cached, 1x1 convolutions as
     GEMMs, folded biases) equals the plain captured step, and follows a new context: another tensor, or the same one
     changed in place."""
-    import copy
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuBLAS runs the 1x1 convolutions in float32
     unet = copy.deepcopy(lora_sd.unet).cuda().to(memory_format=torch.channels_last)
     g = torch.Generator("cuda").manual_seed(0)
@@ -270,7 +267,6 @@ def test_guided_graph_forms_with_unmerged_c3lier_adapters(lora_sd, monkeypatch):
     """All forms together with unmerged LoRA/LoCon adapters on every target, the time-embedding projections and
     ResBlock convs included (their biases are not folded; the table holds the packed projections): the captured
     step equals the eager guided step, which the adapters change."""
-    import copy
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     unet = copy.deepcopy(lora_sd.unet).cuda().to(memory_format=torch.channels_last)
     g = torch.Generator("cuda").manual_seed(0)
@@ -487,6 +483,37 @@ def test_step_graphs_captured_and_replayed_in_threads_match_one_after_another():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_adapter_file_loads_while_another_thread_captures_random_draws(lora_sd, tmp_path):
+    """choose_eval.py --threads: one thread loads an adapter file to render while another captures a training step
+    that draws noise from the CUDA generator. A draw from that generator outside the capture fails ("Offset
+    increment outside graph capture"), so loading must draw nothing."""
+    unet = copy.deepcopy(lora_sd.unet)
+    lora.inject(unet, "a", lora.rank_table("all=4"))
+    lora.save(tmp_path / "a.safetensors", unet, name="a")
+    target = copy.deepcopy(lora_sd.unet).cuda()
+    inside, leave = threading.Event(), threading.Event()
+
+    def capture():
+        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            noise = torch.empty(8, device="cuda")
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                noise.normal_()
+                inside.set()
+                leave.wait(60)
+        return graph
+    with cf.ThreadPoolExecutor(1) as pool:
+        captured = pool.submit(capture)
+        assert inside.wait(60)
+        try:
+            lora.load(tmp_path / "a.safetensors", target)
+        finally:
+            leave.set()
+        captured.result().replay()
+    assert lora.adapter_names(target) == ["a"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_train_cuda_graph_matches_eager_and_resumes_across(tiny, images, tmp_path):
     """Same seed: the graph path draws the same data and noise, so its losses and adapter follow the eager run's (up
     to bf16 rounding); a state saved by either path resumes in the other."""
@@ -525,7 +552,6 @@ def test_sample_cuda_graph_matches_eager(tiny, tmp_path):
 def test_graph_sampling_matches_eager_with_the_k_samplers(lora_sd, monkeypatch, sampler):
     """The graph takes DPM++ 2M Karras' integer timesteps as DDIM's; Euler a's fractional ones go to a graph with a
     float32 timestep (no time table), as the eager step's torch.tensor(t)."""
-    import copy
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     sd = copy.copy(lora_sd)
     sd.unet, sd.vae, sd.text_encoder = (copy.deepcopy(m).cuda() for m in (lora_sd.unet, lora_sd.vae,
@@ -540,7 +566,6 @@ def test_graph_sampling_matches_eager_with_the_k_samplers(lora_sd, monkeypatch, 
 def test_step_gates_in_the_graph_match_eager_switching(lora_sd, monkeypatch, sampler):
     """An adapter on at steps 2 and 3 of 5 (sample.py's start=2:stop=4): the graph, captured once with the gate
     read per replay, gives the eager run that switches the adapter, which differs from the adapter always on."""
-    import copy
     import minisd
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     sd = copy.copy(lora_sd)

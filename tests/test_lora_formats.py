@@ -103,6 +103,23 @@ def test_round_trip_is_exact(models, lora_sd, layouts, inputs, tmp_path):
     assert by_hand.hexdigest() == meta["minisd_base_unet_sha256"]
 
 
+def test_loading_draws_no_random_numbers(models, lora_sd, tmp_path):
+    """A file's factors are copied in, not drawn and overwritten: a draw from the device's generator would fail on
+    CUDA while another thread captures a graph that draws from it (choose_eval.py --threads)."""
+    unet, te = models
+    lora.inject(unet, "a", lora.rank_table("all=4"), targets=lora.LOCON_TARGETS, text_encoder=te, te_rank=2)
+    randomize(unet, "a", te)
+    lora.save(tmp_path / "a.safetensors", unet, te, "a")
+    unet2, te2 = copy.deepcopy(lora_sd.unet), copy.deepcopy(lora_sd.text_encoder)
+    state = torch.random.get_rng_state()
+    lora.load(tmp_path / "a.safetensors", unet2, te2)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (_, l1), (_, l2) in zip(*(lora.network.adapted_layers(u, t) for u, t in ((unet, te), (unet2, te2))),
+                                strict=True):
+        assert torch.equal(l1.adapters["a"].down, l2.adapters["a"].down)
+        assert torch.equal(l1.adapters["a"].up, l2.adapters["a"].up)
+
+
 def test_paper_style_file_has_only_in0_and_out3_keys(models, tmp_path):
     unet, te = models
     paths = lora.inject(unet, "style", lora.rank_table("in0,out3", rank=4), targets=lora.LOCON_TARGETS)
