@@ -248,7 +248,7 @@ def markdown(report):
     a = report["args"]
     lines = [f"Choosing blocks against the oracle: identity {a['identity']}, style {a['style']}, seeds {a['seeds']}, "
              f"budget {report['budget']:.0f} parameters ({a['budget']}), {a['n']} prompts per setting, "
-             f"{report['seconds']} s on {report['device']}.", "",
+             f"this run (what was not kept already): {report['seconds']} s on {report['device']}.", "",
              "| method | seed | chosen | params | both | oracle best (both) | regret | tau | win rate |",
              "|---" * 9 + "|"]
     f = lambda v: "-" if v is None else f"{v:.2f}"
