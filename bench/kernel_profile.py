@@ -117,6 +117,132 @@ def groupnorm_rows(dev):
     return rows
 
 
+class Setup:
+    """The models the sections profile: the bf16 U-Net with rank-16 adapters on attention + feed-forward (the
+    training row), and an fp16 U-Net for the sampler's step, built on first use."""
+
+    def __init__(self, dev, tiny):
+        self.dev, self.tiny = dev, tiny
+        _, self.unet = build_unets(dev, torch.bfloat16, tiny)
+        self.h, self.D = (8, self.unet.cfg.context_dim) if tiny else (64, 768)
+        self.unet.to(memory_format=torch.channels_last)
+        lora.inject(self.unet, "a", 16, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
+        self.params = lora.trainable_parameters(self.unet, "a")
+        self.g = torch.Generator(dev).manual_seed(2)
+        self.unet_h = None
+
+    def train_case(self, B, amp=True):
+        """forward + backward of the adapted U-Net at batch B (bf16 autocast, or bf16 weights alone)."""
+        dev, h, g = self.dev, self.h, self.g
+        x = torch.randn(B, 4, h, h, device=dev, generator=g, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        t = torch.randint(0, 1000, (B,), device=dev, generator=g)
+        ctx = torch.randn(B, 77, self.D, device=dev, generator=g, dtype=torch.bfloat16)
+
+        def fwd_bwd():
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp, cache_enabled=False):
+                eps = self.unet(x, t, ctx)
+            return torch.autograd.grad(eps.float().square().mean(), self.params)
+        return fwd_bwd
+
+    def sample_step(self):
+        """One guided step's U-Net call (fp16, batch 2)."""
+        if self.unet_h is None:
+            self.unet_h = build_unets(self.dev, torch.float16, self.tiny)[1].to(memory_format=torch.channels_last)
+        x = torch.randn(2, 4, self.h, self.h, device=self.dev, dtype=torch.float16).to(memory_format=torch.channels_last)
+        t = torch.tensor([500, 500], device=self.dev)
+        ctx = torch.randn(2, 77, self.D, device=self.dev, dtype=torch.float16)
+        return lambda: self.unet_h(x, t, ctx)
+
+
+def add_kinds(rec, args, name, per_kernel, **extra):
+    """One "kinds" row (CUDA ms per kind of kernel) and the top kernels of a profile; returns the kinds."""
+    total = sum(v[0] for v in per_kernel.values())
+    kinds = defaultdict(float)
+    for k, (ms, _) in per_kernel.items():
+        kinds[kind(k)] += ms
+    compute = sum(kinds[k] for k in ("attention", "conv", "matmul"))
+    extra = {k: v(total, compute) if callable(v) else v for k, v in extra.items()}
+    rec.add(section="kinds", case=name, total_ms=round(total, 2), **extra,
+            **{k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
+    rows = [dict(case=name, kernel=k[:110], kind=kind(k), ms=round(ms, 3), pct=round(100 * ms / total, 1),
+                 calls=round(n)) for k, (ms, n) in top]
+    rec.meta.setdefault("top", {})[name] = rows
+    log(table(rows, ["kind", "ms", "pct", "calls", "kernel"]))
+
+
+def copies_section(rec, args, setup, batch):
+    for amp in (True, False):
+        case = f"train b{batch} amp={amp}"
+        try:
+            rows = copies(setup.train_case(batch, amp))[:args.top]
+            rec.meta.setdefault("copies", {})[case] = rows
+            rec.add(section="copies", case=case, top_mb=round(sum(r["mb"] for r in rows), 1))
+            log(f"copies, train b{batch}, autocast={amp}: {sum(r['mb'] for r in rows):.0f} MB in the top {args.top}")
+            log(table(rows, ["mb", "calls", "source"]))
+        except Exception as e:
+            rec.error(f"copies amp={amp}", e)
+
+
+def profile_section(rec, args, setup, batches):
+    cases = [(f"train b{B}{' bf16' if not amp else ''}", setup.train_case(B, amp))
+             for B in batches for amp in (True, False)]
+    for name, fn in cases + [("sample fp16 b1", None)]:
+        try:
+            free(setup.dev)
+            if fn is None:
+                with torch.no_grad():
+                    per_kernel = profile(setup.sample_step())
+            else:
+                per_kernel = profile(fn)
+            add_kinds(rec, args, name, per_kernel)
+        except Exception as e:
+            rec.error(name, e)
+
+
+def graph_section(rec, args, setup):
+    """The sampler's step as it runs: the kernels of its CUDA graph, batch 1 and 4."""
+    from minisd.fast.graphs import GuidedUNetGraph
+    dev, h, D = setup.dev, setup.h, setup.D
+    for B in (1, 4):
+        try:
+            setup.sample_step()  # builds the fp16 U-Net
+            free(dev)
+            x = torch.randn(B, 4, h, h, device=dev, dtype=torch.float16)
+            ctx = torch.randn(2 * B, 77, D, device=dev, dtype=torch.float16)
+            graph = GuidedUNetGraph(setup.unet_h, x, ctx, 7.5)
+            replay = lambda: graph(x, 501, ctx)
+            ms = time_ms(replay, dev, iters=20)
+            per_kernel = profile(replay, steps=5)
+            add_kinds(rec, args, f"guided graph fp16 b{B}", per_kernel, replay_ms=round(ms, 2),
+                      between_kernels_ms=lambda total, _: round(ms - total, 2),
+                      kernels=round(sum(v[1] for v in per_kernel.values())),
+                      compute_ms=lambda _, compute: round(compute, 2),
+                      memory_bound_ms=lambda total, compute: round(total - compute, 2))
+            graph = None  # its memory goes before the next batch's capture
+        except Exception as e:
+            rec.error(f"graph b{B}", e)
+
+
+def sdpa_section(rec, setup, batches):
+    """The training row replayed from a graph with each SDPA backend forced."""
+    for B in batches:
+        for backend in ["default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"]:
+            try:
+                free(setup.dev)
+                fn = setup.train_case(B)
+                if backend != "default":
+                    inner, be = fn, getattr(SDPBackend, backend)
+
+                    def fn():
+                        with sdpa_kernel(be):
+                            return inner()
+                ms = time_ms(graphed(fn, setup.dev), setup.dev, iters=max(2, 16 // B))
+                rec.add(section="sdpa", batch=B, backend=backend, ms=round(ms, 2))
+            except Exception as e:
+                rec.error(f"sdpa {backend} b{B}", e)
+
+
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--batches", default="8,32")
@@ -128,122 +254,26 @@ def main(argv=None):
         args.batches, args.sections = "1", "copies"
     elif dev.type != "cuda":
         raise SystemExit("bench/kernel_profile.py profiles CUDA kernels: run it on a GPU (or --smoke)")
-    _, unet = build_unets(dev, torch.bfloat16, args.tiny)
-    h, D = (8, unet.cfg.context_dim) if args.tiny else (64, 768)
-    unet.to(memory_format=torch.channels_last)
-    lora.inject(unet, "a", 16, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
-    params = lora.trainable_parameters(unet, "a")
-    g = torch.Generator(dev).manual_seed(2)
-
-    def train_case(B, amp=True):
-        x = torch.randn(B, 4, h, h, device=dev, generator=g, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-        t = torch.randint(0, 1000, (B,), device=dev, generator=g)
-        ctx = torch.randn(B, 77, D, device=dev, generator=g, dtype=torch.bfloat16)
-
-        def fwd_bwd():
-            with torch.autocast(dev.type, torch.bfloat16, enabled=amp, cache_enabled=False):
-                eps = unet(x, t, ctx)
-            return torch.autograd.grad(eps.float().square().mean(), params)
-        return fwd_bwd
-
+    setup = Setup(dev, args.tiny)
     batches = list(map(int, args.batches.split(",")))
     sections = args.sections.split(",")
-    cases = [(f"train b{B}{' bf16' if not amp else ''}", train_case(B, amp)) for B in batches for amp in (True, False)]
-    for amp in (True, False) if "copies" in sections else ():
-        try:
-            rows = copies(train_case(batches[0], amp))[:args.top]
-            rec.meta.setdefault("copies", {})[f"train b{batches[0]} amp={amp}"] = rows
-            rec.add(section="copies", case=f"train b{batches[0]} amp={amp}",
-                    top_mb=round(sum(r["mb"] for r in rows), 1))
-            log(f"copies, train b{batches[0]}, autocast={amp}: {sum(r['mb'] for r in rows):.0f} MB in the top {args.top}")
-            log(table(rows, ["mb", "calls", "source"]))
-        except Exception as e:
-            rec.error(f"copies amp={amp}", e)
-    unet_h = None
-
-    def sample_step():
-        nonlocal unet_h
-        if unet_h is None:
-            unet_h = build_unets(dev, torch.float16, args.tiny)[1].to(memory_format=torch.channels_last)
-        x = torch.randn(2, 4, h, h, device=dev, dtype=torch.float16).to(memory_format=torch.channels_last)
-        t, ctx = torch.tensor([500, 500], device=dev), torch.randn(2, 77, D, device=dev, dtype=torch.float16)
-        return lambda: unet_h(x, t, ctx)
+    if "copies" in sections:
+        copies_section(rec, args, setup, batches[0])
     for row in groupnorm_rows(dev) if "groupnorm" in sections else []:
         rec.add(**row)
     log(table([r for r in rec.rows if r["section"] == "groupnorm"], ["shape", "dtype", "mode", "pytorch_us", "nhwc_us"]))
-    for name, fn in cases + [("sample fp16 b1", None)] if "profile" in sections else []:
-        try:
-            free(dev)
-            if fn is None:
-                with torch.no_grad():
-                    step = sample_step()
-                    per_kernel = profile(step)
-            else:
-                per_kernel = profile(fn)
-            total = sum(v[0] for v in per_kernel.values())
-            kinds = defaultdict(float)
-            for k, (ms, _) in per_kernel.items():
-                kinds[kind(k)] += ms
-            rec.add(section="kinds", case=name, total_ms=round(total, 2),
-                    **{k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
-            top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
-            rows = [dict(case=name, kernel=k[:110], kind=kind(k), ms=round(ms, 3), pct=round(100 * ms / total, 1),
-                         calls=round(n)) for k, (ms, n) in top]
-            rec.meta.setdefault("top", {})[name] = rows
-            log(table(rows, ["kind", "ms", "pct", "calls", "kernel"]))
-        except Exception as e:
-            rec.error(name, e)
+    if "profile" in sections:
+        profile_section(rec, args, setup, batches)
     if "ops" in sections:
         with torch.no_grad():
-            total, rows = per_op(sample_step(), args.top)
+            total, rows = per_op(setup.sample_step(), args.top)
         rec.meta["ops"] = {"sample fp16 b1": rows}
         rec.add(section="ops", case="sample fp16 b1", total_ms=round(total, 2))  # also writes the JSON
         log(table(rows, ["ms", "pct", "calls", "op", "shapes"]))
-    for B in (1, 4) if "graph" in sections else ():  # the sampler's step as it runs: the kernels of its CUDA graph
-        try:
-            from minisd.fast.graphs import GuidedUNetGraph
-            sample_step()  # builds the fp16 U-Net
-            free(dev)
-            x = torch.randn(B, 4, h, h, device=dev, dtype=torch.float16)
-            ctx = torch.randn(2 * B, 77, D, device=dev, dtype=torch.float16)
-            graph = GuidedUNetGraph(unet_h, x, ctx, 7.5)
-            replay = lambda: graph(x, 501, ctx)
-            ms = time_ms(replay, dev, iters=20)
-            per_kernel = profile(replay, steps=5)
-            total = sum(v[0] for v in per_kernel.values())
-            kinds = defaultdict(float)
-            for k, (kms, _) in per_kernel.items():
-                kinds[kind(k)] += kms
-            compute = sum(kinds[k] for k in ("attention", "conv", "matmul"))
-            name = f"guided graph fp16 b{B}"
-            rec.add(section="kinds", case=name, total_ms=round(total, 2), replay_ms=round(ms, 2),
-                    between_kernels_ms=round(ms - total, 2), kernels=round(sum(v[1] for v in per_kernel.values())),
-                    compute_ms=round(compute, 2), memory_bound_ms=round(total - compute, 2),
-                    **{k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
-            top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
-            rows = [dict(case=name, kernel=k[:110], kind=kind(k), ms=round(kms, 3), pct=round(100 * kms / total, 1),
-                         calls=round(n)) for k, (kms, n) in top]
-            rec.meta.setdefault("top", {})[name] = rows
-            log(table(rows, ["kind", "ms", "pct", "calls", "kernel"]))
-            del graph
-        except Exception as e:
-            rec.error(f"graph b{B}", e)
-    # SDPA backends on the training row, replayed from a graph
-    for B in batches if "sdpa" in sections else []:
-        for backend in ["default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"]:
-            try:
-                free(dev)
-                fn = train_case(B)
-                if backend != "default":
-                    inner, be = fn, getattr(SDPBackend, backend)
-
-                    def fn():
-                        with sdpa_kernel(be):
-                            return inner()
-                ms = time_ms(graphed(fn, dev), dev, iters=max(2, 16 // B))
-                rec.add(section="sdpa", batch=B, backend=backend, ms=round(ms, 2))
-            except Exception as e:
-                rec.error(f"sdpa {backend} b{B}", e)
+    if "graph" in sections:
+        graph_section(rec, args, setup)
+    if "sdpa" in sections:
+        sdpa_section(rec, setup, batches)
     log(table([r for r in rec.rows if r["section"] == "kinds"], ["case", "total_ms", "replay_ms", "between_kernels_ms",
                                                                 "compute_ms", "memory_bound_ms", *(k for k, _ in KINDS), "other"]))
     log(table([r for r in rec.rows if r["section"] == "sdpa"], ["batch", "backend", "ms"]))
