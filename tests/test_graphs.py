@@ -160,8 +160,8 @@ def test_gated_adapters_follow_their_gate_through_the_capture_forms(lora_sd, sin
     "s" packed into W' as usual, LoRA on attention and feed-forward and LoCon on the convs (LOCON_TARGETS). Through the
     capture-time forms (the graph's, on a CPU; no time table, which would hold the capture's gains), gate 1 computes
     the U-Net with "r" on, then gate 0 with "r" off: the same forms, the gate and the context's keys and values
-    changed in place, as a replay sees them. In float64: the forms pack "s" into W' (other rounding), and float32
-    rounding through a random U-Net's GroupNorms differs by 2e-6 to 8e-5 with the draw; float64's by ~2e-7."""
+    changed in place, as a replay sees them. In float64: the forms pack "s" into W' (other rounding), which in float32
+    moved this random U-Net's output by 2e-6 to 8e-5 depending on the draw; in float64 by 1e-7 to 3e-7."""
     unet = copy.deepcopy(lora_sd.unet)
     g = torch.Generator().manual_seed(0)
     for name in ("r", "s"):
