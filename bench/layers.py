@@ -67,6 +67,66 @@ def peft_layer(make, n, rank, dtype, adapter_dtype, dev, gen):
     return model
 
 
+def train_rows(rec, args, dev, gen, shape, in_shape, out_shape, make):
+    """forward + backward of one adapter (bf16 autocast, fp32 factors), replayed from a graph, per rank."""
+    fmt = torch.channels_last if len(in_shape) == 4 else torch.contiguous_format
+    x = torch.randn(in_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt).requires_grad_(True)
+    gy = torch.randn(out_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt)
+    for rank in [4] if args.smoke else map(int, args.ranks.split(",")):
+        cases = {"none": ours(make, 0, rank, torch.bfloat16, torch.float32, True, dev, gen),
+                 "fused": ours(make, 1, rank, torch.bfloat16, torch.float32, True, dev, gen),
+                 "plain": ours(make, 1, rank, torch.bfloat16, torch.float32, False, dev, gen),
+                 "peft": None if args.smoke else peft_layer(make, 1, rank, torch.bfloat16, torch.float32, dev, gen)}
+        for impl, layer in cases.items():
+            if layer is None:
+                continue
+            try:
+                params = [q for q in layer.parameters() if q.requires_grad]
+
+                def fwd_bwd():
+                    with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):
+                        y = layer(x)
+                    return torch.autograd.grad(y, [x, *params], gy)
+                ms = time_ms(graphed(fwd_bwd, dev), dev, iters=50)
+                rec.add(mode="train", shape=shape, rank=rank, impl=impl, us=round(ms * 1e3, 1))
+            except Exception as e:
+                rec.error(f"train {impl} {shape} r{rank}", e)
+
+
+def infer_rows(rec, args, dev, gen, shape, in_shape, make):
+    """Two rank-16 adapters, fp16, no autograd: merged, fused, plain, each packing, peft."""
+    x = torch.randn(in_shape, device=dev, dtype=torch.float16, generator=gen)
+    dt = torch.float16
+    cases = {"merged": make().to(dev, dt), "fused": ours(make, 2, 16, dt, dt, True, dev, gen),
+             "plain": ours(make, 2, 16, dt, dt, False, dev, gen), "pack=weight": ours(make, 2, 16, dt, dt, True, dev, gen),
+             "pack=factors": ours(make, 2, 16, dt, dt, True, dev, gen),
+             "peft": None if args.smoke else peft_layer(make, 2, 16, dt, dt, dev, gen)}
+    for impl, layer in cases.items():
+        if layer is None:
+            continue
+        try:
+            packing = applied(packed_adapters(layer, {}, impl[5:]) if impl.startswith("pack=") else {})
+            with torch.no_grad(), packing:
+                fn = graphed(lambda: layer(x), dev)
+            with torch.no_grad():
+                ms = time_ms(fn, dev, iters=50)
+            rec.add(mode="infer", shape=shape, rank=16, impl=impl, us=round(ms * 1e3, 1))
+        except Exception as e:
+            rec.error(f"infer {impl} {shape}", e)
+
+
+def wide_rows(rows):
+    """One row per (mode, shape, rank): the implementations side by side."""
+    wide = {}
+    for r in rows:
+        key = {k: r[k] for k in ("mode", "shape", "rank")}
+        wide.setdefault(tuple(key.values()), key)[r["impl"]] = r["us"]
+    for w in wide.values():
+        if w["mode"] == "train" and all(k in w for k in ("fused", "plain", "peft")):
+            w["fused_fastest"] = w["fused"] <= min(w["plain"], w["peft"])
+    return list(wide.values())
+
+
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--ranks", default="4,16,64")
@@ -76,64 +136,14 @@ def main(argv=None):
     for shape, in_shape, make in [SHAPES[0], SHAPES[7]] if args.smoke else SHAPES:
         if args.tiny:
             in_shape = (max(8, in_shape[0] // 16), *in_shape[1:]) if len(in_shape) == 2 else (1, *in_shape[1:3], 8)
-        conv = len(in_shape) == 4
-        fmt = torch.channels_last if conv else torch.contiguous_format
         out_shape = make().to("meta")(torch.empty(in_shape, device="meta")).shape
-        # train: fwd + bwd, one adapter
-        x = torch.randn(in_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt).requires_grad_(True)
-        gy = torch.randn(out_shape, device=dev, dtype=torch.bfloat16, generator=gen).to(memory_format=fmt)
-        for rank in [4] if args.smoke else map(int, args.ranks.split(",")):
-            cases = {"none": ours(make, 0, rank, torch.bfloat16, torch.float32, True, dev, gen),
-                     "fused": ours(make, 1, rank, torch.bfloat16, torch.float32, True, dev, gen),
-                     "plain": ours(make, 1, rank, torch.bfloat16, torch.float32, False, dev, gen),
-                     "peft": None if args.smoke else peft_layer(make, 1, rank, torch.bfloat16, torch.float32, dev, gen)}
-            for impl, layer in cases.items():
-                if layer is None:
-                    continue
-                try:
-                    params = [q for q in layer.parameters() if q.requires_grad]
-
-                    def fwd_bwd():
-                        with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):
-                            y = layer(x)
-                        return torch.autograd.grad(y, [x, *params], gy)
-                    ms = time_ms(graphed(fwd_bwd, dev), dev, iters=50)
-                    rec.add(mode="train", shape=shape, rank=rank, impl=impl, us=round(ms * 1e3, 1))
-                except Exception as e:
-                    rec.error(f"train {impl} {shape} r{rank}", e)
-        if conv:
-            continue
-        # infer: two adapters, fp16, no autograd
-        x = torch.randn(in_shape, device=dev, dtype=torch.float16, generator=gen)
-        dt = torch.float16
-        cases = {"merged": make().to(dev, dt), "fused": ours(make, 2, 16, dt, dt, True, dev, gen),
-                 "plain": ours(make, 2, 16, dt, dt, False, dev, gen), "pack=weight": ours(make, 2, 16, dt, dt, True, dev, gen),
-                 "pack=factors": ours(make, 2, 16, dt, dt, True, dev, gen),
-                 "peft": None if args.smoke else peft_layer(make, 2, 16, dt, dt, dev, gen)}
-        for impl, layer in cases.items():
-            if layer is None:
-                continue
-            try:
-                packing = applied(packed_adapters(layer, {}, impl[5:]) if impl.startswith("pack=") else {})
-                with torch.no_grad(), packing:
-                    fn = graphed(lambda: layer(x), dev)
-                with torch.no_grad():
-                    ms = time_ms(fn, dev, iters=50)
-                rec.add(mode="infer", shape=shape, rank=16, impl=impl, us=round(ms * 1e3, 1))
-            except Exception as e:
-                rec.error(f"infer {impl} {shape}", e)
-    # one row per (mode, shape, rank): the implementations side by side
-    wide = {}
-    for r in rec.rows:
-        key = {k: r[k] for k in ("mode", "shape", "rank")}
-        wide.setdefault(tuple(key.values()), key)[r["impl"]] = r["us"]
-    for w in wide.values():
-        if w["mode"] == "train" and all(k in w for k in ("fused", "plain", "peft")):
-            w["fused_fastest"] = w["fused"] <= min(w["plain"], w["peft"])
-    rec.meta["wide"] = list(wide.values())
+        train_rows(rec, args, dev, gen, shape, in_shape, out_shape, make)
+        if len(in_shape) != 4:  # convolutions: training only
+            infer_rows(rec, args, dev, gen, shape, in_shape, make)
+    rec.meta["wide"] = wide_rows(rec.rows)
     rec.save()
-    log(table(list(wide.values()), ["mode", "shape", "rank", "none", "merged", "fused", "plain", "peft", "pack=weight",
-                                    "pack=factors", "fused_fastest"]))
+    log(table(rec.meta["wide"], ["mode", "shape", "rank", "none", "merged", "fused", "plain", "peft", "pack=weight",
+                                 "pack=factors", "fused_fastest"]))
 
 
 if __name__ == "__main__":

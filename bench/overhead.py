@@ -27,45 +27,46 @@ from common import PEFT_TARGETS, build_unets, free, graphed, log, peak_gb, reset
 
 import lora
 
-def main(argv=None):
-    p = common.parser(__doc__)
-    p.add_argument("--batches", default="8,32")
-    p.add_argument("--rank", type=int, default=16)
-    args = p.parse_args(argv)
-    dev, rec = common.start("overhead", args)
-    t0 = time.time()
-    ref, ours = build_unets(dev, torch.bfloat16, args.tiny)
-    ours.to(memory_format=torch.channels_last)
-    lora.inject(ours, "a", args.rank, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
-    ours_params = lora.trainable_parameters(ours, "a")
-    if not args.smoke:
-        from peft import LoraConfig
-        ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS), adapter_name="a")
-    ref_params = [q for q in ref.parameters() if q.requires_grad]
-    g = torch.Generator(dev).manual_seed(2)
-    with torch.no_grad():  # non-zero ups, float32 masters on both sides
-        for q in (*ours_params, *ref_params):
-            q.data = q.data.float()
-            q.normal_(0, 0.01, generator=g)
-    log(f"built in {time.time() - t0:.1f}s; trainable {sum(q.numel() for q in ours_params)} / "
-        f"{sum(q.numel() for q in ref_params)}")
-    h, D = ref.config.sample_size, ref.config.cross_attention_dim
 
-    def case(variant, B):
+class Stacks:
+    """Both U-Nets in bf16 with rank-`rank` adapters on the same layers (peft's only with the peer), non-zero ups
+    and float32 masters on both sides."""
+
+    def __init__(self, args, dev):
+        self.dev = dev
+        self.ref, self.ours = build_unets(dev, torch.bfloat16, args.tiny)
+        self.ours.to(memory_format=torch.channels_last)
+        lora.inject(self.ours, "a", args.rank, targets=("attn", "ff"), generator=torch.Generator(dev).manual_seed(1))
+        self.ours_params = lora.trainable_parameters(self.ours, "a")
+        if not args.smoke:
+            from peft import LoraConfig
+            self.ref.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=PEFT_TARGETS),
+                                 adapter_name="a")
+        self.ref_params = [q for q in self.ref.parameters() if q.requires_grad]
+        self.g = torch.Generator(dev).manual_seed(2)
+        with torch.no_grad():
+            for q in (*self.ours_params, *self.ref_params):
+                q.data = q.data.float()
+                q.normal_(0, 0.01, generator=self.g)
+        self.h, self.D = self.ref.config.sample_size, self.ref.config.cross_attention_dim
+
+    def case(self, variant, B):
+        """The model work of one training step of `variant` at batch B."""
+        dev, g, h, ours, ref = self.dev, self.g, self.h, self.ours, self.ref
         x = torch.randn(B, 4, h, h, device=dev, generator=g, dtype=torch.bfloat16)
         noise = torch.randn(B, 4, h, h, device=dev, generator=g)
         t = torch.randint(0, 1000, (B,), device=dev, generator=g)
-        ctx = torch.randn(B, 77, D, device=dev, generator=g, dtype=torch.bfloat16)
+        ctx = torch.randn(B, 77, self.D, device=dev, generator=g, dtype=torch.bfloat16)
         adapters = "+" in variant
         amp = not variant.endswith("/bf16")  # /bf16: the bf16 base run as it is, no autocast (norms in bf16)
         if variant.startswith("minisd"):
             lora.enable(ours, "a", adapters)
             lora.network.use_fused(ours, "plain" not in variant)
-            model, params = (lambda z: ours(z, t, ctx)), ours_params
+            model, params = (lambda z: ours(z, t, ctx)), self.ours_params
             x = x.to(memory_format=torch.channels_last)
         else:
             (ref.enable_adapters if adapters else ref.disable_adapters)()
-            model, params = (lambda z: ref(z, t, encoder_hidden_states=ctx).sample), ref_params
+            model, params = (lambda z: ref(z, t, encoder_hidden_states=ctx).sample), self.ref_params
         wrt = params if adapters else [x.requires_grad_(True)]
 
         def fwd_bwd():
@@ -75,6 +76,25 @@ def main(argv=None):
             return torch.autograd.grad(loss, wrt)
         return fwd_bwd
 
+
+def add_overheads(rows):
+    """overhead_pct: each row's time over the same stack's without adapters (same batch, mode and autocast)."""
+    for r in rows:
+        base = next((q for q in rows if q["batch"] == r["batch"] and q["mode"] == r["mode"]
+                     and q["impl"] == r["impl"].split("+")[0] + ("/bf16" if r["impl"].endswith("/bf16") else "")), None)
+        r["overhead_pct"] = round(100 * (r["ms"] / base["ms"] - 1), 1) if base and base is not r else None
+
+
+def main(argv=None):
+    p = common.parser(__doc__)
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--rank", type=int, default=16)
+    args = p.parse_args(argv)
+    dev, rec = common.start("overhead", args)
+    t0 = time.time()
+    stacks = Stacks(args, dev)
+    log(f"built in {time.time() - t0:.1f}s; trainable {sum(q.numel() for q in stacks.ours_params)} / "
+        f"{sum(q.numel() for q in stacks.ref_params)}")
     variants = ["minisd", "minisd+fused", "minisd+plain", "diffusers", "diffusers+peft", "minisd/bf16",
                 "minisd+fused/bf16", "minisd+plain/bf16", "diffusers/bf16", "diffusers+peft/bf16"]
     for B in [1] if args.smoke else [int(b) for b in args.batches.split(",")]:
@@ -82,7 +102,7 @@ def main(argv=None):
             for mode in ["eager", "graph"] if dev.type == "cuda" else ["eager"]:
                 try:
                     free(dev)
-                    fn = case(variant, B)
+                    fn = stacks.case(variant, B)
                     reset_peak(dev)
                     fn = graphed(fn, dev) if mode == "graph" else fn
                     ms = time_ms(fn, dev, iters=max(2, 16 // B), reps=3, warmup=2)
@@ -90,10 +110,7 @@ def main(argv=None):
                     del fn
                 except Exception as e:
                     rec.error(f"{variant} {mode} b{B}", e)
-    for r in rec.rows:
-        base = next((q for q in rec.rows if q["batch"] == r["batch"] and q["mode"] == r["mode"]
-                     and q["impl"] == r["impl"].split("+")[0] + ("/bf16" if r["impl"].endswith("/bf16") else "")), None)
-        r["overhead_pct"] = round(100 * (r["ms"] / base["ms"] - 1), 1) if base and base is not r else None
+    add_overheads(rec.rows)
     rec.save()
     log(table(rec.rows, ["batch", "mode", "impl", "ms", "overhead_pct", "peak_gb"]))
 
