@@ -154,15 +154,20 @@ class Setup:
         return lambda: self.unet_h(x, t, ctx)
 
 
-def add_kinds(rec, args, name, per_kernel, **extra):
-    """One "kinds" row (CUDA ms per kind of kernel) and the top kernels of a profile; returns the kinds."""
+def add_kinds(rec, args, name, per_kernel, replay_ms=None):
+    """One "kinds" row (CUDA ms per kind of kernel) and the top kernels of a profile. With replay_ms (a graph's
+    replay time) the row also splits it: between kernels, compute (attention, convolutions, GEMMs), memory-bound."""
     total = sum(v[0] for v in per_kernel.values())
     kinds = defaultdict(float)
     for k, (ms, _) in per_kernel.items():
         kinds[kind(k)] += ms
-    compute = sum(kinds[k] for k in ("attention", "conv", "matmul"))
-    extra = {k: v(total, compute) if callable(v) else v for k, v in extra.items()}
-    rec.add(section="kinds", case=name, total_ms=round(total, 2), **extra,
+    split = {}
+    if replay_ms is not None:
+        compute = sum(kinds[k] for k in ("attention", "conv", "matmul"))
+        split = dict(replay_ms=round(replay_ms, 2), between_kernels_ms=round(replay_ms - total, 2),
+                     kernels=round(sum(v[1] for v in per_kernel.values())), compute_ms=round(compute, 2),
+                     memory_bound_ms=round(total - compute, 2))
+    rec.add(section="kinds", case=name, total_ms=round(total, 2), **split,
             **{k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]
     rows = [dict(case=name, kernel=k[:110], kind=kind(k), ms=round(ms, 3), pct=round(100 * ms / total, 1),
@@ -214,11 +219,7 @@ def graph_section(rec, args, setup):
             replay = lambda: graph(x, 501, ctx)
             ms = time_ms(replay, dev, iters=20)
             per_kernel = profile(replay, steps=5)
-            add_kinds(rec, args, f"guided graph fp16 b{B}", per_kernel, replay_ms=round(ms, 2),
-                      between_kernels_ms=lambda total, _: round(ms - total, 2),
-                      kernels=round(sum(v[1] for v in per_kernel.values())),
-                      compute_ms=lambda _, compute: round(compute, 2),
-                      memory_bound_ms=lambda total, compute: round(total - compute, 2))
+            add_kinds(rec, args, f"guided graph fp16 b{B}", per_kernel, replay_ms=ms)
             graph = None  # its memory goes before the next batch's capture
         except Exception as e:
             rec.error(f"graph b{B}", e)
