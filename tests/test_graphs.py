@@ -19,8 +19,9 @@ import lora
 import sample
 import train
 from lora.layers import LoRALinear
+from minisd import UNet
 from minisd.fast import forms, graphs
-from tinyfiles import images, one_line_exit, tiny  # noqa: F401 (fixtures)
+from tinyfiles import TINY_UNET, images, one_line_exit, tiny  # noqa: F401 (fixtures)
 
 
 def rel(a, b):
@@ -483,14 +484,14 @@ def test_step_graphs_captured_and_replayed_in_threads_match_one_after_another():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_an_adapter_file_loads_while_another_thread_captures_random_draws(lora_sd, tmp_path):
+def test_an_adapter_file_loads_while_another_thread_captures_random_draws(tmp_path):
     """choose_eval.py --threads: one thread loads an adapter file to render while another captures a training step
     that draws noise from the CUDA generator. A draw from that generator outside the capture fails ("Offset
     increment outside graph capture"), so loading must draw nothing."""
-    unet = copy.deepcopy(lora_sd.unet)
+    unet = UNet(TINY_UNET)  # no diffusers needed: it runs on the GPU machine as it is
+    target = copy.deepcopy(unet).cuda()
     lora.inject(unet, "a", lora.rank_table("all=4"))
     lora.save(tmp_path / "a.safetensors", unet, name="a")
-    target = copy.deepcopy(lora_sd.unet).cuda()
     inside, leave = threading.Event(), threading.Event()
 
     def capture():
