@@ -147,13 +147,32 @@ def test_the_shipped_adapters_are_the_recipe_on_the_shipped_data():
         assert found == ({"down_blocks_0", "up_blocks_3"} if blocks == "in0,out3" else everywhere), (name, found)
 
 
+def test_the_shipped_chosen_adapter_is_on_the_blocks_its_shipped_scores_choose():
+    """style_chosen.safetensors was trained by `demo.py --train` on the rank table choose_blocks.py wrote beside it:
+    the table is the greedy choice from the shipped block scores within in0 + out3's parameters, and the file adapts
+    exactly those blocks, with the style recipe."""
+    import demo
+    from lora.choose import choose_blocks
+    from safetensors import safe_open
+    folder = ROOT / "weights" / "tiny" / "adapters"
+    scores = json.loads((folder / "style_chosen_blocks.scores.json").read_text())
+    assert scores["budget"] == demo.budget_of_in0_out3() == 97536  # 35,840 (in0) + 61,696 (out3)
+    blocks, spec = choose_blocks(scores["scores"], scores["params"], scores["budget"])
+    assert json.loads((folder / "style_chosen_blocks.json").read_text()) == {"dims": spec}
+    assert demo.coarse_blocks(folder / "style_chosen.safetensors") == ",".join(blocks)
+    with safe_open(folder / "style_chosen.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_steps"], meta["ss_learning_rate"], meta["ss_num_train_images"]) == ("1600", "0.005", "16")
+
+
 def test_demo_writes_its_grid_with_the_shipped_adapters(tmp_path, capsys):
     import demo
     from PIL import Image
     demo.main(["--out", str(tmp_path), "--sample-steps", "2", "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert Image.open(tmp_path / "grid.png").size == (4 * 128, 44 + 4 * 128)  # 4 settings x 4 prompts
-    assert all(title in printed for title in ("identity only", "style only (all)", "+ style, in0+out3"))
+    assert Image.open(tmp_path / "grid.png").size == (5 * 128, 56 + 4 * 128)  # 5 settings x 4 prompts
+    assert all(title in printed for title in ("identity only", "style only (all)", "+ style, in0+out3",
+                                              "+ style, in1 (chosen)"))
 
 
 def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
