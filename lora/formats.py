@@ -29,7 +29,8 @@ Metadata written by `save` (safetensors metadata is str -> str):
     minisd_adapter_name, minisd_algo ("lora", or "locon" when k x k convs are adapted), minisd_blocks (the adapted
     blocks, BASE = text encoder), minisd_te_dim / minisd_te_alpha,
     minisd_base_unet_sha256   unet_hash(unet): sha256 of the U-Net's base tensors (merged adapters taken out), in
-                              float32, by LDM name: the same whichever layout the base was loaded from
+                              float32, by LDM name: the same whichever layout the base was loaded from, but of the
+                              weights as trained on (a base loaded in bf16 hashes unlike the same file in fp32)
     sshs_model_hash / sshs_legacy_hash   as kohya's trainers write them (minisd.hashes.kohya_hashes)
 plus the caller's `metadata` (values that are not strings are JSON-encoded); the derived keys above win.
 The file gets mode 0644 (safetensors' save_file alone makes it 0600).
