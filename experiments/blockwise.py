@@ -460,7 +460,7 @@ def figures(thumbs, table, args, out):
     for algo in args.algos:
         # weight 1 at the main guidance only
         th = {t: v for t, v in thumbs[algo, seed].items() if " x" not in t and " g=" not in t}
-        score = {t: (table[algo][t]["identity"][0], table[algo][t]["style"][0]) for t in th}
+        score = {t: {k: table[algo][t][k][0] for k in ("identity", "style", "both")} for t in th}
         conflict = [t for t in th if not t.startswith("id + style(") or t.startswith("id + style(all)")
                     or t == "id + style(in0,out3)"]
         blocks = ["id + style(all)"] + [t for t in th if t.startswith("id + style(") and "all" not in t]

@@ -181,14 +181,14 @@ def write_thumbs(out, seed, blocks, images):
 
 def figures(out, seed, scored, family):
     """Paper-style grids of one seed's oracle: identity + style on each single block, and on each in+out pair; a
-    column per set with its identity and style rates over all its images, the first THUMBS images below."""
+    column per set with its identity, style and "both" rates over all its images, the first THUMBS images below."""
     from demo import labelled_grid
     read = lambda b: torch.from_numpy(np.array(Image.open(thumb_path(out, seed, b)).convert("RGB"))).permute(2, 0, 1)
     for name, sets in (("singles", [b for b in family if "," not in b]), ("pairs", [b for b in family if "," in b])):
         sets = [b for b in sets if thumb_path(out, seed, b).exists()]
         if sets:
             columns = {b: torch.stack(read(b).float().div(255).chunk(THUMBS, dim=2)) for b in sets}
-            rates = {b: (scored[seed, b]["identity"], scored[seed, b]["style"]) for b in sets}
+            rates = {b: {k: scored[seed, b][k] for k in ("identity", "style", "both")} for b in sets}
             labelled_grid(columns, rates, out / f"fig_oracle_{name}_seed{seed}.png")
 
 

@@ -227,10 +227,10 @@ def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     key = lambda m: f"seed0 {report['metrics'][m]['0']['blocks']}"
     mine, paper = (report["per image"][key(m)]["per image"]["both"] for m in ("weights", "paper"))
     assert report["versus paper"]["weights"]["mean"] == pytest.approx(sum(mine) / 2 - sum(paper) / 2)
-    # the figures: a 128-pixel column per set (in0 and out3; the pair in0,out3), a 44-pixel head, 4 rows of images
+    # the figures: a 128-pixel column per set (in0 and out3; the pair in0,out3), a 56-pixel head, 4 rows of images
     from PIL import Image
-    assert Image.open(tmp_path / "fig_oracle_singles_seed0.png").size == (2 * 128, 44 + 4 * 128)
-    assert Image.open(tmp_path / "fig_oracle_pairs_seed0.png").size == (128, 44 + 4 * 128)
+    assert Image.open(tmp_path / "fig_oracle_singles_seed0.png").size == (2 * 128, 56 + 4 * 128)
+    assert Image.open(tmp_path / "fig_oracle_pairs_seed0.png").size == (128, 56 + 4 * 128)
     capsys.readouterr()
     choose_eval.main(["--smoke", "--out", str(tmp_path)])  # everything found: nothing trained or scored again
     assert "training 0 adapters" in capsys.readouterr().out
