@@ -123,11 +123,9 @@ class _Adapted:
             raise ValueError(f"rank must be >= 1, got {rank}")
         down_shape, up_shape = self.factor_shapes(rank)
         device = self.weight.device
-        if factors is not None:
-            down, up = (torch.empty(shape, device=device, dtype=dtype) for shape in (down_shape, up_shape))
-            with torch.no_grad():
-                down.copy_(factors[0])
-                up.copy_(factors[1])
+        if factors is not None:  # into tensors of this layer's factor shapes, device and dtype
+            down, up = (torch.empty(shape, device=device, dtype=dtype).copy_(f)
+                        for shape, f in zip((down_shape, up_shape), factors))
         else:
             # drawn where the generator lives (a CPU generator: the same initial adapter on a CPU and on a GPU)
             down = torch.empty(down_shape, device=generator.device if generator is not None else device, dtype=dtype)
