@@ -14,9 +14,12 @@ and scored the same way. Per seed and method:
     python experiments/choose_eval.py --seeds 0,1 --workers 2 --cuda-graph --out out/choose     # GPU; re-run to resume
     python experiments/choose_eval.py --identity 26 --style zigzag/8 --out out/choose_26       # a reserved pair
     python experiments/choose_eval.py --smoke --out /tmp/choose_smoke                          # CPU plumbing, < 60 s
+    python experiments/choose_eval.py --seeds 0,1,2,3,4,5,6 --kept docs/blockwise/choose_oracle.json  # add seed 6
 
 Resumable: trained adapters (adapters/), method choices (methods/) and scored settings (scores/) found under --out
-are kept; --budget-s stops starting new work after that many seconds (re-run to continue). Writes results.json
+are kept, and an adapter is trained only while a score or a choice that needs it is missing; --kept FILE takes the
+scores and choices of an earlier results.json, so an oracle grows by seeds without its adapters (about 30 MB a
+seed, not in git). --budget-s stops starting new work after that many seconds (re-run to continue). Writes results.json
 (every image's scores, the choices, the metrics), results.md and the first seed's figures (fig_oracle_singles_seedS.png,
 fig_oracle_pairs_seedS.png: the first 4 images of every set) once every setting is scored.
 """
@@ -70,6 +73,8 @@ def parse_args(argv=None):
                    "stream of its own: one process's streams run side by side on a GPU, processes take turns")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds")
+    p.add_argument("--kept", default=None, help="an earlier results.json whose scores and choices to keep (same "
+                   "pair, --n, --sample-steps and --budget)")
     p.add_argument("--smoke", action="store_true", help="plumbing check: 3 sets, 2 steps, 4 images, CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="out/choose")
@@ -118,6 +123,35 @@ def score_path(out, seed, blocks):
     return out / "scores" / f"seed{seed}" / f"{blocks.replace(',', '-')}.json"
 
 
+def method_path(out, seed, method):
+    return out / "methods" / f"seed{seed}" / f"{method}.json"
+
+
+def keep(path, out, args):
+    """Write the scores and method choices of an earlier results.json under out (files already there win), after
+    checking that it was made with this run's pair and settings."""
+    report = json.loads(Path(path).read_text())
+    same = ("identity", "style", "n", "sample_steps", "budget", "rank", "recipe")
+    if diff := [k for k in same if report["args"][k] != (args.style.name if k == "style" else vars(args)[k])]:
+        sys.exit(f"--kept {path}: made with other {', '.join(diff)} than this run")
+    files = {score_path(out, int(key.split()[0][4:]), key.split()[1]): r for key, r in report["per image"].items()}
+    files |= {method_path(out, int(s), m): c for m, cs in report["choices"].items() if m != "paper" for s, c in cs.items()}
+    for file, content in files.items():
+        if not file.exists():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(content))
+
+
+def needed(args, out, seed, data, blocks, sets):
+    """Is this adapter still needed: a missing score of one of the seed's sets uses it, or (the all-block adapters,
+    which the methods read) a method's choice is missing?"""
+    unscored = {b for b in sets if not score_path(out, seed, b).exists()}
+    unchosen = any(not method_path(out, seed, m).exists() for m in args.methods)
+    if blocks == "all" and unchosen:
+        return True
+    return bool(unscored) if data == "identity" else blocks in unscored
+
+
 def train_all(args, out, data, wanted, deadline):
     """Train the (seed, data, blocks) adapters not found under out."""
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
@@ -133,7 +167,7 @@ def train_all(args, out, data, wanted, deadline):
 
 def method_choice(args, out, data, seed, method, sd):
     """A method's scores and choice for one seed (cached in methods/)."""
-    path = out / "methods" / f"seed{seed}" / f"{method}.json"
+    path = method_path(out, seed, method)
     if path.exists():
         return json.loads(path.read_text())
     argv = ["--identity", str(adapter_path(out, seed, "identity", "all")),
@@ -279,8 +313,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     deadline = t0 + args.budget_s if args.budget_s else None
     data = data_sets(args, out)
+    if args.kept:
+        keep(args.kept, out, args)
     base = [(s, "identity", "all") for s in args.seeds]
     base += [(s, "style", b) for s in args.seeds for b in ["all", *args.family]]
+    base = [(s, d, b) for s, d, b in base if needed(args, out, s, d, b, args.family)]
     if not train_all(args, out, data, base, deadline):
         return
     sd = minisd.load(TINY, device=args.device)
@@ -292,7 +329,9 @@ def main(argv=None):
     choices["paper"] = {s: {"blocks": ["in0", "out3"], "scores": None} for s in args.seeds}
     del sd
     chosen = {(s, ",".join(c[s]["blocks"])) for c in choices.values() for s in args.seeds}
-    if not train_all(args, out, data, [(s, "style", b) for s, b in sorted(chosen)], deadline):
+    sets = {s: [b for ss, b in chosen if ss == s] for s in args.seeds}
+    more = [job for s, b in sorted(chosen) for job in ((s, "identity", "all"), (s, "style", b))]
+    if not train_all(args, out, data, [j for j in dict.fromkeys(more) if needed(args, out, *j, sets[j[0]])], deadline):
         return
     wanted = sorted({(s, b) for s in args.seeds for b in args.family} | chosen)
     if not score_all(args, out, wanted, deadline):

@@ -236,6 +236,24 @@ def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     assert "training 0 adapters" in capsys.readouterr().out
 
 
+def test_choose_eval_recompiles_the_published_oracle_from_its_kept_scores(tmp_path, capsys):
+    """--kept docs/blockwise/choose_oracle.json: the published report again, every metric the same, with none of its
+    adapters here (nothing trained or scored); a results.json made with other settings is refused in one line."""
+    import choose_eval
+    published = ROOT / "docs" / "blockwise" / "choose_oracle.json"
+    kept = json.loads(published.read_text())
+    argv = ["--seeds", ",".join(map(str, kept["args"]["seeds"])), "--kept", str(published), "--device", "cpu",
+            "--budget-s", "1e-9", "--out", str(tmp_path)]  # anything left to train or score: it stops at once
+    choose_eval.main(argv)
+    assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 settings" in said
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert not (tmp_path / "adapters").exists()
+    for key in ("choices", "both", "metrics", "means", "versus paper", "per image"):
+        assert report[key] == kept[key], key
+    with pytest.raises(SystemExit, match=r"--kept .*choose_oracle.json: made with other n than this run"):
+        choose_eval.main([*argv, "--n", "32", "--out", str(tmp_path / "other")])
+
+
 def test_threaded_workers_train_what_one_after_another_trains(tiny, images, tmp_path):
     """--workers 2 --threads (blockwise.py, choose_eval.py): two train.py runs at once in one process (on CUDA each on
     a stream of its own) write the adapters that the same runs write one after another."""
