@@ -82,7 +82,8 @@ def test_speed_up_swaps_modules_keeping_parameters_and_function(layouts, single_
     assert all(type(m) is LeanGEGLU for m in sd.unet.modules() if isinstance(m, U.GEGLU))
     assert all(type(m) is InPlaceResnetBlock for m in sd.vae.modules() if isinstance(m, minisd.vae.ResnetBlock))
     with torch.no_grad():
-        assert rel(sd.vae.decode(z), ref_image) < 1e-6 and rel(sd.unet(x, 10, ctx), ref_eps) < 1e-6
+        # other kernels (channels_last GroupNorm, in-place adds): float32 rounding over the whole net, not bits
+        assert rel(sd.vae.decode(z), ref_image) < 1e-5 and rel(sd.unet(x, 10, ctx), ref_eps) < 1e-5
     lean = speed_up(nn.Sequential(geglu))[0]  # the lean backward: the gradient of the plain code
     assert type(lean) is LeanGEGLU and lean.proj is geglu.proj
     grad_ref, = torch.autograd.grad(geglu(h).square().sum(), h)
@@ -115,7 +116,7 @@ def test_load_puts_the_speed_layer_on_and_the_pipeline_reaches_it_only_through_s
     eager = sd.sample("a cat", **kw)
     sd.fast = Recording()
     assert torch.equal(sd.sample("a cat", **kw), eager) and not calls  # on a CPU the default is the core
-    assert rel(sd.sample("a cat", cuda_graph=True, **kw), eager) < 1e-6
+    assert rel(sd.sample("a cat", cuda_graph=True, **kw), eager) < 1e-5  # other batch shapes: other kernels
     assert calls == [("text", (4, 77)), ("step", 7.5)]
 
 

@@ -137,7 +137,7 @@ def test_new_capture_time_forms_compute_the_layers(lora_sd, single_thread):
                 out = unet(both, 500, ctx)
             assert rel(out, ref) < 1e-5 and all(n > 0 for n in calls.values())  # each form ran, the same function
         with forms.applied(prefix):  # the prefix is only right for a batch of two equal halves
-            assert rel(unet(torch.cat([x, x + 1]), 500, ctx), unet(both, 500, ctx)) < 1e-6
+            assert rel(unet(torch.cat([x, x + 1]), 500, ctx), unet(both, 500, ctx)) < 1e-5
     # unmerged adapters on attention and feed-forward, packed as W' (the capture's default): qkv and geglu use W'
     lora.inject(unet, "a", 4, targets=("attn", "ff"))
     for m in unet.modules():

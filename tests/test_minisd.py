@@ -224,12 +224,14 @@ def test_export_round_trips_and_diffusers_reads_the_folder(layouts, tmp_path):
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
     with torch.no_grad():
         ref = sd.unet(x, 10, ctx)
-        for other in again:  # the weights come back bit for bit; outputs may round differently (other allocations)
+        # the weights come back bit for bit; outputs round differently with other allocations and kernels (1.1e-6
+        # relative seen on an AMD EPYC): 1e-5 is float32 rounding, a wrong or missing tensor is off by O(1)
+        for other in again:
             for part in ("unet", "vae", "text_encoder"):
                 a, b = getattr(sd, part).state_dict(), getattr(other, part).state_dict()
                 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
-            assert rel(other.unet(x, 10, ctx), ref) < 1e-6
-        assert rel(pipe.unet(x, 10, ctx).sample, ref) < 1e-6
+            assert rel(other.unet(x, 10, ctx), ref) < 1e-5
+        assert rel(pipe.unet(x, 10, ctx).sample, ref) < 1e-5
     ours = sd.sample("a cat", steps=3, height=64, width=64, progress=False)
     theirs = pipe("a cat", num_inference_steps=3, height=64, width=64, generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
