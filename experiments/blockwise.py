@@ -26,8 +26,9 @@ On the 2-core CPU the first command took 18 min 58 s: 6 LoCon adapters of 100 st
 world v2's 32x32 latents cost two to four times v1's per step), then 13 settings x 16 images rendered and scored.
 A demonstration of the pipeline and its report, one seed of weak adapters; not a result.
 
-Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, so
---budget-s splits the protocol into runs of any length), results.json, results.md, fig_conflict_*.png,
+Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
+trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
+it to another machine), results.json, results.md, fig_conflict_*.png,
 fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
 """
 import argparse
@@ -170,10 +171,14 @@ def train_job(job):
     return argv[argv.index("--out") + 1]
 
 
-def training_jobs(args, out):
+def training_jobs(args, out, settings):
+    """train.py argv for each adapter not found under out, of the (algo, seed) pairs not scored yet (a scored pair
+    needs none: its evals/ alone carry the run across machines)."""
     jobs = []
     for algo in args.algos:
         for seed in args.seeds:
+            if evaluated(out, algo, seed, settings):
+                continue
             sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
             adapters = [("identity", "all"), ("style", "all")] + [("style", s) for s in style_subsets(sweep, algo)]
             for data, blocks in adapters:
@@ -388,14 +393,14 @@ def main(argv=None):
     args.n = args.n or (64 if gpus else 16)
 
     deadline = t0 + args.budget_s if args.budget_s else None
-    jobs = training_jobs(args, out)
+    settings = eval_settings(args)
+    jobs = training_jobs(args, out, settings)
     print(f"training {len(jobs)} adapters on {args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
     if not run_jobs(train_job, [(j, devices[i % len(devices)], threads, args.cuda_graph) for i, j in enumerate(jobs)],
                     args.workers, args.threads, deadline):
         return
     t_train = time.time() - t0
 
-    settings = eval_settings(args)
     pairs = [(a, s) for a in args.algos for s in args.seeds if not evaluated(out, a, s, settings)]
     print(f"rendering and scoring {len(pairs)} (algo, seed) pairs", flush=True)
     if not run_jobs(eval_job, [(a, s, out, settings, devices[i % len(devices)], threads)
