@@ -73,8 +73,8 @@ def parse_args(argv=None):
                    "stream of its own: one process's streams run side by side on a GPU, processes take turns")
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds")
-    p.add_argument("--kept", default=None, help="an earlier results.json whose scores and choices to keep (same "
-                   "pair, --n, --sample-steps and --budget)")
+    p.add_argument("--kept", default=None, help="an earlier results.json whose scores and choices to keep (made "
+                   "with the same pair, --n, --sample-steps, --budget, --rank and recipe)")
     p.add_argument("--smoke", action="store_true", help="plumbing check: 3 sets, 2 steps, 4 images, CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="out/choose")
@@ -134,8 +134,10 @@ def keep(path, out, args):
     same = ("identity", "style", "n", "sample_steps", "budget", "rank", "recipe")
     if diff := [k for k in same if report["args"][k] != (args.style.name if k == "style" else vars(args)[k])]:
         sys.exit(f"--kept {path}: made with other {', '.join(diff)} than this run")
-    files = {score_path(out, int(key.split()[0][4:]), key.split()[1]): r for key, r in report["per image"].items()}
-    files |= {method_path(out, int(s), m): c for m, cs in report["choices"].items() if m != "paper" for s, c in cs.items()}
+    seed_and_set = lambda key: (int(key.split()[0].removeprefix("seed")), key.split()[1])  # "seed3 in0,out3"
+    files = {score_path(out, *seed_and_set(key)): r for key, r in report["per image"].items()}
+    files |= {method_path(out, int(s), m): c for m, cs in report["choices"].items() if m != "paper"
+              for s, c in cs.items()}
     for file, content in files.items():
         if not file.exists():
             file.parent.mkdir(parents=True, exist_ok=True)
