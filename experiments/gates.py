@@ -8,6 +8,7 @@ experiments before they draw a conclusion):
 
     python experiments/gates.py --device cuda            # one GPU, about a minute
     python experiments/gates.py --n 32 --device cpu      # 2-core CPU, about 10 minutes
+    python experiments/gates.py --style-weights 0.25,0.5,0.75   # and identity + style(all) at weaker styles
 
 Writes <out>/gates.json (every image's scores, the recipe, the verdicts) and one grid per setting.
 """
@@ -53,6 +54,8 @@ def main():
     p.add_argument("--style", default=STYLE_RECIPE, help="train.py flags of the style adapters")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style-weights", default="", help="comma-separated global weights of the all-block style adapter "
+                   "next to the identity: extra rows (e.g. 0.25,0.5,0.75) for G4 at a weaker style; no verdict reads them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     t0, out = time.time(), Path(args.out)
@@ -70,6 +73,8 @@ def main():
                 (Setting("style only (in0,out3)", ((style_bw, None),)), styled),
                 (Setting("identity + style (all)", ((identity, None), (style_all, None))), combo),
                 (Setting("identity + style (in0,out3)", ((identity, None), (style_bw, None))), combo)]
+    settings += [(Setting(f"identity + style (all) x{w}", ((identity, None), (style_all, None, float(w)))), combo)
+                 for w in filter(None, args.style_weights.split(","))]
     results, images = {}, {}
     for setting, captions in settings:
         x = render_setting(sd, setting, captions, seed=args.seed)

@@ -126,6 +126,26 @@ def test_gate_verdicts():
     assert not gates.verdicts(r, ceiling=0.94)["G4 identity + style (all) both in [0.2, 0.7]"]
 
 
+def test_a_settings_global_weight_scales_its_adapter():
+    """tinyworld.evaluate.render_setting's (file, block weights, weight): weight 0 renders the base model's images,
+    weight 0.5 those of the adapter loaded at 0.5 by hand (gates.py --style-weights)."""
+    import lora
+    import minisd
+    from tinyworld.evaluate import Setting, prompts, render_setting
+    sd = minisd.load(ROOT / "weights" / "tiny")
+    style = ROOT / "weights" / "tiny" / "adapters" / "style_all.safetensors"
+    captions = prompts("combo", 2, 0)[0]
+    sample = lambda: sd.sample(captions, steps=2, guidance=5.0, seed=0, progress=False)
+    base = sample()
+    lora.load(style, sd.unet, name="by_hand", weight=0.5)
+    by_hand = sample()
+    lora.remove(sd.unet, "by_hand")
+    render = lambda w: render_setting(sd, Setting("style", ((style, None, w),)), captions, 0, steps=2)
+    rel = lambda a, b: (torch.dist(a.double(), b.double()) / b.double().norm()).item()
+    assert rel(render(0.0), base) < 1e-5 and rel(render(0.5), by_hand) < 1e-5 and rel(by_hand, base) > 1e-2
+    assert not lora.adapter_names(sd.unet)  # the model is left as it was
+
+
 def test_the_shipped_adapters_are_the_recipe_on_the_shipped_data():
     """weights/tiny/adapters were trained by `demo.py --train`: their kohya metadata name the recipe's steps, lr and
     rank, the shipped image counts and the block sets (in0 + out3 only for the block-wise style adapter)."""

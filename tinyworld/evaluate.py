@@ -32,7 +32,7 @@ def recipe_argv(data, blocks, out, flags, device, seed=0):
 
 @dataclass(frozen=True)
 class Setting:
-    """Adapters used together: ((file, inference block weights or None), ...)."""
+    """Adapters used together: ((file, inference block weights or None[, global weight, default 1]), ...)."""
     title: str
     adapters: tuple
 
@@ -46,11 +46,10 @@ def prompts(split, n, seed, identity=IDENTITY, style=HELD_STYLE):
 def render_setting(sd, setting, captions, seed, steps=30, guidance=5.0, batch=32):
     """(n, 3, H, W) in [0, 1]: the captions rendered with the setting's adapters loaded; the model is left as it was."""
     names = []
-    for i, (path, blocks) in enumerate(setting.adapters):
+    for i, (path, blocks, *weight) in enumerate(setting.adapters):
         name = f"a{i}_{Path(path).stem}"
-        lora.load(path, sd.unet, sd.text_encoder, name=name)
-        if blocks:
-            lora.set_weight(sd.unet, name, block_weights=blocks)
+        lora.load(path, sd.unet, sd.text_encoder, name=name, weight=weight[0] if weight else 1.0,
+                  block_weights=blocks or None)
         names.append(name)
     try:
         return torch.cat([sd.sample(captions[i:i + batch], steps=steps, guidance=guidance, seed=seed + i,
