@@ -28,8 +28,7 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
-it to another machine), results.json, results.md, fig_conflict_*.png,
-fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
+it to another machine), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
 """
 import argparse
 import concurrent.futures as cf

@@ -47,6 +47,11 @@ def verdicts(r, ceiling):
             "G4 identity + style (all) both in [0.2, 0.7]": 0.2 <= r["identity + style (all)"]["both"] <= 0.7}
 
 
+def numbers(text):
+    """"0.25,0.5" -> [0.25, 0.5] (argparse turns a ValueError into one line naming the flag)."""
+    return [float(w) for w in text.split(",") if w]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/gates")
@@ -54,8 +59,9 @@ def main():
     p.add_argument("--style", default=STYLE_RECIPE, help="train.py flags of the style adapters")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--style-weights", default="", help="comma-separated global weights of the all-block style adapter "
-                   "next to the identity: extra rows (e.g. 0.25,0.5,0.75) for G4 at a weaker style; no verdict reads them")
+    p.add_argument("--style-weights", type=numbers, default=[], help="comma-separated global weights of the "
+                   "all-block style adapter next to the identity: extra rows (e.g. 0.25,0.5,0.75) for G4 at a weaker "
+                   "style; no verdict reads them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     t0, out = time.time(), Path(args.out)
@@ -73,8 +79,8 @@ def main():
                 (Setting("style only (in0,out3)", ((style_bw, None),)), styled),
                 (Setting("identity + style (all)", ((identity, None), (style_all, None))), combo),
                 (Setting("identity + style (in0,out3)", ((identity, None), (style_bw, None))), combo)]
-    settings += [(Setting(f"identity + style (all) x{w}", ((identity, None), (style_all, None, float(w)))), combo)
-                 for w in filter(None, args.style_weights.split(","))]
+    settings += [(Setting(f"identity + style (all) x{w:g}", ((identity, None), (style_all, None, w))), combo)
+                 for w in args.style_weights]
     results, images = {}, {}
     for setting, captions in settings:
         x = render_setting(sd, setting, captions, seed=args.seed)

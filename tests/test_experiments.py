@@ -60,12 +60,12 @@ def test_training_uses_the_world_recipe_unless_told(tmp_path):
     from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE
     args = SimpleNamespace(algos=["lora"], seeds=[0], sweep="small", full_seeds=1, te_rank=0, rank=8, steps=None, lr=None)
     parse = lambda argv: train.parse_args(argv + ["--ckpt", "x"])
-    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path)}
+    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})}
     recipe = lambda flags, key: float(flags.split(f"--{key} ")[1].split()[0])
     assert jobs["identity_all"].lr == recipe(IDENTITY_RECIPE, "lr") and jobs["style_all"].lr == recipe(STYLE_RECIPE, "lr")
     assert jobs["identity_all"].steps == recipe(IDENTITY_RECIPE, "steps") and jobs["style_all"].algo == "lora"
     args.steps, args.lr = 200, 5e-3
-    jobs = [parse(j) for j in blockwise.training_jobs(args, tmp_path)]
+    jobs = [parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})]
     assert all(a.steps == 200 and a.lr == 5e-3 and a.algo == "lora" for a in jobs)
 
 
