@@ -332,8 +332,9 @@ def main(argv=None):
     del sd
     chosen = {(s, ",".join(c[s]["blocks"])) for c in choices.values() for s in args.seeds}
     sets = {s: [b for ss, b in chosen if ss == s] for s in args.seeds}
-    more = [job for s, b in sorted(chosen) for job in ((s, "identity", "all"), (s, "style", b))]
-    if not train_all(args, out, data, [j for j in dict.fromkeys(more) if needed(args, out, *j, sets[j[0]])], deadline):
+    more = dict.fromkeys(job for s, b in sorted(chosen) for job in ((s, "identity", "all"), (s, "style", b)))
+    more = [(s, d, b) for s, d, b in more if needed(args, out, s, d, b, sets[s])]
+    if not train_all(args, out, data, more, deadline):
         return
     wanted = sorted({(s, b) for s in args.seeds for b in args.family} | chosen)
     if not score_all(args, out, wanted, deadline):
