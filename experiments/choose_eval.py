@@ -45,9 +45,9 @@ from minisd.images import grid, save_png, to_pil  # noqa: E402
 from blockwise import COARSE, INS, OUTS, run_jobs, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, prompts, rates, recipe_argv,  # noqa: E402
-                                 render_setting)
-from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, write_set  # noqa: E402
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, pair_data, prompts,  # noqa: E402
+                                 rates, recipe_argv, render_setting)
+from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
@@ -79,11 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="out/choose")
     args = p.parse_args(argv)
-    if args.identity not in HELD_MEMBERS:
-        p.error(f"--identity {args.identity}: not a held-out member; one of {HELD_MEMBERS}")
-    style = next((s for s in HELD_STYLES if s.name in (args.style, args.style + "/0")), None)
-    if style is None:
-        p.error(f"--style {args.style}: not a held-out style; one of {', '.join(s.name for s in HELD_STYLES)}")
+    args.identity, style = held_pair(p, args.identity, args.style)
     # ablation and fisher take minutes on a CPU: --smoke runs weights only unless asked
     methods = args.methods or ("weights" if args.smoke else ",".join(sorted(NEEDS)))
     args.style, args.seeds, args.methods = style, [int(s) for s in args.seeds.split(",")], methods.split(",")
@@ -101,18 +97,8 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------------------- files
 
 def data_sets(args, out):
-    """{"identity": folder, "style": folder}: the shipped sets for the default pair, else (and in --smoke) sets of
-    the same size written for the pair (48 identity and 16 style images, seed 0; --smoke: 4 each)."""
-    if not args.smoke and args.identity == IDENTITY and args.style == HELD_STYLE:
-        return {"identity": ROOT / "data" / "identity", "style": ROOT / "data" / "style"}
-    folders = {}
-    for split, n in (("identity", 48), ("style", 16)):
-        n = 4 if args.smoke else n
-        folder = out / "data" / f"{split}_{args.identity}_{args.style.name.replace('/', '-')}_{n}"
-        if not folder.is_dir():
-            write_set(folder, n, seed=0, split=split, identity=args.identity, style=args.style)
-        folders[split] = folder
-    return folders
+    """{"identity": folder, "style": folder}: the pair's 48 identity and 16 style images (--smoke: 4 each)."""
+    return pair_data(args.identity, args.style, out, *((4, 4) if args.smoke else (48, 16)))
 
 
 def adapter_path(out, seed, data, blocks):

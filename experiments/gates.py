@@ -9,6 +9,7 @@ experiments before they draw a conclusion):
     python experiments/gates.py --device cuda            # one GPU, about a minute
     python experiments/gates.py --n 32 --device cpu      # 2-core CPU, about 10 minutes
     python experiments/gates.py --style-weights 0.25,0.5,0.75   # and identity + style(all) at weaker styles
+    python experiments/gates.py --style bricks/6 --out out/gates_bricks-6   # another held-out pair
 
 Writes <out>/gates.json (every image's scores, the recipe, the verdicts) and one grid per setting.
 """
@@ -26,16 +27,17 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, interval, prompts, rates,  # noqa: E402
-                                 recipe_argv, render_setting, round_trip_both)
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, interval, pair_data,  # noqa: E402
+                                 prompts, rates, recipe_argv, render_setting, round_trip_both)
 from tinyworld.quality import grid  # noqa: E402
+from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 
 
 def train_adapter(data, blocks, out, flags, args):
     if not out.exists():
-        train.main([*recipe_argv(ROOT / "data" / data, blocks, out, flags, args.device, args.seed), "--quiet"])
+        train.main([*recipe_argv(data, blocks, out, flags, args.device, args.seed), "--quiet"])
     return out
 
 
@@ -55,8 +57,10 @@ def numbers(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/gates")
-    p.add_argument("--identity", default=IDENTITY_RECIPE, help="train.py flags of the identity adapter")
-    p.add_argument("--style", default=STYLE_RECIPE, help="train.py flags of the style adapters")
+    p.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
+    p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
+    p.add_argument("--identity-flags", default=IDENTITY_RECIPE, help="train.py flags of the identity adapter")
+    p.add_argument("--style-flags", default=STYLE_RECIPE, help="train.py flags of the style adapters")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--style-weights", type=numbers, default=[], help="comma-separated global weights of the "
@@ -64,16 +68,18 @@ def main():
                    "style; no verdict reads them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    identity_id, style_id = held_pair(p, args.identity, args.style)
     t0, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flags = {"identity": args.identity, "style": args.style}
-    a = lambda data, blocks: train_adapter(data, blocks, out / f"{data}_{blocks.replace(',', '_')}.safetensors",
-                                           flags[data], args)
+    flags = {"identity": args.identity_flags, "style": args.style_flags}
+    data = pair_data(identity_id, style_id, out)
+    a = lambda split, blocks: train_adapter(data[split], blocks,
+                                            out / f"{split}_{blocks.replace(',', '_')}.safetensors", flags[split], args)
     identity, style_all, style_bw = a("identity", "all"), a("style", "all"), a("style", "in0,out3")
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
-    combo, _ = prompts("combo", args.n, 1000 + args.seed)
-    styled, _ = prompts("style", args.n, 2000 + args.seed)
+    combo, _ = prompts("combo", args.n, 1000 + args.seed, identity_id, style_id)
+    styled, _ = prompts("style", args.n, 2000 + args.seed, identity_id, style_id)
     settings = [(Setting("identity only", ((identity, None),)), combo),
                 (Setting("style only (all)", ((style_all, None),)), styled),
                 (Setting("style only (in0,out3)", ((style_bw, None),)), styled),
@@ -84,14 +90,14 @@ def main():
     results, images = {}, {}
     for setting, captions in settings:
         x = render_setting(sd, setting, captions, seed=args.seed)
-        r, s = rates(judge, x)
+        r, s = rates(judge, x, identity_id, style_id)
         r["both 95% interval"] = interval(s["both"])
         r["per image"] = {k: s[k].tolist() for k in ("identity", "style", "identity_sim", "style_sim")}
         results[setting.title], images[setting.title] = r, x
         grid(x, 8).save(out / f"{setting.title.replace(' ', '_').replace('(', '').replace(')', '')}.png")
         print(f"{setting.title:30s} identity {r['identity']:.2f}  style {r['style']:.2f}  both {r['both']:.2f}",
               flush=True)
-    ceiling = round_trip_both(judge, sd.vae.float())
+    ceiling = round_trip_both(judge, sd.vae.float(), identity=identity_id, style=style_id)
     report = {"recipe": vars(args), "vae round trip both": ceiling, "settings": results,
               "gates": verdicts(results, ceiling), "seconds": round(time.time() - t0),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}

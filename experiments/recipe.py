@@ -6,6 +6,7 @@ style recipes train an all-block and an in0,out3 adapter on the style set, score
 
     python experiments/recipe.py --device cuda          # one GPU, a few minutes
     python experiments/recipe.py --only identity:v1 --n 8 --device cpu   # plumbing check
+    python experiments/recipe.py --style bricks/6 --only style:s1600,style:s3200 --out out/recipe_bricks-6
 
 Writes <out>/recipe.json: per recipe and adapter the rates, similarities and training seconds.
 """
@@ -23,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import Setting, prompts, rates, recipe_argv, render_setting  # noqa: E402
-from tinyworld.world import write_set  # noqa: E402
+from tinyworld.evaluate import Setting, held_pair, pair_data, prompts, rates, recipe_argv, render_setting  # noqa: E402
+from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, write_set  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 DEV_SEED = 100  # development prompts and noise; gates.py and blockwise.py draw theirs from 1000 up
@@ -54,6 +55,12 @@ RECIPES = [  # (data set, name, train.py flags), in the order they run: a run cu
     ("style", "d48s1600", "--algo locon --rank 8 --lr 5e-3 --steps 1600 --data {style48}"),
     ("style", "r32s1600", "--algo locon --rank 32 --lr 5e-3 --steps 1600"),
     ("style", "lr7e-3s1600", "--algo locon --rank 8 --lr 7e-3 --steps 1600"),
+    ("identity", "d96lr3e-3", "--algo locon --rank 8 --lr 3e-3 --steps 1600 --data {identity96}"),
+    ("identity", "d96lr2e-3s2400", "--algo locon --rank 8 --lr 2e-3 --steps 2400 --data {identity96}"),
+    ("style", "s3200", "--algo locon --rank 8 --lr 5e-3 --steps 3200"),
+    ("style", "lr1e-2s1600", "--algo locon --rank 8 --lr 1e-2 --steps 1600"),
+    ("style", "r16s3200", "--algo locon --rank 16 --lr 5e-3 --steps 3200"),
+    ("style", "s6400", "--algo locon --rank 8 --lr 5e-3 --steps 6400"),
 ]
 # The chosen recipe is tinyworld.evaluate.IDENTITY_RECIPE and STYLE_RECIPE (used by gates.py and demo.py).
 
@@ -65,45 +72,49 @@ def train_adapter(flags, data, blocks, out, device):
     return time.time() - t0
 
 
-def score(sd, judge, adapter, captions, seed):
+def score(sd, judge, adapter, captions, seed, pair):
     x = render_setting(sd, Setting("dev", ((adapter, None),)), captions, seed)
-    r, _ = rates(judge, x)
+    r, _ = rates(judge, x, *pair)
     return r
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/recipe")
+    p.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
+    p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
     p.add_argument("--n", type=int, default=64, help="development prompts per adapter")
     p.add_argument("--only", help="comma-separated recipes, as name or data:name (default: all)")
     p.add_argument("--train-flags", default="", help="train.py flags added to every recipe (e.g. --eager)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    pair = held_pair(p, args.identity, args.style)
     out, only = Path(args.out), set(args.only.split(",")) if args.only else None
     out.mkdir(parents=True, exist_ok=True)
     extra = {"prior": out / "prior", "identity48": out / "identity48", "identity96": out / "identity96",
              "style48": out / "style48"}  # more images of the same kind as the shipped sets (seed 0, n 16)
     write_set(extra["prior"], 64, seed=DEV_SEED + 7, split="base")
     for name in ("identity48", "identity96", "style48"):
-        write_set(extra[name], int(name[-2:]), seed=0, split=name[:-2])
+        write_set(extra[name], int(name[-2:]), seed=0, split=name[:-2], identity=pair[0], style=pair[1])
+    data = pair_data(*pair, out)
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
-    combo, _ = prompts("combo", args.n, DEV_SEED)
-    styled, _ = prompts("style", args.n, DEV_SEED + 1)
+    combo, _ = prompts("combo", args.n, DEV_SEED, *pair)
+    styled, _ = prompts("style", args.n, DEV_SEED + 1, *pair)
     table = {}
-    jobs = [(data, name, flags, blocks, combo if data == "identity" else styled) for data, name, flags in RECIPES
-            for blocks in (("all",) if data == "identity" else ("all", "in0,out3"))]
-    for data, name, flags, blocks, captions in jobs:
-        if only and not {name, f"{data}:{name}"} & only:
+    jobs = [(split, name, flags, blocks, combo if split == "identity" else styled) for split, name, flags in RECIPES
+            for blocks in (("all",) if split == "identity" else ("all", "in0,out3"))]
+    for split, name, flags, blocks, captions in jobs:
+        if only and not {name, f"{split}:{name}"} & only:
             continue
         flags = f"{flags.format(**extra)} {args.train_flags}".strip()
-        adapter = out / f"{data}_{name}_{blocks.replace(',', '_')}.safetensors"
-        seconds = train_adapter(flags, ROOT / "data" / data, blocks, adapter, args.device)
-        r = score(sd, judge, adapter, captions, DEV_SEED)
-        table[f"{data} {blocks} {name}"] = {"flags": flags, "train seconds": round(seconds, 1), **r}
-        print(f"{data:8s} {blocks:8s} {name:9s} identity {r['identity']:.2f} ({r['identity_sim']:.2f})  "
+        adapter = out / f"{split}_{name}_{blocks.replace(',', '_')}.safetensors"
+        seconds = train_adapter(flags, data[split], blocks, adapter, args.device)
+        r = score(sd, judge, adapter, captions, DEV_SEED, pair)
+        table[f"{split} {blocks} {name}"] = {"flags": flags, "train seconds": round(seconds, 1), **r}
+        print(f"{split:8s} {blocks:8s} {name:9s} identity {r['identity']:.2f} ({r['identity_sim']:.2f})  "
               f"style {r['style']:.2f} ({r['style_sim']:.2f})  {seconds:5.1f}s", flush=True)
-        report = {"n": args.n, "dev seed": DEV_SEED, "device": torch.cuda.get_device_name()
+        report = {"n": args.n, "dev seed": DEV_SEED, "identity": pair[0], "style": pair[1].name, "device": torch.cuda.get_device_name()
                   if args.device.startswith("cuda") else "cpu", "results": table}
         (out / "recipe.json").write_text(json.dumps(report, indent=1))  # after each recipe: a cut-short run keeps them
 

@@ -127,6 +127,33 @@ def test_gate_verdicts():
     assert not gates.verdicts(r, ceiling=0.94)["G4 identity + style (all) both in [0.2, 0.7]"]
 
 
+def test_a_held_out_pair_gets_its_own_sets_and_bad_ids_one_line(tmp_path, capsys):
+    """gates.py and choose_eval.py take --identity ID --style NAME: the main pair at the shipped size reads data/;
+    another pair gets sets of its member and style written once (seed 0); an id that is not held out is refused."""
+    import argparse
+
+    from tinyworld.evaluate import held_pair, pair_data
+    from tinyworld.world import HELD_STYLE, RESERVED_MEMBERS
+    assert pair_data(IDENTITY, HELD_STYLE, tmp_path) == {"identity": ROOT / "data" / "identity",
+                                                         "style": ROOT / "data" / "style"}
+    p = argparse.ArgumentParser()
+    member, style = held_pair(p, RESERVED_MEMBERS[0], "bricks/6")
+    assert style == Style("bricks", 6)
+    sets = pair_data(member, style, tmp_path, 2, 3)
+    assert sorted(p.name for p in sets["style"].glob("*.png")) == ["000.png", "001.png", "002.png"]
+    assert all("sks character" in t.read_text() for t in sets["identity"].glob("*.txt"))
+    assert all(t.read_text().endswith("zwx style\n") for t in sets["style"].glob("*.txt"))
+    assert not list(tmp_path.glob("data/*.part"))
+    first = sets["identity"] / "000.png"
+    first.write_bytes(b"kept")  # an existing set is reused, not rewritten
+    assert pair_data(member, style, tmp_path, 2, 3) == sets and first.read_bytes() == b"kept"
+    for bad in ((IDENTITY, "rings/7"), (-1, "rings/8")):
+        with pytest.raises(SystemExit):
+            held_pair(p, *bad)
+        assert capsys.readouterr().err.strip().splitlines()[-1].split(": error: ")[1].startswith(
+            "--style rings/7" if bad[1] == "rings/7" else "--identity -1")
+
+
 def test_a_settings_global_weight_scales_its_adapter():
     """tinyworld.evaluate.render_setting's (file, block weights, weight): weight 0 renders the base model's images,
     weight 0.5 those of the adapter loaded at 0.5 by hand (gates.py --style-weights)."""

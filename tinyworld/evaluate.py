@@ -5,6 +5,7 @@ Evaluation prompts are captions of a split for the experiment's identity member 
 seed; the same seed gives the same prompts and the same starting noise for every setting (paired comparisons).
 """
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 import lora
 from . import judge as judges
-from .world import HELD_STYLE, IDENTITY, dataset, render
+from .world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, dataset, render, write_set
 
 # The adapter recipe (train.py flags, at --batch 4 --seed 0), chosen on development prompts by experiments/recipe.py
 # (docs/world.md): identity on data/identity's 48 images; style on data/style, the same flags for every block set.
@@ -28,6 +29,34 @@ def recipe_argv(data, blocks, out, flags, device, seed=0):
     recipe's own --data comes later and wins)."""
     return ["--data", str(data), "--blocks", blocks, "--out", str(out), "--batch", "4", "--seed", str(seed),
             "--device", device, *shlex.split(flags)]
+
+
+def held_pair(parser, identity, style):
+    """(member id, Style) of a --identity ID --style NAME pair, or parser.error naming the flag."""
+    if identity not in HELD_MEMBERS:
+        parser.error(f"--identity {identity}: not a held-out member; one of {HELD_MEMBERS}")
+    held = next((s for s in HELD_STYLES if s.name in (style, style + "/0")), None)
+    if held is None:
+        parser.error(f"--style {style}: not a held-out style; one of {', '.join(s.name for s in HELD_STYLES)}")
+    return identity, held
+
+
+def pair_data(identity, style, out, n_identity=48, n_style=16):
+    """{"identity": folder, "style": folder}: the shipped data/ sets for the main pair at their size, else sets of
+    that size written for the pair under out/data (seed 0, as the shipped ones)."""
+    root = Path(__file__).resolve().parent.parent
+    if identity == IDENTITY and style == HELD_STYLE and (n_identity, n_style) == (48, 16):
+        return {"identity": root / "data" / "identity", "style": root / "data" / "style"}
+    folders = {}
+    for split, n in (("identity", n_identity), ("style", n_style)):
+        folder = Path(out) / "data" / f"{split}_{identity}_{style.name.replace('/', '-')}_{n}"
+        if not folder.is_dir():  # written beside, then renamed: a run cut short leaves no half-written set
+            part = folder.with_name(folder.name + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            write_set(part, n, seed=0, split=split, identity=identity, style=style)
+            part.rename(folder)
+        folders[split] = folder
+    return folders
 
 
 @dataclass(frozen=True)
