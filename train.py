@@ -181,12 +181,15 @@ def out_of_memory(e):
 def train(args, cleanup):
     """The steps of a run, in order; returns the adapter file."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's; rank 0 saves
+    began = time.time()
     with one_line_errors(INPUT_ERRORS, args.debug):
         check_flags(args, world, rank)
     start_processes(args, world)
     with one_line_errors(INPUT_ERRORS, args.debug):
         inputs = read_inputs(args, rank, cleanup)
+    read = time.time()
     sd, amp_dtype, base_dtype = load_base_model(args)
+    loaded = time.time()
     size = check_model_takes(sd, inputs, args)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the run, the adapters' initialization first
     unet_params, te_params = add_adapters(sd, inputs.table, gen, args)
@@ -204,6 +207,8 @@ def train(args, cleanup):
     run.t0 = time.time()
     sd.unet.train()
     run.graph = capture_train_step(run) if args.cuda_graph else None
+    run.startup = {"inputs": read - began, "model": loaded - read, "adapters and data": run.t0 - loaded,
+                   **({"capture": time.time() - run.t0} if run.graph else {})}
     stop = StopRequest() if world == 1 else None  # torchrun stops its processes itself
     if stop:
         cleanup.callback(stop.restore)
@@ -649,6 +654,7 @@ class Run:
     rng_state: torch.Tensor | None = None  # gen's state that a checkpoint after this step saves
     graph: minisd.fast.TrainStepGraph | None = None  # the captured step (--cuda-graph)
     t0: float = 0.0  # when the loop began (the graph's capture included)
+    startup: dict = field(default_factory=dict)  # seconds of each part of the run before the loop
     base_hash: str | None = None  # the frozen base U-Net's hash for the adapters' metadata, computed at the first save
 
     @property
@@ -835,6 +841,8 @@ def train_loop(run, stop):
             speed = f"{per_step * bar.n / max(1e-9, time.time() - run.t0):.1f}" if bar.n else "-"
             bar.set_postfix(loss=f"{loss:.4f}", img_s=speed)
             bar.update(1)
+            if "first step" not in run.startup:  # after the loss was printed, so the GPU has finished it
+                run.startup["first step"] = time.time() - run.t0 - run.startup.get("capture", 0.0)
             after_step(run, stop)
 
 
@@ -961,6 +969,9 @@ def finish(run):
     print(f"trained {run.step} steps ({per_step} images each) in {took:.0f}s, "
           f"{per_step * len(run.history) / max(took, 1e-9):.1f} images/s; "
           f"final loss {np.mean([h[1] for h in run.history[-20:]]):.4f}; wrote {run.out}")
+    if "first step" in run.startup:  # what a user waits for before training starts (the imports are not counted)
+        print(f"start-up {sum(run.startup.values()):.1f}s to the end of the first step: "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in run.startup.items()))
 
 
 def adapter_metadata(run, n_images, size):

@@ -61,6 +61,10 @@ RECIPES = [  # (data set, name, train.py flags), in the order they run: a run cu
     ("style", "lr1e-2s1600", "--algo locon --rank 8 --lr 1e-2 --steps 1600"),
     ("style", "r16s3200", "--algo locon --rank 16 --lr 5e-3 --steps 3200"),
     ("style", "s6400", "--algo locon --rank 8 --lr 5e-3 --steps 6400"),
+    ("style", "s12800", "--algo locon --rank 8 --lr 5e-3 --steps 12800"),
+    ("style", "r16s6400", "--algo locon --rank 16 --lr 5e-3 --steps 6400"),
+    ("style", "lr7e-3s6400", "--algo locon --rank 8 --lr 7e-3 --steps 6400"),
+    ("style", "constant6400", "--algo locon --rank 8 --lr 5e-3 --steps 6400 --schedule constant"),
 ]
 # The chosen recipe is tinyworld.evaluate.IDENTITY_RECIPE and STYLE_RECIPE (used by gates.py and demo.py).
 
@@ -85,6 +89,8 @@ def main():
     p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
     p.add_argument("--n", type=int, default=64, help="development prompts per adapter")
     p.add_argument("--only", help="comma-separated recipes, as name or data:name (default: all)")
+    p.add_argument("--style-blocks", choices=["both", "all", "in0,out3"], default="both",
+                   help="the block sets a style recipe trains (default: all blocks, then in0,out3)")
     p.add_argument("--train-flags", default="", help="train.py flags added to every recipe (e.g. --eager)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -102,8 +108,9 @@ def main():
     combo, _ = prompts("combo", args.n, DEV_SEED, *pair)
     styled, _ = prompts("style", args.n, DEV_SEED + 1, *pair)
     table = {}
+    style_sets = ("all", "in0,out3") if args.style_blocks == "both" else (args.style_blocks,)
     jobs = [(split, name, flags, blocks, combo if split == "identity" else styled) for split, name, flags in RECIPES
-            for blocks in (("all",) if split == "identity" else ("all", "in0,out3"))]
+            for blocks in (("all",) if split == "identity" else style_sets)]
     for split, name, flags, blocks, captions in jobs:
         if only and not {name, f"{split}:{name}"} & only:
             continue

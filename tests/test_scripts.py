@@ -1,4 +1,7 @@
 """train.py and sample.py end to end on a small random-weight model, against diffusers where it applies."""
+import re
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -48,11 +51,20 @@ def test_blockwise_table_writes_only_its_blocks(layouts, images, tmp_path):
     assert any(m.startswith("lora_unet_down_blocks_0_") for m in modules) and any(m.startswith("lora_unet_up_blocks_3_") for m in modules)
 
 
-def test_resume_equals_the_uninterrupted_run(layouts, images, tmp_path):
+def test_resume_equals_the_uninterrupted_run(layouts, images, tmp_path, capsys):
     full = run_train(layouts, images, tmp_path / "full.safetensors", "--save-every", "4")
     half = tmp_path / "full-step000004.state.pt"
     assert half.is_file() and (tmp_path / "full-step000004.safetensors").is_file()
+    capsys.readouterr()
+    t0 = time.time()
     resumed = run_train(layouts, images, tmp_path / "resumed.safetensors", "--resume", str(half))
+    wall = time.time() - t0
+    # the summary's start-up line: this process's parts (not the first run's), adding up to its total
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("start-up "))
+    total, parts = re.match(r"start-up ([\d.]+)s to the end of the first step: (.*)$", line).groups()
+    seconds = dict((k, float(v)) for k, v in re.findall(r"([a-z ]+) ([\d.]+)s", parts.replace(", ", ",")))
+    assert list(seconds) == ["inputs", "model", "adapters and data", "first step"]  # no capture on the CPU
+    assert abs(sum(seconds.values()) - float(total)) <= 0.25 and float(total) <= wall
     a, b = load_file(str(full)), load_file(str(resumed))
     assert a.keys() == b.keys()  # as if never interrupted (bit for bit where the same kernels run; 1e-6 allows others)
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9) for k in a)
