@@ -13,8 +13,10 @@ load    in this process: minisd.load(folder) against StableDiffusionPipeline.fro
 train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, 16 images, --train-steps (150) at each of
         --train-batches (1), `train.py` against diffusers' examples/dreambooth/train_dreambooth_lora.py (only with
         --dreambooth PATH: it is not part of the diffusers package, and needs accelerate). Wall time, launch to exit,
-        includes loading and (train.py) latent caching. The order alternates over the settings (and over the reps
-        of sample), and every package's files are read once before the first timed process (warm_page_cache).
+        includes loading and (train.py) latent caching; train.py's rows also hold its start-up line (startup_s and
+        its parts, up to the end of the first step), and `python -c "import train"` is timed first (import rows:
+        the imports that line leaves out). The order alternates over the settings (and over the reps of sample),
+        and every package's files are read once before the first timed process (warm_page_cache).
 check   the first images of sample.py and of the diffusers script, max abs difference of 8-bit pixels.
 """
 import json
@@ -65,7 +67,7 @@ def gpu_memory_used():
 
 
 def run(cmd, pngs):
-    """(wall s, s to the first PNG under the folder `pngs`, peak GPU MiB) of one fresh process. The peak is
+    """(wall s, s to the first PNG under the folder `pngs`, peak GPU MiB, stdout) of one fresh process. The peak is
     nvidia-smi's memory.used polled every 0.2 s less what was in use before: this process's share, since the
     benchmark holds no GPU memory of its own between runs."""
     base, peak, done = gpu_memory_used(), [0], threading.Event()
@@ -83,7 +85,7 @@ def run(cmd, pngs):
     if result.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ...: exit {result.returncode}: {result.stderr[-2000:]}")
     first = min((p.stat().st_mtime for p in Path(pngs).glob("*.png")), default=None)
-    return wall, None if first is None else first - t0, None if base is None else peak[0]
+    return wall, None if first is None else first - t0, None if base is None else peak[0], result.stdout
 
 
 def warm_page_cache(packages=("torch", "transformers", "diffusers", "accelerate", "peft", "safetensors")):
@@ -118,7 +120,7 @@ def sampling(rec, args, folder, tmp):
                         "--height", str(size), "--width", str(size), "--seed", "0", "--prompt", PROMPT,
                         "--device", args.device, "--out", out / "sample.png"] if impl == "minisd" else
                        [sys.executable, script, folder, str(n), str(steps), str(size), out / "d", args.device, PROMPT])
-                wall, first, mib = run([str(c) for c in cmd], out)
+                wall, first, mib, _ = run([str(c) for c in cmd], out)
                 rec.add(section="sample", impl=impl, n=n, steps=steps, size=size, rep=rep, wall_s=wall,
                         first_image_s=first, peak_gpu_mib=mib)
         if not args.smoke:  # like for like: the first image of each (8-bit; fp16 and other kernels: rounding)
@@ -157,6 +159,7 @@ def training(rec, args, folder, tmp):
     for i in range(16):  # smooth random colour fields, 512²
         small = g.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BICUBIC).save(data / f"{i:03d}.png")
+    imports(rec, args, tmp)
     settings = [(steps, batch) for steps in ([2] if args.tiny else args.train_steps) for batch in args.train_batches]
     for i, (steps, batch) in enumerate(settings):
         train_pair(rec, args, folder, tmp, data, size, steps, batch, ours_first=i % 2 == 0)
@@ -177,8 +180,26 @@ def train_pair(rec, args, folder, tmp, data, size, steps, batch, ours_first):
         if impl == "diffusers" and not args.dreambooth:
             log("  train: diffusers skipped (no --dreambooth PATH)")
             continue
-        wall, _, mib = run([str(c) for c in cmd], tmp)
-        rec.add(section="train", impl=impl, steps=steps, batch=batch, size=size, wall_s=wall, peak_gpu_mib=mib)
+        wall, _, mib, stdout = run([str(c) for c in cmd], tmp)
+        rec.add(section="train", impl=impl, steps=steps, batch=batch, size=size, wall_s=wall, peak_gpu_mib=mib,
+                **(startup(stdout) if impl == "minisd" else {}))
+
+
+def startup(stdout):
+    """train.py's start-up line ("start-up 9.1s to the end of the first step: inputs 0.0s, model 1.1s, ...") as
+    {"startup_s": 9.1, "startup_parts": {"inputs": 0.0, ...}}; the imports before it are the "import" rows."""
+    line = next((x for x in stdout.splitlines() if x.startswith("start-up ")), None)
+    if line is None:
+        return {"startup_s": None}
+    head, parts = line.split(": ", 1)
+    return {"startup_s": float(head.split()[1].rstrip("s")),
+            "startup_parts": {k: float(v.rstrip("s")) for k, v in (x.rsplit(" ", 1) for x in parts.split(", "))}}
+
+
+def imports(rec, args, tmp):
+    """`python -c "import train"` in fresh processes (median of --reps): the start-up before train.py's own line."""
+    times = [run([sys.executable, "-c", "import train"], tmp)[0] for _ in range(args.reps)]
+    rec.add(section="import", impl="minisd", wall_s=statistics.median(times))
 
 
 def markdown(rows):
@@ -187,7 +208,7 @@ def markdown(rows):
     for r in rows:
         if r["section"] == "check":
             continue
-        what = {"sample": f"sample.py --n {r.get('n')}", "load": f"load {r.get('dtype')}",
+        what = {"sample": f"sample.py --n {r.get('n')}", "load": f"load {r.get('dtype')}", "import": "import train",
                 "train": f"DreamBooth-LoRA {r.get('steps')} steps, batch {r.get('batch')}"}
         keyed.setdefault(what[r["section"]], {}).setdefault(r["impl"], []).append(r)
     med = lambda rs, k: statistics.median(r[k] for r in rs) if rs and rs[0].get(k) is not None else None

@@ -74,6 +74,10 @@ def test_bench_script_smoke_mode_runs(name, bench_module, tmp_path, single_threa
     bench_module(name).main(["--smoke", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["rows"] and not result.get("errors"), result.get("errors")
+    if name == "user":  # train.py's start-up line, read back part by part, and the imports before it
+        train = next(r for r in result["rows"] if r["section"] == "train")
+        assert train["startup_s"] > 0 and set(train["startup_parts"]) >= {"model", "first step"}
+        assert next(r for r in result["rows"] if r["section"] == "import")["wall_s"] > 0
 
 
 def test_user_bench_table_puts_medians_side_by_side(bench_module):
