@@ -45,9 +45,8 @@ from minisd.images import grid, save_png, to_pil  # noqa: E402
 from blockwise import COARSE, INS, OUTS, run_jobs, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, pair_data, prompts,  # noqa: E402
-                                 rates, recipe_argv, render_setting)
-from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY  # noqa: E402
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, pair_arguments,  # noqa: E402
+                                 pair_data, prompts, rates, recipe_argv, render_setting)
 
 TINY = ROOT / "weights" / "tiny"
 FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
@@ -58,8 +57,7 @@ EVAL_SEED = 3000  # prompts and noise of training seed s: EVAL_SEED + 100 s (rec
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
-    p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
+    pair_arguments(p)
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--methods", default=None,
                    help="comma-separated lora/choose.py methods (default: all; --smoke: weights, the fast one)")

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, interval, pair_data,  # noqa: E402
-                                 prompts, rates, recipe_argv, render_setting, round_trip_both)
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, interval,  # noqa: E402
+                                 pair_arguments, pair_data, prompts, rates, recipe_argv, render_setting,
+                                 round_trip_both)
 from tinyworld.quality import grid  # noqa: E402
-from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 
@@ -57,8 +57,7 @@ def numbers(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/gates")
-    p.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
-    p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
+    pair_arguments(p)
     p.add_argument("--identity-flags", default=IDENTITY_RECIPE, help="train.py flags of the identity adapter")
     p.add_argument("--style-flags", default=STYLE_RECIPE, help="train.py flags of the style adapters")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")

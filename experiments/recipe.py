@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import Setting, held_pair, pair_data, prompts, rates, recipe_argv, render_setting  # noqa: E402
-from tinyworld.world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, write_set  # noqa: E402
+from tinyworld.evaluate import (Setting, held_pair, pair_arguments, pair_data, prompts, rates,  # noqa: E402
+                                 recipe_argv, render_setting)
+from tinyworld.world import write_set  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 DEV_SEED = 100  # development prompts and noise; gates.py and blockwise.py draw theirs from 1000 up
@@ -85,8 +86,7 @@ def score(sd, judge, adapter, captions, seed, pair):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/recipe")
-    p.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
-    p.add_argument("--style", default=HELD_STYLE.name, help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
+    pair_arguments(p)
     p.add_argument("--n", type=int, default=64, help="development prompts per adapter")
     p.add_argument("--only", help="comma-separated recipes, as name or data:name (default: all)")
     p.add_argument("--style-blocks", choices=["both", "all", "in0,out3"], default="both",
@@ -121,8 +121,8 @@ def main():
         table[f"{split} {blocks} {name}"] = {"flags": flags, "train seconds": round(seconds, 1), **r}
         print(f"{split:8s} {blocks:8s} {name:9s} identity {r['identity']:.2f} ({r['identity_sim']:.2f})  "
               f"style {r['style']:.2f} ({r['style_sim']:.2f})  {seconds:5.1f}s", flush=True)
-        report = {"n": args.n, "dev seed": DEV_SEED, "identity": pair[0], "style": pair[1].name, "device": torch.cuda.get_device_name()
-                  if args.device.startswith("cuda") else "cpu", "results": table}
+        report = {"n": args.n, "dev seed": DEV_SEED, "identity": pair[0], "style": pair[1].name,
+                  "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "results": table}
         (out / "recipe.json").write_text(json.dumps(report, indent=1))  # after each recipe: a cut-short run keeps them
 
 

@@ -31,6 +31,13 @@ def recipe_argv(data, blocks, out, flags, device, seed=0):
             "--device", device, *shlex.split(flags)]
 
 
+def pair_arguments(parser):
+    """--identity ID --style NAME: the held-out pair a script runs with (default: the main pair)."""
+    parser.add_argument("--identity", type=int, default=IDENTITY, help=f"held-out member id, one of {HELD_MEMBERS}")
+    parser.add_argument("--style", default=HELD_STYLE.name,
+                        help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
+
+
 def held_pair(parser, identity, style):
     """(member id, Style) of a --identity ID --style NAME pair, or parser.error naming the flag."""
     if identity not in HELD_MEMBERS:
