@@ -4,6 +4,7 @@ judges (tinyworld/judge.py) instead of by eye.
     python experiments/blockwise.py --algos locon --steps 100 --lr 5e-3     # CPU: small sweep, one seed: 19 min, below
     python experiments/blockwise.py --sweep full --seeds 0,1,2,3,4,5,6,7 --guidance 5,2,7.5 --workers 2 --cuda-graph
     python experiments/blockwise.py --smoke --out /tmp/blockwise_smoke      # the test suite's plumbing check
+    python experiments/blockwise.py --style bricks/6 --gates out/gates_bricks-6/gates.json --out out/bw_bricks-6
 
 For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
 blocks; style adapters ("zwx style", data/style) on all blocks and block-wise on subsets of the paper's coarse blocks
@@ -53,8 +54,8 @@ import lora  # noqa: E402
 import stats  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE  # noqa: E402
-from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, render  # noqa: E402
+from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, held_pair, pair_arguments, pair_data  # noqa: E402
+from tinyworld.world import BACKGROUNDS, HELD_STYLE, HELD_STYLES, IDENTITY, dataset, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 INS, OUTS = ("in0", "in1", "in2", "in3"), ("out0", "out1", "out2", "out3")
@@ -173,7 +174,7 @@ def train_job(job):
 def training_jobs(args, out, settings):
     """train.py argv for each adapter not found under out, of the (algo, seed) pairs not scored yet (a scored pair
     needs none: its evals/ alone carry the run across machines)."""
-    jobs = []
+    jobs, data_sets = [], pair_data(args.identity, args.style, out)
     for algo in args.algos:
         for seed in args.seeds:
             if evaluated(out, algo, seed, settings):
@@ -187,7 +188,7 @@ def training_jobs(args, out, settings):
                 recipe += ["--steps", str(args.steps)] if args.steps else []  # a later flag wins
                 recipe += ["--lr", str(args.lr)] if args.lr else []
                 if not path.exists():
-                    jobs.append(["--data", str(ROOT / "data" / data), "--blocks", blocks, *recipe, "--algo", algo,
+                    jobs.append(["--data", str(data_sets[data]), "--blocks", blocks, *recipe, "--algo", algo,
                                  "--rank", str(args.rank), "--batch", "4", "--seed", str(seed),
                                  "--out", str(path)] + te)
     return jobs
@@ -195,10 +196,10 @@ def training_jobs(args, out, settings):
 
 # --------------------------------------------------------------------------------------------- evaluation
 
-def eval_scenes(n, seed):
+def eval_scenes(n, seed, identity=IDENTITY, style=HELD_STYLE):
     """n held-out "sks character in zwx style" scenes of training seed `seed` (the same for every setting of the
     seed, fresh for each seed), their captions and true silhouettes."""
-    scenes = [s for _, _, s in dataset(n, seed=2024 + 100 * seed, split="combo")]
+    scenes = [s for _, _, s in dataset(n, seed=2024 + 100 * seed, split="combo", identity=identity, style=style)]
     return scenes, [s.caption() for s in scenes], np.stack([render(s)[1] for s in scenes])
 
 
@@ -217,7 +218,8 @@ def eval_path(out, algo, seed):
 
 def eval_settings(args):
     """What an (algo, seed)'s evaluation depends on besides its adapters: a kept one with other settings is redone."""
-    return {"sweep": args.sweep, "n": args.n, "sample_steps": args.sample_steps, "guidance": args.guidance}
+    return {"sweep": args.sweep, "n": args.n, "sample_steps": args.sample_steps, "guidance": args.guidance,
+            "identity": args.identity, "style": args.style.name}
 
 
 def evaluated(out, algo, seed, settings):
@@ -231,11 +233,12 @@ def eval_job(job):
     (safetensors)."""
     algo, seed, out, settings, device, threads = job
     sweep, n, steps, guidances = (settings[k] for k in ("sweep", "n", "sample_steps", "guidance"))
+    pair = settings["identity"], next(s for s in HELD_STYLES if s.name == settings["style"])
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=device)
     judge = judges.load(TINY / "judge.safetensors", device=device)
-    scenes, prompts, masks = eval_scenes(n, seed)
+    scenes, prompts, masks = eval_scenes(n, seed, *pair)
     results, thumbs = {}, {}
     for title, guidance, style, block_weights, with_identity, weight, ranges in renders(sweep, algo, guidances):
         if style and not adapter_file(out, algo, seed, "style", style).exists():
@@ -254,7 +257,7 @@ def eval_job(job):
                            cuda_graph=device.startswith("cuda"), on_step=gates).float().cpu()
         for name in names:
             lora.remove(sd.unet, name, sd.text_encoder)
-        s = judges.score(judge, images, IDENTITY, HELD_STYLE)
+        s = judges.score(judge, images, *pair)
         identity, style_ok, pred = s["identity"].numpy(), s["style"].numpy(), s["read"]
         results[title] = {"identity": identity.tolist(), "style": style_ok.tolist(),
                           "both": (identity & style_ok).tolist(),
@@ -298,11 +301,17 @@ def summarize(per_seed):
 
 # ---------------------------------------------------------------------------------------------------- main
 
-def read_gates(path):
-    """{gate: met} from experiments/gates.py's report; the results say "no conclusion" unless every gate is met."""
+def read_gates(path, identity=IDENTITY, style=HELD_STYLE):
+    """{gate: met} from experiments/gates.py's report for this pair; the results say "no conclusion" unless every
+    gate is met. (A report without the pair's ids is the main pair's: gates.py wrote none before it took others.)"""
     if not Path(path).is_file():
         return {f"{path} missing: run python experiments/gates.py": False}
-    return json.loads(Path(path).read_text())["gates"]
+    report = json.loads(Path(path).read_text())
+    ran = report["recipe"].get("identity"), report["recipe"].get("style")
+    ran = ran if isinstance(ran[0], int) else (IDENTITY, HELD_STYLE.name)
+    if ran != (identity, style.name):
+        return {f"{path} is for identity {ran[0]}, style {ran[1]}: run gates.py with this pair": False}
+    return report["gates"]
 
 
 def run_jobs(fn, jobs, workers, threads=False, deadline=None):
@@ -341,6 +350,7 @@ def own_streams():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pair_arguments(p)
     p.add_argument("--sweep", choices=["small", "full"], default="small",
                    help="small: style on all, in0+out3, in0, out3, mid; "
                         "full: all, every single block, every in+out pair")
@@ -371,6 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="the test suite's plumbing check: LoCon, small sweep, 2 "
                    "training steps, 2 images of 2 sampling steps per setting, on the CPU")
     args = p.parse_args(argv)
+    args.identity, args.style = held_pair(p, args.identity, args.style)
     if args.smoke:
         args.algos, args.sweep, args.steps, args.n, args.sample_steps, args.workers = "locon", "small", 2, 2, 2, 1
     args.algos = [a.strip() for a in args.algos.split(",")]
@@ -388,7 +399,7 @@ def main(argv=None):
     gpus = 0 if args.smoke else torch.cuda.device_count()
     devices = [f"cuda:{i % gpus}" for i in range(args.workers)] if gpus else ["cpu"] * args.workers
     threads = max(1, (os.cpu_count() or 1) // args.workers) if not gpus else 1
-    gates = read_gates(args.gates)
+    gates = read_gates(args.gates, args.identity, args.style)
     args.n = args.n or (64 if gpus else 16)
 
     deadline = t0 + args.budget_s if args.budget_s else None
@@ -409,7 +420,7 @@ def main(argv=None):
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
     tested = {algo: claims(rows) for algo, rows in raw.items()}
 
-    report = {"args": {k: v for k, v in vars(args).items()}, "gates": gates,
+    report = {"args": {**vars(args), "style": args.style.name}, "gates": gates,
               "seconds": {"training": round(t_train), "total": round(time.time() - t0)},
               "device": torch.cuda.get_device_name(0) if gpus else f"cpu ({os.cpu_count()} cores)",
               "summary": table, "claims": tested, "per_image": raw}
@@ -423,7 +434,8 @@ def main(argv=None):
 
 def markdown(report):
     a = report["args"]
-    lines = [f"Block-wise LoRA on minisd-tiny: {a['sweep']} sweep, seeds {a['seeds']}, "
+    lines = [f"Block-wise LoRA on minisd-tiny, identity {a.get('identity', IDENTITY)} in "
+             f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']}, "
              f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
              f"at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
              f"{report['device']}, {report['seconds']['total']} s.", "",

@@ -59,9 +59,13 @@ def test_training_uses_the_world_recipe_unless_told(tmp_path):
 
     import train
     from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE
-    args = SimpleNamespace(algos=["lora"], seeds=[0], sweep="small", full_seeds=1, te_rank=0, rank=8, steps=None, lr=None)
+    from tinyworld.world import HELD_STYLE
+    args = SimpleNamespace(algos=["lora"], seeds=[0], sweep="small", full_seeds=1, te_rank=0, rank=8, steps=None,
+                           lr=None, identity=IDENTITY, style=HELD_STYLE)
     parse = lambda argv: train.parse_args(argv + ["--ckpt", "x"])
     jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})}
+    assert Path(jobs["identity_all"].data) == ROOT / "data" / "identity"  # the main pair trains on the shipped sets
+    assert Path(jobs["style_all"].data) == ROOT / "data" / "style"
     recipe = lambda flags, key: float(flags.split(f"--{key} ")[1].split()[0])
     assert jobs["identity_all"].lr == recipe(IDENTITY_RECIPE, "lr") and jobs["style_all"].lr == recipe(STYLE_RECIPE, "lr")
     assert jobs["identity_all"].steps == recipe(IDENTITY_RECIPE, "steps") and jobs["style_all"].algo == "lora"
@@ -152,6 +156,21 @@ def test_a_held_out_pair_gets_its_own_sets_and_bad_ids_one_line(tmp_path, capsys
             held_pair(p, *bad)
         assert capsys.readouterr().err.strip().splitlines()[-1].split(": error: ")[1].startswith(
             "--style rings/7" if bad[1] == "rings/7" else "--identity -1")
+
+
+def test_the_claims_read_the_gates_of_their_own_pair(tmp_path):
+    """blockwise.py --identity/--style: a gates report counts only for the pair it was made with (one made before
+    gates.py took pairs, with recipe flags where the ids are now, is the main pair's)."""
+    from tinyworld.world import HELD_STYLE
+    met = {"G1": True, "G2": True}
+    path = tmp_path / "gates.json"
+    path.write_text(json.dumps({"recipe": {"identity": IDENTITY, "style": "bricks/6/0"}, "gates": met}))
+    assert blockwise.read_gates(path, IDENTITY, Style("bricks", 6)) == met
+    other = blockwise.read_gates(path, IDENTITY, HELD_STYLE)
+    assert list(other.values()) == [False] and "style bricks/6/0" in next(iter(other))
+    path.write_text(json.dumps({"recipe": {"identity": "--algo locon", "style": "--algo locon"}, "gates": met}))
+    assert blockwise.read_gates(path, IDENTITY, HELD_STYLE) == met
+    assert list(blockwise.read_gates(path, IDENTITY, Style("bricks", 6)).values()) == [False]
 
 
 def test_a_settings_global_weight_scales_its_adapter():
