@@ -97,7 +97,7 @@ def main():
         print(f"{setting.title:30s} identity {r['identity']:.2f}  style {r['style']:.2f}  both {r['both']:.2f}",
               flush=True)
     ceiling = round_trip_both(judge, sd.vae.float(), identity=identity_id, style=style_id)
-    report = {"recipe": vars(args), "vae round trip both": ceiling, "settings": results,
+    report = {"recipe": {**vars(args), "style": style_id.name}, "vae round trip both": ceiling, "settings": results,
               "gates": verdicts(results, ceiling), "seconds": round(time.time() - t0),
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     (out / "gates.json").write_text(json.dumps(report, indent=1))
