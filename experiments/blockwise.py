@@ -29,7 +29,8 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
-it to another machine), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png. Its tables say "no conclusion" unless every gate of experiments/gates.py is met for the recipe.
+it to another machine), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png. Its tables say "no
+conclusion" unless every gate of experiments/gates.py is met for the recipe.
 """
 import argparse
 import concurrent.futures as cf
@@ -55,7 +56,7 @@ import stats  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, held_pair, pair_arguments, pair_data  # noqa: E402
-from tinyworld.world import BACKGROUNDS, HELD_STYLE, HELD_STYLES, IDENTITY, dataset, render  # noqa: E402
+from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, held_style, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 INS, OUTS = ("in0", "in1", "in2", "in3"), ("out0", "out1", "out2", "out3")
@@ -233,7 +234,7 @@ def eval_job(job):
     (safetensors)."""
     algo, seed, out, settings, device, threads = job
     sweep, n, steps, guidances = (settings[k] for k in ("sweep", "n", "sample_steps", "guidance"))
-    pair = settings["identity"], next(s for s in HELD_STYLES if s.name == settings["style"])
+    pair = settings["identity"], held_style(settings["style"])
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # the tiny model's small activations otherwise hit slow denormal arithmetic
     sd = minisd.load(TINY, device=device)
@@ -309,7 +310,7 @@ def read_gates(path, identity=IDENTITY, style=HELD_STYLE):
     report = json.loads(Path(path).read_text())
     ran = report["recipe"].get("identity"), report["recipe"].get("style")
     ran = ran if isinstance(ran[0], int) else (IDENTITY, HELD_STYLE.name)
-    if ran[0] != identity or style.name not in (ran[1], f"{ran[1]}/0"):  # "bricks/6" is bricks/6/0
+    if ran[0] != identity or held_style(ran[1]) != style:
         return {f"{path} is for identity {ran[0]}, style {ran[1]}: run gates.py with this pair": False}
     return report["gates"]
 

@@ -14,7 +14,7 @@ import torch
 
 import lora
 from . import judge as judges
-from .world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, dataset, render, write_set
+from .world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, dataset, held_style, render, write_set
 
 # The adapter recipe (train.py flags, at --batch 4 --seed 0), chosen on development prompts by experiments/recipe.py
 # (docs/world.md): identity on data/identity's 48 images; style on data/style, the same flags for every block set.
@@ -42,7 +42,7 @@ def held_pair(parser, identity, style):
     """(member id, Style) of a --identity ID --style NAME pair, or parser.error naming the flag."""
     if identity not in HELD_MEMBERS:
         parser.error(f"--identity {identity}: not a held-out member; one of {HELD_MEMBERS}")
-    held = next((s for s in HELD_STYLES if s.name in (style, style + "/0")), None)
+    held = held_style(style)
     if held is None:
         parser.error(f"--style {style}: not a held-out style; one of {', '.join(s.name for s in HELD_STYLES)}")
     return identity, held

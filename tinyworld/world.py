@@ -115,6 +115,11 @@ HELD_STYLES = (HELD_STYLE, Style("rings", 6), Style("rings", 12), Style("zigzag"
                Style("zigzag", 12), Style("bricks", 6), Style("bricks", 8), Style("bricks", 12))
 
 
+def held_style(name):
+    """The held-out Style called `name` ("bricks/6/0", or "bricks/6": the angle 0 may be left out), or None."""
+    return next((s for s in HELD_STYLES if s.name in (name, f"{name}/0")), None)
+
+
 @dataclass(frozen=True)
 class Scene:
     subject: str  # one of SUBJECTS
