@@ -55,7 +55,8 @@ import lora  # noqa: E402
 import stats  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE, held_pair, pair_arguments, pair_data  # noqa: E402
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, check_kept, held_pair, pair_arguments,  # noqa: E402
+                                 pair_data, style_recipe)
 from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, held_style, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
@@ -185,13 +186,16 @@ def training_jobs(args, out, settings):
             for data, blocks in adapters:
                 path = adapter_file(out, algo, seed, data, blocks)
                 te = ["--te-rank", str(args.te_rank)] if data == "identity" and args.te_rank else []
-                recipe = shlex.split(IDENTITY_RECIPE if data == "identity" else STYLE_RECIPE)  # the gates' recipe
-                recipe += ["--steps", str(args.steps)] if args.steps else []  # a later flag wins
-                recipe += ["--lr", str(args.lr)] if args.lr else []
-                if not path.exists():
-                    jobs.append(["--data", str(data_sets[data]), "--blocks", blocks, *recipe, "--algo", algo,
-                                 "--rank", str(args.rank), "--batch", "4", "--seed", str(seed),
-                                 "--out", str(path)] + te)
+                flags = IDENTITY_RECIPE if data == "identity" else STYLE_RECIPE  # the gates' recipe
+                flags += f" --steps {args.steps}" if args.steps else ""  # a later flag wins
+                flags += f" --lr {args.lr}" if args.lr else ""
+                flags = style_recipe(blocks, flags, args.subset_steps) if data == "style" else flags
+                argv = ["--data", str(data_sets[data]), "--blocks", blocks, *shlex.split(flags), "--algo", algo,
+                        "--rank", str(args.rank), "--batch", "4", "--seed", str(seed), "--out", str(path)] + te
+                if path.exists():
+                    check_kept(path, argv)
+                else:
+                    jobs.append(argv)
     return jobs
 
 
@@ -220,7 +224,7 @@ def eval_path(out, algo, seed):
 def eval_settings(args):
     """What an (algo, seed)'s evaluation depends on besides its adapters: a kept one with other settings is redone."""
     return {"sweep": args.sweep, "n": args.n, "sample_steps": args.sample_steps, "guidance": args.guidance,
-            "identity": args.identity, "style": args.style.name}
+            "identity": args.identity, "style": args.style.name, "subset_steps": args.subset_steps}
 
 
 def evaluated(out, algo, seed, settings):
@@ -265,7 +269,7 @@ def eval_job(job):
                           "prompt": [p == s.background for p, s in zip(pred["background"], scenes)],
                           "iou": silhouette_iou(images, scenes, masks).tolist(),
                           "identity_sim": s["identity_sim"].tolist(), "style_sim": s["style_sim"].tolist()}
-        thumbs[title] = (images[:4] * 255).round().to(torch.uint8)
+        thumbs[title] = (images[:4] * 255).round().to(torch.uint8).contiguous()  # the VAE may give channels_last
     path = eval_path(out, algo, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(thumbs, path.with_suffix(".safetensors"))
@@ -302,9 +306,10 @@ def summarize(per_seed):
 
 # ---------------------------------------------------------------------------------------------------- main
 
-def read_gates(path, identity=IDENTITY, style=HELD_STYLE):
-    """{gate: met} from experiments/gates.py's report for this pair; the results say "no conclusion" unless every
-    gate is met. (A report without the pair's ids is the main pair's: gates.py wrote none before it took others.)"""
+def read_gates(path, identity=IDENTITY, style=HELD_STYLE, subset_steps=None):
+    """{gate: met} from experiments/gates.py's report for this pair and --subset-steps; the results say "no
+    conclusion" unless every gate is met. (A report without the pair's ids is the main pair's: gates.py wrote none
+    before it took others.)"""
     if not Path(path).is_file():
         return {f"{path} missing: run python experiments/gates.py": False}
     report = json.loads(Path(path).read_text())
@@ -312,6 +317,9 @@ def read_gates(path, identity=IDENTITY, style=HELD_STYLE):
     ran = ran if isinstance(ran[0], int) else (IDENTITY, HELD_STYLE.name)
     if ran[0] != identity or held_style(ran[1]) != style:
         return {f"{path} is for identity {ran[0]}, style {ran[1]}: run gates.py with this pair": False}
+    if report["recipe"].get("subset_steps") != subset_steps:
+        return {f"{path} has --subset-steps {report['recipe'].get('subset_steps')}: run gates.py with "
+                f"--subset-steps {subset_steps}": False}
     return report["gates"]
 
 
@@ -362,6 +370,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per adapter (default: the world's recipe, tinyworld.evaluate, as the gates)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
+    p.add_argument("--subset-steps", type=int, default=None, help="training steps of the style adapters on a block "
+                   "subset (default: as the all-block one's; gates.py --subset-steps must have said the same)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--te-rank", type=int, default=0, help="text-encoder rank of the identity adapter (0: U-Net only)")
     p.add_argument("--n", type=int, default=None, help="images (prompts) per setting and seed (default: 64 on a GPU, "
@@ -400,7 +410,7 @@ def main(argv=None):
     gpus = 0 if args.smoke else torch.cuda.device_count()
     devices = [f"cuda:{i % gpus}" for i in range(args.workers)] if gpus else ["cpu"] * args.workers
     threads = max(1, (os.cpu_count() or 1) // args.workers) if not gpus else 1
-    gates = read_gates(args.gates, args.identity, args.style)
+    gates = read_gates(args.gates, args.identity, args.style, args.subset_steps)
     args.n = args.n or (64 if gpus else 16)
 
     deadline = t0 + args.budget_s if args.budget_s else None
@@ -438,6 +448,7 @@ def markdown(report):
     lines = [f"Block-wise LoRA on minisd-tiny, identity {a.get('identity', IDENTITY)} in "
              f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']}, "
              f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
+             f"({a.get('subset_steps') or 'the same'} on block subsets) "
              f"at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
              f"{report['device']}, {report['seconds']['total']} s.", "",
              "Gates: " + "; ".join(f"{g}: {'met' if ok else 'NOT MET'}" for g, ok in report["gates"].items()), "",

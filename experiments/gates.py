@@ -10,6 +10,7 @@ experiments before they draw a conclusion):
     python experiments/gates.py --n 32 --device cpu      # 2-core CPU, about 10 minutes
     python experiments/gates.py --style-weights 0.25,0.5,0.75   # and identity + style(all) at weaker styles
     python experiments/gates.py --style bricks/6 --out out/gates_bricks-6   # another held-out pair
+    python experiments/gates.py --style bricks/6 --subset-steps 12800 --out out/gates_bricks-6   # the claim study's
 
 Writes <out>/gates.json (every image's scores, the recipe, the verdicts) and one grid per setting.
 """
@@ -27,17 +28,20 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, interval,  # noqa: E402
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, check_kept, held_pair, interval,  # noqa: E402
                                  pair_arguments, pair_data, prompts, rates, recipe_argv, render_setting,
-                                 round_trip_both)
+                                 round_trip_both, style_recipe)
 from tinyworld.quality import grid  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 
 
 def train_adapter(data, blocks, out, flags, args):
-    if not out.exists():
-        train.main([*recipe_argv(data, blocks, out, flags, args.device, args.seed), "--quiet"])
+    argv = recipe_argv(data, blocks, out, flags, args.device, args.seed)
+    if out.exists():
+        check_kept(out, argv)
+    else:
+        train.main([*argv, "--quiet"])
     return out
 
 
@@ -60,6 +64,8 @@ def main():
     pair_arguments(p)
     p.add_argument("--identity-flags", default=IDENTITY_RECIPE, help="train.py flags of the identity adapter")
     p.add_argument("--style-flags", default=STYLE_RECIPE, help="train.py flags of the style adapters")
+    p.add_argument("--subset-steps", type=int, default=None, help="training steps of the in0,out3 style adapter "
+                   "(default: --style-flags' own; experiments/blockwise.py takes the same flag for every block subset)")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--style-weights", type=numbers, default=[], help="comma-separated global weights of the "
@@ -70,10 +76,11 @@ def main():
     identity_id, style_id = held_pair(p, args.identity, args.style)
     t0, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flags = {"identity": args.identity_flags, "style": args.style_flags}
+    flags = lambda split, blocks: (args.identity_flags if split == "identity"
+                                   else style_recipe(blocks, args.style_flags, args.subset_steps))
     data = pair_data(identity_id, style_id, out)
-    a = lambda split, blocks: train_adapter(data[split], blocks,
-                                            out / f"{split}_{blocks.replace(',', '_')}.safetensors", flags[split], args)
+    a = lambda split, blocks: train_adapter(data[split], blocks, out / f"{split}_{blocks.replace(',', '_')}.safetensors",
+                                            flags(split, blocks), args)
     identity, style_all, style_bw = a("identity", "all"), a("style", "all"), a("style", "in0,out3")
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)

@@ -66,6 +66,7 @@ RECIPES = [  # (data set, name, train.py flags), in the order they run: a run cu
     ("style", "r16s6400", "--algo locon --rank 16 --lr 5e-3 --steps 6400"),
     ("style", "lr7e-3s6400", "--algo locon --rank 8 --lr 7e-3 --steps 6400"),
     ("style", "constant6400", "--algo locon --rank 8 --lr 5e-3 --steps 6400 --schedule constant"),
+    ("style", "d48s6400", "--algo locon --rank 8 --lr 5e-3 --steps 6400 --data {style48}"),
 ]
 # The chosen recipe is tinyworld.evaluate.IDENTITY_RECIPE and STYLE_RECIPE (used by gates.py and demo.py).
 

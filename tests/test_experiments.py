@@ -61,7 +61,7 @@ def test_training_uses_the_world_recipe_unless_told(tmp_path):
     from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE
     from tinyworld.world import HELD_STYLE
     args = SimpleNamespace(algos=["lora"], seeds=[0], sweep="small", full_seeds=1, te_rank=0, rank=8, steps=None,
-                           lr=None, identity=IDENTITY, style=HELD_STYLE)
+                           lr=None, subset_steps=None, identity=IDENTITY, style=HELD_STYLE)
     parse = lambda argv: train.parse_args(argv + ["--ckpt", "x"])
     jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})}
     assert Path(jobs["identity_all"].data) == ROOT / "data" / "identity"  # the main pair trains on the shipped sets
@@ -72,6 +72,26 @@ def test_training_uses_the_world_recipe_unless_told(tmp_path):
     args.steps, args.lr = 200, 5e-3
     jobs = [parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})]
     assert all(a.steps == 200 and a.lr == 5e-3 and a.algo == "lora" for a in jobs)
+    args.subset_steps = 12800  # --subset-steps: the style adapters on a block subset only, over --steps
+    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})}
+    assert {k: a.steps for k, a in jobs.items()} == {"identity_all": 200, "style_all": 200, "style_in0+out3": 12800,
+                                                     "style_in0": 12800, "style_out3": 12800, "style_mid": 12800}
+
+
+def test_a_kept_adapter_from_another_recipe_stops_the_run():
+    """blockwise.py and gates.py keep adapters already under --out; one whose kohya metadata names other --steps or
+    --lr than the run asks stops it in one line, naming the file (the shipped adapters: 1600 steps at lr 5e-3)."""
+    import shlex
+
+    from tinyworld.evaluate import STYLE_RECIPE, check_kept, style_recipe
+    kept = ROOT / "weights" / "tiny" / "adapters" / "style_all.safetensors"
+    check_kept(kept, ["--data", "x", *shlex.split(STYLE_RECIPE)])  # the recipe it was trained with: kept
+    check_kept(kept, ["--lr", "5e-3", "--steps", "9", "--steps", "1600"])  # the last flag counts, as in argparse
+    for flags in (style_recipe("in0", subset_steps=12800), STYLE_RECIPE + " --lr 0.01"):
+        with pytest.raises(SystemExit) as stop:
+            check_kept(kept, shlex.split(flags))
+        assert str(stop.value).startswith(f"{kept}: kept from a run with --")
+    assert style_recipe("all", subset_steps=12800) == STYLE_RECIPE == style_recipe("in0")
 
 
 def test_summary_is_a_t_interval_over_seed_means():
@@ -172,6 +192,11 @@ def test_the_claims_read_the_gates_of_their_own_pair(tmp_path):
     path.write_text(json.dumps({"recipe": {"identity": "--algo locon", "style": "--algo locon"}, "gates": met}))
     assert blockwise.read_gates(path, IDENTITY, HELD_STYLE) == met
     assert list(blockwise.read_gates(path, IDENTITY, Style("bricks", 6)).values()) == [False]
+    path.write_text(json.dumps({"recipe": {"identity": IDENTITY, "style": "bricks/6/0", "subset_steps": 12800},
+                                "gates": met}))  # and only for the block subsets' training length it was made with
+    assert blockwise.read_gates(path, IDENTITY, Style("bricks", 6), subset_steps=12800) == met
+    other = blockwise.read_gates(path, IDENTITY, Style("bricks", 6))
+    assert list(other.values()) == [False] and "--subset-steps 12800" in next(iter(other))
 
 
 def test_a_settings_global_weight_scales_its_adapter():
