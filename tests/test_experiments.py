@@ -117,11 +117,48 @@ def test_claims_compare_the_paper_settings_image_by_image():
     c3, c4 = tested[next(iter(tested))], tested[list(tested)[1]]
     assert c3["mean"] == pytest.approx(0.5) and c3["verdict"] == "holds" and c3["seeds"] == 3
     assert c4["mean"] == pytest.approx((0.375 - 0 + 0.75 - 0.25 + 0.25 - 0) / 3)  # (in0 + out3) / 2 - mid
-    lines = blockwise.claims_markdown(tested, judged=False)
+    lines = blockwise.claims_markdown(tested, {"G1": True, "G2": False})
     assert len(lines) == 4 and all("not judged (gate)" in line for line in lines[2:])
     # gates met, but 3 seeds are fewer than the protocol's 8: the interval's reading is shown, not judged
-    assert "| not judged: 3 of " in blockwise.claims_markdown(tested, judged=True)[2]
-    assert "seeds (interval alone: holds) |" in blockwise.claims_markdown(tested, judged=True)[2]
+    assert "| not judged: 3 of " in blockwise.claims_markdown(tested, {"G1": True})[2]
+    assert "seeds (interval alone: holds) |" in blockwise.claims_markdown(tested, {"G1": True})[2]
+
+
+def test_claim_3_at_matched_style_strength_takes_the_nearest_weight():
+    """With the full sweep's trade-off rows, claim 3 is also compared against the all-block style adapter at the
+    weight whose style rate (mean over seeds) is nearest the in0+out3 adapter's; G2 does not bind that row (issue 18's
+    gate: "or the comparison is made at matched style strength"), every other gate does."""
+    rate = lambda style, both: {s: {"style": style, "both": both, "identity": both} for s in range(2)}
+    rows = {"id + style(in0,out3)": rate([1, 1, 0, 0], [1, 0, 1, 0]),  # style 0.5
+            "id + style(all)": rate([1, 1, 1, 1], [0, 0, 0, 0]),  # 1.0
+            "id + style(all) x0.5": rate([1, 1, 1, 0], [1, 0, 0, 0]),  # 0.75
+            "id + style(all) x0.25": rate([1, 0, 0, 0], [0, 0, 0, 0])}  # 0.25: as near as 0.75; the first listed wins
+    assert blockwise.matched_weight(rows) == "id + style(all) x0.25"
+    rows["id + style(all) x0.75"] = rate([1, 1, 0, 0], [0, 0, 0, 0])  # 0.5: the nearest
+    tested = blockwise.claims(rows, n_boot=200)
+    matched = tested[blockwise.MATCHED]
+    assert matched["b"] == ["id + style(all) x0.75"] and matched["mean"] == pytest.approx(0.5)
+    lines = blockwise.claims_markdown(tested, {"G1": True, "G2 style only": False})
+    assert "not judged (gate)" in lines[2] and "(b: id + style(all) x0.75)" in lines[3]
+    assert "not judged (gate)" not in lines[3]  # G2 does not bind it; 2 seeds do
+    assert blockwise.matched_weight({k: v for k, v in rows.items() if " x" not in k}) is None  # no trade-off rows
+
+
+def test_gates_are_read_on_the_runs_own_seeds():
+    """G1, G2 and G4 come from the run's own means over seeds; G3 and any problem with gates.py's report from the
+    report; a row the run lacks (style only on in0+out3 in the small sweep) is a gate not met."""
+    summary = {"identity only": {"identity": (0.93, 0.02)}, "style only": {"style": (0.91, 0.03)},
+               "style only(in0,out3)": {"style": (0.95, 0.02)}, "id + style(all)": {"both": (0.19, 0.04)}}
+    reported = {"G1 identity-only identity >= 0.90": False, "G3 VAE round trip both >= 0.95": True}
+    g = blockwise.run_gates(summary, reported)
+    assert [ok for name, ok in g.items() if name.startswith(("G1", "G2", "G3", "G4"))] == [True, True, False, True]
+    assert len(g) == 4  # gates.py's own G1 reading is replaced, not added
+    summary["id + style(all)"]["both"] = (0.2, 0.04)
+    assert all(blockwise.run_gates(summary, reported).values())
+    del summary["style only(in0,out3)"]
+    assert not blockwise.run_gates(summary, reported)["G2 style only: style >= 0.90 (all; in0,out3)"]
+    missing = blockwise.run_gates(summary, {"out/gates.json missing: run python experiments/gates.py": False})
+    assert list(missing)[-1].startswith("out/gates.json missing") and not all(missing.values())
 
 
 def test_wilson_interval_by_hand():
