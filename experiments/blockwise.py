@@ -152,7 +152,8 @@ def claims(rows, n_boot=10_000):
     """{claim: stats.compare of its settings} for one algorithm's {title: {seed: {metric: values}}}; a claim on the
     identity also gets its retention (among the images where setting b got the identity right)."""
     out, matched = {}, matched_weight(rows)
-    for claim, metric, a, b, sign in CLAIMS + ([(MATCHED, "both", [CLAIMS[2][2][0]], [matched], +1)] if matched else []):
+    at_matched_style = [(MATCHED, "both", ["id + style(in0,out3)"], [matched], +1)] if matched else []
+    for claim, metric, a, b, sign in CLAIMS + at_matched_style:
         a, b = [t for t in a if t in rows], [t for t in b if t in rows]
         if not a or not b:
             continue
@@ -335,9 +336,9 @@ def run_gates(summary, reported):
 
 
 def read_gates(path, identity=IDENTITY, style=HELD_STYLE, subset_steps=None):
-    """{gate: met} from experiments/gates.py's report for this pair and --subset-steps; the results say "no
-    conclusion" unless every gate is met. (A report without the pair's ids is the main pair's: gates.py wrote none
-    before it took others.)"""
+    """{gate: met} from experiments/gates.py's report for this pair and --subset-steps, or {the problem: False} (a
+    report without the pair's ids is the main pair's: gates.py wrote none before it took others). run_gates takes
+    its G3 and any problem for the claims."""
     if not Path(path).is_file():
         return {f"{path} missing: run python experiments/gates.py": False}
     report = json.loads(Path(path).read_text())

@@ -79,7 +79,8 @@ def main():
     flags = lambda split, blocks: (args.identity_flags if split == "identity"
                                    else style_recipe(blocks, args.style_flags, args.subset_steps))
     data = pair_data(identity_id, style_id, out)
-    a = lambda split, blocks: train_adapter(data[split], blocks, out / f"{split}_{blocks.replace(',', '_')}.safetensors",
+    a = lambda split, blocks: train_adapter(data[split], blocks,
+                                            out / f"{split}_{blocks.replace(',', '_')}.safetensors",
                                             flags(split, blocks), args)
     identity, style_all, style_bw = a("identity", "all"), a("style", "all"), a("style", "in0,out3")
     sd = minisd.load(TINY, device=args.device)
