@@ -126,8 +126,9 @@ def test_claims_compare_the_paper_settings_image_by_image():
 
 def test_claim_3_at_matched_style_strength_takes_the_nearest_weight():
     """With the full sweep's trade-off rows, claim 3 is also compared against the all-block style adapter at the
-    weight whose style rate (mean over seeds) is nearest the in0+out3 adapter's; G2 does not bind that row (issue 18's
-    gate: "or the comparison is made at matched style strength"), every other gate does."""
+    weight whose style rate (mean over seeds) is nearest the in0+out3 adapter's. G2 does not bind that row (issue 18's
+    gate: "or the comparison is made at matched style strength") and G4 is read on its own baseline (G4m); every
+    other gate binds it."""
     rate = lambda style, both: {s: {"style": style, "both": both, "identity": both} for s in range(2)}
     rows = {"id + style(in0,out3)": rate([1, 1, 0, 0], [1, 0, 1, 0]),  # style 0.5
             "id + style(all)": rate([1, 1, 1, 1], [0, 0, 0, 0]),  # 1.0
@@ -138,9 +139,13 @@ def test_claim_3_at_matched_style_strength_takes_the_nearest_weight():
     tested = blockwise.claims(rows, n_boot=200)
     matched = tested[blockwise.MATCHED]
     assert matched["b"] == ["id + style(all) x0.75"] and matched["mean"] == pytest.approx(0.5)
-    lines = blockwise.claims_markdown(tested, {"G1": True, "G2 style only": False})
+    gates = {"G1": True, "G2 style only": False, "G4 identity + style (all)": False, "G4m matched": True}
+    lines = blockwise.claims_markdown(tested, gates)
     assert "not judged (gate)" in lines[2] and "(b: id + style(all) x0.75)" in lines[3]
-    assert "not judged (gate)" not in lines[3]  # G2 does not bind it; 2 seeds do
+    assert "not judged (gate)" not in lines[3]  # neither G2 nor G4 at weight 1 binds it; 2 seeds do
+    assert "not judged (gate)" in blockwise.claims_markdown(tested, {**gates, "G4m matched": False})[3]
+    assert "not judged (gate)" in blockwise.claims_markdown(tested, {**gates, "G1": False})[3]
+    assert blockwise.binds("G4m matched", "3 style on in0+out3 ...") is False
     assert blockwise.matched_weight({k: v for k, v in rows.items() if " x" not in k}) is None  # no trade-off rows
 
 
@@ -159,6 +164,9 @@ def test_gates_are_read_on_the_runs_own_seeds():
     assert not blockwise.run_gates(summary, reported)["G2 style only: style >= 0.90 (all; in0,out3)"]
     missing = blockwise.run_gates(summary, {"out/gates.json missing: run python experiments/gates.py": False})
     assert list(missing)[-1].startswith("out/gates.json missing") and not all(missing.values())
+    summary["id + style(all) x0.5"] = {"both": (0.35, 0.05)}  # claim 3m's baseline: G4 read on it too (G4m)
+    g = blockwise.run_gates(summary, reported, matched="id + style(all) x0.5")
+    assert g["G4m id + style(all) x0.5: both in [0.2, 0.7]"] is True
 
 
 def test_wilson_interval_by_hand():
