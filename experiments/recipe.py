@@ -68,7 +68,9 @@ RECIPES = [  # (data set, name, train.py flags), in the order they run: a run cu
     ("style", "constant6400", "--algo locon --rank 8 --lr 5e-3 --steps 6400 --schedule constant"),
     ("style", "d48s6400", "--algo locon --rank 8 --lr 5e-3 --steps 6400 --data {style48}"),
 ]
-# The chosen recipe is tinyworld.evaluate.IDENTITY_RECIPE and STYLE_RECIPE (used by gates.py and demo.py).
+# The chosen recipe is tinyworld.evaluate.IDENTITY_RECIPE and STYLE_RECIPE (used by gates.py and demo.py); the
+# claim study's style adapters on block subsets train as row s12800 (bricks/6: --subset-steps 12800 in gates.py and
+# blockwise.py).
 
 
 

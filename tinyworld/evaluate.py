@@ -18,7 +18,8 @@ from . import judge as judges
 from .world import HELD_MEMBERS, HELD_STYLE, HELD_STYLES, IDENTITY, dataset, held_style, render, write_set
 
 # The adapter recipe (train.py flags, at --batch 4 --seed 0), chosen on development prompts by experiments/recipe.py
-# (docs/world.md): identity on data/identity's 48 images; style on data/style, the same flags for every block set.
+# (docs/world.md): identity on data/identity's 48 images; style on data/style, the same flags for every block set
+# unless --subset-steps says otherwise (style_recipe).
 # 96 identity images at lr 5e-3 read 0.94 against this one's 0.91 on the development prompts, but a second run of
 # that recipe stopped on a NaN loss at step 298 (bf16 on the GPU).
 IDENTITY_RECIPE = "--algo locon --rank 8 --lr 3e-3 --steps 1600"
