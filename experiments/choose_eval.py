@@ -45,8 +45,9 @@ from minisd.images import grid, save_png, to_pil  # noqa: E402
 from blockwise import COARSE, INS, OUTS, run_jobs, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, held_pair, pair_arguments,  # noqa: E402
-                                 pair_data, prompts, rates, recipe_argv, render_setting)
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, check_kept, held_pair,  # noqa: E402
+                                 pair_arguments, pair_data, prompts, rates, recipe_argv, render_setting,
+                                 style_recipe)
 
 TINY = ROOT / "weights" / "tiny"
 FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
@@ -63,6 +64,8 @@ def parse_args(argv=None):
                    help="comma-separated lora/choose.py methods (default: all; --smoke: weights, the fast one)")
     p.add_argument("--budget", default="in0,out3", help="parameters, a fraction <= 1, or a block set whose size it is")
     p.add_argument("--rank", type=int, default=8, help="style adapter rank (the recipe's)")
+    p.add_argument("--subset-steps", type=int, default=None, help="training steps of the style adapters on a block "
+                   "subset (default: the recipe's, as the all-block one's; blockwise.py's flag)")
     p.add_argument("--n", type=int, default=64, help="evaluation prompts per setting")
     p.add_argument("--sample-steps", type=int, default=30)
     p.add_argument("--workers", type=int, default=1,
@@ -72,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action="store_true", help="train with train.py --cuda-graph (GPU)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new work after this many seconds")
     p.add_argument("--kept", default=None, help="an earlier results.json whose scores and choices to keep (made "
-                   "with the same pair, --n, --sample-steps, --budget, --rank and recipe)")
+                   "with the same pair, --n, --sample-steps, --budget, --rank, --subset-steps and recipe)")
     p.add_argument("--smoke", action="store_true", help="plumbing check: 3 sets, 2 steps, 4 images, CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="out/choose")
@@ -115,8 +118,8 @@ def keep(path, out, args):
     """Write the scores and method choices of an earlier results.json under out (files already there win), after
     checking that it was made with this run's pair and settings."""
     report = json.loads(Path(path).read_text())
-    same = ("identity", "style", "n", "sample_steps", "budget", "rank", "recipe")
-    if diff := [k for k in same if report["args"][k] != (args.style.name if k == "style" else vars(args)[k])]:
+    same = ("identity", "style", "n", "sample_steps", "budget", "rank", "subset_steps", "recipe")
+    if diff := [k for k in same if report["args"].get(k) != (args.style.name if k == "style" else vars(args)[k])]:
         sys.exit(f"--kept {path}: made with other {', '.join(diff)} than this run")
     seed_and_set = lambda key: (int(key.split()[0].removeprefix("seed")), key.split()[1])  # "seed3 in0,out3"
     files = {score_path(out, *seed_and_set(key)): r for key, r in report["per image"].items()}
@@ -142,8 +145,13 @@ def train_all(args, out, data, wanted, deadline):
     """Train the (seed, data, blocks) adapters not found under out."""
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     threads = 1 if gpus else max(1, (os.cpu_count() or 1) // args.workers)
-    jobs = [(recipe_argv(data[d], blocks, adapter_path(out, seed, d, blocks), args.recipe[d], args.device, seed),
-             args.device, threads, args.cuda_graph) for seed, d, blocks in wanted
+    argv = lambda seed, d, blocks: recipe_argv(data[d], blocks, adapter_path(out, seed, d, blocks),
+                                               style_recipe(blocks, args.recipe[d], args.subset_steps)
+                                               if d == "style" else args.recipe[d], args.device, seed)
+    for seed, d, blocks in wanted:
+        if adapter_path(out, seed, d, blocks).exists():
+            check_kept(adapter_path(out, seed, d, blocks), argv(seed, d, blocks))
+    jobs = [(argv(seed, d, blocks), args.device, threads, args.cuda_graph) for seed, d, blocks in wanted
             if not adapter_path(out, seed, d, blocks).exists()]
     print(f"training {len(jobs)} adapters", flush=True)
     return run_jobs(train_job, jobs, args.workers, args.threads, deadline)
@@ -268,6 +276,7 @@ def markdown(report):
     a = report["args"]
     lines = [f"Choosing blocks against the oracle: identity {a['identity']}, style {a['style']}, seeds {a['seeds']}, "
              f"budget {report['budget']:.0f} parameters ({a['budget']}), {a['n']} prompts per setting, "
+             f"style adapters on block sets trained {a.get('subset_steps') or 'the recipe'} steps, "
              f"this run (what was not kept already): {report['seconds']} s on {report['device']}.", "",
              "| method | seed | chosen | params | both | oracle best (both) | regret | tau | win rate |",
              "|---" * 9 + "|"]

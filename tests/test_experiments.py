@@ -406,6 +406,24 @@ def test_choose_eval_recompiles_the_published_oracle_from_its_kept_scores(tmp_pa
         assert close(report[key], kept[key]), key  # numpy's sums may round otherwise on another CPU
     with pytest.raises(SystemExit, match=r"--kept .*choose_oracle.json: made with other n than this run"):
         choose_eval.main([*argv, "--n", "32", "--out", str(tmp_path / "other")])
+    longer = tmp_path / "longer.json"  # the block sets' adapters trained longer (--subset-steps): other scores
+    longer.write_text(json.dumps({**kept, "args": {**kept["args"], "subset_steps": 12800}}))
+    with pytest.raises(SystemExit, match=r"--kept .*longer.json: made with other subset_steps than this run"):
+        choose_eval.main([*argv, "--kept", str(longer), "--out", str(tmp_path / "longer")])
+
+
+def test_choose_eval_trains_the_block_sets_for_subset_steps(tmp_path, monkeypatch):
+    """choose_eval.py --subset-steps: the oracle's style adapters on a block set train that long; the all-block style
+    adapter (which the methods read) and the identity keep the recipe, as in blockwise.py and gates.py."""
+    import choose_eval
+    import train
+    started = []
+    monkeypatch.setattr(choose_eval, "run_jobs", lambda fn, jobs, *rest: started.extend(jobs) or True)
+    args = choose_eval.parse_args(["--style", "bricks/6", "--subset-steps", "12800", "--device", "cpu"])
+    wanted = [(0, "style", "in0,out3"), (0, "style", "all"), (0, "identity", "all")]
+    choose_eval.train_all(args, tmp_path, {"identity": tmp_path / "i", "style": tmp_path / "s"}, wanted, None)
+    steps = [train.parse_args(argv + ["--ckpt", "x"]).steps for argv, *_ in started]
+    assert steps == [12800, 1600, 1600]
 
 
 def test_the_published_bricks_claims_recompute_from_their_per_image_scores():
