@@ -179,15 +179,34 @@ def adapter_file(out, algo, seed, data, blocks):
 
 # ----------------------------------------------------------------------------------------------- training
 
+SAVE_EVERY = 1600  # a train job's checkpoints: a call cut off by its time limit loses at most this many steps
+
+
 def train_job(job):
-    """One adapter, in a worker process: train.main with the recipe's flags, in float32 on any device (the tiny
-    model's results then do not depend on where it ran)."""
+    """One adapter, in a worker: train.main with the recipe's flags, in float32 on any device (the tiny model's
+    results then do not depend on where it ran), resumed from its newest checkpoint if an earlier run left one
+    (a job's own --save-every wins over SAVE_EVERY); a finished adapter keeps no checkpoints."""
     argv, device, threads, cuda_graph = job
     torch.set_num_threads(threads)
     import train
+    out = Path(argv[argv.index("--out") + 1])
+    resume = ["--resume"] if train.state_files(out) else []
     graph = cuda_graph and "--te-rank" not in argv  # the graph path keeps the text encoder frozen
-    train.main(argv + ["--device", device, "--mixed-precision", "no", "--quiet"] + (["--cuda-graph"] if graph else []))
-    return argv[argv.index("--out") + 1]
+    train.main(["--save-every", str(SAVE_EVERY)] + argv + ["--device", device, "--mixed-precision", "no", "--quiet"]
+               + resume + (["--cuda-graph"] if graph else []))
+    prune_checkpoints(out, keep=0)
+    return str(out)
+
+
+def prune_checkpoints(adapter, keep=1):
+    """Delete train.py's checkpoints beside an adapter file (<stem>-stepN.state.pt and .safetensors) but the newest
+    `keep`: an unfinished adapter resumes from its newest, a finished one needs none (and the folder stays small
+    enough to carry to the next machine)."""
+    import train
+    states = train.state_files(Path(adapter))
+    for state in states[:max(0, len(states) - keep)]:
+        state.with_name(state.name.removesuffix(".state.pt") + ".safetensors").unlink(missing_ok=True)
+        state.unlink()
 
 
 def training_jobs(args, out, settings):
@@ -212,6 +231,7 @@ def training_jobs(args, out, settings):
                 if path.exists():
                     check_kept(path, argv)
                 else:
+                    prune_checkpoints(path)  # a run cut off left its checkpoints: the newest is resumed
                     jobs.append(argv)
     return jobs
 

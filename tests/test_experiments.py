@@ -445,6 +445,39 @@ def test_the_published_bricks_claims_recompute_from_their_per_image_scores():
     assert [ok for ok in gates.values()] == [True, False, False, True]
 
 
+def test_a_train_job_cut_off_resumes_from_its_newest_checkpoint(tiny, images, tmp_path):
+    """blockwise.py's and choose_eval.py's train jobs checkpoint as they go: a job whose call was cut off (here: its
+    checkpoints at steps 2 and 4 of 6 left, no adapter) resumes from the newest, writes the adapter an uncut run
+    writes, and leaves no checkpoints behind."""
+    from safetensors.torch import load_file
+    import train
+    job = lambda out: (train_argv(tiny, images, out, "--steps", 6, "--save-every", 2), "cpu", 1, False)
+    blockwise.train_job(job(tmp_path / "whole.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir() if "-step" in p.name) == []
+    cut = tmp_path / "cut" / "a.safetensors"
+    train.main(job(cut)[0])  # train.py alone keeps its checkpoints (steps 2 and 4)
+    cut.unlink()  # the call's time limit came before the adapter was written
+    blockwise.prune_checkpoints(cut)
+    assert [p.name for p in train.state_files(cut)] == ["a-step000004.state.pt"]
+    blockwise.train_job(job(cut))
+    assert not [p for p in cut.parent.iterdir() if "-step" in p.name]
+    whole, resumed = load_file(tmp_path / "whole.safetensors"), load_file(cut)
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-7)
+    # the same from a checkpoint whose weights were halved: another adapter, so the job did start from it
+    halved = tmp_path / "halved" / "a.safetensors"
+    train.main(job(halved)[0])
+    halved.unlink()
+    state_file = train.state_files(halved)[-1]
+    state = torch.load(state_file, weights_only=False)
+    state["adapter"] = {k: v / 2 for k, v in state["adapter"].items()}
+    torch.save(state, state_file)
+    blockwise.train_job(job(halved))
+    down = next(name for name in whole if name.endswith("lora_down.weight"))
+    assert not torch.allclose(load_file(halved)[down], whole[down], rtol=1e-3, atol=1e-5)
+
+
 def test_threaded_workers_train_what_one_after_another_trains(tiny, images, tmp_path):
     """--workers 2 --threads (blockwise.py, choose_eval.py): two train.py runs at once in one process (on CUDA each on
     a stream of its own) write the adapters that the same runs write one after another."""
