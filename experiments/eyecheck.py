@@ -5,12 +5,13 @@
     #     <number> <identity 0/1> <style 0/1>        e.g. "17 1 0": the identity member, not in rings
     python experiments/eyecheck.py score             # the judge's agreement with the labels -> eyecheck.json
     python experiments/eyecheck.py score --labels docs/eyecheck_labels.txt   # the labels of docs/world.md
+    python experiments/eyecheck.py render --style bricks/6 --adapters out/gates_bricks-6 --out out/eyecheck_bricks-6
 
-`render` draws 40 images from each of the gates' five settings with the shipped adapters (weights/tiny/adapters),
-on prompts and noise of their own (seed 3000), shuffles them and numbers them on sheets of 50; which setting made
-which image and what the judge read stay in key.json, for `score` only. reference.png shows, clean: the identity
-member in four colours and styles (top row), four members one trait away from it (second row), and base subjects
-in the held-out rings style (third row).
+`render` draws 40 images from each of the gates' five settings with the shipped adapters (weights/tiny/adapters; or
+a gates.py --out folder's, with --identity/--style its pair), on prompts and noise of their own (seed 3000),
+shuffles them and numbers them on sheets of 50; which setting made which image and what the judge read stay in
+key.json, for `score` only. reference.png shows, clean: the identity member in four colours and styles (top row),
+four members one trait away from it (second row), and base subjects in the held-out style (third row).
 """
 import argparse
 import json
@@ -28,16 +29,18 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 from minisd.images import to_pil  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import Setting, prompts, render_setting  # noqa: E402
-from tinyworld.world import (CHARACTER, HELD_STYLE, IDENTITY, Scene, Style, member, render,  # noqa: E402
-                             traits)
+from tinyworld.evaluate import Setting, held_pair, pair_arguments, prompts, render_setting  # noqa: E402
+from tinyworld.world import CHARACTER, Scene, Style, member, render, traits  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 SEED, PER_SETTING, PER_SHEET, CELL = 3000, 40, 50, 128
 
 
-def settings():
-    a = {name: TINY / "adapters" / f"{name}.safetensors" for name in ("identity", "style_all", "style_in0_out3")}
+def settings(folder):
+    """The gates' five settings with the adapters of `folder`: the shipped names, or gates.py's (identity_all)."""
+    a = {name: folder / f"{name}.safetensors" for name in ("identity", "style_all", "style_in0_out3")}
+    if not a["identity"].exists():
+        a["identity"] = folder / "identity_all.safetensors"
     return [(Setting("identity only", ((a["identity"], None),)), "combo"),
             (Setting("style only (all)", ((a["style_all"], None),)), "style"),
             (Setting("style only (in0,out3)", ((a["style_in0_out3"], None),)), "style"),
@@ -57,27 +60,27 @@ def sheet(images, first):
     return out
 
 
-def reference():
-    body, eyes, mouth, top, legs = traits(IDENTITY)
+def reference(identity, style):
+    body, eyes, mouth, top, legs = traits(identity)
     scene = lambda m, colour, style, subject=CHARACTER: Scene(subject, colour, "gray", style, member=m)
-    ident = [scene(IDENTITY, c, s) for c, s in (("yellow", Style("flat")), ("pink", Style("striped", 8, 45)),
+    ident = [scene(identity, c, s) for c, s in (("yellow", Style("flat")), ("pink", Style("striped", 8, 45)),
                                                  ("teal", Style("dotted", 8)), ("white", Style("wavy", 8)))]
     near = [member((b, eyes, mouth, top, legs)) for b in ("round", "box")] + [member((body, e, mouth, top, legs))
                                                                             for e in ("one", "two-wide")]
     others = [scene(m, "orange", Style("flat")) for m in near]
-    rings = [scene(None, c, HELD_STYLE, s) for c, s in (("blue", "heart"), ("green", "star"), ("purple", "circle"),
-                                                         ("red", "square"))]
-    return sheet([render(s)[0] for s in ident + others + rings], 0)
+    styled = [scene(None, c, style, s) for c, s in (("blue", "heart"), ("green", "star"), ("purple", "circle"),
+                                                     ("red", "square"))]
+    return sheet([render(s)[0] for s in ident + others + styled], 0)
 
 
-def render_all(out, device):
+def render_all(out, device, folder, identity, style):
     sd = minisd.load(TINY, device=device)
     judge = judges.load(TINY / "judge.safetensors", device=device)
     images, key = [], []
-    for k, (setting, split) in enumerate(settings()):
-        captions, _ = prompts(split, PER_SETTING, SEED + k)
+    for k, (setting, split) in enumerate(settings(folder)):
+        captions, _ = prompts(split, PER_SETTING, SEED + k, identity, style)
         x = render_setting(sd, setting, captions, SEED + k)
-        s = judges.score(judge, x, IDENTITY, HELD_STYLE)
+        s = judges.score(judge, x, identity, style)
         images += list(x)
         key += [{"setting": setting.title, "caption": c, "judge identity": bool(s["identity"][i]),
                  "judge style": bool(s["style"][i])} for i, c in enumerate(captions)]
@@ -87,7 +90,7 @@ def render_all(out, device):
     for n in range(0, len(pil), PER_SHEET):
         sheet(pil[n:n + PER_SHEET], n).save(out / f"sheet{n // PER_SHEET}.png")
     (out / "key.json").write_text(json.dumps([key[i] for i in order], indent=1))
-    reference().save(out / "reference.png")
+    reference(identity, style).save(out / "reference.png")
     print(f"wrote {len(pil)} images on {-(-len(pil) // PER_SHEET)} sheets, reference.png and key.json to {out}")
 
 
@@ -142,12 +145,16 @@ def main(argv=None):
     p.add_argument("step", choices=["render", "score"])
     p.add_argument("--out", default="out/eyecheck")
     p.add_argument("--labels", help="the labels file (default: <out>/labels.txt)")
+    p.add_argument("--adapters", default=str(TINY / "adapters"), help="folder of the adapters to render with: the "
+                   "shipped ones, or a gates.py --out folder (then --identity/--style its pair)")
+    pair_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    identity, style = held_pair(p, args.identity, args.style)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.step == "render":
-        render_all(out, args.device)
+        render_all(out, args.device, Path(args.adapters), identity, style)
     else:
         score(out, Path(args.labels) if args.labels else out / "labels.txt")
 
