@@ -314,6 +314,17 @@ def test_demo_writes_its_grid_with_the_shipped_adapters(tmp_path, capsys):
                                               "+ style, in1 (chosen)"))
 
 
+def test_eyecheck_reads_the_shipped_or_a_gates_folder(tmp_path):
+    """eyecheck.py --adapters: the shipped names (identity.safetensors), or a gates.py --out folder's
+    (identity_all.safetensors); the five settings are the gates'."""
+    import eyecheck
+    shipped = eyecheck.settings(ROOT / "weights" / "tiny" / "adapters")
+    assert [s.title for s, _ in shipped] == ["identity only", "style only (all)", "style only (in0,out3)",
+                                            "identity + style (all)", "identity + style (in0,out3)"]
+    assert shipped[0][0].adapters[0][0].name == "identity.safetensors"
+    assert eyecheck.settings(tmp_path)[0][0].adapters[0][0] == tmp_path / "identity_all.safetensors"
+
+
 def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
     import eyecheck
     # eye 1 1 0 0 0, judge 1 0 0 0 1: agree 3/5; chance 0.4*0.4 + 0.6*0.6 = 0.52; kappa (0.6-0.52)/0.48 = 1/6
