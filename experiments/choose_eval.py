@@ -142,12 +142,14 @@ def needed(args, out, seed, data, blocks, sets):
 
 
 def train_all(args, out, data, wanted, deadline):
-    """Train the (seed, data, blocks) adapters not found under out."""
+    """Train the (seed, data, blocks) adapters not found under out (one found there but trained with another recipe
+    stops the run)."""
     gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
     threads = 1 if gpus else max(1, (os.cpu_count() or 1) // args.workers)
-    argv = lambda seed, d, blocks: recipe_argv(data[d], blocks, adapter_path(out, seed, d, blocks),
-                                               style_recipe(blocks, args.recipe[d], args.subset_steps)
-                                               if d == "style" else args.recipe[d], args.device, seed)
+
+    def argv(seed, d, blocks):
+        recipe = style_recipe(blocks, args.recipe[d], args.subset_steps) if d == "style" else args.recipe[d]
+        return recipe_argv(data[d], blocks, adapter_path(out, seed, d, blocks), recipe, args.device, seed)
     for seed, d, blocks in wanted:
         if adapter_path(out, seed, d, blocks).exists():
             check_kept(adapter_path(out, seed, d, blocks), argv(seed, d, blocks))
