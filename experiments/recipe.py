@@ -100,12 +100,11 @@ def main():
     pair = held_pair(p, args.identity, args.style)
     out, only = Path(args.out), set(args.only.split(",")) if args.only else None
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"prior": out / "prior", "identity48": out / "identity48", "identity96": out / "identity96",
-             "style48": out / "style48"}  # more images of the same kind as the shipped sets (seed 0, n 16)
-    write_set(extra["prior"], 64, seed=DEV_SEED + 7, split="base")
-    for name in ("identity48", "identity96", "style48"):
-        write_set(extra[name], int(name[-2:]), seed=0, split=name[:-2], identity=pair[0], style=pair[1])
     data = pair_data(*pair, out)
+    more = pair_data(*pair, out, 96, 48)  # more images of the same kind as the recipe's sets (seed 0), written once
+    extra = {"prior": out / "prior", "identity48": data["identity"], "identity96": more["identity"],
+             "style48": more["style"]}
+    write_set(extra["prior"], 64, seed=DEV_SEED + 7, split="base")
     sd = minisd.load(TINY, device=args.device)
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
     combo, _ = prompts("combo", args.n, DEV_SEED, *pair)

@@ -4,6 +4,7 @@ the experiments share.
 Evaluation prompts are captions of a split for the experiment's identity member and held-out style, drawn with a
 seed; the same seed gives the same prompts and the same starting noise for every setting (paired comparisons).
 """
+import argparse
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -43,16 +44,17 @@ def recipe_argv(data, blocks, out, flags, device, seed=0):
 
 def check_kept(path, argv):
     """Stop, in one line, if the kept adapter file `path` was trained with another --steps or --lr than train.py's
-    `argv` asks (its kohya ss_* metadata; the last flag wins, as in argparse): a file from another recipe must not
-    stand in for this one silently."""
+    `argv` asks (its kohya ss_* metadata; argparse reads argv, so the last flag wins as in train.py): a file from
+    another recipe must not stand in for this one silently."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    last = lambda flag: [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag][-1:]
-    for flag, key, same in (("--steps", "ss_max_train_steps", lambda a, b: int(a) == int(b)),
-                            ("--lr", "ss_learning_rate", lambda a, b: float(a) == float(b))):
-        want = last(flag)
-        if want and key in meta and not same(want[0], meta[key]):
-            raise SystemExit(f"{path}: kept from a run with {flag} {meta[key]}, this one asks {want[0]}; "
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flags.add_argument("--steps", type=int)
+    flags.add_argument("--lr", type=float)
+    want = vars(flags.parse_known_args(argv)[0])
+    for name, key, kind in (("steps", "ss_max_train_steps", int), ("lr", "ss_learning_rate", float)):
+        if want[name] is not None and key in meta and want[name] != kind(meta[key]):
+            raise SystemExit(f"{path}: kept from a run with --{name} {meta[key]}, this one asks {want[name]}; "
                              "delete it or use another --out")
 
 
