@@ -29,7 +29,8 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
-it to another machine), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png. Its claims read "not
+it to another machine; a pair is scored as soon as its own adapters are trained, and a run cut off reports over the
+pairs scored so far), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png. Its claims read "not
 judged (gate)" unless every gate is met: G1, G2 and G4 on this run's own seeds, G3 from experiments/gates.py's report
 for the same pair and recipe (claim 3 at matched style strength reads G4 on its own baseline and not G2).
 """
@@ -210,15 +211,16 @@ def prune_checkpoints(adapter, keep=1):
 
 
 def training_jobs(args, out, settings):
-    """train.py argv for each adapter not found under out, of the (algo, seed) pairs not scored yet (a scored pair
-    needs none: its evals/ alone carry the run across machines)."""
-    jobs, data_sets = [], pair_data(args.identity, args.style, out)
+    """{(algo, seed): train.py argv for each of its adapters not found under out}, for the pairs not scored yet (a
+    scored pair needs none: its evals/ alone carry the run across machines)."""
+    jobs, data_sets = {}, pair_data(args.identity, args.style, out)
     for algo in args.algos:
         for seed in args.seeds:
             if evaluated(out, algo, seed, settings):
                 continue
             sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
             adapters = [("identity", "all"), ("style", "all")] + [("style", s) for s in style_subsets(sweep, algo)]
+            jobs[algo, seed] = []
             for data, blocks in adapters:
                 path = adapter_file(out, algo, seed, data, blocks)
                 te = ["--te-rank", str(args.te_rank)] if data == "identity" and args.te_rank else []
@@ -232,8 +234,29 @@ def training_jobs(args, out, settings):
                     check_kept(path, argv)
                 else:
                     prune_checkpoints(path)  # a run cut off left its checkpoints: the newest is resumed
-                    jobs.append(argv)
+                    jobs[algo, seed].append(argv)
     return jobs
+
+
+def pair_jobs(todo, args, out, settings, devices, threads):
+    """run_jobs' (fn, arg) jobs and their needs: each pair's adapters, then its evaluation, which waits for them. A
+    pair is scored as soon as its adapters exist, so a run cut off by --budget-s leaves scored pairs (whose evals/
+    carry them: their adapters need not travel) rather than many adapters and no scores."""
+    jobs, needs = [], []
+    for (algo, seed), argvs in todo.items():
+        first = len(jobs)
+        for argv in argvs:
+            jobs.append((train_job, (argv, devices[len(jobs) % len(devices)], threads, args.cuda_graph)))
+            needs.append(())
+        jobs.append((eval_job, (algo, seed, out, settings, devices[len(jobs) % len(devices)], threads)))
+        needs.append(tuple(range(first, len(jobs) - 1)))
+    return jobs, needs
+
+
+def call(job):
+    """A (fn, arg) job of pair_jobs (a module-level function: process workers pickle it)."""
+    fn, arg = job
+    return fn(arg)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -314,11 +337,12 @@ def eval_job(job):
     path.with_suffix(".tmp").replace(path)  # its presence says the (algo, seed) is done
 
 
-def read_evals(out, args):
-    """({algo: {title: {seed: results}}}, {(algo, seed): {title: first images}}) from out/evals/."""
+def read_evals(out, scored):
+    """({algo: {title: {seed: results}}}, {(algo, seed): {title: first images}}) from out/evals/, for the {algo:
+    [seeds]} scored."""
     raw, thumbs = {}, {}
-    for algo in args.algos:
-        for seed in args.seeds:
+    for algo, seeds in scored.items():
+        for seed in seeds:
             path = eval_path(out, algo, seed)
             for title, r in json.loads(path.read_text())["results"].items():
                 raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
@@ -382,28 +406,39 @@ def read_gates(path, identity=IDENTITY, style=HELD_STYLE, subset_steps=None):
     return report["gates"]
 
 
-def run_jobs(fn, jobs, workers, threads=False, deadline=None):
+def run_jobs(fn, jobs, workers, threads=False, deadline=None, needs=None):
     """fn over the jobs on `workers` processes of one pool (each pays its imports and start-up once), or on threads
     of this process (threads: on CUDA each on streams of its own; one process's streams run side by side on a GPU,
-    processes take turns). Every worker stays busy; no job starts after `deadline` (a time.time()). False if some
-    were left."""
-    todo = list(jobs)
+    processes take turns). A job starts once the jobs its `needs` entry names (indices of earlier jobs) are done; of
+    the jobs ready, the first in the list. Every worker stays busy while jobs are ready; no job starts after
+    `deadline` (a time.time()). False if some were left."""
+    needs = needs or [()] * len(jobs)
+    todo, done = list(range(len(jobs))), set()
+
+    def next_ready():
+        if deadline and time.time() > deadline:
+            return None
+        return next((i for i in todo if done.issuperset(needs[i])), None)
     if workers <= 1:
-        while todo and not (deadline and time.time() > deadline):
-            fn(todo.pop(0))
+        while (i := next_ready()) is not None:
+            todo.remove(i)
+            fn(jobs[i])
+            done.add(i)
     else:
         pool = (cf.ThreadPoolExecutor(workers, initializer=own_streams) if threads
                 else cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
         with pool:
-            running = set()
-            while todo or running:
-                while todo and len(running) < workers and not (deadline and time.time() > deadline):
-                    running.add(pool.submit(fn, todo.pop(0)))
+            running = {}
+            while True:
+                while len(running) < workers and (i := next_ready()) is not None:
+                    todo.remove(i)
+                    running[pool.submit(fn, jobs[i])] = i
                 if not running:
                     break
-                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for job in done:
+                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for job in finished:
                     job.result()  # a failed job raises here, with its traceback
+                    done.add(running.pop(job))
     if todo:
         print(f"--budget-s reached: {len(todo)} jobs left; run again to continue", flush=True)
     return not todo
@@ -474,44 +509,41 @@ def main(argv=None):
 
     deadline = t0 + args.budget_s if args.budget_s else None
     settings = eval_settings(args)
-    jobs = training_jobs(args, out, settings)
-    print(f"training {len(jobs)} adapters on {args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
-    if not run_jobs(train_job, [(j, devices[i % len(devices)], threads, args.cuda_graph) for i, j in enumerate(jobs)],
-                    args.workers, args.threads, deadline):
+    todo = training_jobs(args, out, settings)
+    print(f"training {sum(map(len, todo.values()))} adapters and scoring {len(todo)} (algo, seed) pairs on "
+          f"{args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
+    jobs, needs = pair_jobs(todo, args, out, settings, devices, threads)
+    finished = run_jobs(call, jobs, args.workers, args.threads, deadline, needs)
+    scored = {a: [s for s in args.seeds if evaluated(out, a, s, settings)] for a in args.algos}
+    if not any(scored.values()):
         return
-    t_train = time.time() - t0
-
-    pairs = [(a, s) for a in args.algos for s in args.seeds if not evaluated(out, a, s, settings)]
-    print(f"rendering and scoring {len(pairs)} (algo, seed) pairs", flush=True)
-    if not run_jobs(eval_job, [(a, s, out, settings, devices[i % len(devices)], threads)
-                               for i, (a, s) in enumerate(pairs)], args.workers, args.threads, deadline):
-        return
-    raw, thumbs = read_evals(out, args)
+    raw, thumbs = read_evals(out, scored)
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
     tested = {algo: claims(rows) for algo, rows in raw.items()}
 
-    report = {"args": {**vars(args), "style": args.style.name}, "gates": gates,
+    report = {"args": {**vars(args), "style": args.style.name}, "scored": scored, "gates": gates,
               "run gates": {algo: run_gates(summary, gates, tested[algo].get(MATCHED, {}).get("b", [None])[0])
                             for algo, summary in table.items()},
-              "seconds": {"training": round(t_train), "total": round(time.time() - t0)},
+              "seconds": round(time.time() - t0),
               "device": torch.cuda.get_device_name(0) if gpus else f"cpu ({os.cpu_count()} cores)",
               "summary": table, "claims": tested, "per_image": raw}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown(report))
-    figures(thumbs, table, args, out)
+    figures(thumbs, table, scored, out)
     print(markdown(report))
-    print(f"done in {time.time() - t0:.0f}s (training {t_train:.0f}s); "
-          f"wrote {out}/results.md, results.json, fig_*.png")
+    print(f"{'done' if finished else 'stopped'} in {time.time() - t0:.0f}s; wrote {out}/results.md, results.json, "
+          f"fig_*.png" + ("" if finished else " over the pairs scored so far"))
 
 
 def markdown(report):
     a = report["args"]
     lines = [f"Block-wise LoRA on minisd-tiny, identity {a.get('identity', IDENTITY)} in "
-             f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']}, "
+             f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']} (scored: "
+             + "; ".join(f"{algo} {seeds}" for algo, seeds in report.get("scored", {}).items()) + "), "
              f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
              f"({a.get('subset_steps') or 'the same'} on block subsets) "
              f"at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
-             f"{report['device']}, {report['seconds']['total']} s.", "",
+             f"{report['device']}, {report['seconds']} s.", "",
              "gates.py's report: " + "; ".join(f"{g}: {'met' if ok else 'NOT MET'}" for g, ok in
                                                report["gates"].items()), ""]
     for algo, rows in report["summary"].items():
@@ -544,12 +576,11 @@ def claims_markdown(tested, gates):
     return lines
 
 
-def figures(thumbs, table, args, out):
-    """Paper-style grids for the first seed: the conflict and its inference-time fixes (Fig. 2-3), the block sweep
-    (Fig. 4)."""
+def figures(thumbs, table, scored, out):
+    """Paper-style grids for each algorithm's first scored seed: the conflict and its inference-time fixes (Fig.
+    2-3), the block sweep (Fig. 4)."""
     from demo import labelled_grid
-    seed = args.seeds[0]
-    for algo in args.algos:
+    for algo, seed in ((algo, seeds[0]) for algo, seeds in scored.items() if seeds):
         # weight 1 at the main guidance only
         th = {t: v for t, v in thumbs[algo, seed].items() if " x" not in t and " g=" not in t}
         score = {t: {k: table[algo][t][k][0] for k in ("identity", "style", "both")} for t in th}

@@ -3,6 +3,8 @@ import json
 import math
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -63,17 +65,18 @@ def test_training_uses_the_world_recipe_unless_told(tmp_path):
     args = SimpleNamespace(algos=["lora"], seeds=[0], sweep="small", full_seeds=1, te_rank=0, rank=8, steps=None,
                            lr=None, subset_steps=None, identity=IDENTITY, style=HELD_STYLE)
     parse = lambda argv: train.parse_args(argv + ["--ckpt", "x"])
-    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})}
+    argvs = lambda: [argv for pair in blockwise.training_jobs(args, tmp_path, settings={}).values() for argv in pair]
+    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in argvs()}
     assert Path(jobs["identity_all"].data) == ROOT / "data" / "identity"  # the main pair trains on the shipped sets
     assert Path(jobs["style_all"].data) == ROOT / "data" / "style"
     recipe = lambda flags, key: float(flags.split(f"--{key} ")[1].split()[0])
     assert jobs["identity_all"].lr == recipe(IDENTITY_RECIPE, "lr") and jobs["style_all"].lr == recipe(STYLE_RECIPE, "lr")
     assert jobs["identity_all"].steps == recipe(IDENTITY_RECIPE, "steps") and jobs["style_all"].algo == "lora"
     args.steps, args.lr = 200, 5e-3
-    jobs = [parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})]
+    jobs = [parse(j) for j in argvs()]
     assert all(a.steps == 200 and a.lr == 5e-3 and a.algo == "lora" for a in jobs)
     args.subset_steps = 12800  # --subset-steps: the style adapters on a block subset only, over --steps
-    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in blockwise.training_jobs(args, tmp_path, settings={})}
+    jobs = {Path(j[j.index("--out") + 1]).stem: parse(j) for j in argvs()}
     assert {k: a.steps for k, a in jobs.items()} == {"identity_all": 200, "style_all": 200, "style_in0+out3": 12800,
                                                      "style_in0": 12800, "style_out3": 12800, "style_mid": 12800}
 
@@ -367,6 +370,40 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     blockwise.main(argv)
     assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 (algo, seed) pairs" in said
     assert json.loads((tmp_path / "results.json").read_text())["per_image"] == report["per_image"]
+    blockwise.main(argv + ["--seeds", "0,1", "--budget-s", "1e-9"])  # seed 1 not begun: a report over seed 0
+    assert "over the pairs scored so far" in capsys.readouterr().out
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["scored"] == {"locon": [0]} and partial["per_image"] == report["per_image"]
+
+
+def test_a_pair_is_scored_as_soon_as_its_adapters_are_trained():
+    """blockwise.py's jobs: each (algo, seed)'s evaluation waits for its own adapters only, and starts before later
+    pairs' training (the first ready job in the list), on one worker or several; a spent deadline starts nothing."""
+    from types import SimpleNamespace
+    todo = {("locon", 0): [["a"], ["b"]], ("locon", 1): [["c"]], ("lora", 0): []}
+    jobs, needs = blockwise.pair_jobs(todo, SimpleNamespace(cuda_graph=False), Path("out"), {}, ["cpu"], 1)
+    assert [(fn.__name__, arg[0]) for fn, arg in jobs] == [("train_job", ["a"]), ("train_job", ["b"]),
+                                                           ("eval_job", "locon"), ("train_job", ["c"]),
+                                                           ("eval_job", "locon"), ("eval_job", "lora")]
+    assert needs == [(), (), (0, 1), (), (3,), ()]
+    names = ["a", "b", "eval ab", "c", "eval c", "eval"]
+    for workers in (1, 3):
+        events, lock, c_scored = [], threading.Lock(), threading.Event()
+
+        def record(job):
+            with lock:
+                events.append(("start", job))
+            if job == "a" and workers > 1:  # c's pair is trained and scored while a still trains
+                assert c_scored.wait(timeout=60)
+            c_scored.set() if job == "eval c" else None
+            with lock:
+                events.append(("end", job))
+        assert blockwise.run_jobs(record, names, workers, threads=True, needs=needs)
+        for i, name in enumerate(names):
+            started = events.index(("start", name))
+            assert all(events.index(("end", names[j])) < started for j in needs[i]), (workers, events)
+        assert workers > 1 or [name for kind, name in events if kind == "start"] == names
+    assert not blockwise.run_jobs(record, names, 2, threads=True, deadline=time.time() - 1, needs=needs)
 
 
 def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
