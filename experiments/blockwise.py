@@ -219,7 +219,9 @@ def training_jobs(args, out, settings):
             if evaluated(out, algo, seed, settings):
                 continue
             sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
-            adapters = [("identity", "all"), ("style", "all")] + [("style", s) for s in style_subsets(sweep, algo)]
+            # the block subsets first: with --subset-steps they are the pair's long jobs, and starting them first
+            # lets the short ones fill the workers' gaps, so the pair is scored sooner
+            adapters = [("style", s) for s in style_subsets(sweep, algo)] + [("identity", "all"), ("style", "all")]
             jobs[algo, seed] = []
             for data, blocks in adapters:
                 path = adapter_file(out, algo, seed, data, blocks)
