@@ -57,8 +57,8 @@ import lora  # noqa: E402
 import stats  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, check_kept, held_pair, pair_arguments,  # noqa: E402
-                                 pair_data, style_recipe)
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, check_kept, held_pair, integers, numbers,  # noqa: E402
+                                 pair_arguments, pair_data, style_recipe)
 from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, held_style, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
@@ -460,7 +460,7 @@ def parse_args(argv=None):
                    help="small: style on all, in0+out3, in0, out3, mid; "
                         "full: all, every single block, every in+out pair")
     p.add_argument("--algos", default="lora,locon", help="comma-separated: lora, locon")
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--seeds", type=integers, default="0", help="comma-separated training seeds")
     p.add_argument("--full-seeds", type=int, default=None,
                    help="with --sweep full: only the first N seeds train every subset, the others the small sweep's")
     p.add_argument("--steps", type=int, default=None,
@@ -473,8 +473,9 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=None, help="images (prompts) per setting and seed (default: 64 on a GPU, "
                    "as the protocol asks; 16 on a CPU)")
     p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--guidance", default="5", help="comma-separated: every setting at the first, identity only, "
-                   "id + style(all) (plain and @in0,out3) and id + style(in0,out3) at the others (protocol: 5,2,7.5)")
+    p.add_argument("--guidance", type=numbers, default="5", help="comma-separated: every setting at the first, "
+                   "identity only, id + style(all) (plain and @in0,out3) and id + style(in0,out3) at the others "
+                   "(protocol: 5,2,7.5)")
     p.add_argument("--workers", type=int, default=max(1, torch.cuda.device_count()),
                    help="parallel workers (processes; threads with --threads), spread over the GPUs (default: "
                    "one per GPU, else 1)")
@@ -494,8 +495,6 @@ def parse_args(argv=None):
     args.algos = [a.strip() for a in args.algos.split(",")]
     if set(args.algos) - {"lora", "locon"}:
         p.error(f"--algos: lora and/or locon, got {args.algos}")
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.guidance = [float(g) for g in args.guidance.split(",")]
     args.full_seeds = len(args.seeds) if args.full_seeds is None else args.full_seeds
     return args
 

@@ -45,7 +45,7 @@ from minisd.images import grid, save_png, to_pil  # noqa: E402
 from blockwise import COARSE, INS, OUTS, run_jobs, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, check_kept, held_pair,  # noqa: E402
+from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, check_kept, held_pair, integers,  # noqa: E402
                                  pair_arguments, pair_data, prompts, rates, recipe_argv, render_setting,
                                  style_recipe)
 
@@ -59,7 +59,7 @@ EVAL_SEED = 3000  # prompts and noise of training seed s: EVAL_SEED + 100 s (rec
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pair_arguments(p)
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--seeds", type=integers, default="0", help="comma-separated training seeds")
     p.add_argument("--methods", default=None,
                    help="comma-separated lora/choose.py methods (default: all; --smoke: weights, the fast one)")
     p.add_argument("--budget", default="in0,out3", help="parameters, a fraction <= 1, or a block set whose size it is")
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     args.identity, style = held_pair(p, args.identity, args.style)
     # ablation and fisher take minutes on a CPU: --smoke runs weights only unless asked
     methods = args.methods or ("weights" if args.smoke else ",".join(sorted(NEEDS)))
-    args.style, args.seeds, args.methods = style, [int(s) for s in args.seeds.split(",")], methods.split(",")
+    args.style, args.methods = style, methods.split(",")
     if set(args.methods) - set(NEEDS):
         p.error(f"--methods: some of {', '.join(sorted(NEEDS))}, got {args.methods}")
     if args.smoke:

@@ -29,7 +29,7 @@ import minisd  # noqa: E402
 import train  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, check_kept, held_pair, interval,  # noqa: E402
-                                 pair_arguments, pair_data, prompts, rates, recipe_argv, render_setting,
+                                 numbers, pair_arguments, pair_data, prompts, rates, recipe_argv, render_setting,
                                  round_trip_both, style_recipe)
 from tinyworld.quality import grid  # noqa: E402
 
@@ -51,11 +51,6 @@ def verdicts(r, ceiling):
                                                                 r["style only (in0,out3)"]["style"]) >= 0.9,
             "G3 VAE round trip both >= 0.95": ceiling >= 0.95,
             "G4 identity + style (all) both in [0.2, 0.7]": 0.2 <= r["identity + style (all)"]["both"] <= 0.7}
-
-
-def numbers(text):
-    """"0.25,0.5" -> [0.25, 0.5] (argparse turns a ValueError into one line naming the flag)."""
-    return [float(w) for w in text.split(",") if w]
 
 
 def main():

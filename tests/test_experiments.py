@@ -226,6 +226,21 @@ def test_a_held_out_pair_gets_its_own_sets_and_bad_ids_one_line(tmp_path, capsys
             "--style rings/7" if bad[1] == "rings/7" else "--identity -1")
 
 
+def test_a_bad_comma_list_is_one_line_naming_its_flag(capsys):
+    """--seeds, --guidance (blockwise.py, choose_eval.py) and --style-weights (gates.py) are read by argparse: a bad
+    item stops the script in one line naming the flag, before any work."""
+    import choose_eval
+    for parse, flag, value, kind in ((blockwise.parse_args, "--seeds", "0,x", "integers"),
+                                     (blockwise.parse_args, "--guidance", "5,a", "numbers"),
+                                     (choose_eval.parse_args, "--seeds", "1;2", "integers")):
+        with pytest.raises(SystemExit):
+            parse([flag, value])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.endswith(f"argument {flag}: invalid {kind} value: '{value}'"), last
+    args = blockwise.parse_args(["--seeds", "0,1,7", "--guidance", "5,2,7.5"])
+    assert args.seeds == [0, 1, 7] and args.guidance == [5.0, 2.0, 7.5]
+
+
 def test_the_claims_read_the_gates_of_their_own_pair(tmp_path):
     """blockwise.py --identity/--style: a gates report counts only for the pair it was made with (one made before
     gates.py took pairs, with recipe flags where the ids are now, is the main pair's)."""

@@ -65,6 +65,16 @@ def pair_arguments(parser):
                         help="held-out style: " + ", ".join(s.name for s in HELD_STYLES))
 
 
+def integers(text):
+    """"0,1,2" -> [0, 1, 2]: an argparse type (argparse turns a ValueError into one line naming the flag)."""
+    return [int(w) for w in text.split(",") if w.strip()]
+
+
+def numbers(text):
+    """"0.25,0.5" -> [0.25, 0.5]: an argparse type, as integers."""
+    return [float(w) for w in text.split(",") if w.strip()]
+
+
 def held_pair(parser, identity, style):
     """(member id, Style) of a --identity ID --style NAME pair, or parser.error naming the flag."""
     if identity not in HELD_MEMBERS:
