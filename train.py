@@ -336,8 +336,13 @@ def read_inputs(args, rank, cleanup):
     check_out(out, args.ckpt)
     if rank == 0:
         cleanup.enter_context(out_lock(out))
-    table = (lora.rank_table(args.blocks) if args.blocks.endswith((".toml", ".json"))  # a file: the whole table
-             else lora.rank_table(args.blocks, rank=args.rank, alphas=args.alpha))
+    if args.blocks.endswith((".toml", ".json")):  # a file: the whole table (its errors name the file)
+        table = lora.rank_table(args.blocks)
+    else:
+        try:
+            table = lora.rank_table(args.blocks, rank=args.rank, alphas=args.alpha)
+        except ValueError as e:
+            raise ValueError(f"--blocks {args.blocks}: {e}") from None
     if args.conv_rank is not None or args.conv_alpha is not None:  # conv layers follow the same block selection
         conv = args.conv_rank if args.conv_rank is not None else args.rank
         table = lora.rank_table(list(table.dims), alphas=list(table.alphas),
