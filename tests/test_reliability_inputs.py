@@ -449,7 +449,7 @@ def test_sample_flags_the_model_decides(argv, message, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--blocks", "in0=inf"], "--blocks in0=inf: the rank of IN01 must be a whole number >= 0, got 'inf'"),
+    (["--blocks", "in0=inf"], "--blocks in0=inf: dims: the rank of IN01 must be a whole number >= 0, got 'inf'"),
     (["--alpha", "nan"], "--alpha must be a finite number > 0, got nan"),
     (["--te-alpha", "inf"], "--te-alpha must be a finite number > 0, got inf"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
