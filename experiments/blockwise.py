@@ -58,7 +58,7 @@ import stats  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, check_kept, held_pair, integers, numbers,  # noqa: E402
-                                 pair_arguments, pair_data, style_recipe)
+                                 pair_arguments, pair_data, read_report, style_recipe)
 from tinyworld.world import BACKGROUNDS, HELD_STYLE, IDENTITY, dataset, held_style, render  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
@@ -397,7 +397,7 @@ def read_gates(path, identity=IDENTITY, style=HELD_STYLE, subset_steps=None):
     its G3 and any problem for the claims."""
     if not Path(path).is_file():
         return {f"{path} missing: run python experiments/gates.py": False}
-    report = json.loads(Path(path).read_text())
+    report = read_report(path, ("recipe", "gates"), "--gates")
     ran = report["recipe"].get("identity"), report["recipe"].get("style")
     ran = ran if isinstance(ran[0], int) else (IDENTITY, HELD_STYLE.name)
     if ran[0] != identity or held_style(ran[1]) != style:

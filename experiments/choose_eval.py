@@ -46,8 +46,8 @@ from blockwise import COARSE, INS, OUTS, run_jobs, train_job  # noqa: E402
 from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, check_kept, held_pair, integers,  # noqa: E402
-                                 pair_arguments, pair_data, prompts, rates, recipe_argv, render_setting,
-                                 style_recipe)
+                                 pair_arguments, pair_data, prompts, rates, read_report, recipe_argv,
+                                 render_setting, style_recipe)
 
 TINY = ROOT / "weights" / "tiny"
 FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
@@ -117,7 +117,7 @@ def method_path(out, seed, method):
 def keep(path, out, args):
     """Write the scores and method choices of an earlier results.json under out (files already there win), after
     checking that it was made with this run's pair and settings."""
-    report = json.loads(Path(path).read_text())
+    report = read_report(path, ("args", "per image", "choices"), "--kept")
     same = ("identity", "style", "n", "sample_steps", "budget", "rank", "subset_steps", "recipe")
     if diff := [k for k in same if report["args"].get(k) != (args.style.name if k == "style" else vars(args)[k])]:
         sys.exit(f"--kept {path}: made with other {', '.join(diff)} than this run")

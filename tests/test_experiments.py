@@ -241,6 +241,21 @@ def test_a_bad_comma_list_is_one_line_naming_its_flag(capsys):
     assert args.seeds == [0, 1, 7] and args.guidance == [5.0, 2.0, 7.5]
 
 
+def test_a_bad_report_file_is_one_line_naming_its_flag(tmp_path):
+    """blockwise.py --gates and choose_eval.py --kept read an earlier run's JSON: one that does not parse, or is
+    another script's report, stops the run in one line naming the flag and the file (a missing gates report is a
+    gate not met, as before)."""
+    import choose_eval
+    (tmp_path / "cut.json").write_text('{"recipe": {"identity": 5')  # a report cut off mid-write
+    with pytest.raises(SystemExit, match=r"^--gates .*cut.json: not a readable JSON report \("):
+        blockwise.read_gates(tmp_path / "cut.json")
+    gates_report = ROOT / "docs" / "blockwise" / "bricks6_gates.json"
+    with pytest.raises(SystemExit, match=r"^--kept .*bricks6_gates.json: not the report this flag takes \(it needs "
+                                         r"args, per image, choices\)$"):
+        choose_eval.keep(gates_report, tmp_path, None)
+    assert list(blockwise.read_gates(tmp_path / "none.json").values()) == [False]
+
+
 def test_the_claims_read_the_gates_of_their_own_pair(tmp_path):
     """blockwise.py --identity/--style: a gates report counts only for the pair it was made with (one made before
     gates.py took pairs, with recipe flags where the ids are now, is the main pair's)."""

@@ -5,6 +5,7 @@ Evaluation prompts are captions of a split for the experiment's identity member 
 seed; the same seed gives the same prompts and the same starting noise for every setting (paired comparisons).
 """
 import argparse
+import json
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -56,6 +57,17 @@ def check_kept(path, argv):
         if want[name] is not None and key in meta and want[name] != kind(meta[key]):
             raise SystemExit(f"{path}: kept from a run with --{name} {meta[key]}, this one asks {want[name]}; "
                              "delete it or use another --out")
+
+
+def read_report(path, keys, flag):
+    """An experiment script's JSON report (a dict with `keys`), or a stop in one line naming the flag and the file."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{flag} {path}: not a readable JSON report ({e})") from None
+    if not isinstance(report, dict) or not all(isinstance(report.get(k), dict) for k in keys):
+        raise SystemExit(f"{flag} {path}: not the report this flag takes (it needs {', '.join(keys)})")
+    return report
 
 
 def pair_arguments(parser):
