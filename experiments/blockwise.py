@@ -540,7 +540,7 @@ def markdown(report):
     a = report["args"]
     lines = [f"Block-wise LoRA on minisd-tiny, identity {a.get('identity', IDENTITY)} in "
              f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']} (scored: "
-             + "; ".join(f"{algo} {seeds}" for algo, seeds in report.get("scored", {}).items()) + "), "
+             + "; ".join(f"{algo} {seeds}" for algo, seeds in report["scored"].items()) + "), "
              f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
              f"({a.get('subset_steps') or 'the same'} on block subsets) "
              f"at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
