@@ -227,8 +227,8 @@ def test_a_held_out_pair_gets_its_own_sets_and_bad_ids_one_line(tmp_path, capsys
 
 
 def test_a_bad_comma_list_is_one_line_naming_its_flag(capsys):
-    """--seeds, --guidance (blockwise.py, choose_eval.py) and --style-weights (gates.py) are read by argparse: a bad
-    item stops the script in one line naming the flag, before any work."""
+    """--seeds and --guidance (blockwise.py, choose_eval.py; gates.py's --style-weights has the same type) are read
+    by argparse: a bad item stops the script in one line naming the flag, before any work."""
     import choose_eval
     for parse, flag, value, kind in ((blockwise.parse_args, "--seeds", "0,x", "integers"),
                                      (blockwise.parse_args, "--guidance", "5,a", "numbers"),
@@ -425,7 +425,8 @@ def test_a_pair_is_scored_as_soon_as_its_adapters_are_trained():
                 events.append(("start", job))
             if job == "a" and workers > 1:  # c's pair is trained and scored while a still trains
                 assert c_scored.wait(timeout=60)
-            c_scored.set() if job == "eval c" else None
+            if job == "eval c":
+                c_scored.set()
             with lock:
                 events.append(("end", job))
         assert blockwise.run_jobs(record, names, workers, threads=True, needs=needs)

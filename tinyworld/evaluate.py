@@ -83,7 +83,7 @@ def integers(text):
 
 
 def numbers(text):
-    """"0.25,0.5" -> [0.25, 0.5]: an argparse type, as integers."""
+    """"0.25,0.5" -> [0.25, 0.5]: an argparse type, like integers."""
     return [float(w) for w in text.split(",") if w.strip()]
 
 
