@@ -6,7 +6,9 @@
     python train.py --data paintings/ --blocks table.json --algo locon ...   # the style adapter on the chosen blocks
 
 Methods: ablation (both adapter files and both image folders: the denoising loss with the style adapter's blocks
-switched one at a time), weights (both adapter files only), fisher (the base model and both image folders only).
+switched one at a time), weights (both adapter files only), fisher (the base model and both image folders only),
+probe (the base model and --pairs: counterfactual images, the same scenes with and without the style and with
+another subject; the tiny world renders them: tinyworld.world.write_pairs).
 --style must be a style adapter trained on all blocks. --budget: adapter parameters (a number > 1) or a fraction of
 the all-block adapter's (<= 1). Prints every block's score and parameters and the chosen --blocks string; --out
 writes the rank-table file train.py --blocks reads (.json), with the scores beside it (<out stem>.scores.json).
@@ -28,7 +30,8 @@ from minisd.files import atomic_save  # noqa: E402
 import train  # noqa: E402
 
 NEEDS = {"ablation": ("identity", "style", "identity_data", "style_data"), "weights": ("identity", "style"),
-         "fisher": ("identity_data", "style_data")}
+         "fisher": ("identity_data", "style_data"), "probe": ("pairs",)}
+PAIR_PARTS = ("scene", "without_style", "other_subject")  # --pairs' folders, the same file names in each
 
 
 def parse_args(argv=None):
@@ -41,23 +44,26 @@ def parse_args(argv=None):
     p.add_argument("--style-data", help="style image folder")
     p.add_argument("--identity-prompt", default=None, help="caption of identity images without a .txt file")
     p.add_argument("--style-prompt", default=None, help="caption of style images without a .txt file")
+    p.add_argument("--pairs", help="probe: a folder of scene/ (images in the style, with captions), without_style/ "
+                   "and other_subject/ (the same scenes, same file names)")
     p.add_argument("--method", choices=sorted(NEEDS), default="weights")
     p.add_argument("--budget", default="0.25", help="parameters (> 1) or a fraction (<= 1) of the all-block adapter's")
     p.add_argument("--rank", type=int, default=8, help="the rank the style adapter will be trained at")
     p.add_argument("--algo", choices=sorted(choose.ALGOS), default="lora", help="as train.py --algo")
     p.add_argument("--images", type=int, default=None,
-                   help="at most this many images of each folder (default: 16 on a GPU, 4 on a CPU)")
+                   help="at most this many images of each folder (default: 16 on a GPU, 4 on a CPU; probe: 16)")
     p.add_argument("--draws", type=int, default=None,
-                   help="(noise, timestep) draws per image (default: 4 on a GPU, 1 on a CPU)")
+                   help="(noise, timestep) draws per image (default: 4 on a GPU, 1 on a CPU; probe: 4)")
     p.add_argument("--harm-weight", type=float, default=1.0, help="ablation: weight of the identity harm")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the model's native size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="rank-table file to write (.json)")
     args = p.parse_args(argv)
-    cpu = str(args.device).startswith("cpu")  # ablation on a CPU: 16 images x 4 draws took over 15 min for minisd-tiny
-    args.images = args.images if args.images is not None else 4 if cpu else 16
-    args.draws = args.draws if args.draws is not None else 1 if cpu else 4
+    # ablation on a CPU: 16 images x 4 draws took over 15 min for minisd-tiny; the probe (3 forwards a draw) 10 s
+    few = str(args.device).startswith("cpu") and args.method != "probe"
+    args.images = args.images if args.images is not None else 4 if few else 16
+    args.draws = args.draws if args.draws is not None else 1 if few else 4
     return args
 
 
@@ -69,7 +75,9 @@ def check_args(args):
             raise ValueError(f"{flag} is needed by --method {args.method}")
         if name.endswith("data") and not Path(value).is_dir():
             raise ValueError(f"{flag} {value}: no such folder")
-        if not name.endswith("data") and not Path(value).is_file():
+        if name == "pairs" and not all((Path(value) / part).is_dir() for part in PAIR_PARTS):
+            raise ValueError(f"{flag} {value}: needs the folders {', '.join(PAIR_PARTS)}")
+        if name in ("identity", "style") and not Path(value).is_file():
             raise ValueError(f"{flag} {value}: no such file")
     try:
         budget = float(args.budget)
@@ -93,8 +101,32 @@ def image_draws(sd, folder, prompt, flag, args):
     return choose.make_draws(means[:, 0], context, args.draws, args.seed, len(sd.schedule.alphas_cumprod))
 
 
+@torch.no_grad()
+def pair_draws(sd, folder, args):
+    """--pairs -> [choose.make_draws] of scene/, without_style/ and other_subject/ (their first --images files), each
+    with the scenes' captions and the same seed: the three share noise, timesteps and context."""
+    latents, T = {}, len(sd.schedule.alphas_cumprod)
+    for part in PAIR_PARTS:
+        try:  # captions come from scene/*.txt; the other folders' are not used
+            items = train.find_images(Path(folder) / part, None if part == "scene" else "-")
+            names = [path.name for path, _, _ in items]
+            if part != "scene" and names != latents["scene"][0]:
+                raise ValueError(f"not the same file names as {Path(folder) / 'scene'}")
+            captions, means, _ = train.cache_latents(sd, items[:args.images], args.resolution or sd.native_size,
+                                                     False, sd.device, True)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--pairs {Path(folder) / part}: {e}") from None
+        if len(captions) != min(len(items), args.images):
+            raise ValueError(f"--pairs {Path(folder) / part}: an image could not be read")
+        latents[part] = (names, means[:, 0], [c for c, _ in captions])
+    context = sd.encode_prompt(latents["scene"][2])
+    return [choose.make_draws(latents[part][1], context, args.draws, args.seed, T) for part in PAIR_PARTS]
+
+
 def block_scores(sd, method, params, args, id_draws=None, style_draws=None):
     """(scores, details) of one method on sd (left as it was)."""
+    if method == "probe":
+        return choose.probe_scores(sd.unet, sd.schedule.alphas_cumprod, *pair_draws(sd, args.pairs, args), params)
     if method == "weights":
         return choose.weight_scores(sd.unet, args.identity, args.style, params, sd.text_encoder)
     ac = sd.schedule.alphas_cumprod
@@ -119,7 +151,7 @@ def run(args, sd=None):
     torch.set_flush_denormal(True)  # small activations otherwise hit slow denormal arithmetic on a CPU
     params = choose.block_parameters(sd.unet, args.rank, args.algo)
     draws = {}
-    if args.method != "weights":
+    if args.method in ("ablation", "fisher"):
         draws = {"id_draws": image_draws(sd, args.identity_data, args.identity_prompt, "--identity-data", args),
                  "style_draws": image_draws(sd, args.style_data, args.style_prompt, "--style-data", args)}
     scores, details = block_scores(sd, args.method, params, args, **draws)

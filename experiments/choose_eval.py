@@ -4,8 +4,9 @@ The oracle trains style-only adapters (tinyworld STYLE_RECIPE) on every single c
 (25 sets), per training seed, and scores identity (all blocks, IDENTITY_RECIPE) + style(set) with the world's judges
 on "sks character ... zwx style" prompts and noise drawn for that seed (the same for every set of the seed: paired;
 fresh for each seed: no prompt is shared by two seeds). Each method (experiments/choose_blocks.py on that
-seed's identity and all-block style adapters) chooses blocks under the same parameter budget; its choice is trained
-and scored the same way. Per seed and method:
+seed's identity and all-block style adapters and training images; the probe on 16 counterfactual scenes drawn for
+the seed, tinyworld.world.write_pairs) chooses blocks under the same parameter budget; its choice is trained and
+scored the same way. Per seed and method:
   regret    the oracle's best "both" among its sets within the budget - the method's "both"
   tau       Kendall tau-b between the method's block scores and the oracle's single-block "both"
   win rate  against the oracle's sets of the same size (singles, or in+out pairs): P(method > set), ties 1/2
@@ -47,13 +48,16 @@ from choose_blocks import NEEDS, parse_args as choose_args, run as choose_run  #
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, Setting, check_kept, held_pair, integers,  # noqa: E402
                                  pair_arguments, pair_data, prompts, rates, read_report, recipe_argv,
-                                 render_setting, style_recipe)
+                                 render_setting, style_recipe, written_once)
+from tinyworld.world import write_pairs  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 FAMILY = [*COARSE, *(f"{i},{o}" for i in INS for o in OUTS)]  # the oracle's style block sets
 SMOKE_FAMILY = ["in0", "out3", "in0,out3"]
 THUMBS = 4  # images per set kept for the figures
 EVAL_SEED = 3000  # prompts and noise of training seed s: EVAL_SEED + 100 s (recipe.py uses 100, gates.py 1000 / 2000)
+PROBE_SEED = 5000  # the probe's counterfactual scenes for training seed s: PROBE_SEED + 100 s
+ADAPTERS = ("identity", "style")  # what a method that reads the seed's all-block adapters needs (choose_blocks.NEEDS)
 
 
 def parse_args(argv=None):
@@ -114,6 +118,14 @@ def method_path(out, seed, method):
     return out / "methods" / f"seed{seed}" / f"{method}.json"
 
 
+def pairs_folder(args, out, seed):
+    """The probe's counterfactual scenes for this seed (16 of them; --smoke: 2), written once under out/data."""
+    name = f"pairs_{args.identity}_{args.style.name.replace('/', '-')}_seed{seed}"
+    return written_once(out / "data" / name, lambda part: write_pairs(part, 2 if args.smoke else 16,
+                                                                       PROBE_SEED + 100 * seed, args.identity,
+                                                                       args.style))
+
+
 def keep(path, out, args):
     """Write the scores and method choices of an earlier results.json under out (files already there win), after
     checking that it was made with this run's pair and settings."""
@@ -133,9 +145,9 @@ def keep(path, out, args):
 
 def needed(args, out, seed, data, blocks, sets):
     """Is this adapter still needed: a missing score of one of the seed's sets uses it, or (the all-block adapters,
-    which the methods read) a method's choice is missing?"""
+    which ablation and weights read) the choice of a method that reads them is missing?"""
     unscored = {b for b in sets if not score_path(out, seed, b).exists()}
-    unchosen = any(not method_path(out, seed, m).exists() for m in args.methods)
+    unchosen = any(not method_path(out, seed, m).exists() for m in args.methods if set(ADAPTERS) & set(NEEDS[m]))
     if blocks == "all" and unchosen:
         return True
     return bool(unscored) if data == "identity" else blocks in unscored
@@ -170,6 +182,7 @@ def method_choice(args, out, data, seed, method, sd):
             "--style", str(adapter_path(out, seed, "style", "all")), "--identity-data", str(data["identity"]),
             "--style-data", str(data["style"]), "--method", method, "--budget", str(args.budget_params),
             "--rank", str(args.rank), "--algo", "locon", "--seed", str(seed), "--device", args.device]
+    argv += ["--pairs", str(pairs_folder(args, out, seed))] if method == "probe" else []
     argv += ["--images", "2", "--draws", "1"] if args.smoke else []
     r = choose_run(choose_args(argv), sd)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 adapters and images, and a greedy choice under a parameter budget, written as a rank table train.py --blocks takes.
 
 The paper (arXiv 2403.07500) keeps an identity adapter on all blocks and trains the style adapter only on chosen
-blocks (In-Block0 + Out-Block3), but does not say how to choose them. Three automatable answers:
+blocks (In-Block0 + Out-Block3), but does not say how to choose them. Four automatable answers:
 
   ablation  (needs an identity adapter, an all-block style adapter and a few images of each set)
             With both adapters loaded, switch the style adapter block by block with lora-block-weight's per-block
@@ -22,6 +22,15 @@ blocks (In-Block0 + Out-Block3), but does not say how to choose them. Three auto
             and the identity loss gradients there:
                 F_b = mean over draw chunks of ||grad_{W_b} L_S||^2
                 score_b = (F_b / sum F) / (p_b / P) * (1 - |cos_b|)
+  probe     (needs only the base model and counterfactual images: the same scenes without the style, and with the
+            identity swapped for another subject, as a renderer such as the tiny world's makes them) per block, how
+            much the block's output h_b moves when the style is taken away and when the identity is swapped, on the
+            same (noise, timestep, caption) draws x:
+                S_b = sum ||h_b(x) - h_b(x without the style)||^2 / sum ||h_b(x)||^2
+                I_b = sum ||h_b(x) - h_b(x, another subject)||^2 / sum ||h_b(x)||^2
+                score_b = (S_b / sum S) / (p_b / P) * S_b / (S_b + I_b)
+            the block's share of the style's effect per share of the parameters, times how much of the block's
+            movement is style rather than identity.
 
     params = lora.block_parameters(sd.unet, rank=8, algo="locon")
     scores = lora.choose.weight_scores(sd.unet, "identity.safetensors", "style_all.safetensors")
@@ -29,6 +38,8 @@ blocks (In-Block0 + Out-Block3), but does not say how to choose them. Three auto
 
 Blocks the algorithm cannot adapt (p_b = 0: in3 and out0 with plain LoRA in SD 1.x) get no score.
 """
+import re
+
 import torch
 
 from .blocks import BLOCKS, GROUPS, block_of
@@ -226,3 +237,49 @@ def fisher_scores(unet, alphas_cumprod, style_draws, identity_draws, params, alg
     scores = {b: fisher[b] / F / (params[b] / P) * (1 - abs(cos[b])) for b in blocks}
     return scores, {"fisher": fisher, "cos": cos}
 
+
+
+# ------------------------------------------------------------------------------- (d) a counterfactual probe
+
+def block_outputs(unet):
+    """[(kohya block, module)] of the U-Net's blocks (input_blocks.1-11, middle_block, output_blocks.0-11): the
+    modules whose outputs the probe compares."""
+    top = re.compile(r"(input|output)_blocks\.\d+|middle_block")
+    return [(block_of(path), m) for path, m in unet.named_modules() if top.fullmatch(path) and block_of(path) in
+            GROUP_OF]
+
+
+@torch.no_grad()
+def probe_scores(unet, alphas_cumprod, draws, style_swapped, identity_swapped, params, chunk=16):
+    """The probe score of the module docstring. The three make_draws results must share noise, timesteps and
+    context (make_draws with the same n and seed does that); only their z0 differ. -> (scores, {"style": S_b,
+    "identity": I_b})."""
+    p = next(unet.parameters())
+    sums = {k: dict.fromkeys(COARSE, 0.0) for k in ("norm", "style", "identity")}
+    outputs = {}  # kohya block -> its output in the forward just run
+    hooks = [m.register_forward_hook(lambda m, args, out, b=b: outputs.__setitem__(b, out.float().clone()))
+             for b, m in block_outputs(unet)]
+
+    def forward(z0, i):  # the U-Net on draws i .. i + chunk with this z0 -> {kohya block: output}
+        noise, t, ctx = (draws[k][i:i + chunk].to(p.device) for k in ("noise", "t", "ctx"))
+        a = alphas_cumprod.to(p.device).float()[t][:, None, None, None]
+        z0 = z0[i:i + chunk].to(p.device)
+        unet((a.sqrt() * z0 + (1 - a).sqrt() * noise).to(p.dtype), t, ctx.to(p.dtype))
+        return dict(outputs)
+
+    try:
+        for i in range(0, len(draws["t"]), chunk):
+            h = forward(draws["z0"], i)
+            for b, out in h.items():
+                sums["norm"][GROUP_OF[b]] += float(out.pow(2).sum())
+            for key, swapped in (("style", style_swapped), ("identity", identity_swapped)):
+                for b, out in forward(swapped["z0"], i).items():
+                    sums[key][GROUP_OF[b]] += float((h[b] - out).pow(2).sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    blocks = [b for b in COARSE if params[b]]
+    S, I = ({b: sums[key][b] / sums["norm"][b] for b in blocks} for key in ("style", "identity"))
+    total, P = sum(S.values()) or 1.0, sum(params[b] for b in blocks)
+    scores = {b: S[b] / total / (params[b] / P) * (S[b] / (S[b] + I[b]) if S[b] + I[b] else 0.0) for b in blocks}
+    return scores, {"style": S, "identity": I}

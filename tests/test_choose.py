@@ -122,6 +122,54 @@ def test_fisher_is_zero_where_style_and_identity_pull_the_same_way(lora_sd):
     assert not any(p.requires_grad for p in unet.parameters())  # the flags are put back
 
 
+class Taps(torch.nn.Module):
+    """A stand-in U-Net for the probe: every block sees the noisy latents themselves and passes on some channels (in1:
+    channel 0, out2: channel 1, the others all four), so each block's output is known by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # the probe reads the device and dtype from a parameter
+        self.input_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(12))
+        self.middle_block = torch.nn.Identity()
+        self.output_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(12))
+
+    def forward(self, x, t, ctx):
+        for i, block in enumerate(self.input_blocks):
+            block(x[:, :1] if 4 <= i <= 6 else x)  # IN04-IN06: in1
+        self.middle_block(x)
+        for i, block in enumerate(self.output_blocks):
+            block(x[:, 1:2] if 6 <= i <= 8 else x)  # OUT06-OUT08: out2
+        return x
+
+
+def test_the_probe_measures_each_blocks_change_by_hand():
+    g = torch.Generator().manual_seed(0)
+    z0, ctx = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 16, generator=g)
+    no_style, other = z0.clone(), z0.clone()
+    no_style[:, 0] += torch.randn(3, 8, 8, generator=g)  # the style lives in channel 0, the identity in channels 1, 2
+    other[:, 1:3] += torch.randn(3, 2, 8, 8, generator=g)
+    ac = torch.linspace(0.99, 0.01, 1000)
+    draws, style_swapped, identity_swapped = (choose.make_draws(z, ctx, n=2, seed=3) for z in (z0, no_style, other))
+    params = dict.fromkeys(choose.COARSE, 10)
+    params["in1"], params["in3"] = 30, 0  # in3 not adaptable: no score
+    unet = Taps()
+    scores, details = choose.probe_scores(unet, ac, draws, style_swapped, identity_swapped, params, chunk=4)
+    a = ac[draws["t"]][:, None, None, None]
+    zt = lambda d: a.sqrt() * d["z0"] + (1 - a).sqrt() * draws["noise"]
+    change = lambda d, c: float((zt(draws)[:, c] - zt(d)[:, c]).pow(2).sum() / zt(draws)[:, c].pow(2).sum())
+    every = slice(None)
+    S = {b: change(style_swapped, 0 if b == "in1" else 1 if b == "out2" else every) for b in scores}
+    I = {b: change(identity_swapped, 0 if b == "in1" else 1 if b == "out2" else every) for b in scores}
+    assert set(scores) == set(choose.COARSE) - {"in3"} and S["in1"] > 0 and S["out2"] == I["in1"] == 0
+    for b in scores:
+        assert details["style"][b] == pytest.approx(S[b], rel=1e-5)
+        assert details["identity"][b] == pytest.approx(I[b], rel=1e-5, abs=1e-12)
+        share = S[b] / sum(S.values()) / (params[b] / sum(params.values()))
+        assert scores[b] == pytest.approx(share * S[b] / (S[b] + I[b]), rel=1e-5, abs=1e-12)
+    assert max(scores, key=scores.get) == "in1" and scores["out2"] == 0  # style alone moves in1; only identity out2
+    assert not any(m._forward_hooks for m in unet.modules())  # the probe's hooks are removed
+
+
 def test_the_script_writes_a_table_train_py_trains(lora_sd, layouts, tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "experiments"))
     import choose_blocks
@@ -148,10 +196,33 @@ def test_the_script_writes_a_table_train_py_trains(lora_sd, layouts, tmp_path, c
             choose_blocks.main(["--ckpt", str(layouts["diffusers"]), *argv])
 
 
+def test_the_probe_reads_a_folder_of_counterfactual_pairs(layouts, tmp_path, capsys):
+    """choose_blocks.py --method probe --pairs: the tiny world's pairs (write_pairs) give a rank table; a folder
+    without the three parts, or whose parts hold other file names, stops in one line naming it."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import choose_blocks
+    from tinyworld.world import write_pairs
+    write_pairs(tmp_path / "pairs", 2, seed=1)
+    argv = ["--ckpt", str(layouts["diffusers"]), "--method", "probe", "--budget", "0.3", "--rank", "4",
+            "--images", "2", "--draws", "1", "--device", "cpu"]
+    choose_blocks.main([*argv, "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "table.json")])
+    spec = json.loads((tmp_path / "table.json").read_text())["dims"]
+    assert f"--blocks {spec}" in capsys.readouterr().out and lora.rank_table(spec).blocks()
+    scores = json.loads((tmp_path / "table.scores.json").read_text())
+    assert scores["details"]["style"]["in0"] > 0 and scores["details"]["identity"]["in0"] > 0
+    with pytest.raises(SystemExit, match=r"--pairs .*scene: needs the folders scene, without_style, other_subject"):
+        choose_blocks.main([*argv, "--pairs", str(tmp_path / "pairs" / "scene")])
+    (tmp_path / "pairs" / "other_subject" / "001.png").rename(tmp_path / "pairs" / "other_subject" / "009.png")
+    with pytest.raises(SystemExit, match=r"--pairs .*other_subject: not the same file names as .*scene"):
+        choose_blocks.main([*argv, "--pairs", str(tmp_path / "pairs")])
+
+
 def test_the_scripts_sample_size_suits_the_device():
-    """16 images x 4 draws on a GPU, 4 x 1 on a CPU (where 16 x 4 of the ablation took over 15 min), the flags win."""
+    """16 images x 4 draws on a GPU, 4 x 1 on a CPU (where 16 x 4 of the ablation took over 15 min), the flags win;
+    the probe (forward passes only) takes 16 x 4 everywhere."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import choose_blocks
     size = lambda *argv: (lambda a: (a.images, a.draws))(choose_blocks.parse_args(list(argv)))
     assert size("--device", "cpu") == (4, 1) and size("--device", "cuda:1") == (16, 4)
+    assert size("--device", "cpu", "--method", "probe") == (16, 4)
     assert size("--device", "cpu", "--images", "8", "--draws", "2") == (8, 2)

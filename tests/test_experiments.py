@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinyworld import CHARACTER, IDENTITY, Scene, Style, judge, render
+from tinyworld import CHARACTER, HELD_STYLE, IDENTITY, Scene, Style, judge, render
 from tinyworld.evaluate import interval
 from tinyfiles import images, tiny, train_argv  # noqa: F401 (fixtures)
 
@@ -439,9 +439,13 @@ def test_a_pair_is_scored_as_soon_as_its_adapters_are_trained():
 
 def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     import choose_eval
-    choose_eval.main(["--smoke", "--out", str(tmp_path)])
+    choose_eval.main(["--smoke", "--methods", "weights,probe", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
-    assert set(report["metrics"]) == {"weights", "paper"} and report["metrics"]["paper"]["0"]["blocks"] == "in0,out3"
+    assert set(report["metrics"]) == {"weights", "probe", "paper"}
+    assert report["metrics"]["paper"]["0"]["blocks"] == "in0,out3"
+    pairs = tmp_path / "data" / f"pairs_{IDENTITY}_{HELD_STYLE.name.replace('/', '-')}_seed0"  # the probe's scenes
+    assert sorted(p.name for p in (pairs / "without_style").iterdir()) == ["000.png", "001.png"]
+    assert report["choices"]["probe"]["0"]["details"]["style"]
     assert set(report["both"]["0"]) >= set(choose_eval.SMOKE_FAMILY)
     assert all(len(r["per image"]["both"]) == 2 for r in report["per image"].values())
     assert "| weights | 0 |" in (tmp_path / "results.md").read_text()
@@ -454,8 +458,17 @@ def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     assert Image.open(tmp_path / "fig_oracle_singles_seed0.png").size == (2 * 128, 56 + 4 * 128)
     assert Image.open(tmp_path / "fig_oracle_pairs_seed0.png").size == (128, 56 + 4 * 128)
     capsys.readouterr()
-    choose_eval.main(["--smoke", "--out", str(tmp_path)])  # everything found: nothing trained or scored again
+    choose_eval.main(["--smoke", "--methods", "weights,probe", "--out", str(tmp_path)])  # all found: nothing redone
     assert "training 0 adapters" in capsys.readouterr().out
+
+
+def test_choose_eval_trains_the_all_block_adapters_only_for_the_methods_that_read_them(tmp_path):
+    """The all-block identity and style adapters are trained for a missing choice of ablation or weights (they read
+    the files), not of fisher or probe (the base model and images only), once every set is scored."""
+    import choose_eval
+    for methods, needed in (("fisher,probe", False), ("probe,weights", True), ("ablation", True)):
+        args = choose_eval.parse_args(["--methods", methods, "--out", str(tmp_path)])
+        assert all(choose_eval.needed(args, tmp_path, 0, data, "all", []) is needed for data in ("identity", "style"))
 
 
 def close(a, b):

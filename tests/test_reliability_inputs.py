@@ -17,8 +17,6 @@ import resource
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 import zipfile
 import zlib
@@ -243,7 +241,7 @@ def test_resume_with_other_settings_warns_naming_each(tiny, images, tmp_path):
         train.main(argv)
     changed = sorted(re.search(r": (--[\w-]+) was", str(w.message))[1] for w in caught if " was " in str(w.message))
     assert changed == ["--batch", "--data", "--lr"]
-    assert any(f"--lr was 0.001, now 0.01; continuing with 0.01" in str(w.message) for w in caught)
+    assert any("--lr was 0.001, now 0.01; continuing with 0.01" in str(w.message) for w in caught)
 
 
 # ------------------------------------------------------------------------------ 2. small inputs, unbounded cost

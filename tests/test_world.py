@@ -106,6 +106,25 @@ def test_write_set(tmp_path):
     assert all(f" {IDENTITY_WORD} character" in (tmp_path / f"00{i}.txt").read_text() for i in range(3))
 
 
+def test_write_pairs_changes_only_the_style_or_the_subject(tmp_path):
+    """The probe's counterfactuals: the scenes, the same scenes rendered flat, and with another base member; each
+    image as render() draws that scene, and captions only beside the scenes."""
+    from PIL import Image
+    from tinyworld.world import PAIR_PARTS, write_pairs
+    write_pairs(tmp_path, 3, seed=4)
+    scenes = [s for _, _, s in dataset(3, 4, "combo")]
+    read = lambda part, i: np.asarray(Image.open(tmp_path / part / f"00{i}.png"))
+    assert sorted(p.name for p in (tmp_path / "other_subject").iterdir()) == ["000.png", "001.png", "002.png"]
+    for i, s in enumerate(scenes):
+        assert (tmp_path / "scene" / f"00{i}.txt").read_text() == s.caption() + "\n"
+        assert (read("scene", i) == np.asarray(render(s)[0])).all()
+        assert (read("without_style", i) == np.asarray(render(replace(s, style=Style("flat")))[0])).all()
+        swapped = [m for m in BASE_MEMBERS
+                   if (read("other_subject", i) == np.asarray(render(replace(s, member=m))[0])).all()]
+        assert len(swapped) == 1 and swapped[0] != IDENTITY
+    assert set(PAIR_PARTS) == {p.name for p in tmp_path.iterdir()}
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from transformers import CLIPTokenizer

@@ -105,14 +105,21 @@ def pair_data(identity, style, out, n_identity=48, n_style=16):
         return {"identity": root / "data" / "identity", "style": root / "data" / "style"}
     folders = {}
     for split, n in (("identity", n_identity), ("style", n_style)):
-        folder = Path(out) / "data" / f"{split}_{identity}_{style.name.replace('/', '-')}_{n}"
-        if not folder.is_dir():  # written beside, then renamed: a run cut short leaves no half-written set
-            part = folder.with_name(folder.name + ".part")
-            shutil.rmtree(part, ignore_errors=True)
-            write_set(part, n, seed=0, split=split, identity=identity, style=style)
-            part.rename(folder)
-        folders[split] = folder
+        folders[split] = written_once(Path(out) / "data" / f"{split}_{identity}_{style.name.replace('/', '-')}_{n}",
+                                      lambda part: write_set(part, n, seed=0, split=split, identity=identity,
+                                                             style=style))
     return folders
+
+
+def written_once(folder, write):
+    """folder, after write(part) has filled a folder beside it that is then renamed, unless folder exists already:
+    a run cut short leaves no half-written set."""
+    if not folder.is_dir():
+        part = folder.with_name(folder.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        write(part)
+        part.rename(folder)
+    return folder
 
 
 @dataclass(frozen=True)
