@@ -393,15 +393,16 @@ def with_style(scene, style, style_word=None):
 PAIR_PARTS = ("scene", "without_style", "other_subject")  # the folders of a counterfactual set (write_pairs)
 
 
-def write_pairs(folder, n, seed=0, identity=IDENTITY, style=HELD_STYLE):
+def write_pairs(folder, n, seed=0, identity=IDENTITY, style=HELD_STYLE, plain=Style("flat")):
     """Counterfactual sets for lora.choose's probe: n scenes of the identity in the held-out style (scene/NNN.png and
-    its caption), the same scenes rendered flat (without_style/NNN.png) and with a random base member in the
-    identity's place (other_subject/NNN.png); everything else (colour, place, background, caption) is the same."""
+    its caption), the same scenes rendered in the `plain` style (without_style/NNN.png) and with a random base member
+    in the identity's place (other_subject/NNN.png); everything else (colour, place, background, caption) is the
+    same."""
     rng = np.random.default_rng([seed, 1])  # a stream of its own, not dataset()'s
     scenes = [s for _, _, s in dataset(n, seed, "combo", identity, style)]
-    flat = [with_style(s, Style("flat"), s.style_word) for s in scenes]  # still captioned "zwx style"
+    unstyled = [with_style(s, plain, s.style_word) for s in scenes]  # still captioned "zwx style"
     others = [replace(s, member=int(rng.choice(BASE_MEMBERS))) for s in scenes]
-    for part, renders in zip(PAIR_PARTS, (scenes, flat, others)):
+    for part, renders in zip(PAIR_PARTS, (scenes, unstyled, others)):
         (Path(folder) / part).mkdir(parents=True, exist_ok=True)
         for i, scene in enumerate(renders):
             render(scene)[0].save(Path(folder) / part / f"{i:03d}.png")
