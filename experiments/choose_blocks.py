@@ -28,10 +28,10 @@ import lora.choose as choose  # noqa: E402
 import minisd  # noqa: E402
 from minisd.files import atomic_save  # noqa: E402
 import train  # noqa: E402
+from tinyworld.world import PAIR_PARTS  # noqa: E402  --pairs' folders: the layout write_pairs writes
 
 NEEDS = {"ablation": ("identity", "style", "identity_data", "style_data"), "weights": ("identity", "style"),
          "fisher": ("identity_data", "style_data"), "probe": ("pairs",)}
-PAIR_PARTS = ("scene", "without_style", "other_subject")  # --pairs' folders, the same file names in each
 
 
 def parse_args(argv=None):

@@ -238,7 +238,6 @@ def fisher_scores(unet, alphas_cumprod, style_draws, identity_draws, params, alg
     return scores, {"fisher": fisher, "cos": cos}
 
 
-
 # ------------------------------------------------------------------------------- (d) a counterfactual probe
 
 def block_outputs(unet):

@@ -7,9 +7,10 @@ from .tokenizer import write_tokenizer
 from .world import (BACKGROUNDS, BASE_MEMBERS, BASE_STYLES, CHARACTER, COLOURS, HELD_MEMBERS, HELD_STYLE, HELD_STYLES,
                     IDENTITY, IDENTITY_WORD, MEMBERS, POSITIONS, RARE_WORDS, RESERVED_MEMBERS, SHAPES, SIZES, SPLITS,
                     STYLE_WORD, SUBJECTS, Scene, Style, any_scene, dataset, member, parse, random_scene, render,
-                    scene_for, traits, vocabulary, with_style, write_set)
+                    scene_for, traits, vocabulary, with_style, write_pairs, write_set)
 
 __all__ = ["Scene", "Style", "render", "random_scene", "any_scene", "scene_for", "with_style", "dataset", "write_set",
-           "parse", "vocabulary", "write_tokenizer", "member", "traits", "SHAPES", "CHARACTER", "SUBJECTS", "COLOURS",
-           "BACKGROUNDS", "SIZES", "POSITIONS", "SPLITS", "RARE_WORDS", "IDENTITY_WORD", "STYLE_WORD", "MEMBERS",
-           "BASE_MEMBERS", "HELD_MEMBERS", "RESERVED_MEMBERS", "IDENTITY", "BASE_STYLES", "HELD_STYLES", "HELD_STYLE"]
+           "write_pairs", "parse", "vocabulary", "write_tokenizer", "member", "traits", "SHAPES", "CHARACTER",
+           "SUBJECTS", "COLOURS", "BACKGROUNDS", "SIZES", "POSITIONS", "SPLITS", "RARE_WORDS", "IDENTITY_WORD",
+           "STYLE_WORD", "MEMBERS", "BASE_MEMBERS", "HELD_MEMBERS", "RESERVED_MEMBERS", "IDENTITY", "BASE_STYLES",
+           "HELD_STYLES", "HELD_STYLE"]
