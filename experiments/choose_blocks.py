@@ -90,37 +90,40 @@ def check_args(args):
 
 
 @torch.no_grad()
-def image_draws(sd, folder, prompt, flag, args):
-    """A folder's first --images images -> choose.make_draws of their VAE latents and caption embeddings."""
+def folder_latents(sd, folder, prompt, flag, args):
+    """A folder's image file names, and the VAE latent means (N, 4, h, w) and captions of its first --images images;
+    a bad folder or caption stops in one line naming `flag` and the folder (an unreadable image is skipped)."""
     try:
-        items = train.find_images(folder, prompt)[:args.images]
-        captions, means, _ = train.cache_latents(sd, items, args.resolution or sd.native_size, False, sd.device, True)
+        items = train.find_images(folder, prompt)
+        captions, means, _ = train.cache_latents(sd, items[:args.images], args.resolution or sd.native_size, False,
+                                                 sd.device, True)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{flag} {folder}: {e}") from None
-    context = sd.encode_prompt([c for c, _ in captions])
-    return choose.make_draws(means[:, 0], context, args.draws, args.seed, len(sd.schedule.alphas_cumprod))
+    return [path.name for path, _, _ in items], means[:, 0], [c for c, _ in captions]
+
+
+@torch.no_grad()
+def image_draws(sd, folder, prompt, flag, args):
+    """A folder's first --images images -> choose.make_draws of their VAE latents and caption embeddings."""
+    _, means, captions = folder_latents(sd, folder, prompt, flag, args)
+    return choose.make_draws(means, sd.encode_prompt(captions), args.draws, args.seed, len(sd.schedule.alphas_cumprod))
 
 
 @torch.no_grad()
 def pair_draws(sd, folder, args):
     """--pairs -> [choose.make_draws] of scene/, without_style/ and other_subject/ (their first --images files), each
     with the scenes' captions and the same seed: the three share noise, timesteps and context."""
-    latents, T = {}, len(sd.schedule.alphas_cumprod)
-    for part in PAIR_PARTS:
-        try:  # captions come from scene/*.txt; the other folders' are not used
-            items = train.find_images(Path(folder) / part, None if part == "scene" else "-")
-            names = [path.name for path, _, _ in items]
-            if part != "scene" and names != latents["scene"][0]:
-                raise ValueError(f"not the same file names as {Path(folder) / 'scene'}")
-            captions, means, _ = train.cache_latents(sd, items[:args.images], args.resolution or sd.native_size,
-                                                     False, sd.device, True)
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"--pairs {Path(folder) / part}: {e}") from None
-        if len(captions) != min(len(items), args.images):
+    # captions come from scene/*.txt; the other folders' are not used
+    parts = {part: folder_latents(sd, Path(folder) / part, None if part == "scene" else "-", "--pairs", args)
+             for part in PAIR_PARTS}
+    names, _, captions = parts["scene"]
+    for part, (part_names, _, part_captions) in parts.items():
+        if part_names != names:
+            raise ValueError(f"--pairs {Path(folder) / part}: not the same file names as {Path(folder) / 'scene'}")
+        if len(part_captions) != min(len(names), args.images):
             raise ValueError(f"--pairs {Path(folder) / part}: an image could not be read")
-        latents[part] = (names, means[:, 0], [c for c, _ in captions])
-    context = sd.encode_prompt(latents["scene"][2])
-    return [choose.make_draws(latents[part][1], context, args.draws, args.seed, T) for part in PAIR_PARTS]
+    context, T = sd.encode_prompt(captions), len(sd.schedule.alphas_cumprod)
+    return [choose.make_draws(parts[part][1], context, args.draws, args.seed, T) for part in PAIR_PARTS]
 
 
 def block_scores(sd, method, params, args, id_draws=None, style_draws=None):

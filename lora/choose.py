@@ -255,7 +255,7 @@ def probe_scores(unet, alphas_cumprod, draws, style_swapped, identity_swapped, p
     "identity": I_b})."""
     p = next(unet.parameters())
     sums = {k: dict.fromkeys(COARSE, 0.0) for k in ("norm", "style", "identity")}
-    outputs = {}  # kohya block -> its output in the forward just run
+    outputs = {}  # kohya block -> a copy of its output in the forward just run (copied: later layers may work in place)
     hooks = [m.register_forward_hook(lambda m, args, out, b=b: outputs.__setitem__(b, out.float().clone()))
              for b, m in block_outputs(unet)]
 
