@@ -7,11 +7,12 @@
     python experiments/eyecheck.py score --labels docs/eyecheck_labels.txt   # the labels of docs/world.md
     python experiments/eyecheck.py render --style bricks/6 --adapters out/gates_bricks-6 --out out/eyecheck_bricks-6
 
-`render` draws 40 images from each of the gates' five settings with the shipped adapters (weights/tiny/adapters; or
-a gates.py --out folder's, with --identity/--style its pair), on prompts and noise of their own (seed 3000),
-shuffles them and numbers them on sheets of 50; which setting made which image and what the judge read stay in
-key.json, for `score` only. reference.png shows, clean: the identity member in four colours and styles (top row),
-four members one trait away from it (second row), and base subjects in the held-out style (third row).
+`render` draws 40 images from each of the gates' five settings with the shipped adapters of --style
+(weights/tiny/adapters/rings-8-0 by default; or a gates.py --out folder's, with --identity/--style its pair), on
+prompts and noise of their own (seed 3000), shuffles them and numbers them on sheets of 50; which setting made which
+image and what the judge read stay in key.json, for `score` only. reference.png shows, clean: the identity member in
+four colours and styles (top row), four members one trait away from it (second row), and base subjects in the
+held-out style (third row).
 """
 import argparse
 import json
@@ -29,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 import minisd  # noqa: E402
 from minisd.images import to_pil  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
-from tinyworld.evaluate import Setting, held_pair, pair_arguments, prompts, render_setting  # noqa: E402
+from tinyworld.evaluate import (Setting, held_pair, pair_arguments, prompts, render_setting,  # noqa: E402
+                                shipped_adapters)
 from tinyworld.world import CHARACTER, Scene, Style, member, render, traits  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
@@ -37,10 +39,10 @@ SEED, PER_SETTING, PER_SHEET, CELL = 3000, 40, 50, 128
 
 
 def settings(folder):
-    """The gates' five settings with the adapters of `folder`: the shipped names, or gates.py's (identity_all)."""
-    a = {name: folder / f"{name}.safetensors" for name in ("identity", "style_all", "style_in0_out3")}
-    if not a["identity"].exists():
-        a["identity"] = folder / "identity_all.safetensors"
+    """The gates' five settings with the adapters of `folder`: a gates.py --out folder's (identity_all.safetensors
+    beside the style adapters), or a shipped style's (the identity adapter one folder up)."""
+    a = {name: folder / f"{name}.safetensors" for name in ("identity_all", "style_all", "style_in0_out3")}
+    a["identity"] = a["identity_all"] if a["identity_all"].exists() else folder.parent / "identity.safetensors"
     return [(Setting("identity only", ((a["identity"], None),)), "combo"),
             (Setting("style only (all)", ((a["style_all"], None),)), "style"),
             (Setting("style only (in0,out3)", ((a["style_in0_out3"], None),)), "style"),
@@ -145,16 +147,19 @@ def main(argv=None):
     p.add_argument("step", choices=["render", "score"])
     p.add_argument("--out", default="out/eyecheck")
     p.add_argument("--labels", help="the labels file (default: <out>/labels.txt)")
-    p.add_argument("--adapters", default=str(TINY / "adapters"), help="folder of the adapters to render with: the "
-                   "shipped ones, or a gates.py --out folder (then --identity/--style its pair)")
+    p.add_argument("--adapters", help="folder of the adapters to render with: a gates.py --out folder (then "
+                   "--identity/--style its pair); default the shipped ones of --style, weights/tiny/adapters/<style>")
     pair_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     identity, style = held_pair(p, args.identity, args.style)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    folder = Path(args.adapters) if args.adapters else shipped_adapters(style)
+    if args.step == "render" and not folder.is_dir():
+        p.error(f"--style {style.name}: no shipped adapters ({folder}); pass --adapters a gates.py --out folder")
     if args.step == "render":
-        render_all(out, args.device, Path(args.adapters), identity, style)
+        render_all(out, args.device, folder, identity, style)
     else:
         score(out, Path(args.labels) if args.labels else out / "labels.txt")
 

@@ -87,7 +87,7 @@ def test_a_kept_adapter_from_another_recipe_stops_the_run():
     import shlex
 
     from tinyworld.evaluate import STYLE_RECIPE, check_kept, style_recipe
-    kept = ROOT / "weights" / "tiny" / "adapters" / "style_all.safetensors"
+    kept = ROOT / "weights" / "tiny" / "adapters" / "rings-8-0" / "style_all.safetensors"
     check_kept(kept, ["--data", "x", *shlex.split(STYLE_RECIPE)])  # the recipe it was trained with: kept
     check_kept(kept, ["--lr", "5e-3", "--steps", "9", "--steps", "1600"])  # the last flag counts, as in argparse
     for flags in (style_recipe("in0", subset_steps=12800), STYLE_RECIPE + " --lr 0.01"):
@@ -284,7 +284,7 @@ def test_a_settings_global_weight_scales_its_adapter():
     import minisd
     from tinyworld.evaluate import Setting, prompts, render_setting
     sd = minisd.load(ROOT / "weights" / "tiny")
-    style = ROOT / "weights" / "tiny" / "adapters" / "style_all.safetensors"
+    style = ROOT / "weights" / "tiny" / "adapters" / "rings-8-0" / "style_all.safetensors"
     captions = prompts("combo", 2, 0)[0]
     sample = lambda: sd.sample(captions, steps=2, guidance=5.0, seed=0, progress=False)
     base = sample()
@@ -297,65 +297,136 @@ def test_a_settings_global_weight_scales_its_adapter():
     assert not lora.adapter_names(sd.unet)  # the model is left as it was
 
 
-def test_the_shipped_adapters_are_the_recipe_on_the_shipped_data():
-    """weights/tiny/adapters were trained by `demo.py --train`: their kohya metadata name the recipe's steps, lr and
-    rank, the shipped image counts and the block sets (in0 + out3 only for the block-wise style adapter)."""
+def shipped_meta(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return f.metadata(), list(f.keys())
+
+
+@pytest.mark.parametrize("style", ["bricks/6/0", "rings/8/0"])
+def test_the_shipped_adapters_are_the_recipe_on_the_shipped_data(style):
+    """weights/tiny/adapters were trained by `demo.py --train`: their kohya metadata name the recipe's steps (the
+    style's subset steps for in0 + out3), lr and rank, the image counts of the sets the pair trains on and the block
+    sets (in0 + out3 only for the block-wise style adapter)."""
     import re
     import shlex
 
     import demo
-    from safetensors import safe_open
-    from tinyworld.evaluate import IDENTITY_RECIPE, STYLE_RECIPE
-    for name, (data, blocks) in demo.ADAPTERS.items():
-        flags = shlex.split(IDENTITY_RECIPE if data == "identity" else STYLE_RECIPE)
-        flag = lambda f: flags[flags.index(f) + 1]
-        with safe_open(ROOT / "weights" / "tiny" / "adapters" / f"{name}.safetensors", "pt") as f:
-            meta, keys = f.metadata(), list(f.keys())
+    from tinyworld.evaluate import IDENTITY_RECIPE, shipped_adapters, style_recipe
+    from tinyworld.world import held_style
+    files = demo.adapter_files(demo_args(), held_style(style))
+    counts = {"identity": 48, "style": 16}  # tinyworld.evaluate.pair_data's sets (data/ holds rings/8's)
+    assert [len(list((ROOT / "data" / split).glob("*.png"))) for split in counts] == list(counts.values())
+    assert files["identity"] == ROOT / "weights" / "tiny" / "adapters" / "identity.safetensors"
+    for name, (split, blocks) in demo.ADAPTERS.items():
+        flags = shlex.split(IDENTITY_RECIPE if split == "identity"
+                            else style_recipe(blocks, subset_steps=demo.STYLES[style]))
+        flag = lambda f: flags[len(flags) - 1 - flags[::-1].index(f) + 1]  # the last one counts, as in argparse
+        meta, keys = shipped_meta(files[name])
+        assert files[name].parent == (shipped_adapters(held_style(style)) if split == "style"
+                                      else ROOT / "weights" / "tiny" / "adapters")
         assert (meta["ss_steps"], float(meta["ss_learning_rate"]), meta["ss_network_dim"]) == \
             (flag("--steps"), float(flag("--lr")), flag("--rank"))
-        assert int(meta["ss_num_train_images"]) == len(list((ROOT / "data" / data).glob("*.png")))
+        assert int(meta["ss_num_train_images"]) == counts[split]
         found = {re.match(r"lora_unet_(down_blocks_\d|mid_block|up_blocks_\d)", k).group(1) for k in keys}
         everywhere = {f"down_blocks_{i}" for i in range(4)} | {"mid_block"} | {f"up_blocks_{i}" for i in range(4)}
         assert found == ({"down_blocks_0", "up_blocks_3"} if blocks == "in0,out3" else everywhere), (name, found)
+    assert demo.STYLES == {"bricks/6/0": 12800, "rings/8/0": None}
 
 
-def test_the_shipped_chosen_adapter_is_on_the_blocks_its_shipped_scores_choose():
-    """style_chosen.safetensors was trained by `demo.py --train` on the rank table choose_blocks.py wrote beside it:
-    the table is the greedy choice from the shipped block scores within in0 + out3's parameters, and the file adapts
-    exactly those blocks, with the style recipe."""
+def demo_args(**kw):
+    import argparse
+    return argparse.Namespace(**{"train": False, "out": "unused", "device": "cpu", **kw})
+
+
+@pytest.mark.parametrize("style, chosen", [("bricks/6/0", "in0,out3"), ("rings/8/0", "in1")])
+def test_the_shipped_chosen_adapter_is_on_the_blocks_its_shipped_scores_choose(style, chosen):
+    """The chosen style adapter was trained by `demo.py --train` on the rank table choose_blocks.py wrote beside the
+    style adapters: the table is the greedy choice from the shipped block scores within in0 + out3's parameters, and
+    the adapter adapts exactly those blocks with the style's recipe; for bricks/6 the tool chose in0 + out3, whose
+    adapter the demo then uses (no second copy ships)."""
     import demo
     from lora.choose import choose_blocks
-    from safetensors import safe_open
-    folder = ROOT / "weights" / "tiny" / "adapters"
+    from tinyworld.evaluate import shipped_adapters
+    from tinyworld.world import held_style
+    folder = shipped_adapters(held_style(style))
     scores = json.loads((folder / "style_chosen_blocks.scores.json").read_text())
     assert scores["budget"] == demo.budget_of_in0_out3() == 97536  # 35,840 (in0) + 61,696 (out3)
     blocks, spec = choose_blocks(scores["scores"], scores["params"], scores["budget"])
     assert json.loads((folder / "style_chosen_blocks.json").read_text()) == {"dims": spec}
-    assert demo.coarse_blocks(folder / "style_chosen.safetensors") == ",".join(blocks)
-    with safe_open(folder / "style_chosen.safetensors", "pt") as f:
-        meta = f.metadata()
-    assert (meta["ss_steps"], meta["ss_learning_rate"], meta["ss_num_train_images"]) == ("1600", "0.005", "16")
+    assert ",".join(blocks) == chosen
+    file = demo.adapter_files(demo_args(), held_style(style))[demo.CHOSEN]
+    assert demo.coarse_blocks(file) == chosen
+    assert (file.name == "style_in0_out3.safetensors") == (chosen == "in0,out3")
+    assert (folder / "style_chosen.safetensors").exists() == (chosen != "in0,out3")
+    meta, _ = shipped_meta(file)
+    steps = demo.STYLES[style] or 1600
+    assert (meta["ss_steps"], meta["ss_learning_rate"], meta["ss_num_train_images"]) == (str(steps), "0.005", "16")
 
 
-def test_demo_writes_its_grid_with_the_shipped_adapters(tmp_path, capsys):
+def test_demo_train_runs_the_styles_recipe_and_trains_the_chosen_blocks_only_when_new(tmp_path, monkeypatch):
+    """demo.py --train: the identity and style adapters with the style's step counts (bricks/6: 12800 on in0 +
+    out3), choose_blocks.py --out a table beside them, and a fourth adapter only when the table is not in0 + out3's."""
+    import choose_blocks
+    import demo
+    import train
+    from tinyworld.world import held_style
+    for table, trained in (("in0=8,out3=8", 3), ("in1=8", 4)):
+        runs = []
+        monkeypatch.setattr(train, "main", lambda argv: runs.append(argv))
+        monkeypatch.setattr(choose_blocks, "main", lambda argv: Path(argv[argv.index("--out") + 1]).write_text(
+            json.dumps({"dims": table})))
+        out = tmp_path / table
+        files = demo.adapter_files(demo_args(train=True, out=str(out)), held_style("bricks/6"))
+        value = lambda argv, flag: argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+        assert [(value(a, "--blocks"), value(a, "--steps")) for a in runs] == [
+            ("all", "1600"), ("all", "1600"), ("in0,out3", "12800"),
+            *([(str(out / "style_chosen_blocks.json"), "12800")] if trained == 4 else [])]
+        assert [Path(value(a, "--out")).name for a in runs][:3] == ["identity.safetensors", "style_all.safetensors",
+                                                                  "style_in0_out3.safetensors"]
+        assert files["identity"] == out / "identity.safetensors"
+        chosen = "style_chosen.safetensors" if trained == 4 else "style_in0_out3.safetensors"
+        assert files[demo.CHOSEN] == out / chosen
+        assert [value(a, "--data") for a in runs] == [str(out / "data" / "identity_501_bricks-6-0_48"),
+                                                      *[str(out / "data" / "style_501_bricks-6-0_16")] * (trained - 1)]
+
+
+@pytest.mark.parametrize("style, titles", [
+    ("bricks/6", ("identity only", "style only (all)", "+ style, all blocks", "+ style, in0+out3 (chosen)")),
+    ("rings/8", ("identity only", "style only (all)", "+ style, all blocks", "+ style, in0+out3",
+                 "+ style, in1 (chosen)"))])
+def test_demo_writes_its_grid_with_the_shipped_adapters(tmp_path, capsys, style, titles):
+    """A column per setting: for bricks/6 the tool chose in0 + out3, so that column is also the chosen one."""
     import demo
     from PIL import Image
-    demo.main(["--out", str(tmp_path), "--sample-steps", "2", "--device", "cpu"])
-    printed = capsys.readouterr().out
-    assert Image.open(tmp_path / "grid.png").size == (5 * 128, 56 + 4 * 128)  # 5 settings x 4 prompts
-    assert all(title in printed for title in ("identity only", "style only (all)", "+ style, in0+out3",
-                                              "+ style, in1 (chosen)"))
+    demo.main(["--out", str(tmp_path), "--style", style, "--sample-steps", "2", "--device", "cpu"])
+    printed = [line.split(" identity ")[0].strip() for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert Image.open(tmp_path / "grid.png").size == (len(titles) * 128, 56 + 4 * 128)  # settings x 4 prompts
+    assert tuple(printed) == titles
 
 
-def test_eyecheck_reads_the_shipped_or_a_gates_folder(tmp_path):
-    """eyecheck.py --adapters: the shipped names (identity.safetensors), or a gates.py --out folder's
-    (identity_all.safetensors); the five settings are the gates'."""
+def test_demo_refuses_a_style_without_shipped_adapters(capsys):
+    import demo
+    with pytest.raises(SystemExit):
+        demo.main(["--style", "zigzag/8"])
+    assert "argument --style: 'zigzag/8': one of bricks/6/0, rings/8/0" in capsys.readouterr().err
+
+
+def test_eyecheck_reads_the_shipped_or_a_gates_folder(tmp_path, capsys):
+    """eyecheck.py --adapters: a gates.py --out folder (identity_all.safetensors beside the style adapters), or by
+    default the shipped adapters of --style (the identity one folder up); the five settings are the gates'. A style
+    with no shipped adapters and no --adapters stops in one line."""
     import eyecheck
-    shipped = eyecheck.settings(ROOT / "weights" / "tiny" / "adapters")
+    shipped = eyecheck.settings(ROOT / "weights" / "tiny" / "adapters" / "rings-8-0")
     assert [s.title for s, _ in shipped] == ["identity only", "style only (all)", "style only (in0,out3)",
                                             "identity + style (all)", "identity + style (in0,out3)"]
-    assert shipped[0][0].adapters[0][0].name == "identity.safetensors"
+    assert shipped[0][0].adapters[0][0] == ROOT / "weights" / "tiny" / "adapters" / "identity.safetensors"
+    assert all(path.exists() for setting, _ in shipped for path, _ in setting.adapters)
+    (tmp_path / "identity_all.safetensors").touch()
     assert eyecheck.settings(tmp_path)[0][0].adapters[0][0] == tmp_path / "identity_all.safetensors"
+    with pytest.raises(SystemExit):
+        eyecheck.main(["render", "--style", "zigzag/8", "--out", str(tmp_path / "eye")])
+    assert "--style zigzag/8/0: no shipped adapters" in capsys.readouterr().err
 
 
 def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):

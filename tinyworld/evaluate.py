@@ -97,6 +97,12 @@ def held_pair(parser, identity, style):
     return identity, held
 
 
+def shipped_adapters(style):
+    """weights/tiny/adapters/bricks-6-0: the folder of a held-out style's shipped adapters (demo.py's); the identity
+    adapter they pair with, identity.safetensors, is one folder up."""
+    return Path(__file__).resolve().parent.parent / "weights" / "tiny" / "adapters" / style.name.replace("/", "-")
+
+
 def pair_data(identity, style, out, n_identity=48, n_style=16):
     """{"identity": folder, "style": folder}: the shipped data/ sets for the main pair at their size, else sets of
     that size written for the pair under out/data (seed 0, as the shipped ones)."""
