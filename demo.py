@@ -4,7 +4,7 @@
     python demo.py --style rings/8   # the other shipped style: there in0 + out3 learns no rings, the chosen blocks do
     python demo.py --train           # train the adapters first (one GPU: minutes; a 2-core CPU: hours)
 
-The adapters (weights/tiny/adapters: the identity, and a folder per style; trained by --train's recipes on one H200):
+The adapters (weights/tiny/adapters: the identity, and a folder per style; --train's recipes, docs/tiny.md):
 1. an identity adapter (the held-out character member "sks", 48 images in several base styles) on all blocks;
 2. a style adapter (the held-out style, "zwx style", 16 images of other subjects) on all blocks;
 3. the same style adapter trained block-wise, only on the paper's upper blocks in0 + out3 (with more steps where the
