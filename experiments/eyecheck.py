@@ -156,12 +156,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(args.adapters) if args.adapters else shipped_adapters(style)
-    if args.step == "render" and not folder.is_dir():
-        p.error(f"--style {style.name}: no shipped adapters ({folder}); pass --adapters a gates.py --out folder")
-    if args.step == "render":
-        render_all(out, args.device, folder, identity, style)
-    else:
+    if args.step == "score":
         score(out, Path(args.labels) if args.labels else out / "labels.txt")
+    elif not folder.is_dir():
+        p.error(f"--style {style.name}: no shipped adapters ({folder}); pass --adapters a gates.py --out folder")
+    else:
+        render_all(out, args.device, folder, identity, style)
 
 
 if __name__ == "__main__":

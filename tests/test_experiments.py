@@ -303,6 +303,16 @@ def shipped_meta(path):
         return f.metadata(), list(f.keys())
 
 
+def demo_args(**kw):
+    import argparse
+    return argparse.Namespace(**{"train": False, "out": "unused", "device": "cpu", **kw})
+
+
+def last_value(argv, flag):
+    """The value of a flag's last occurrence in an argv, the one argparse keeps."""
+    return argv[len(argv) - argv[::-1].index(flag)]
+
+
 @pytest.mark.parametrize("style", ["bricks/6/0", "rings/8/0"])
 def test_the_shipped_adapters_are_the_recipe_on_the_shipped_data(style):
     """weights/tiny/adapters were trained by `demo.py --train`: their kohya metadata name the recipe's steps (the
@@ -321,22 +331,16 @@ def test_the_shipped_adapters_are_the_recipe_on_the_shipped_data(style):
     for name, (split, blocks) in demo.ADAPTERS.items():
         flags = shlex.split(IDENTITY_RECIPE if split == "identity"
                             else style_recipe(blocks, subset_steps=demo.STYLES[style]))
-        flag = lambda f: flags[len(flags) - 1 - flags[::-1].index(f) + 1]  # the last one counts, as in argparse
         meta, keys = shipped_meta(files[name])
         assert files[name].parent == (shipped_adapters(held_style(style)) if split == "style"
                                       else ROOT / "weights" / "tiny" / "adapters")
         assert (meta["ss_steps"], float(meta["ss_learning_rate"]), meta["ss_network_dim"]) == \
-            (flag("--steps"), float(flag("--lr")), flag("--rank"))
+            tuple(t(last_value(flags, f)) for t, f in ((str, "--steps"), (float, "--lr"), (str, "--rank")))
         assert int(meta["ss_num_train_images"]) == counts[split]
         found = {re.match(r"lora_unet_(down_blocks_\d|mid_block|up_blocks_\d)", k).group(1) for k in keys}
         everywhere = {f"down_blocks_{i}" for i in range(4)} | {"mid_block"} | {f"up_blocks_{i}" for i in range(4)}
         assert found == ({"down_blocks_0", "up_blocks_3"} if blocks == "in0,out3" else everywhere), (name, found)
     assert demo.STYLES == {"bricks/6/0": 12800, "rings/8/0": None}
-
-
-def demo_args(**kw):
-    import argparse
-    return argparse.Namespace(**{"train": False, "out": "unused", "device": "cpu", **kw})
 
 
 @pytest.mark.parametrize("style, chosen", [("bricks/6/0", "in0,out3"), ("rings/8/0", "in1")])
@@ -378,17 +382,17 @@ def test_demo_train_runs_the_styles_recipe_and_trains_the_chosen_blocks_only_whe
             json.dumps({"dims": table})))
         out = tmp_path / table
         files = demo.adapter_files(demo_args(train=True, out=str(out)), held_style("bricks/6"))
-        value = lambda argv, flag: argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
-        assert [(value(a, "--blocks"), value(a, "--steps")) for a in runs] == [
+        assert [(last_value(a, "--blocks"), last_value(a, "--steps")) for a in runs] == [
             ("all", "1600"), ("all", "1600"), ("in0,out3", "12800"),
             *([(str(out / "style_chosen_blocks.json"), "12800")] if trained == 4 else [])]
-        assert [Path(value(a, "--out")).name for a in runs][:3] == ["identity.safetensors", "style_all.safetensors",
-                                                                  "style_in0_out3.safetensors"]
+        assert [Path(last_value(a, "--out")).name for a in runs[:3]] == [
+            "identity.safetensors", "style_all.safetensors", "style_in0_out3.safetensors"]
         assert files["identity"] == out / "identity.safetensors"
         chosen = "style_chosen.safetensors" if trained == 4 else "style_in0_out3.safetensors"
         assert files[demo.CHOSEN] == out / chosen
-        assert [value(a, "--data") for a in runs] == [str(out / "data" / "identity_501_bricks-6-0_48"),
-                                                      *[str(out / "data" / "style_501_bricks-6-0_16")] * (trained - 1)]
+        data = out / "data"
+        assert [last_value(a, "--data") for a in runs] == [
+            str(data / "identity_501_bricks-6-0_48"), *[str(data / "style_501_bricks-6-0_16")] * (trained - 1)]
 
 
 @pytest.mark.parametrize("style, titles", [
