@@ -120,7 +120,7 @@ def method_path(out, seed, method):
 
 def pairs_folder(args, out, seed):
     """The probe's counterfactual scenes for this seed (16 of them; --smoke: 2), written once under out/data."""
-    name = f"pairs_{args.identity}_{args.style.name.replace('/', '-')}_seed{seed}"
+    name = f"pairs_{args.identity}_{args.style.file_name}_seed{seed}"
     return written_once(out / "data" / name, lambda part: write_pairs(part, 2 if args.smoke else 16,
                                                                        PROBE_SEED + 100 * seed, args.identity,
                                                                        args.style))

@@ -518,7 +518,7 @@ def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["metrics"]) == {"weights", "probe", "paper"}
     assert report["metrics"]["paper"]["0"]["blocks"] == "in0,out3"
-    pairs = tmp_path / "data" / f"pairs_{IDENTITY}_{HELD_STYLE.name.replace('/', '-')}_seed0"  # the probe's scenes
+    pairs = tmp_path / "data" / f"pairs_{IDENTITY}_{HELD_STYLE.file_name}_seed0"  # the probe's scenes
     assert sorted(p.name for p in (pairs / "without_style").iterdir()) == ["000.png", "001.png"]
     assert report["choices"]["probe"]["0"]["details"]["style"]
     assert set(report["both"]["0"]) >= set(choose_eval.SMOKE_FAMILY)

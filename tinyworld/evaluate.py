@@ -100,7 +100,7 @@ def held_pair(parser, identity, style):
 def shipped_adapters(style):
     """weights/tiny/adapters/bricks-6-0: the folder of a held-out style's shipped adapters (demo.py's); the identity
     adapter they pair with, identity.safetensors, is one folder up."""
-    return Path(__file__).resolve().parent.parent / "weights" / "tiny" / "adapters" / style.name.replace("/", "-")
+    return Path(__file__).resolve().parent.parent / "weights" / "tiny" / "adapters" / style.file_name
 
 
 def pair_data(identity, style, out, n_identity=48, n_style=16):
@@ -111,7 +111,7 @@ def pair_data(identity, style, out, n_identity=48, n_style=16):
         return {"identity": root / "data" / "identity", "style": root / "data" / "style"}
     folders = {}
     for split, n in (("identity", n_identity), ("style", n_style)):
-        folders[split] = written_once(Path(out) / "data" / f"{split}_{identity}_{style.name.replace('/', '-')}_{n}",
+        folders[split] = written_once(Path(out) / "data" / f"{split}_{identity}_{style.file_name}_{n}",
                                       lambda part: write_set(part, n, seed=0, split=split, identity=identity,
                                                              style=style))
     return folders

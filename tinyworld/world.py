@@ -102,6 +102,11 @@ class Style:
     def name(self):
         return f"{self.family}/{self.period}/{self.angle}"
 
+    @property
+    def file_name(self):
+        """The name in a file or folder name: bricks-6-0."""
+        return self.name.replace("/", "-")
+
 
 BASE_FAMILIES = ("flat", "outlined", "striped", "dotted", "checkered", "wavy", "hatched", "pixelated")
 HELD_FAMILIES = ("rings", "zigzag", "bricks")
