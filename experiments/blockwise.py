@@ -218,6 +218,7 @@ def training_jobs(args, out, settings):
         for seed in args.seeds:
             if evaluated(out, algo, seed, settings):
                 continue
+            say_redone(out, algo, seed, settings)
             sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
             # the block subsets first: with --subset-steps they are the pair's long jobs, and starting them first
             # lets the short ones fill the workers' gaps, so the pair is scored sooner
@@ -292,6 +293,16 @@ def eval_settings(args):
 def evaluated(out, algo, seed, settings):
     path = eval_path(out, algo, seed)
     return path.exists() and json.loads(path.read_text())["settings"] == settings
+
+
+def say_redone(out, algo, seed, settings):
+    """One line when a kept evaluation is redone because a setting changed (a CPU's default --n is 16, a GPU's 64):
+    its pair's adapters are trained again if they are gone."""
+    path = eval_path(out, algo, seed)
+    if path.exists():
+        kept = json.loads(path.read_text())["settings"]
+        changed = ", ".join(f"{k} {kept.get(k)} -> {v}" for k, v in settings.items() if kept.get(k) != v)
+        print(f"{path}: scored with other settings ({changed}); redone", flush=True)
 
 
 def eval_job(job):

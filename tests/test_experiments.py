@@ -479,6 +479,9 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     assert "over the pairs scored so far" in capsys.readouterr().out
     partial = json.loads((tmp_path / "results.json").read_text())
     assert partial["scored"] == {"locon": [0]} and partial["per_image"] == report["per_image"]
+    blockwise.main(argv + ["--guidance", "5,2", "--budget-s", "1e-9"])  # the kept scores are not taken as these
+    said = capsys.readouterr().out
+    assert "locon_seed0.json: scored with other settings (guidance [5.0] -> [5.0, 2.0]); redone" in said
 
 
 def test_a_pair_is_scored_as_soon_as_its_adapters_are_trained():
