@@ -655,6 +655,7 @@ class Run:
     alphas_cumprod: torch.Tensor  # the noise schedule's, float32 on the device
     snr: torch.Tensor  # signal-to-noise ratio of each timestep: alphas_cumprod / (1 - alphas_cumprod)
     step: int = 0  # optimizer steps done
+    resumed_at: int = 0  # the step a --resume state began this process at (its summary counts the steps after it)
     history: list = field(default_factory=list)  # (step, loss, lr, seconds since t0) of each step
     rng_state: torch.Tensor | None = None  # gen's state that a checkpoint after this step saves
     graph: minisd.fast.TrainStepGraph | None = None  # the captured step (--cuda-graph)
@@ -673,6 +674,7 @@ def resume_run(run, path):
     """Continue from a --resume state: the adapter, optimizer, scaler, RNG, step and history."""
     with one_line_errors(CheckpointError, run.args.debug):
         run.step, run.history = resume(path, run.sd, run.opt, run.scaler, run.gen, run.args)
+    run.resumed_at = run.step
     if run.rank == 0:
         print(f"resumed from {path} at step {run.step}")
 
@@ -971,8 +973,9 @@ def finish(run):
     with one_line_errors(OSError, args.debug):
         write_log(run.history, run.out)
     took, per_step = time.time() - run.t0, args.batch * args.grad_accum * run.world
-    print(f"trained {run.step} steps ({per_step} images each) in {took:.0f}s, "
-          f"{per_step * len(run.history) / max(took, 1e-9):.1f} images/s; "
+    here = run.step - run.resumed_at  # the steps this process ran, which `took` times
+    print(f"trained {run.step} steps" + (f" ({here} after the resume at {run.resumed_at})" if run.resumed_at else "")
+          + f" ({per_step} images each) in {took:.0f}s, {per_step * here / max(took, 1e-9):.1f} images/s; "
           f"final loss {np.mean([h[1] for h in run.history[-20:]]):.4f}; wrote {run.out}")
     if "first step" in run.startup:  # what a user waits for before training starts (the imports are not counted)
         print(f"start-up {sum(run.startup.values()):.1f}s to the end of the first step: "

@@ -183,7 +183,7 @@ def wait_for(condition, seconds=120):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, tmp_path):
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, tmp_path, capsys):
     out, log = tmp_path / "a.safetensors", tmp_path / "log"
     argv = train_argv(tiny, images, out, "--steps", 400, "--save-every", 2, "--lr", "1e-2", "--schedule", "constant")
     run = train_process(argv, log)
@@ -199,7 +199,9 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, t
     assert leftovers(tmp_path) == [] and not (tmp_path / ".a.safetensors.lock").exists()
     # resumed for 2 more steps, it ends as an uninterrupted run of as many steps (a constant schedule: the same lr)
     argv[argv.index("--steps") + 1] = str(step + 2)
+    capsys.readouterr()
     train.main(argv + ["--resume"])
+    assert f"trained {step + 2} steps (2 after the resume at {step}) (" in capsys.readouterr().out  # its images/s too
     reference = train.main(train_argv(tiny, images, tmp_path / "ref" / "a.safetensors", "--steps", step + 2,
                                       "--lr", "1e-2", "--schedule", "constant"))
     a, b = load_file(str(out)), load_file(str(reference))
