@@ -346,8 +346,14 @@ def eval_job(job):
     path = eval_path(out, algo, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(thumbs, path.with_suffix(".safetensors"))
-    path.with_suffix(".tmp").write_text(json.dumps({"settings": settings, "results": results}))
+    record = {"settings": settings, "device": machine(device), "results": results}
+    path.with_suffix(".tmp").write_text(json.dumps(record))
     path.with_suffix(".tmp").replace(path)  # its presence says the (algo, seed) is done
+
+
+def machine(device):
+    """The name a report gives a device ("cuda:0" or "cpu")."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
 
 
 def read_evals(out, scored):
@@ -361,6 +367,13 @@ def read_evals(out, scored):
                 raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
             thumbs[algo, seed] = load_file(path.with_suffix(".safetensors"))
     return raw, thumbs
+
+
+def rendered_on(out, scored):
+    """The devices the scored pairs' evaluations ran on (an evaluation written before they were recorded:
+    "unrecorded")."""
+    return sorted({json.loads(eval_path(out, algo, seed).read_text()).get("device", "unrecorded")
+                   for algo, seeds in scored.items() for seed in seeds})
 
 
 def summarize(per_seed):
@@ -537,7 +550,7 @@ def main(argv=None):
               "run gates": {algo: run_gates(summary, gates, tested[algo].get(MATCHED, {}).get("b", [None])[0])
                             for algo, summary in table.items()},
               "seconds": round(time.time() - t0),
-              "device": torch.cuda.get_device_name(0) if gpus else f"cpu ({os.cpu_count()} cores)",
+              "device": machine(devices[0]), "rendered on": rendered_on(out, scored),
               "summary": table, "claims": tested, "per_image": raw}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown(report))
@@ -555,7 +568,8 @@ def markdown(report):
              f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
              f"({a.get('subset_steps') or 'the same'} on block subsets) "
              f"at lr {a['lr'] or 'recipe'}, {a['sample_steps']} DDIM steps, guidance {a['guidance']}; "
-             f"{report['device']}, {report['seconds']} s.", "",
+             f"rendered on {', '.join(report.get('rendered on', ['unrecorded']))}; this run {report['seconds']} s on "
+             f"{report['device']}.", "",
              "gates.py's report: " + "; ".join(f"{g}: {'met' if ok else 'NOT MET'}" for g, ok in
                                                report["gates"].items()), ""]
     for algo, rows in report["summary"].items():

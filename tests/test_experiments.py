@@ -1,6 +1,7 @@
 """experiments/: blockwise.py and gates.py, their parts, and the smoke runs of blockwise.py and choose_eval.py."""
 import json
 import math
+import os
 import shutil
 import sys
 import threading
@@ -462,6 +463,7 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     assert list(report["summary"]["locon"]) == titles
     assert all(len(report["per_image"]["locon"][t]["0"]["both"]) == 2 for t in titles)
     assert {c[0] for c in report["claims"]["locon"]} == {"1", "2", "3", "4"}
+    assert report["rendered on"] == [f"cpu ({os.cpu_count()} cores)"]
     table = (tmp_path / "results.md").read_text()
     assert "not judged (gate)" in table and "holds |" not in table.replace("alone: holds", "")
     assert sorted(p.name for p in (tmp_path / "adapters" / "locon" / "seed0").glob("*.safetensors")) == sorted(
