@@ -974,7 +974,7 @@ def finish(run):
         write_log(run.history, run.out)
     took, per_step = time.time() - run.t0, args.batch * args.grad_accum * run.world
     here = run.step - run.resumed_at  # the steps this process ran, which `took` times
-    print(f"trained {run.step} steps" + (f" ({here} after the resume at {run.resumed_at})" if run.resumed_at else "")
+    print(f"trained {run.step} steps" + (f", {here} after the resume at {run.resumed_at}," if run.resumed_at else "")
           + f" ({per_step} images each) in {took:.0f}s, {per_step * here / max(took, 1e-9):.1f} images/s; "
           f"final loss {np.mean([h[1] for h in run.history[-20:]]):.4f}; wrote {run.out}")
     if "first step" in run.startup:  # what a user waits for before training starts (the imports are not counted)

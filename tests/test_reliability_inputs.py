@@ -201,7 +201,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(sig, tiny, images, t
     argv[argv.index("--steps") + 1] = str(step + 2)
     capsys.readouterr()
     train.main(argv + ["--resume"])
-    assert f"trained {step + 2} steps (2 after the resume at {step}) (" in capsys.readouterr().out  # its images/s too
+    assert f"trained {step + 2} steps, 2 after the resume at {step}, (" in capsys.readouterr().out  # its images/s too
     reference = train.main(train_argv(tiny, images, tmp_path / "ref" / "a.safetensors", "--steps", step + 2,
                                       "--lr", "1e-2", "--schedule", "constant"))
     a, b = load_file(str(out)), load_file(str(reference))
