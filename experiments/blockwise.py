@@ -30,9 +30,10 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
 it to another machine; a pair is scored as soon as its own adapters are trained, and a run cut off reports over the
-pairs scored so far), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png. Its claims read "not
-judged (gate)" unless every gate is met: G1, G2 and G4 on this run's own seeds, G3 from experiments/gates.py's report
-for the same pair and recipe (claim 3 at matched style strength reads G4 on its own baseline and not G2).
+pairs scored so far), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png and (full sweep)
+fig_tradeoff_*.png. Its claims read "not judged (gate)" unless every gate is met: G1, G2 and G4 on this run's own
+seeds, G3 from experiments/gates.py's report for the same pair and recipe (claim 3 at matched style strength reads
+G4 on its own baseline and not G2).
 """
 import argparse
 import concurrent.futures as cf
@@ -616,6 +617,39 @@ def figures(thumbs, table, scored, out):
         for name, titles in (("conflict", conflict), ("blocks", blocks)):
             labelled_grid({t.replace("id + ", "+"): th[t].float() / 255 for t in titles},
                           {t.replace("id + ", "+"): score[t] for t in titles}, out / f"fig_{name}_{algo}.png")
+        if f"id + style(all) x{STYLE_WEIGHTS[0]}" in table[algo]:  # the full sweep's weight rows
+            tradeoff_figure(table[algo], out / f"fig_tradeoff_{algo}.png")
+
+
+def tradeoff_figure(rows, path, size=(480, 360), margin=48):
+    """The trade-off curves (claim 3m): identity rate against style rate of identity + style at each style weight,
+    for the all-block and the in0+out3 style adapters, means over seeds, drawn with PIL. Returns {title: (x, y)},
+    the pixel of each point."""
+    from PIL import Image, ImageDraw
+    w, h = size
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    pixel = lambda style, identity: (margin + style * (w - 2 * margin), h - margin - identity * (h - 2 * margin))
+    d.rectangle([pixel(0, 1), pixel(1, 0)], outline=(160, 160, 160))
+    for v in (0, 0.5, 1):
+        d.text((pixel(v, 0)[0] - 8, h - margin + 6), f"{v:g}", fill="black")
+        d.text((margin - 24, pixel(0, v)[1] - 6), f"{v:g}", fill="black")
+    d.text((w // 2 - 40, h - 18), "style rate", fill="black")
+    d.text((4, 4), "identity rate; labels: style weight (both)", fill="black")
+    points = {}
+    for blocks, colour in (("all", (200, 40, 40)), ("in0,out3", (30, 80, 200))):
+        titles = sorted([f"id + style({blocks}) x{v}" for v in STYLE_WEIGHTS] + [f"id + style({blocks})"],
+                        key=lambda t: float(t.split(" x")[1]) if " x" in t else 1.0)
+        xy = [pixel(rows[t]["style"][0], rows[t]["identity"][0]) for t in titles if t in rows]
+        d.line(xy, fill=colour, width=2)
+        for t, (x, y) in zip([t for t in titles if t in rows], xy):
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+            d.text((x + 6, y - 6), f"{t.split(' x')[1] if ' x' in t else '1'} ({rows[t]['both'][0]:.2f})", fill=colour)
+            points[t] = (round(x), round(y))
+        legend = pixel(0.03, 0.12)
+        d.text((legend[0], legend[1] + (0 if blocks == "all" else 14)), f"style on {blocks}", fill=colour)
+    im.save(path, format="PNG")
+    return points
 
 
 if __name__ == "__main__":

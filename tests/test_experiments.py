@@ -8,8 +8,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tinyworld import CHARACTER, HELD_STYLE, IDENTITY, Scene, Style, judge, render
 from tinyworld.evaluate import interval
@@ -484,6 +486,24 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     blockwise.main(argv + ["--guidance", "5,2", "--budget-s", "1e-9"])  # the kept scores are not taken as these
     said = capsys.readouterr().out
     assert "locon_seed0.json: scored with other settings (guidance [5.0] -> [5.0, 2.0]); redone" in said
+
+
+def test_the_tradeoff_figure_puts_each_weight_at_its_rates(tmp_path):
+    """fig_tradeoff: each style weight's point at (style rate, identity rate) of the plot, in its adapter's colour;
+    the all-block curve ordered by weight, so its line runs from 0.25 to 1.5."""
+    rows = {}
+    for i, w in enumerate(("x0.25", "x0.5", "x0.75", "", "x1.5")):
+        for blocks, style in (("all", 0.2 * i), ("in0,out3", 0.1 * i)):
+            title = f"id + style({blocks})" + (f" {w}" if w else "")
+            rows[title] = {"identity": (1 - style, 0.0), "style": (style, 0.0), "both": (0.1, 0.0)}
+    points = blockwise.tradeoff_figure(rows, tmp_path / "t.png", size=(300, 200), margin=20)
+    image = np.asarray(Image.open(tmp_path / "t.png"))
+    # x = 20 + style * 260, y = 180 - identity * 160 (the plot's box inside a 20-pixel margin)
+    assert points["id + style(all) x0.25"] == (20, 20) and points["id + style(all) x1.5"] == (228, 148)
+    assert points["id + style(in0,out3)"] == (98, 68)  # weight 1: style 0.3, identity 0.7
+    assert tuple(image[68, 98]) == (30, 80, 200) and tuple(image[148, 228]) == (200, 40, 40)
+    assert list(points)[:5] == [f"id + style(all) x{w}" for w in (0.25, 0.5, 0.75)] + ["id + style(all)",
+                                                                                      "id + style(all) x1.5"]
 
 
 def test_a_pair_is_scored_as_soon_as_its_adapters_are_trained():
