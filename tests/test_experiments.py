@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import blockwise  # noqa: E402
 import gates  # noqa: E402
+import stats  # noqa: E402
 
 
 def test_style_subsets_skip_blocks_lora_cannot_adapt():
@@ -637,6 +638,22 @@ def test_the_published_bricks_claims_recompute_from_their_per_image_scores():
     summary = {t: blockwise.summarize(v) for t, v in rows.items()}
     gates = blockwise.run_gates(summary, {"G3 VAE round trip both >= 0.95": True})
     assert [ok for ok in gates.values()] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("seed, in1, paper, discordant, p", [(0, 0.38, 0.56, (6, 18), 0.02)])
+def test_the_probe_cells_on_the_bricks_recompute_from_their_scores(seed, in1, paper, discordant, p):
+    """docs/blockwise.md's cells of the bricks oracle that test the probe's in1: "both" of identity + style on in1
+    (trained and rendered on the CPU) against in0 + out3 in the claim run's published per-image scores (same prompts
+    and noise), the discordant images and McNemar's p; a cell that rendered in0 + out3 on the CPU too gives the
+    H200's scores image by image."""
+    cell = json.loads((ROOT / "docs" / "blockwise" / f"bricks_in1_seed{seed}.json").read_text())["results"]
+    published = json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())
+    claim = published["per_image"]["locon"]["id + style(in0,out3)"][str(seed)]
+    a, b = np.array(cell["id + style(in1)"]["both"], bool), np.array(claim["both"], bool)
+    assert (round(a.mean(), 2), round(b.mean(), 2)) == (in1, paper)
+    assert (int((a & ~b).sum()), int((~a & b).sum())) == discordant and round(stats.mcnemar_p(a, b), 2) == p
+    if "id + style(in0,out3)" in cell:
+        assert all(cell["id + style(in0,out3)"][m] == claim[m] for m in ("identity", "style", "both"))
 
 
 def test_a_train_job_cut_off_resumes_from_its_newest_checkpoint(tiny, images, tmp_path):
