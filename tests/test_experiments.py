@@ -640,7 +640,8 @@ def test_the_published_bricks_claims_recompute_from_their_per_image_scores():
     assert [ok for ok in gates.values()] == [True, False, False, True]
 
 
-@pytest.mark.parametrize("seed, in1, paper, discordant, p", [(0, 0.38, 0.56, (6, 18), 0.02)])
+@pytest.mark.parametrize("seed, in1, paper, discordant, p", [(0, 0.38, 0.56, (6, 18), 0.023),
+                                                               (1, 0.42, 0.69, (8, 25), 0.005)])
 def test_the_probe_cells_on_the_bricks_recompute_from_their_scores(seed, in1, paper, discordant, p):
     """docs/blockwise.md's cells of the bricks oracle that test the probe's in1: "both" of identity + style on in1
     (trained and rendered on the CPU) against in0 + out3 in the claim run's published per-image scores (same prompts
@@ -651,7 +652,8 @@ def test_the_probe_cells_on_the_bricks_recompute_from_their_scores(seed, in1, pa
     claim = published["per_image"]["locon"]["id + style(in0,out3)"][str(seed)]
     a, b = np.array(cell["id + style(in1)"]["both"], bool), np.array(claim["both"], bool)
     assert (round(a.mean(), 2), round(b.mean(), 2)) == (in1, paper)
-    assert (int((a & ~b).sum()), int((~a & b).sum())) == discordant and round(stats.mcnemar_p(a, b), 2) == p
+    assert (int((a & ~b).sum()), int((~a & b).sum())) == discordant
+    assert stats.mcnemar_p(a, b) == pytest.approx(p, abs=1e-3)
     if "id + style(in0,out3)" in cell:
         assert all(cell["id + style(in0,out3)"][m] == claim[m] for m in ("identity", "style", "both"))
 
