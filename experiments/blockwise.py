@@ -638,11 +638,11 @@ def tradeoff_figure(rows, path, size=(480, 360), margin=48):
     d.text((4, 4), "identity rate; labels: style weight (both)", fill="black")
     points = {}
     for blocks, colour in (("all", (200, 40, 40)), ("in0,out3", (30, 80, 200))):
-        titles = sorted([f"id + style({blocks}) x{v}" for v in STYLE_WEIGHTS] + [f"id + style({blocks})"],
-                        key=lambda t: float(t.split(" x")[1]) if " x" in t else 1.0)
-        xy = [pixel(rows[t]["style"][0], rows[t]["identity"][0]) for t in titles if t in rows]
+        weights = sorted(STYLE_WEIGHTS + (1,))
+        titles = [t for w in weights if (t := f"id + style({blocks})" + (f" x{w}" if w != 1 else "")) in rows]
+        xy = [pixel(rows[t]["style"][0], rows[t]["identity"][0]) for t in titles]
         d.line(xy, fill=colour, width=2)
-        for t, (x, y) in zip([t for t in titles if t in rows], xy):
+        for t, (x, y) in zip(titles, xy):
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
             d.text((x + 6, y - 6), f"{t.split(' x')[1] if ' x' in t else '1'} ({rows[t]['both'][0]:.2f})", fill=colour)
             points[t] = (round(x), round(y))
