@@ -217,9 +217,12 @@ def training_jobs(args, out, settings):
     jobs, data_sets = {}, pair_data(args.identity, args.style, out)
     for algo in args.algos:
         for seed in args.seeds:
-            if evaluated(out, algo, seed, settings):
+            kept = kept_settings(out, algo, seed)
+            if kept == settings:
                 continue
-            say_redone(out, algo, seed, settings)
+            if kept is not None:  # a CPU's default --n is 16, a GPU's 64: say why a scored pair is done again
+                changed = ", ".join(f"{k} {kept.get(k)} -> {v}" for k, v in settings.items() if kept.get(k) != v)
+                print(f"{eval_path(out, algo, seed)}: scored with other settings ({changed}); redone", flush=True)
             sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
             # the block subsets first: with --subset-steps they are the pair's long jobs, and starting them first
             # lets the short ones fill the workers' gaps, so the pair is scored sooner
@@ -291,19 +294,10 @@ def eval_settings(args):
             "identity": args.identity, "style": args.style.name, "subset_steps": args.subset_steps}
 
 
-def evaluated(out, algo, seed, settings):
+def kept_settings(out, algo, seed):
+    """The settings a kept evaluation of (algo, seed) was made with, or None."""
     path = eval_path(out, algo, seed)
-    return path.exists() and json.loads(path.read_text())["settings"] == settings
-
-
-def say_redone(out, algo, seed, settings):
-    """One line when a kept evaluation is redone because a setting changed (a CPU's default --n is 16, a GPU's 64):
-    its pair's adapters are trained again if they are gone."""
-    path = eval_path(out, algo, seed)
-    if path.exists():
-        kept = json.loads(path.read_text())["settings"]
-        changed = ", ".join(f"{k} {kept.get(k)} -> {v}" for k, v in settings.items() if kept.get(k) != v)
-        print(f"{path}: scored with other settings ({changed}); redone", flush=True)
+    return json.loads(path.read_text())["settings"] if path.exists() else None
 
 
 def eval_job(job):
@@ -358,23 +352,19 @@ def machine(device):
 
 
 def read_evals(out, scored):
-    """({algo: {title: {seed: results}}}, {(algo, seed): {title: first images}}) from out/evals/, for the {algo:
-    [seeds]} scored."""
-    raw, thumbs = {}, {}
+    """({algo: {title: {seed: results}}}, {(algo, seed): {title: first images}}, the devices they were rendered on
+    (an evaluation written before they were recorded: "unrecorded")) from out/evals/, for the {algo: [seeds]}
+    scored."""
+    raw, thumbs, devices = {}, {}, set()
     for algo, seeds in scored.items():
         for seed in seeds:
             path = eval_path(out, algo, seed)
-            for title, r in json.loads(path.read_text())["results"].items():
+            record = json.loads(path.read_text())
+            for title, r in record["results"].items():
                 raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
             thumbs[algo, seed] = load_file(path.with_suffix(".safetensors"))
-    return raw, thumbs
-
-
-def rendered_on(out, scored):
-    """The devices the scored pairs' evaluations ran on (an evaluation written before they were recorded:
-    "unrecorded")."""
-    return sorted({json.loads(eval_path(out, algo, seed).read_text()).get("device", "unrecorded")
-                   for algo, seeds in scored.items() for seed in seeds})
+            devices.add(record.get("device", "unrecorded"))
+    return raw, thumbs, sorted(devices)
 
 
 def summarize(per_seed):
@@ -540,10 +530,10 @@ def main(argv=None):
           f"{args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
     jobs, needs = pair_jobs(todo, args, out, settings, devices, threads)
     finished = run_jobs(call, jobs, args.workers, args.threads, deadline, needs)
-    scored = {a: [s for s in args.seeds if evaluated(out, a, s, settings)] for a in args.algos}
+    scored = {a: [s for s in args.seeds if kept_settings(out, a, s) == settings] for a in args.algos}
     if not any(scored.values()):
         return
-    raw, thumbs = read_evals(out, scored)
+    raw, thumbs, rendered_on = read_evals(out, scored)
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
     tested = {algo: claims(rows) for algo, rows in raw.items()}
 
@@ -551,7 +541,7 @@ def main(argv=None):
               "run gates": {algo: run_gates(summary, gates, tested[algo].get(MATCHED, {}).get("b", [None])[0])
                             for algo, summary in table.items()},
               "seconds": round(time.time() - t0),
-              "device": machine(devices[0]), "rendered on": rendered_on(out, scored),
+              "device": machine(devices[0]), "rendered on": rendered_on,
               "summary": table, "claims": tested, "per_image": raw}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown(report))
@@ -638,8 +628,8 @@ def tradeoff_figure(rows, path, size=(480, 360), margin=48):
     d.text((4, 4), "identity rate; labels: style weight (both)", fill="black")
     points = {}
     for blocks, colour in (("all", (200, 40, 40)), ("in0,out3", (30, 80, 200))):
-        weights = sorted(STYLE_WEIGHTS + (1,))
-        titles = [t for w in weights if (t := f"id + style({blocks})" + (f" x{w}" if w != 1 else "")) in rows]
+        titles = [t for weight in sorted(STYLE_WEIGHTS + (1,))
+                  if (t := f"id + style({blocks})" + (f" x{weight}" if weight != 1 else "")) in rows]
         xy = [pixel(rows[t]["style"][0], rows[t]["identity"][0]) for t in titles]
         d.line(xy, fill=colour, width=2)
         for t, (x, y) in zip(titles, xy):
