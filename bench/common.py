@@ -2,8 +2,8 @@
 
 The diffusers models are built directly on the device with SD 1.4's configuration (--tiny: the tests' small one),
 every parameter re-drawn (norm weights near 1, the rest ~ 1/sqrt(fan_in), as tests/sdfixtures does), and minisd's
-U-Net and VAE get copies of those weights through minisd.checkpoint's name map. Both pipelines share the text
-encoder (the same transformers CLIPTextModel class in both) and a character-level CLIP tokenizer (no downloads).
+U-Net, VAE and text encoder get copies of those weights (through minisd.checkpoint's name map; the text encoder's
+names are transformers'). Both pipelines share a character-level CLIP tokenizer (no downloads).
 """
 import argparse
 import json
@@ -103,6 +103,7 @@ def build_pipelines(device, dtype, tiny, seed=0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from minisd.checkpoint import load_strict, vae_from_diffusers
+    from minisd.clip import CLIPTextConfig as OurTextConfig, CLIPTextModel as OurText
     from minisd.fast import attach
     from minisd.pipeline import StableDiffusion
     from minisd.ddim import Schedule
@@ -121,7 +122,10 @@ def build_pipelines(device, dtype, tiny, seed=0):
         our_vae = OurVAE(vcfg)
     load_strict(our_vae, {k: t.detach().clone() for k, t in vae_from_diffusers(vae.state_dict(), vcfg, "bench").items()},
                 "bench", "VAE")
-    for m in (vae, text, our_vae):
+    with torch.device("meta"):
+        our_text = OurText(OurTextConfig(**cfgs["clip"]))
+    load_strict(our_text, {k: t.detach().clone() for k, t in text.state_dict().items()}, "bench", "text encoder")
+    for m in (vae, text, our_vae, our_text):
         m.to(dtype=dtype).eval().requires_grad_(False)
     tok = CLIPTokenizer.from_pretrained(str(write_char_tokenizer(tempfile.mkdtemp())))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -129,7 +133,7 @@ def build_pipelines(device, dtype, tiny, seed=0):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=ref_unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    ours = StableDiffusion(unet, our_vae, text, tok, Schedule(), sample_size=ref_unet.config.sample_size, name="bench")
+    ours = StableDiffusion(unet, our_vae, our_text, tok, Schedule(), sample_size=ref_unet.config.sample_size, name="bench")
     return pipe, attach(ours)
 
 

@@ -29,11 +29,10 @@ sys.path.insert(0, str(ROOT))
 def build_sd14(folder):
     """Random SD 1.4 U-Net + VAE + 12-layer CLIP text tower (the tiny world's tokenizer: token ids fit any vocab)."""
     import minisd
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from minisd.clip import CLIPTextModel
     tiny = minisd.load(ROOT / "weights" / "tiny")
     torch.manual_seed(0)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                           num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")).eval()
+    te = CLIPTextModel().eval()  # SD 1.4's shape
     sd = minisd.StableDiffusion(minisd.UNet(minisd.UNetConfig()), minisd.AutoencoderKL(minisd.VAEConfig()), te, tiny.tokenizer)
     minisd.save_diffusers(sd, folder)
 

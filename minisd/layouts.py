@@ -11,9 +11,8 @@ Every config number is checked against what SD 1.x-shaped models use before anyt
 import json
 from typing import NamedTuple
 
-from transformers import CLIPTextConfig
-
 from .checkpoint import CheckpointError, read_state_dict, unet_from_diffusers, vae_from_diffusers
+from .clip import ACTIVATIONS, CLIPTextConfig
 from .ddim import Schedule
 from .files import read_regular
 from .unet import UNetConfig
@@ -129,7 +128,8 @@ VAE_BOUNDS = (("in_channels", 1, 16), ("out_channels", 1, 16), ("block_out_chann
               ("layers_per_block", 1, 4), ("latent_channels", 1, 64), ("norm_num_groups", 1, 128),
               ("scaling_factor", 1e-6, 1e6))
 TEXT_BOUNDS = (("hidden_size", 1, 4096), ("intermediate_size", 1, 16384), ("num_hidden_layers", 1, 48),
-               ("num_attention_heads", 1, 64), ("max_position_embeddings", 1, 1024), ("vocab_size", 1, 1 << 20))
+               ("num_attention_heads", 1, 64), ("max_position_embeddings", 1, 1024), ("vocab_size", 1, 1 << 20),
+               ("layer_norm_eps", 0, 1))
 SCHEDULER_BOUNDS = (("num_train_timesteps", 1, 10000), ("beta_start", 1e-9, 0.5), ("beta_end", 1e-9, 0.5))
 
 
@@ -149,6 +149,18 @@ def _read_json(path, bounds=()):
         if len(values) > 6 or not numbers:  # NaN fails lo <= v too
             raise CheckpointError(f"{path}: {key} = {str(cfg[key])[:60]} is outside what SD 1.x-shaped models use "
                                   f"({lo}..{hi})")
+    return cfg
+
+
+def text_config(path):
+    """text_encoder/config.json -> CLIPTextConfig, its sizes and activation checked."""
+    cfg = CLIPTextConfig.from_dict(_read_json(path, TEXT_BOUNDS))
+    if not isinstance(cfg.hidden_act, str) or cfg.hidden_act not in ACTIVATIONS:
+        raise CheckpointError(f"{path}: hidden_act = {str(cfg.hidden_act)[:60]} is not one of CLIP's text "
+                              f"encoders' ({', '.join(sorted(ACTIVATIONS))})")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise CheckpointError(f"{path}: hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads "
+                              f"{cfg.num_attention_heads}")
     return cfg
 
 
@@ -189,7 +201,7 @@ def read_diffusers_folder(path, device, dtype):
                       "model.fp16.safetensors", "pytorch_model.fp16.bin")) if f.is_file()), None)
     if text_file is None:
         raise CheckpointError(f"{path / 'text_encoder'}: no model.safetensors or pytorch_model.bin")
-    text_cfg = CLIPTextConfig.from_dict(_read_json(path / "text_encoder" / "config.json", TEXT_BOUNDS))
+    text_cfg = text_config(path / "text_encoder" / "config.json")
     read = lambda f: read_state_dict(f, device, dtype)
     return Layout(unet_from_diffusers(read(unet_file), unet_cfg, unet_file), unet_cfg,
                   vae_from_diffusers(read(vae_file), vae_cfg, vae_file), vae_cfg,

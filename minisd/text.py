@@ -1,12 +1,15 @@
-"""Text conditioning: transformers' CLIPTextModel and CLIPTokenizer (SD 1.x uses the last hidden state)."""
+"""Text conditioning: minisd.clip's text encoder with transformers' CLIPTokenizer (SD 1.x uses the last hidden
+state), and prompts as webui reads them."""
 import re
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
-from .checkpoint import CheckpointError, check_fits, load_strict
+from .checkpoint import CheckpointError, load_strict
+from .clip import CLIPTextConfig, CLIPTextModel
 
 SD14_TOKENIZER = "openai/clip-vit-large-patch14"
 CLIP_TOKENIZER = Path(__file__).parent / "clip_tokenizer"  # its vocab.json / merges.txt, shipped with minisd
@@ -43,35 +46,20 @@ def released_clip_state_dict(model, dtype):
 
 
 def released_clip_config(config, dtype):
-    """config.json as the released SD 1.x text_encoder/ writes it (transformers 4.x and 5.x read it)."""
-    fields = ("attention_dropout", "bos_token_id", "dropout", "eos_token_id", "hidden_act", "hidden_size",
-              "initializer_factor", "initializer_range", "intermediate_size", "layer_norm_eps",
-              "max_position_embeddings", "num_attention_heads", "num_hidden_layers", "pad_token_id",
-              "projection_dim", "vocab_size")
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            **{f: getattr(config, f, 0.0 if f == "dropout" else None) for f in fields},
+    """config.json as the released SD 1.x text_encoder/ writes it (transformers 4.x and 5.x read it): the model's
+    shape, and transformers' defaults for what only its training reads."""
+    training = {"attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02}
+    fields = sorted({**training, **asdict(config)}.items())  # in the released file's order
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **dict(fields),
             "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
 def build_text_encoder(sd, path, config=None):
     sd = normalize_clip_keys(sd)
     config = config or clip_config_from_weights(sd)
-    with torch.device("meta"):  # the file must fit the model before that is allocated (a few kB could ask for GBs)
-        expected = CLIPTextModel(config).state_dict()
-    if any(k.startswith("text_model.") for k in expected):  # transformers 4.x module layout
-        sd = {"text_model." + k: v for k, v in sd.items()}
-    check_fits({k: v for k, v in expected.items() if not k.endswith("position_ids")}, sd, path, "text encoder")
-    with torch.device("meta"):  # no time spent on random init: every weight is assigned from the file
-        model = CLIPTextModel(config).eval()
-    device = next(iter(sd.values())).device
-    position_ids = torch.arange(config.max_position_embeddings, device=device).expand(1, -1)
-    for k in expected:  # a persistent position_ids buffer (transformers 4.x) is not a weight
-        if k.endswith("position_ids"):
-            sd.setdefault(k, position_ids)
+    with torch.device("meta"):  # the file must fit the model before that is allocated (a few kB could ask for GBs);
+        model = CLIPTextModel(config).eval()  # no time spent on random init: every weight is assigned from the file
     load_strict(model, sd, path, "text encoder")
-    for m in model.modules():  # a non-persistent one, not in the state dict, is still on the meta device
-        if isinstance(getattr(m, "position_ids", None), torch.Tensor) and m.position_ids.is_meta:
-            m.position_ids = position_ids
     return model
 
 
@@ -111,7 +99,7 @@ def encode_prompts(tokenizer, text_encoder, prompts, run=None):
             warnings.warn(f"prompt longer than {n} tokens, the last {len(full) - n} dropped: {prompt[:60]!r}...",
                           stacklevel=2)
     ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-    return run(ids) if run else text_encoder(ids.to(text_encoder.device)).last_hidden_state
+    return run(ids) if run else text_encoder(ids.to(text_encoder.device))
 
 
 # Prompts as AUTOMATIC1111's webui reads them (its modules/prompt_parser.py and sd_hijack_clip.py, re-derived):
@@ -222,6 +210,6 @@ def encode_weighted_prompts(tokenizer, text_encoder, prompts, run=None):
         rows = [c[k] if k < len(c) else [] for c in per_prompt]
         ids = torch.tensor([[start] + [t for t, _ in r] + [end] + [pad] * (n - 2 - len(r)) for r in rows])
         weights = torch.tensor([[1.0] + [w for _, w in r] + [1.0] * (n - 1 - len(r)) for r in rows])
-        z = run(ids) if run else text_encoder(ids.to(text_encoder.device)).last_hidden_state
+        z = run(ids) if run else text_encoder(ids.to(text_encoder.device))
         out.append(emphasize(z, weights.to(z.device)))
     return torch.cat(out, dim=1)

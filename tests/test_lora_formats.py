@@ -49,7 +49,7 @@ def rel_err(a, b):
 def outputs(unet, text_encoder, inputs):
     x, t, ctx, ids = inputs
     with torch.no_grad():
-        return unet(x, t, ctx), text_encoder(ids).last_hidden_state
+        return unet(x, t, ctx), text_encoder(ids)
 
 
 def diffusers_outputs(pipe, inputs):

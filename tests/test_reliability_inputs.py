@@ -323,13 +323,16 @@ def dev_zero(path):
     ("scheduler", {"num_train_timesteps": 3 * 10 ** 9}, "num_train_timesteps = 3000000000 is outside"),
     ("text_encoder", {"num_hidden_layers": 10 ** 6}, "num_hidden_layers = 1000000 is outside"),
     ("text_encoder", {"hidden_size": 10 ** 6}, "hidden_size = 1000000 is outside"),
+    ("text_encoder", {"hidden_act": "swish"}, "hidden_act = swish is not one of CLIP's"),
+    ("text_encoder", {"hidden_act": ["gelu"]}, r"hidden_act = \['gelu'\] is not one of CLIP's"),
+    ("text_encoder", {"num_attention_heads": 7}, "hidden_size 128 is not a multiple of num_attention_heads 7"),
     ("unet", fifo, "unreadable config .*not a regular file"),
     ("unet", dev_zero, "unreadable config .*not a regular file"),
     ("text_encoder", fifo, "unreadable config .*not a regular file"),
     ("vae", lambda p: p.write_bytes(b"{" + b" " * (2 << 20) + b"}"),
      "unreadable config .*more than a config file may have"),
 ], ids=["unet layers 1e6", "unet channels 1e9", "unet nan", "vae layers 1e6", "vae latents 1e7", "timesteps 3e9",
-        "text layers 1e6", "text width 1e6", "unet fifo", "unet /dev/zero", "text fifo", "vae 2 MB config"])
+        "text layers 1e6", "text width 1e6", "text swish", "text act list", "text heads 7", "unet fifo", "unet /dev/zero", "text fifo", "vae 2 MB config"])
 def test_config_files_are_bounded(part, edit, message, tmp_path):
     folder, path = edited(tmp_path, part, edit)
     with memory_limit(), deadline(30), pytest.raises(CheckpointError) as e:

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 import lora
 from minisd import AutoencoderKL, StableDiffusion, UNet, UNetConfig, VAEConfig
+from minisd.clip import CLIPTextConfig, CLIPTextModel
 from minisd.save import save_single_file
 from sdfixtures import redraw, save_lightning_ckpt, write_char_tokenizer
 

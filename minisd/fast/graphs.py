@@ -248,11 +248,11 @@ class ReplayedCall:
 
 
 def encode_text(text_encoder, ids, cache):
-    """text_encoder(ids).last_hidden_state replayed from a CUDA graph (captured per shape), as a new tensor: SD 1.4's
+    """text_encoder(ids) replayed from a CUDA graph (captured per shape), as a new tensor: SD 1.4's
     12-layer CLIP tower runs small kernels, launch-bound when eager."""
     ids = ids.to(text_encoder.device)
     call = cache.get(text_encoder, (tuple(ids.shape), ids.device),
-                     lambda packs: ReplayedCall(lambda i: text_encoder(i).last_hidden_state, [ids]))
+                     lambda packs: ReplayedCall(text_encoder, [ids]))
     return call(ids).clone()  # a fresh tensor: a replay writes in place without a version bump that users could see
 
 
