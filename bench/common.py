@@ -102,6 +102,7 @@ def build_pipelines(device, dtype, tiny, seed=0):
     gives it), the same weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from minisd.tokenizer import load_tokenizer
     from minisd.checkpoint import load_strict, vae_from_diffusers
     from minisd.clip import CLIPTextConfig as OurTextConfig, CLIPTextModel as OurText
     from minisd.fast import attach
@@ -127,13 +128,15 @@ def build_pipelines(device, dtype, tiny, seed=0):
     load_strict(our_text, {k: t.detach().clone() for k, t in text.state_dict().items()}, "bench", "text encoder")
     for m in (vae, text, our_vae, our_text):
         m.to(dtype=dtype).eval().requires_grad_(False)
-    tok = CLIPTokenizer.from_pretrained(str(write_char_tokenizer(tempfile.mkdtemp())))
+    chars = write_char_tokenizer(tempfile.mkdtemp())
+    tok = CLIPTokenizer.from_pretrained(str(chars))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=ref_unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    ours = StableDiffusion(unet, our_vae, our_text, tok, Schedule(), sample_size=ref_unet.config.sample_size, name="bench")
+    ours = StableDiffusion(unet, our_vae, our_text, load_tokenizer(chars), Schedule(),
+                           sample_size=ref_unet.config.sample_size, name="bench")
     return pipe, attach(ours)
 
 

@@ -9,7 +9,8 @@ from .checkpoint import CheckpointError, file_errors, load_strict
 from .ddim import Schedule
 from .layouts import read_layout
 from .samplers import sampler_named
-from .text import build_text_encoder, encode_prompts, encode_weighted_prompts, load_tokenizer, packaged_tokenizer
+from .text import build_text_encoder, encode_prompts, encode_weighted_prompts
+from .tokenizer import load_tokenizer, packaged_tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
 

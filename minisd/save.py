@@ -75,4 +75,4 @@ def save_diffusers(sd, folder, dtype=torch.float16):
     config = released_clip_config(sd.text_encoder.config, dtype)
     (folder / "text_encoder" / "config.json").write_text(json.dumps(config, indent=2))
     write_safetensors(released_clip_state_dict(sd.text_encoder, dtype), folder / "text_encoder" / "model.safetensors")
-    sd.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    sd.tokenizer.save(folder / "tokenizer")

@@ -1,19 +1,13 @@
-"""Text conditioning: minisd.clip's text encoder with transformers' CLIPTokenizer (SD 1.x uses the last hidden
+"""Text conditioning: prompts -> minisd.tokenizer's ids -> minisd.clip's text encoder (SD 1.x uses its last hidden
 state), and prompts as webui reads them."""
 import re
 import warnings
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-from transformers import CLIPTokenizer
 
-from .checkpoint import CheckpointError, load_strict
+from .checkpoint import load_strict
 from .clip import CLIPTextConfig, CLIPTextModel
-
-SD14_TOKENIZER = "openai/clip-vit-large-patch14"
-CLIP_TOKENIZER = Path(__file__).parent / "clip_tokenizer"  # its vocab.json / merges.txt, shipped with minisd
-
 
 def clip_config_from_weights(sd):
     """The CLIPTextConfig that fits a text-encoder state dict (SD 1.x: ViT-L/14's text tower, heads of width 64)."""
@@ -63,42 +57,16 @@ def build_text_encoder(sd, path, config=None):
     return model
 
 
-def load_tokenizer(path):
-    """A tokenizer folder (vocab.json + merges.txt), or a hub name found in the local transformers cache."""
-    try:
-        tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception:
-        tok = None
-    # transformers 5 answers a hub name missing from the cache with an empty vocabulary (only the special tokens)
-    if tok is None or len(tok) <= len(set(tok.all_special_tokens)):
-        raise CheckpointError(
-            f"{path}: no CLIP tokenizer found there or in the local cache. Pass tokenizer=FOLDER with vocab.json and "
-            f"merges.txt, or fetch it once with `huggingface-cli download {SD14_TOKENIZER} vocab.json merges.txt "
-            f"tokenizer_config.json special_tokens_map.json`") from None
-    return tok
-
-
-def packaged_tokenizer(text_encoder, path):
-    """CLIP's tokenizer as shipped in minisd/clip_tokenizer (SD 1.x's, 49408 tokens), for a single file loaded
-    without one; refused if the text encoder's vocabulary has another size (a model trained with its own)."""
-    tok = load_tokenizer(CLIP_TOKENIZER)
-    vocab = text_encoder.config.vocab_size
-    if vocab != len(tok):
-        raise CheckpointError(f"{path}: the text encoder has {vocab} tokens, CLIP's tokenizer {len(tok)}; "
-                              f"pass the model's own tokenizer (tokenizer=FOLDER, --tokenizer FOLDER)")
-    return tok
-
-
 def encode_prompts(tokenizer, text_encoder, prompts, run=None):
-    """list of str -> (B, 77, width): padded to the model's length with the end-of-text token, truncated beyond it
-    (with a warning that says how many tokens were dropped). run(ids) -> last hidden state, if given, runs the model
-    (the speed layer's encode_text: from a CUDA graph)."""
+    """list of str -> (B, 77, width): padded to the model's length with the pad token (CLIP's: end-of-text), cut
+    beyond it (with a warning that says how many tokens were dropped). run(ids) -> last hidden state, if given,
+    runs the model (the speed layer's encode_text: from a CUDA graph)."""
     prompts, n = list(prompts), tokenizer.model_max_length
-    for prompt, full in zip(prompts, tokenizer(prompts, verbose=False).input_ids):
+    for prompt, full in zip(prompts, tokenizer.encode(prompts)):
         if len(full) > n:
             warnings.warn(f"prompt longer than {n} tokens, the last {len(full) - n} dropped: {prompt[:60]!r}...",
                           stacklevel=2)
-    ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer.padded(prompts)
     return run(ids) if run else text_encoder(ids.to(text_encoder.device))
 
 
@@ -159,7 +127,7 @@ def weighted_tokens(tokenizer, prompt):
     """A prompt -> [(token id, weight)] without start and end tokens; (None, 1.0) at each BREAK."""
     parts = parse_emphasis(prompt)
     texts = [text for text, _ in parts if text is not None]
-    ids = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids)
+    ids = iter(tokenizer.encode(texts, special_tokens=False))
     return [item for text, weight in parts
             for item in ([(None, 1.0)] if text is None else [(i, weight) for i in next(ids)])]
 
@@ -202,7 +170,7 @@ def encode_weighted_prompts(tokenizer, text_encoder, prompts, run=None):
     prompt and its negative prompt that is its "pad prompt/negative prompt to be same length" option). A plain
     prompt of up to 75 tokens gives exactly encode_prompts' result. run(ids): as in encode_prompts."""
     n = tokenizer.model_max_length
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = tokenizer.token_id(",</w>")
     per_prompt = [chunked(weighted_tokens(tokenizer, p), comma, n - 2) for p in prompts]
     start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     out = []

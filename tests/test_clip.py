@@ -33,7 +33,8 @@ def test_last_hidden_state_equals_transformers(act, heads, layers):
 def test_released_layout_round_trips():
     """The released files' layout (`text_model.` names and an int64 position_ids row, as transformers 4.x writes it)
     loads into the same model, and config.json's values rebuild its config."""
-    cfg = CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+    cfg = CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2)
     model = redraw(CLIPTextModel(cfg), 1).eval()
     released = released_clip_state_dict(model, torch.float32)
     assert "text_model.embeddings.position_ids" in released

@@ -123,16 +123,15 @@ def test_single_file_loads_with_the_shipped_clip_tokenizer(tmp_path):
     """No tokenizer given, no cache: the CLIP tokenizer shipped in minisd/clip_tokenizer, whose ids equal
     transformers' CLIPTokenizer built from the same vocab.json / merges.txt, and the ids CLIP gives known words."""
     from transformers import CLIPTokenizer
-    from minisd.text import CLIP_TOKENIZER
+    from minisd.tokenizer import CLIP_TOKENIZER
     sd = minisd.load(clip_single_file(tmp_path, 49408))
     ref = CLIPTokenizer(str(CLIP_TOKENIZER / "vocab.json"), str(CLIP_TOKENIZER / "merges.txt"))
-    assert sd.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    for prompt in PROMPTS:
-        assert sd.tokenizer(prompt).input_ids == ref(prompt).input_ids, prompt
-    kw = dict(padding="max_length", max_length=77, truncation=True)
-    ids = sd.tokenizer(PROMPTS, **kw).input_ids
-    assert ids == ref(PROMPTS, **kw).input_ids and all(len(i) == 77 for i in ids)
-    assert len(sd.tokenizer(PROMPTS[-1]).input_ids) > 77 and ids[-1][-1] == 49407  # cut, ended by end-of-text
+    assert sd.tokenizer.encode(["a photo of a cat"]) == [[49406, 320, 1125, 539, 320, 2368, 49407]]
+    assert sd.tokenizer.encode(PROMPTS) == ref(PROMPTS).input_ids
+    assert sd.tokenizer.encode(PROMPTS, special_tokens=False) == ref(PROMPTS, add_special_tokens=False).input_ids
+    ids = sd.tokenizer.padded(PROMPTS).tolist()
+    assert ids == ref(PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+    assert len(sd.tokenizer.encode(PROMPTS[-1:])[0]) > 77 and ids[-1][-1] == 49407  # cut, ended by end-of-text
 
 
 def test_single_file_with_its_own_vocabulary_needs_its_tokenizer(tmp_path):
@@ -259,6 +258,39 @@ def test_png_parameters_in_webuis_layout(tmp_path):
 
 
 def test_a_hub_name_missing_from_the_cache_is_an_error(tiny):
-    """transformers 5 loads a hub name that is not in the cache as an empty tokenizer, without an error."""
+    """A hub name that is not in the local cache is one line that says how to fetch it."""
     with pytest.raises(minisd.CheckpointError, match="minisd-test/no-such-tokenizer: no CLIP tokenizer found"):
         minisd.load(tiny["safetensors"], tokenizer="minisd-test/no-such-tokenizer")
+
+
+def test_a_hub_name_in_the_cache_and_a_written_tokenizer(tmp_path, monkeypatch):
+    """A hub name is read from the local Hugging Face cache (its snapshot of refs/main); the tokenizer.json minisd
+    writes is transformers' own, and the folder is read by transformers' CLIPTokenizer and by minisd from vocab.json
+    + merges.txt alone, with the same ids as the shipped files."""
+    import shutil
+    import huggingface_hub
+    from transformers import CLIPTokenizer
+    from minisd.tokenizer import CLIP_TOKENIZER, load_tokenizer
+    repo = tmp_path / "hub" / "models--openai--clip-vit-large-patch14"
+    shutil.copytree(CLIP_TOKENIZER, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    tok = load_tokenizer("openai/clip-vit-large-patch14")
+    assert tok.encode(["a photo of a cat"]) == [[49406, 320, 1125, 539, 320, 2368, 49407]]
+    tok.save(tmp_path / "written")
+    theirs = CLIPTokenizer(str(CLIP_TOKENIZER / "vocab.json"), str(CLIP_TOKENIZER / "merges.txt"))
+    written = json.loads((tmp_path / "written" / "tokenizer.json").read_text())
+    assert written == json.loads(theirs.backend_tokenizer.to_str())  # the whole pipeline, as transformers builds it
+    assert CLIPTokenizer.from_pretrained(tmp_path / "written")(PROMPTS).input_ids == tok.encode(PROMPTS)
+    (tmp_path / "written" / "tokenizer.json").unlink()
+    assert load_tokenizer(tmp_path / "written").encode(PROMPTS) == tok.encode(PROMPTS)
+
+
+def test_sampling_imports_no_transformers():
+    """A fresh process that loads a model and encodes a prompt never imports transformers (its import alone takes
+    longer than loading SD 1.4 on a GPU; docs/performance.md)."""
+    script = ("import sys, minisd; sd = minisd.load(sys.argv[1]); sd.encode_prompt(['a cat']); "
+              "assert 'transformers' not in sys.modules, 'transformers imported'")
+    run = subprocess.run([sys.executable, "-c", script, str(ROOT / "weights" / "tiny")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -6,6 +6,7 @@ import torch
 import minisd
 from minisd.clip import CLIPTextConfig
 from minisd.text import build_text_encoder, chunked, encode_prompts, encode_weighted_prompts, parse_emphasis
+from minisd.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("prompt, parsed", [
@@ -60,23 +61,24 @@ def ids_of(pipe, text):
     return pipe.tokenizer(text, add_special_tokens=False).input_ids
 
 
-def our_encoder(pipe):
-    """minisd's text encoder with the reference pipeline's weights."""
+def minisd_side(pipe):
+    """minisd's tokenizer (from the reference's folder) and text encoder (with the reference's weights)."""
     config = CLIPTextConfig.from_dict(pipe.text_encoder.config.to_dict())
-    return build_text_encoder(dict(pipe.text_encoder.state_dict()), "ref_pipe", config)
+    return (load_tokenizer(pipe.tokenizer.name_or_path),
+            build_text_encoder(dict(pipe.text_encoder.state_dict()), "ref_pipe", config))
 
 
 def test_plain_prompts_encode_as_before(ref_pipe):
     prompts = ["a red cat", "", "dog, cat. 3:1"]
-    enc = our_encoder(ref_pipe)
-    ours = encode_weighted_prompts(ref_pipe.tokenizer, enc, prompts)
-    before = encode_prompts(ref_pipe.tokenizer, enc, prompts)
-    assert ours.shape == before.shape == (3, 77, 64)
-    torch.testing.assert_close(ours, before, rtol=0, atol=1e-6)
+    tok, enc = minisd_side(ref_pipe)
+    weighted = encode_weighted_prompts(tok, enc, prompts)
+    before = encode_prompts(tok, enc, prompts)
+    assert weighted.shape == before.shape == (3, 77, 64)
+    torch.testing.assert_close(weighted, before, rtol=0, atol=1e-6)
 
 
 def test_weighted_and_long_prompts_against_the_reference_encoder(ref_pipe):
-    tok, enc = ref_pipe.tokenizer, our_encoder(ref_pipe)
+    tok, enc = minisd_side(ref_pipe)
     prompt = "a (red:1.5) [cat]"
     a, red, cat = ids_of(ref_pipe, "a "), ids_of(ref_pipe, "red"), ids_of(ref_pipe, "cat")
     assert ids_of(ref_pipe, " ") == [] and a + red + cat == ids_of(ref_pipe, "a red cat")  # the unweighted tokens

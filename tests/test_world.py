@@ -160,6 +160,19 @@ def test_tokenizer_never_raises(tokenizer, text):
     assert len(ids) == 77 and all(0 <= i < len(tokenizer) for i in ids)
 
 
+@pytest.mark.parametrize("folder", ["written", "shipped"])
+def test_minisd_reads_the_world_tokenizer_as_transformers_does(tokenizer, folder, tmp_path):
+    """minisd.tokenizer on the world's tokenizer, as write_tokenizer writes it (vocab.json + merges.txt) and as
+    weights/tiny ships it (with transformers' tokenizer.json, which carries padding settings): transformers' ids."""
+    from minisd.tokenizer import load_tokenizer
+    path = Path(tokenizer.name_or_path) if folder == "written" else JUDGE.parent / "tokenizer"
+    ours = load_tokenizer(path)
+    texts = [caption for split in SPLITS for _, caption, _ in dataset(5, seed=3, split=split)] + ODD_TEXTS
+    assert ours.encode(texts) == tokenizer(texts).input_ids
+    padded = tokenizer(texts, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ours.padded(texts).tolist() == padded and len(ours) == len(tokenizer)
+
+
 @pytest.fixture(scope="module")
 def shipped_judge():
     if not JUDGE.exists():

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPTokenizer
 
 import lora
 from minisd import AutoencoderKL, StableDiffusion, UNet, UNetConfig, VAEConfig
 from minisd.clip import CLIPTextConfig, CLIPTextModel
+from minisd.tokenizer import load_tokenizer
 from minisd.save import save_single_file
 from sdfixtures import redraw, save_lightning_ckpt, write_char_tokenizer
 
@@ -34,7 +34,7 @@ def tiny_model(tokenizer_folder):
     unet = redraw(UNet(TINY_UNET), 0)
     vae = redraw(AutoencoderKL(TINY_VAE), 1)
     text = redraw(CLIPTextModel(TINY_CLIP), 2).eval()
-    tok = CLIPTokenizer.from_pretrained(str(write_char_tokenizer(tokenizer_folder)))
+    tok = load_tokenizer(write_char_tokenizer(tokenizer_folder))
     return StableDiffusion(unet, vae, text, tok)
 
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
 import minisd
 from minisd import AutoencoderKL, Schedule, StableDiffusion, UNet, UNetConfig, VAEConfig
+from minisd.clip import CLIPTextConfig, CLIPTextModel
 from minisd.save import save_diffusers
+from minisd.tokenizer import load_tokenizer
 from .tokenizer import write_tokenizer
 from .world import any_scene, random_scene, render
 
@@ -85,9 +85,26 @@ def unet_step(unet, text, z0, tok, ac, snr, g, device):
     noise = torch.randn(z0.shape, generator=g).to(device)
     a = ac[t][:, None, None, None]
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        eps = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, text(tok).last_hidden_state).float()
+        eps = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, text(tok)).float()
     w = torch.clamp(snr[t], max=5.0) / snr[t]
     return (w * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+def clip_init(text):
+    """CLIP's initialization (transformers' CLIPPreTrainedModel._init_weights, factor 1): embeddings N(0, 0.02);
+    projections N(0, width^-0.5), the ones into the residual stream also / sqrt(2 layers); fc1 N(0, (2 width)^-0.5);
+    biases 0, norms 1."""
+    width, layers = text.config.hidden_size, text.config.num_hidden_layers
+    residual = width ** -0.5 * (2 * layers) ** -0.5
+    with torch.no_grad():
+        for name, p in text.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.fill_(float(name.endswith("weight")))
+            else:
+                std = (0.02 if "embedding" in name else width ** -0.5 if "out_proj" in name
+                       else (2 * width) ** -0.5 if "fc1" in name else residual)
+                p.normal_(0, std)
+    return text
 
 
 class Run:
@@ -98,9 +115,9 @@ class Run:
         self.unet = UNet(UNET).to(device)
         self.ema = UNet(UNET).to(device).requires_grad_(False)
         self.ema.load_state_dict(self.unet.state_dict())
-        self.text = CLIPTextModel(CLIPTextConfig(
+        self.text = clip_init(CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TEXT)).to(device)
+            pad_token_id=tokenizer.pad_token_id, **TEXT))).to(device)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
         self.unet_opt = torch.optim.AdamW([*self.unet.parameters(), *self.text.parameters()], lr=5e-4, weight_decay=0.01)
         self.g = torch.Generator().manual_seed(1)
@@ -233,8 +250,8 @@ def main():
     images, captions, world = render_sets(args.base_images, args.world_images)
     print(f"rendered {len(images)} base and {len(world)} world scenes in {time.time() - t0:.0f}s", flush=True)
     write_tokenizer(out / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
-    tokenize = lambda texts: tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    tokenizer = load_tokenizer(out / "tokenizer")
+    tokenize = tokenizer.padded
     ids, empty_ids = tokenize(captions), tokenize([""])
     run, ckpt = Run(tokenizer, device), out / "checkpoint.pt"
     if args.init:  # go on from a trained minisd-tiny: its VAE as it is, a new U-Net schedule from its EMA weights
