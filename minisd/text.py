@@ -9,6 +9,7 @@ import torch
 from .checkpoint import load_strict
 from .clip import CLIPTextConfig, CLIPTextModel
 
+
 def clip_config_from_weights(sd):
     """The CLIPTextConfig that fits a text-encoder state dict (SD 1.x: ViT-L/14's text tower, heads of width 64)."""
     vocab, width = sd["embeddings.token_embedding.weight"].shape
@@ -22,19 +23,19 @@ def clip_config_from_weights(sd):
 
 
 def normalize_clip_keys(sd):
-    """transformers 4.x files carry a `text_model.` level and a `position_ids` buffer; transformers 5 has neither."""
+    """Released and transformers 4.x files carry a `text_model.` level and a `position_ids` buffer; minisd's
+    CLIPTextModel (as transformers 5's) has neither."""
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     sd.pop("embeddings.position_ids", None)
     return sd
 
 
 def released_clip_state_dict(model, dtype):
-    """A CLIPTextModel's tensors in the layout of the released SD 1.x files (openai/clip-vit-large-patch14, SD 1.4's
+    """minisd's CLIPTextModel's tensors in the layout of the released SD 1.x files (openai/clip-vit-large-patch14, SD 1.4's
     text_encoder/): every name under `text_model.`, plus the int64 position_ids row (0..76) those files carry.
     transformers 4.x needs the `text_model.` level (without it every tensor loads as "newly initialized"); 4.x and
     5.x both read this layout, position_ids included."""
-    sd = {"text_model." + k.removeprefix("text_model."): v.detach().to("cpu", dtype).contiguous()
-          for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    sd = {"text_model." + k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     n = model.config.max_position_embeddings
     return {**sd, "text_model.embeddings.position_ids": torch.arange(n, dtype=torch.int64)[None]}
 
