@@ -94,17 +94,24 @@ def read_tokenizer_folder(folder):
             raise CheckpointError(f"{path}: unreadable tokenizer file ({e})") from None
 
     try:
-        config = {**json.loads(text("tokenizer_config.json", "{}")),
-                  **json.loads(text("special_tokens_map.json", "{}"))}
-        special = {**SPECIAL, **{k: v["content"] if isinstance(v, dict) else v for k, v in config.items()
-                                 if k in SPECIAL}}
-        if (folder / "tokenizer.json").exists():
-            backend = backend_from_json(text("tokenizer.json"), folder / "tokenizer.json")
-        else:
-            backend = clip_bpe(*vocab_and_merges(text("vocab.json"), text("merges.txt"), folder), special)
-    except ValueError as e:  # also JSON's errors
+        configs = [json.loads(text(name, "{}")) for name in ("tokenizer_config.json", "special_tokens_map.json")]
+        vocab = None if (folder / "tokenizer.json").exists() else json.loads(text("vocab.json"))
+    except ValueError as e:  # JSON's errors
         raise CheckpointError(f"{folder}: unreadable tokenizer ({e})") from None
-    missing = sorted({t for t in special.values() if backend.token_to_id(t) is None})
+    if not all(isinstance(c, dict) for c in configs):
+        raise CheckpointError(f"{folder}: tokenizer_config.json / special_tokens_map.json is not a JSON object")
+    config = {**configs[0], **configs[1]}
+    special = {**SPECIAL, **{k: v["content"] if isinstance(v, dict) else v for k, v in config.items() if k in SPECIAL}}
+    if not all(isinstance(t, str) for t in special.values()):
+        raise CheckpointError(f"{folder}: a special token (bos, eos, pad, unk) that is not a string")
+    if vocab is None:
+        raw = text("tokenizer.json")
+        backend = backend_from(lambda: Tokenizer.from_str(raw), folder / "tokenizer.json")
+    else:
+        vocab, merges = vocab_and_merges(vocab, text("merges.txt"), folder)
+        backend = backend_from(lambda: clip_bpe(vocab, merges, special), folder / "merges.txt")
+    known = backend.token_to_id if vocab is None else vocab.get  # clip_bpe adds any special token it is given
+    missing = sorted({t for t in special.values() if known(t) is None})
     if missing:
         raise CheckpointError(f"{folder}: special tokens not in its vocabulary: {', '.join(missing)}")
     length = config.get("model_max_length", 77)
@@ -114,7 +121,6 @@ def read_tokenizer_folder(folder):
 
 
 def vocab_and_merges(vocab, merges, folder):
-    vocab = json.loads(vocab)
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise CheckpointError(f"{folder / 'vocab.json'}: not a {{token: id}} object")
     pairs = [line.split() for line in merges.splitlines() if line.strip() and not line.startswith("#version")]
@@ -123,18 +129,20 @@ def vocab_and_merges(vocab, merges, folder):
     return vocab, [tuple(pair) for pair in pairs]
 
 
-def backend_from_json(text, path):
+def backend_from(build, path):
+    """build() -> a tokenizers.Tokenizer, its errors as one line naming the file."""
     try:
-        backend = Tokenizer.from_str(text)
+        backend = build()
     except Exception as e:  # the tokenizers library raises Exception itself for a file it cannot read
-        raise CheckpointError(f"{path}: unreadable tokenizer.json ({str(e)[:200]})") from None
+        raise CheckpointError(f"{path}: unreadable tokenizer ({str(e)[:200]})") from None
     backend.no_padding()  # transformers saves its padding and truncation settings in the file; encode and padded
     backend.no_truncation()  # do their own
     return backend
 
 
 def load_tokenizer(path):
-    """A tokenizer folder (vocab.json + merges.txt), or a hub name found in the local Hugging Face cache."""
+    """A tokenizer folder (vocab.json + merges.txt, or tokenizer.json), or a hub name found in the local Hugging Face
+    cache."""
     folder = Path(path)
     if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
         folder = cached_folder(str(path))

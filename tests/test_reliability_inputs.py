@@ -340,6 +340,34 @@ def test_config_files_are_bounded(part, edit, message, tmp_path):
     assert re.search(re.escape(str(path)) + ": .*" + message, str(e.value)) and "\n" not in str(e.value), str(e.value)
 
 
+def write(name, text):
+    return lambda folder: (folder / name).write_text(text)
+
+
+@pytest.mark.parametrize("edit, file, message", [
+    (write("merges.txt", "#version: 0.2\na zz\n"), "merges.txt", "unreadable tokenizer .*out of vocabulary"),
+    (write("merges.txt", "a b c\n"), "merges.txt", "a line that is not two tokens"),
+    (write("vocab.json", "[1, 2]"), "vocab.json", r"not a \{token: id\} object"),
+    (write("vocab.json", "{"), "", "unreadable tokenizer"),
+    (write("tokenizer.json", "{}"), "tokenizer.json", "unreadable tokenizer"),
+    (write("tokenizer_config.json", "[]"), "", "is not a JSON object"),
+    (write("special_tokens_map.json", '{"eos_token": ["x"]}'), "", "special token .* not a string"),
+    (write("special_tokens_map.json", '{"pad_token": "<none>"}'), "", "special tokens not in its vocabulary: <none>"),
+    (lambda folder: ((folder / "merges.txt").unlink(), os.mkfifo(folder / "merges.txt")), "merges.txt",
+     "not a regular file"),
+], ids=["merge out of vocab", "merge of three", "vocab list", "vocab cut", "empty tokenizer.json", "config list",
+        "special list", "pad not in vocab", "merges fifo"])
+def test_tokenizer_folders_are_checked(tiny, edit, file, message, tmp_path):
+    """A broken tokenizer folder is one line naming the folder or the file, whichever file it is."""
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny["tokenizer"], folder)
+    edit(folder)
+    with deadline(30), pytest.raises(CheckpointError) as e:
+        minisd.load(tiny["safetensors"], tokenizer=folder)
+    where = re.escape(str(folder / file) if file else str(folder))
+    assert re.search(where + ": .*" + message, str(e.value)) and "\n" not in str(e.value), str(e.value)
+
+
 def test_special_files_and_huge_images_in_the_data_folder_are_skipped(tiny, images, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(images, data)
