@@ -92,8 +92,8 @@ def unet_step(unet, text, z0, tok, ac, snr, g, device):
 
 def clip_init(text):
     """CLIP's initialization (transformers' CLIPPreTrainedModel._init_weights, factor 1): embeddings N(0, 0.02);
-    projections N(0, width^-0.5), the ones into the residual stream also / sqrt(2 layers); fc1 N(0, (2 width)^-0.5);
-    biases 0, norms 1."""
+    out_proj N(0, width^-0.5); q, k, v and fc2 N(0, width^-0.5 / sqrt(2 layers)); fc1 N(0, (2 width)^-0.5); biases 0,
+    norms 1."""
     width, layers = text.config.hidden_size, text.config.num_hidden_layers
     residual = width ** -0.5 * (2 * layers) ** -0.5
     with torch.no_grad():
