@@ -104,7 +104,8 @@ def build_pipelines(device, dtype, tiny, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from minisd.tokenizer import load_tokenizer
     from minisd.checkpoint import load_strict, vae_from_diffusers
-    from minisd.clip import CLIPTextConfig as OurTextConfig, CLIPTextModel as OurText
+    from minisd.clip import CLIPTextConfig as OurTextConfig
+    from minisd.text import build_text_encoder
     from minisd.fast import attach
     from minisd.pipeline import StableDiffusion
     from minisd.ddim import Schedule
@@ -123,9 +124,8 @@ def build_pipelines(device, dtype, tiny, seed=0):
         our_vae = OurVAE(vcfg)
     load_strict(our_vae, {k: t.detach().clone() for k, t in vae_from_diffusers(vae.state_dict(), vcfg, "bench").items()},
                 "bench", "VAE")
-    with torch.device("meta"):
-        our_text = OurText(OurTextConfig(**cfgs["clip"]))
-    load_strict(our_text, {k: t.detach().clone() for k, t in text.state_dict().items()}, "bench", "text encoder")
+    our_text = build_text_encoder({k: t.detach().clone() for k, t in text.state_dict().items()}, "bench",
+                                  OurTextConfig(**cfgs["clip"]))
     for m in (vae, text, our_vae, our_text):
         m.to(dtype=dtype).eval().requires_grad_(False)
     chars = write_char_tokenizer(tempfile.mkdtemp())

@@ -63,11 +63,12 @@ def encode_prompts(tokenizer, text_encoder, prompts, run=None):
     beyond it (with a warning that says how many tokens were dropped). run(ids) -> last hidden state, if given,
     runs the model (the speed layer's encode_text: from a CUDA graph)."""
     prompts, n = list(prompts), tokenizer.model_max_length
-    for prompt, full in zip(prompts, tokenizer.encode(prompts)):
-        if len(full) > n:
-            warnings.warn(f"prompt longer than {n} tokens, the last {len(full) - n} dropped: {prompt[:60]!r}...",
+    rows = tokenizer.encode(prompts, special_tokens=False)
+    for prompt, row in zip(prompts, rows):
+        if len(row) + 2 > n:  # with the start and end tokens
+            warnings.warn(f"prompt longer than {n} tokens, the last {len(row) + 2 - n} dropped: {prompt[:60]!r}...",
                           stacklevel=2)
-    ids = tokenizer.padded(prompts)
+    ids = tokenizer.pad(rows)
     return run(ids) if run else text_encoder(ids.to(text_encoder.device))
 
 
@@ -173,11 +174,10 @@ def encode_weighted_prompts(tokenizer, text_encoder, prompts, run=None):
     n = tokenizer.model_max_length
     comma = tokenizer.token_id(",</w>")
     per_prompt = [chunked(weighted_tokens(tokenizer, p), comma, n - 2) for p in prompts]
-    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     out = []
     for k in range(max(len(c) for c in per_prompt)):
         rows = [c[k] if k < len(c) else [] for c in per_prompt]
-        ids = torch.tensor([[start] + [t for t, _ in r] + [end] + [pad] * (n - 2 - len(r)) for r in rows])
+        ids = tokenizer.pad([[t for t, _ in r] for r in rows])
         weights = torch.tensor([[1.0] + [w for _, w in r] + [1.0] * (n - 1 - len(r)) for r in rows])
         z = run(ids) if run else text_encoder(ids.to(text_encoder.device))
         out.append(emphasize(z, weights.to(z.device)))

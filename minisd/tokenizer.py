@@ -44,8 +44,13 @@ class CLIPTokenizer:
 
     def padded(self, texts):
         """list of str -> (B, model_max_length) ids: start, the first model_max_length - 2 ids, end, then pads."""
+        return self.pad(self.encode(texts, special_tokens=False))
+
+    def pad(self, rows):
+        """Lists of ids without start and end -> (B, model_max_length): start, each row's first model_max_length - 2
+        ids, end, then pads."""
         n = self.model_max_length
-        rows = [r[:n - 2] for r in self.encode(texts, special_tokens=False)]
+        rows = [r[:n - 2] for r in rows]
         return torch.tensor([[self.bos_token_id, *r, self.eos_token_id] + [self.pad_token_id] * (n - 2 - len(r))
                              for r in rows])
 
