@@ -27,7 +27,8 @@ def test_last_hidden_state_equals_transformers(act, heads, layers):
     changed[:, 5] = (changed[:, 5] + 1) % 300
     with torch.no_grad():
         before, after = ours(ids), ours(changed)
-    assert torch.equal(before[:, :5], after[:, :5]) and not torch.allclose(before[:, 5:], after[:, 5:])
+    torch.testing.assert_close(before[:, :5], after[:, :5], rtol=0, atol=1e-6)  # whichever kernel runs
+    assert not torch.allclose(before[:, 5:], after[:, 5:])
 
 
 def test_released_layout_round_trips():

@@ -345,7 +345,7 @@ def write(name, text):
 
 
 @pytest.mark.parametrize("edit, file, message", [
-    (write("merges.txt", "#version: 0.2\na zz\n"), "merges.txt", "unreadable tokenizer .*out of vocabulary"),
+    (write("merges.txt", "#version: 0.2\na zz\n"), "merges.txt", "unreadable tokenizer"),
     (write("merges.txt", "a b c\n"), "merges.txt", "a line that is not two tokens"),
     (write("vocab.json", "[1, 2]"), "vocab.json", r"not a \{token: id\} object"),
     (write("vocab.json", "{"), "", "unreadable tokenizer"),
