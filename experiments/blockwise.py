@@ -29,8 +29,8 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
-it to another machine; a pair is scored as soon as its own adapters are trained, and a run cut off reports over the
-pairs scored so far), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png and (full sweep)
+it to another machine; a pair is scored as soon as its own adapters are trained, a scoring cut off keeps the
+settings it had scored, and a run cut off reports over the pairs scored so far), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png and (full sweep)
 fig_tradeoff_*.png. Its claims read "not judged (gate)" unless every gate is met: G1, G2 and G4 on this run's own
 seeds, G3 from experiments/gates.py's report for the same pair and recipe (claim 3 at matched style strength reads
 G4 on its own baseline and not G2).
@@ -303,7 +303,8 @@ def kept_settings(out, algo, seed):
 def eval_job(job):
     """Every setting of one (algo, seed) at the first guidance, the GUIDED settings at the others too ("... g=2"),
     written under out/evals/: {title: {metric: per-image values}} (JSON, written last) and the first images of each
-    (safetensors)."""
+    (safetensors). The settings scored so far are kept after each one (a CPU takes minutes a setting), so a run cut
+    off continues where it stopped: every setting renders from the same seed and noise, in any order."""
     algo, seed, out, settings, device, threads = job
     sweep, n, steps, guidances = (settings[k] for k in ("sweep", "n", "sample_steps", "guidance"))
     pair = settings["identity"], held_style(settings["style"])
@@ -312,10 +313,11 @@ def eval_job(job):
     sd = minisd.load(TINY, device=device)
     judge = judges.load(TINY / "judge.safetensors", device=device)
     scenes, prompts, masks = eval_scenes(n, seed, *pair)
-    results, thumbs = {}, {}
+    path = eval_path(out, algo, seed)
+    results, thumbs, devices = read_partial(path, settings)
     for title, guidance, style, block_weights, with_identity, weight, ranges in renders(sweep, algo, guidances):
-        if style and not adapter_file(out, algo, seed, "style", style).exists():
-            continue  # a seed that ran the small sweep only
+        if title in results or style and not adapter_file(out, algo, seed, "style", style).exists():
+            continue  # scored before the run was cut off, or a seed that ran the small sweep only
         names = []
         if with_identity:
             lora.load(adapter_file(out, algo, seed, "identity", "all"), sd.unet, sd.text_encoder, name="identity")
@@ -338,12 +340,33 @@ def eval_job(job):
                           "iou": silhouette_iou(images, scenes, masks).tolist(),
                           "identity_sim": s["identity_sim"].tolist(), "style_sim": s["style_sim"].tolist()}
         thumbs[title] = (images[:4] * 255).round().to(torch.uint8).contiguous()  # the VAE may give channels_last
-    path = eval_path(out, algo, seed)
+        devices.add(machine(device))
+        write_eval(path.with_suffix(".partial.json"), settings, devices, results, thumbs)
+    write_eval(path, settings, devices, results, thumbs)  # its presence says the (algo, seed) is done
+    for part in (path.with_suffix(".partial.json"), path.with_suffix(".partial.safetensors")):
+        part.unlink(missing_ok=True)
+
+
+def write_eval(path, settings, devices, results, thumbs):
+    """An evaluation's JSON and first images, each replaced whole (the images first: a JSON names no setting whose
+    images are missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(thumbs, path.with_suffix(".safetensors"))
-    record = {"settings": settings, "device": machine(device), "results": results}
+    save_file(thumbs, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path.with_suffix(".safetensors"))
+    record = {"settings": settings, "device": ", ".join(sorted(devices)), "results": results}
     path.with_suffix(".tmp").write_text(json.dumps(record))
-    path.with_suffix(".tmp").replace(path)  # its presence says the (algo, seed) is done
+    path.with_suffix(".tmp").replace(path)
+
+
+def read_partial(path, settings):
+    """(results, first images, devices) of the settings an evaluation cut off had scored, if it was made with these
+    settings; else nothing."""
+    part = path.with_suffix(".partial.json")
+    record = json.loads(part.read_text()) if part.exists() else {}
+    if record.get("settings") != settings:
+        return {}, {}, set()
+    thumbs = load_file(part.with_suffix(".safetensors"))
+    return record["results"], {t: thumbs[t] for t in record["results"]}, set(record["device"].split(", "))
 
 
 def machine(device):

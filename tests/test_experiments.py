@@ -456,7 +456,8 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
 def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     """experiments/blockwise.py end to end on the CPU (2 training steps, 2 images per setting): every small-sweep
     setting scored image by image, the claims table, and no verdict while the gates are not known. A run whose
-    --budget-s is spent starts nothing; a rerun keeps what was trained and scored."""
+    --budget-s is spent starts nothing; a rerun keeps what was trained and scored, and the settings that a scoring cut
+    off had scored."""
     argv = ["--smoke", "--out", str(tmp_path), "--gates", str(tmp_path / "no-gates.json")]
     blockwise.main(argv + ["--budget-s", "1e-9"])
     assert "run again to continue" in capsys.readouterr().out and not (tmp_path / "adapters").exists()
@@ -476,6 +477,18 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     blockwise.main(argv)
     assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 (algo, seed) pairs" in said
     assert json.loads((tmp_path / "results.json").read_text())["per_image"] == report["per_image"]
+    evals = tmp_path / "evals"  # a scoring cut off after three settings: the rerun renders only the others
+    record = json.loads((evals / "locon_seed0.json").read_text())
+    kept = dict(list(record["results"].items())[:3])
+    kept[titles[0]] = {**kept[titles[0]], "iou": [-1.0, -1.0]}  # no render gives that: kept, not redone
+    (evals / "locon_seed0.partial.json").write_text(json.dumps({**record, "results": kept}))
+    (evals / "locon_seed0.safetensors").rename(evals / "locon_seed0.partial.safetensors")
+    (evals / "locon_seed0.json").unlink()
+    blockwise.main(argv)
+    assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 1 (algo, seed) pairs" in said
+    assert json.loads((evals / "locon_seed0.json").read_text())["results"] == {**record["results"], **kept}
+    assert sorted(p.name for p in evals.iterdir()) == ["locon_seed0.json", "locon_seed0.safetensors"]
+    report = json.loads((tmp_path / "results.json").read_text())
     shutil.rmtree(tmp_path / "adapters")  # another machine with evals/ alone: the same report, nothing trained
     blockwise.main(argv)
     assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 (algo, seed) pairs" in said
