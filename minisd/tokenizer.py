@@ -162,10 +162,7 @@ def load_tokenizer(path):
 def cached_folder(name):
     """The folder of a hub name's tokenizer files in the local Hugging Face cache (a tokenizer repo, or a model repo's
     tokenizer/), or None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache  # installed with transformers; imported only here
-    except ImportError:
-        return None
+    from huggingface_hub import try_to_load_from_cache  # a dependency of tokenizers; imported only when needed
     for file in ("tokenizer.json", "vocab.json", "tokenizer/tokenizer.json", "tokenizer/vocab.json"):
         try:
             found = try_to_load_from_cache(name, file)
