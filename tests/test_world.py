@@ -1,5 +1,6 @@
 """tinyworld: deterministic renders, captions that parse back, clean splits, the character class and the style family,
 the tokenizer, and the judge's shortcut tests."""
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -219,3 +220,25 @@ def test_judge_reads_the_style_on_any_subject(shipped_judge, style):
     hits = judge.score(shipped_judge, judge.to_tensor([render(s)[0] for s in styled + other]), IDENTITY,
                        style)["style"]
     assert hits[:24].float().mean() >= 0.9 and hits[24:].float().mean() <= 0.1
+
+
+def test_train_tiny_smoke_writes_a_model_minisd_and_transformers_read(tmp_path):
+    """tinyworld.train_tiny, which made weights/tiny, end to end in a few steps: its folder loads in minisd, and
+    transformers reads the text encoder and tokenizer it wrote as minisd does."""
+    import torch
+    import transformers
+    import minisd
+    from tinyworld import train_tiny
+    out = tmp_path / "tiny"
+    train_tiny.main(["--out", str(out), "--smoke", "--device", "cpu"])
+    assert not (out / "checkpoint.pt").exists()  # removed when the training is done
+    assert "--vae-steps 2 --unet-steps 2" in json.loads((out / "training.json").read_text())["command"]
+    sd = minisd.load(out)
+    prompt = "a large sks character on a gray background, zwx style"
+    ids = sd.tokenizer.padded([prompt])
+    theirs = transformers.CLIPTokenizer.from_pretrained(out / "tokenizer")
+    assert ids.tolist() == theirs([prompt], padding="max_length", max_length=77).input_ids
+    text = transformers.CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(sd.text_encoder(ids), text(ids).last_hidden_state, rtol=0, atol=2e-5)
+    assert sd.sample(prompt, steps=2, seed=0, progress=False).shape == (1, 3, 64, 64)

@@ -1,7 +1,7 @@
 """Train minisd-tiny from scratch on the tiny world: the VAE on the whole world, then text encoder + U-Net on base.
 
     python -m tinyworld.train_tiny --out weights/tiny                  # one GPU (times: weights/tiny/training.json)
-    python -m tinyworld.train_tiny --out /tmp/t --smoke --device cpu    # seconds: checks the plumbing
+    python -m tinyworld.train_tiny --out /tmp/t --smoke --device cpu    # the plumbing (tests/test_world.py runs it)
 
 The same minisd classes as SD 1.4 with a small config (the U-Net keeps the 12 + 1 + 12 block structure, so block
 tables and presets apply unchanged). 64x64 images, a 2x VAE: 32x32x4 latents, so the U-Net's levels run at
@@ -39,23 +39,24 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_att
             max_position_embeddings=77, hidden_act="quick_gelu")
 
 
-def _render_base(seed):
-    """A chunk of 1000 base scenes: (uint8 images, captions)."""
+def _render_base(seed, n):
+    """A chunk of n base scenes: (uint8 images, captions)."""
     rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng, "base") for _ in range(1000)]
+    scenes = [random_scene(rng, "base") for _ in range(n)]
     return np.stack([np.asarray(render(s)[0]) for s in scenes]), [s.caption() for s in scenes]
 
 
-def _render_any(seed):
+def _render_any(seed, n):
     rng = np.random.default_rng(seed)
-    return np.stack([np.asarray(render(any_scene(rng))[0]) for _ in range(1000)])
+    return np.stack([np.asarray(render(any_scene(rng))[0]) for _ in range(n)])
 
 
 def render_sets(n_base, n_any):
-    """(base images (N, 64, 64, 3) uint8, base captions, whole-world images) from fixed seeds, in parallel."""
+    """(base images (N, 64, 64, 3) uint8, base captions, whole-world images) from fixed seeds (a seed per chunk of
+    1000 scenes), in parallel."""
     with Pool(min(16, os.cpu_count())) as pool:
-        base = pool.map(_render_base, range(n_base // 1000))
-        world = pool.map(_render_any, range(10**6, 10**6 + n_any // 1000))
+        base = pool.starmap(_render_base, [(seed, min(1000, n_base)) for seed in range(max(1, n_base // 1000))])
+        world = pool.starmap(_render_any, [(10**6 + i, min(1000, n_any)) for i in range(max(1, n_any // 1000))])
     images = torch.from_numpy(np.concatenate([b[0] for b in base]))
     return images, [c for b in base for c in b[1]], torch.from_numpy(np.concatenate(world))
 
@@ -206,7 +207,8 @@ def train(run, images, world, ids, empty_ids, args, device, deadline, save):
 
 
 @torch.no_grad()
-def encode_all(vae, images, device, batch=1024):
+def encode_all(vae, images, device):
+    batch = 1024 if device.type == "cuda" else 32  # a CPU batch of 1024 holds about 5 GB of activations
     return torch.cat([vae.encode(to_unit(images[i:i + batch], device))[0].float()
                       for i in range(0, len(images), batch)])
 
@@ -228,7 +230,7 @@ def finish(run, tokenizer, out, args, device):
     print(f"wrote {out}: {run.seconds:.0f}s of training on {gpu}")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="weights/tiny", help="output diffusers folder")
     p.add_argument("--device", default="cuda")
@@ -241,9 +243,9 @@ def main():
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint interval")
     p.add_argument("--init", help="a minisd-tiny folder to go on from (its VAE is kept: use with --vae-steps 0)")
     p.add_argument("--smoke", action="store_true", help="a few steps on a few thousand images (plumbing check)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.smoke:
-        args.vae_steps, args.unet_steps, args.batch, args.base_images, args.world_images = 10, 10, 8, 1000, 1000
+        args.vae_steps, args.unet_steps, args.batch, args.base_images, args.world_images = 2, 2, 4, 64, 64
     t0, device, out = time.time(), torch.device(args.device), Path(args.out)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
