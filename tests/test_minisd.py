@@ -187,8 +187,8 @@ def test_hostile_pickle_is_refused_without_running(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil.ckpt: refused to unpickle .*system"):
         minisd.load(path)
     assert not marker.exists()
-    with open(tmp_path / "evil2.ckpt", "wb") as f:  # a plain (non-zip) pickle too
-        pickle.dump(Evil(), f)
+    with open(tmp_path / "evil2.ckpt", "wb") as f:  # a plain (non-zip) pickle too, in torch.save's protocol (2)
+        pickle.dump(Evil(), f, protocol=2)
     with pytest.raises(CheckpointError, match="evil2.ckpt"):
         minisd.load(tmp_path / "evil2.ckpt")
     assert not marker.exists()
