@@ -386,7 +386,7 @@ def read_evals(out, scored):
             for title, r in record["results"].items():
                 raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
             thumbs[algo, seed] = load_file(path.with_suffix(".safetensors"))
-            devices.add(record.get("device", "unrecorded"))
+            devices.update(record.get("device", "unrecorded").split(", "))  # a scoring resumed elsewhere names both
     return raw, thumbs, sorted(devices)
 
 

@@ -481,7 +481,7 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     record = json.loads((evals / "locon_seed0.json").read_text())
     kept = dict(list(record["results"].items())[:3])
     kept[titles[0]] = {**kept[titles[0]], "iou": [-1.0, -1.0]}  # no render gives that: kept, not redone
-    (evals / "locon_seed0.partial.json").write_text(json.dumps({**record, "results": kept}))
+    (evals / "locon_seed0.partial.json").write_text(json.dumps({**record, "results": kept, "device": "NVIDIA H200"}))
     (evals / "locon_seed0.safetensors").rename(evals / "locon_seed0.partial.safetensors")
     (evals / "locon_seed0.json").unlink()
     blockwise.main(argv)
@@ -489,6 +489,7 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     assert json.loads((evals / "locon_seed0.json").read_text())["results"] == {**record["results"], **kept}
     assert sorted(p.name for p in evals.iterdir()) == ["locon_seed0.json", "locon_seed0.safetensors"]
     report = json.loads((tmp_path / "results.json").read_text())
+    assert report["rendered on"] == ["NVIDIA H200", f"cpu ({os.cpu_count()} cores)"]  # begun on one, ended here
     shutil.rmtree(tmp_path / "adapters")  # another machine with evals/ alone: the same report, nothing trained
     blockwise.main(argv)
     assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 (algo, seed) pairs" in said
