@@ -84,7 +84,7 @@ def main(argv=None):
                 out = tmp / f"gpus{n}-b{batch}{'-graph' if graph else ''}.safetensors"
                 cmd = launch + [str(ROOT / "train.py"), "--ckpt", str(ckpt), "--data", str(data),
                                 "--resolution", str(size), "--rank", "16", "--batch", str(batch), "--steps", str(args.steps),
-                                "--lr", "1e-4", "--out", str(out), "--quiet"] + (["--cuda-graph"] if graph else []) + \
+                                "--lr", "1e-4", "--out", str(out), "--quiet"] + (["--cuda-graph"] if graph else ["--eager"]) + \
                     (["--device", "cpu"] if cpu else [])
                 t0 = time.time()
                 if subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode:
