@@ -30,10 +30,10 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
 it to another machine; a pair is scored as soon as its own adapters are trained, a scoring cut off keeps the
-settings it had scored, and a run cut off reports over the pairs scored so far), results.json, results.md, fig_conflict_*.png, fig_blocks_*.png and (full sweep)
-fig_tradeoff_*.png. Its claims read "not judged (gate)" unless every gate is met: G1, G2 and G4 on this run's own
-seeds, G3 from experiments/gates.py's report for the same pair and recipe (claim 3 at matched style strength reads
-G4 on its own baseline and not G2).
+settings it had scored, and a run cut off reports over the pairs scored so far), results.json, results.md,
+fig_conflict_*.png, fig_blocks_*.png and (full sweep) fig_tradeoff_*.png. Its claims read "not judged (gate)" unless
+every gate is met: G1, G2 and G4 on this run's own seeds, G3 from experiments/gates.py's report for the same pair
+and recipe (claim 3 at matched style strength reads G4 on its own baseline and not G2).
 """
 import argparse
 import concurrent.futures as cf

@@ -222,13 +222,15 @@ def test_judge_reads_the_style_on_any_subject(shipped_judge, style):
     assert hits[:24].float().mean() >= 0.9 and hits[24:].float().mean() <= 0.1
 
 
-def test_train_tiny_smoke_writes_a_model_minisd_and_transformers_read(tmp_path):
+def test_train_tiny_smoke_writes_a_model_minisd_and_transformers_read(tmp_path, monkeypatch):
     """tinyworld.train_tiny, which made weights/tiny, end to end in a few steps: its folder loads in minisd, and
     transformers reads the text encoder and tokenizer it wrote as minisd does."""
     import torch
     import transformers
     import minisd
     from tinyworld import train_tiny
+    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):  # train_tiny turns TF32 on: off again after
+        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
     out = tmp_path / "tiny"
     train_tiny.main(["--out", str(out), "--smoke", "--device", "cpu"])
     assert not (out / "checkpoint.pt").exists()  # removed when the training is done

@@ -242,7 +242,7 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=9.0, help="this run's budget; the same command continues later")
     p.add_argument("--save-minutes", type=float, default=3.0, help="checkpoint interval")
     p.add_argument("--init", help="a minisd-tiny folder to go on from (its VAE is kept: use with --vae-steps 0)")
-    p.add_argument("--smoke", action="store_true", help="a few steps on a few thousand images (plumbing check)")
+    p.add_argument("--smoke", action="store_true", help="2 steps of each phase on 64 + 64 images (plumbing check)")
     args = p.parse_args(argv)
     if args.smoke:
         args.vae_steps, args.unet_steps, args.batch, args.base_images, args.world_images = 2, 2, 4, 64, 64
