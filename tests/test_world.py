@@ -222,17 +222,19 @@ def test_judge_reads_the_style_on_any_subject(shipped_judge, style):
     assert hits[:24].float().mean() >= 0.9 and hits[24:].float().mean() <= 0.1
 
 
-def test_train_tiny_smoke_writes_a_model_minisd_and_transformers_read(tmp_path, monkeypatch):
+def test_train_tiny_smoke_writes_a_model_minisd_and_transformers_read(tmp_path):
     """tinyworld.train_tiny, which made weights/tiny, end to end in a few steps: its folder loads in minisd, and
     transformers reads the text encoder and tokenizer it wrote as minisd does."""
     import torch
     import transformers
     import minisd
     from tinyworld import train_tiny
-    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):  # train_tiny turns TF32 on: off again after
-        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
     out = tmp_path / "tiny"
-    train_tiny.main(["--out", str(out), "--smoke", "--device", "cpu"])
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        train_tiny.main(["--out", str(out), "--smoke", "--device", "cpu"])
+    finally:  # train_tiny turns TF32 on: the later tests get the settings back
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert not (out / "checkpoint.pt").exists()  # removed when the training is done
     assert "--vae-steps 2 --unet-steps 2" in json.loads((out / "training.json").read_text())["command"]
     sd = minisd.load(out)
