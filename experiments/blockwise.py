@@ -366,7 +366,13 @@ def read_partial(path, settings):
     if record.get("settings") != settings:
         return {}, {}, set()
     thumbs = load_file(part.with_suffix(".safetensors"))
-    return record["results"], {t: thumbs[t] for t in record["results"]}, set(record["device"].split(", "))
+    return record["results"], {t: thumbs[t] for t in record["results"]}, devices_of(record)
+
+
+def devices_of(record):
+    """The devices an evaluation was rendered on: write_eval joins them with ", " (one, unless a scoring cut off
+    was finished elsewhere)."""
+    return set(record.get("device", "unrecorded").split(", "))
 
 
 def machine(device):
@@ -386,7 +392,7 @@ def read_evals(out, scored):
             for title, r in record["results"].items():
                 raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
             thumbs[algo, seed] = load_file(path.with_suffix(".safetensors"))
-            devices.update(record.get("device", "unrecorded").split(", "))  # a scoring resumed elsewhere names both
+            devices |= devices_of(record)
     return raw, thumbs, sorted(devices)
 
 

@@ -140,7 +140,7 @@ def backend_from(build, path):
         backend = build()
     except Exception as e:  # the tokenizers library raises Exception itself for a file it cannot read
         raise CheckpointError(f"{path}: unreadable tokenizer ({str(e)[:200]})") from None
-    backend.no_padding()  # transformers saves its padding and truncation settings in the file; encode and padded
+    backend.no_padding()  # transformers saves its padding and truncation settings in the file; encode and pad
     backend.no_truncation()  # do their own
     return backend
 

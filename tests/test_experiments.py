@@ -486,7 +486,12 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     (evals / "locon_seed0.json").unlink()
     blockwise.main(argv)
     assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 1 (algo, seed) pairs" in said
-    assert json.loads((evals / "locon_seed0.json").read_text())["results"] == {**record["results"], **kept}
+    resumed = json.loads((evals / "locon_seed0.json").read_text())["results"]
+    assert resumed.keys() == record["results"].keys() and all(resumed[t] == kept[t] for t in kept)
+    for t in resumed.keys() - kept.keys():  # rendered again: the same images, within float rounding
+        for metric, values in resumed[t].items():
+            np.testing.assert_allclose(np.asarray(values, float), np.asarray(record["results"][t][metric], float),
+                                       rtol=0, atol=1e-4, err_msg=f"{t} {metric}")
     assert sorted(p.name for p in evals.iterdir()) == ["locon_seed0.json", "locon_seed0.safetensors"]
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["rendered on"] == ["NVIDIA H200", f"cpu ({os.cpu_count()} cores)"]  # begun on one, ended here
