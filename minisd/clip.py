@@ -39,11 +39,19 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI C
                "gelu": F.gelu}
 
 
+def embedding(n, width, std=0.02):
+    """nn.Embedding(n, width) drawn from a uniform with transformers' std for CLIP instead of nn.Embedding's N(0, 1):
+    on the meta device (minisd.load builds the model there) normal_ runs a Python kernel that imports torch._dynamo,
+    about a second of every fresh process; uniform_'s kernel does not."""
+    bound = std * 3 ** 0.5  # U(-b, b) has std b / sqrt(3)
+    return nn.Embedding(n, width, _weight=torch.empty(n, width).uniform_(-bound, bound))
+
+
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)  # learned, absolute
+        self.token_embedding = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = embedding(cfg.max_position_embeddings, cfg.hidden_size)  # learned, absolute
 
     def forward(self, ids):
         return self.token_embedding(ids) + self.position_embedding.weight[:ids.shape[1]]  # (B, T, C)

@@ -287,10 +287,12 @@ def test_a_hub_name_in_the_cache_and_a_written_tokenizer(tmp_path, monkeypatch):
     assert load_tokenizer(tmp_path / "written").encode(PROMPTS) == tok.encode(PROMPTS)
 
 
-def test_sampling_imports_no_transformers():
+def test_sampling_imports_no_transformers_and_no_dynamo():
     """A fresh process that loads a model and encodes a prompt never imports transformers (its import alone takes
-    longer than loading SD 1.4 on a GPU; docs/performance.md)."""
+    longer than loading SD 1.4 on a GPU; docs/performance.md), nor torch._dynamo (about a second: building the text
+    encoder on the meta device imported it through nn.Embedding's normal_ init)."""
     script = ("import sys, minisd; sd = minisd.load(sys.argv[1]); sd.encode_prompt(['a cat']); "
-              "assert 'transformers' not in sys.modules, 'transformers imported'")
+              "assert 'transformers' not in sys.modules, 'transformers imported'; "
+              "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
     run = subprocess.run([sys.executable, "-c", script, str(ROOT / "weights" / "tiny")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
