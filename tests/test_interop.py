@@ -289,8 +289,8 @@ def test_a_hub_name_in_the_cache_and_a_written_tokenizer(tmp_path, monkeypatch):
 
 def test_sampling_imports_no_transformers_and_no_dynamo():
     """A fresh process that loads a model and encodes a prompt never imports transformers (its import alone takes
-    longer than loading SD 1.4 on a GPU; docs/performance.md), nor torch._dynamo (about a second: building the text
-    encoder on the meta device imported it through nn.Embedding's normal_ init)."""
+    longer than loading SD 1.4 on a GPU; docs/performance.md), nor torch._dynamo (about a second: on the meta
+    device nn.Embedding's own normal_ init imports it, which minisd.clip.embedding avoids)."""
     script = ("import sys, minisd; sd = minisd.load(sys.argv[1]); sd.encode_prompt(['a cat']); "
               "assert 'transformers' not in sys.modules, 'transformers imported'; "
               "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
