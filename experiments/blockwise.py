@@ -5,6 +5,7 @@ judges (tinyworld/judge.py) instead of by eye.
     python experiments/blockwise.py --sweep full --seeds 0,1,2,3,4,5,6,7 --guidance 5,2,7.5 --workers 2 --cuda-graph
     python experiments/blockwise.py --smoke --out /tmp/blockwise_smoke      # the test suite's plumbing check
     python experiments/blockwise.py --style bricks/6 --gates out/gates_bricks-6/gates.json --out out/bw_bricks-6
+    python experiments/blockwise.py ... --seeds 0,1,2,3,4,5,6,7 --kept docs/blockwise/bricks6_results.json  # seed 7
 
 For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
 blocks; style adapters ("zwx style", data/style) on all blocks and block-wise on subsets of the paper's coarse blocks
@@ -30,7 +31,9 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
 it to another machine; a pair is scored as soon as its own adapters are trained, a scoring cut off keeps the
-settings it had scored, and a run cut off reports over the pairs scored so far), results.json, results.md,
+settings it had scored, and a run cut off reports over the pairs scored so far; --kept FILE writes the evals/ of
+an earlier results.json made with the same settings, so a published report carries the run to a new machine),
+results.json, results.md,
 fig_conflict_*.png, fig_blocks_*.png and (full sweep) fig_tradeoff_*.png. Its claims read "not judged (gate)" unless
 every gate is met: G1, G2 and G4 on this run's own seeds, G3 from experiments/gates.py's report for the same pair
 and recipe (claim 3 at matched style strength reads G4 on its own baseline and not G2).
@@ -381,10 +384,10 @@ def machine(device):
 
 
 def read_evals(out, scored):
-    """({algo: {title: {seed: results}}}, {(algo, seed): {title: first images}}, the devices they were rendered on
-    (an evaluation written before they were recorded: "unrecorded")) from out/evals/, for the {algo: [seeds]}
-    scored."""
-    raw, thumbs, devices = {}, {}, set()
+    """({algo: {title: {seed: results}}}, {(algo, seed): {title: first images}}, {algo: {seed: the device(s) it was
+    rendered on}} (an evaluation written before they were recorded: "unrecorded")) from out/evals/, for the
+    {algo: [seeds]} scored."""
+    raw, thumbs, devices = {}, {}, {}
     for algo, seeds in scored.items():
         for seed in seeds:
             path = eval_path(out, algo, seed)
@@ -392,8 +395,25 @@ def read_evals(out, scored):
             for title, r in record["results"].items():
                 raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
             thumbs[algo, seed] = load_file(path.with_suffix(".safetensors"))
-            devices |= devices_of(record)
-    return raw, thumbs, sorted(devices)
+            devices.setdefault(algo, {})[seed] = ", ".join(sorted(devices_of(record)))
+    return raw, thumbs, devices
+
+
+def keep(path, out, settings):
+    """Write the evaluations of an earlier report (its results.json) under out/evals/ for the (algo, seed) pairs it
+    scored and out has not, after checking that it was made with this run's settings: a published report carries
+    the run to a machine without its evals/. A report holds no images, so a kept pair draws no figure grid."""
+    report = read_report(path, ("args", "scored", "per_image"), "--kept")
+    made = {k: report["args"].get(k) for k in settings}
+    if diff := [k for k in settings if made[k] != settings[k]]:
+        sys.exit(f"--kept {path}: made with other {', '.join(diff)} than this run")
+    for algo, seeds in report["scored"].items():
+        for seed in seeds:
+            if not eval_path(out, algo, seed).exists():
+                results = {title: per_seed[str(seed)] for title, per_seed in report["per_image"][algo].items()
+                           if str(seed) in per_seed}
+                device = report.get("devices", {}).get(algo, {}).get(str(seed), "unrecorded")
+                write_eval(eval_path(out, algo, seed), settings, {device}, results, {})
 
 
 def summarize(per_seed):
@@ -530,6 +550,8 @@ def parse_args(argv=None):
                    "again to continue (trained adapters and scored (algo, seed) pairs are kept)")
     p.add_argument("--out", default="out/blockwise")
     p.add_argument("--gates", default="out/gates/gates.json", help="experiments/gates.py's report for this recipe")
+    p.add_argument("--kept", default=None, help="an earlier results.json (made with the same settings) whose scored "
+                   "(algo, seed) pairs to keep instead of scoring them again")
     p.add_argument("--smoke", action="store_true", help="the test suite's plumbing check: LoCon, small sweep, 2 "
                    "training steps, 2 images of 2 sampling steps per setting, on the CPU")
     args = p.parse_args(argv)
@@ -554,6 +576,8 @@ def main(argv=None):
 
     deadline = t0 + args.budget_s if args.budget_s else None
     settings = eval_settings(args)
+    if args.kept:
+        keep(args.kept, out, settings)
     todo = training_jobs(args, out, settings)
     print(f"training {sum(map(len, todo.values()))} adapters and scoring {len(todo)} (algo, seed) pairs on "
           f"{args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
@@ -562,7 +586,8 @@ def main(argv=None):
     scored = {a: [s for s in args.seeds if kept_settings(out, a, s) == settings] for a in args.algos}
     if not any(scored.values()):
         return
-    raw, thumbs, rendered_on = read_evals(out, scored)
+    raw, thumbs, rendered = read_evals(out, scored)
+    rendered_on = sorted({d for pairs in rendered.values() for pair in pairs.values() for d in pair.split(", ")})
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
     tested = {algo: claims(rows) for algo, rows in raw.items()}
 
@@ -570,7 +595,7 @@ def main(argv=None):
               "run gates": {algo: run_gates(summary, gates, tested[algo].get(MATCHED, {}).get("b", [None])[0])
                             for algo, summary in table.items()},
               "seconds": round(time.time() - t0),
-              "device": machine(devices[0]), "rendered on": rendered_on,
+              "device": machine(devices[0]), "rendered on": rendered_on, "devices": rendered,
               "summary": table, "claims": tested, "per_image": raw}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown(report))
@@ -626,7 +651,12 @@ def figures(thumbs, table, scored, out):
     """Paper-style grids for each algorithm's first scored seed: the conflict and its inference-time fixes (Fig.
     2-3), the block sweep (Fig. 4)."""
     from demo import labelled_grid
-    for algo, seed in ((algo, seeds[0]) for algo, seeds in scored.items() if seeds):
+    for algo, seeds in scored.items():
+        if f"id + style(all) x{STYLE_WEIGHTS[0]}" in table[algo]:  # the full sweep's weight rows
+            tradeoff_figure(table[algo], out / f"fig_tradeoff_{algo}.png")
+        seed = next((s for s in seeds if thumbs[algo, s]), None)  # a pair kept from a report (--kept) has none
+        if seed is None:
+            continue
         # weight 1 at the main guidance only
         th = {t: v for t, v in thumbs[algo, seed].items() if " x" not in t and " g=" not in t}
         score = {t: {k: table[algo][t][k][0] for k in ("identity", "style", "both")} for t in th}
@@ -636,8 +666,6 @@ def figures(thumbs, table, scored, out):
         for name, titles in (("conflict", conflict), ("blocks", blocks)):
             labelled_grid({t.replace("id + ", "+"): th[t].float() / 255 for t in titles},
                           {t.replace("id + ", "+"): score[t] for t in titles}, out / f"fig_{name}_{algo}.png")
-        if f"id + style(all) x{STYLE_WEIGHTS[0]}" in table[algo]:  # the full sweep's weight rows
-            tradeoff_figure(table[algo], out / f"fig_tradeoff_{algo}.png")
 
 
 def tradeoff_figure(rows, path, size=(480, 360), margin=48):

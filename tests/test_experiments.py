@@ -457,7 +457,7 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     """experiments/blockwise.py end to end on the CPU (2 training steps, 2 images per setting): every small-sweep
     setting scored image by image, the claims table, and no verdict while the gates are not known. A run whose
     --budget-s is spent starts nothing; a rerun keeps what was trained and scored, and the settings that a scoring cut
-    off had scored."""
+    off had scored; --kept carries a report's scores to another folder."""
     argv = ["--smoke", "--out", str(tmp_path), "--gates", str(tmp_path / "no-gates.json")]
     blockwise.main(argv + ["--budget-s", "1e-9"])
     assert "run again to continue" in capsys.readouterr().out and not (tmp_path / "adapters").exists()
@@ -506,6 +506,18 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     blockwise.main(argv + ["--guidance", "5,2", "--budget-s", "1e-9"])  # the kept scores are not taken as these
     said = capsys.readouterr().out
     assert "locon_seed0.json: scored with other settings (guidance [5.0] -> [5.0, 2.0]); redone" in said
+    # --kept: the report alone carries the run to a machine with neither evals/ nor adapters, and stops in one
+    # line if it was made with other settings
+    assert partial["devices"] == {"locon": {"0": f"NVIDIA H200, cpu ({os.cpu_count()} cores)"}}
+    elsewhere = ["--smoke", "--out", str(tmp_path / "elsewhere"), "--gates", str(tmp_path / "no-gates.json"),
+                 "--kept", str(tmp_path / "results.json")]
+    with pytest.raises(SystemExit, match="results.json: made with other guidance than this run"):
+        blockwise.main(elsewhere + ["--guidance", "5,2"])
+    blockwise.main(elsewhere + ["--budget-s", "1e-9"])
+    assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 (algo, seed) pairs" in said
+    moved = json.loads((tmp_path / "elsewhere" / "results.json").read_text())
+    assert all(moved[k] == partial[k] for k in ("scored", "per_image", "claims", "rendered on", "devices"))
+    assert not list((tmp_path / "elsewhere").glob("fig_*.png"))  # a kept pair has no images to draw
 
 
 def test_the_tradeoff_figure_puts_each_weight_at_its_rates(tmp_path):
