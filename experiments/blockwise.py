@@ -648,13 +648,14 @@ def claims_markdown(tested, gates):
 
 
 def figures(thumbs, table, scored, out):
-    """Paper-style grids for each algorithm's first scored seed: the conflict and its inference-time fixes (Fig.
-    2-3), the block sweep (Fig. 4)."""
+    """Paper-style grids for each algorithm's first scored seed that has its images (one kept from a report with
+    --kept has none): the conflict and its inference-time fixes (Fig. 2-3), the block sweep (Fig. 4); and (full
+    sweep) the trade-off curves over all its seeds."""
     from demo import labelled_grid
-    for algo, seeds in scored.items():
+    for algo, seeds in ((algo, seeds) for algo, seeds in scored.items() if seeds):
         if f"id + style(all) x{STYLE_WEIGHTS[0]}" in table[algo]:  # the full sweep's weight rows
             tradeoff_figure(table[algo], out / f"fig_tradeoff_{algo}.png")
-        seed = next((s for s in seeds if thumbs[algo, s]), None)  # a pair kept from a report (--kept) has none
+        seed = next((s for s in seeds if thumbs[algo, s]), None)
         if seed is None:
             continue
         # weight 1 at the main guidance only
