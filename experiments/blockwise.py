@@ -395,7 +395,7 @@ def read_evals(out, scored):
             for title, r in record["results"].items():
                 raw.setdefault(algo, {}).setdefault(title, {})[seed] = r
             thumbs[algo, seed] = load_file(path.with_suffix(".safetensors"))
-            devices.setdefault(algo, {})[seed] = ", ".join(sorted(devices_of(record)))
+            devices.setdefault(algo, {})[seed] = record.get("device", "unrecorded")  # write_eval's joined names
     return raw, thumbs, devices
 
 
@@ -409,11 +409,12 @@ def keep(path, out, settings):
         sys.exit(f"--kept {path}: made with other {', '.join(diff)} than this run")
     for algo, seeds in report["scored"].items():
         for seed in seeds:
-            if not eval_path(out, algo, seed).exists():
+            file = eval_path(out, algo, seed)
+            if not file.exists():
                 results = {title: per_seed[str(seed)] for title, per_seed in report["per_image"][algo].items()
                            if str(seed) in per_seed}
                 device = report.get("devices", {}).get(algo, {}).get(str(seed), "unrecorded")
-                write_eval(eval_path(out, algo, seed), settings, {device}, results, {})
+                write_eval(file, settings, {device}, results, {})
 
 
 def summarize(per_seed):
