@@ -193,7 +193,9 @@ def train(args, cleanup):
     size = check_model_takes(sd, inputs, args)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of the run, the adapters' initialization first
     unet_params, te_params = add_adapters(sd, inputs.table, gen, args)
+    adapted = time.time()
     data = cache_data(sd, inputs, size, base_dtype, args)
+    cached = time.time()
     opt = make_optimizer(unet_params, te_params, args)
     scaler = torch.amp.GradScaler(sd.device.type, enabled=amp_dtype == torch.float16)  # fp16 only
     model = data_parallel(sd.unet, unet_params, world, args)
@@ -207,7 +209,8 @@ def train(args, cleanup):
     run.t0 = time.time()
     sd.unet.train()
     run.graph = capture_train_step(run) if args.cuda_graph else None
-    run.startup = {"inputs": read - began, "model": loaded - read, "adapters and data": run.t0 - loaded,
+    run.startup = {"inputs": read - began, "model": loaded - read, "adapters": adapted - loaded,
+                   "data": cached - adapted, "optimizer": run.t0 - cached,  # AdamW() imports torch._dynamo
                    **({"capture": time.time() - run.t0} if run.graph else {})}
     stop = StopRequest() if world == 1 else None  # torchrun stops its processes itself
     if stop:

@@ -63,8 +63,8 @@ def test_resume_equals_the_uninterrupted_run(layouts, images, tmp_path, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("start-up "))
     total, parts = re.match(r"start-up ([\d.]+)s to the end of the first step: (.*)$", line).groups()
     seconds = dict((k, float(v)) for k, v in re.findall(r"([a-z ]+) ([\d.]+)s", parts.replace(", ", ",")))
-    assert list(seconds) == ["inputs", "model", "adapters and data", "first step"]  # no capture on the CPU
-    assert abs(sum(seconds.values()) - float(total)) <= 0.25 and float(total) <= wall
+    assert list(seconds) == ["inputs", "model", "adapters", "data", "optimizer", "first step"]  # no capture on a CPU
+    assert abs(sum(seconds.values()) - float(total)) <= 0.35 and float(total) <= wall  # 7 numbers, each to 0.1 s
     a, b = load_file(str(full)), load_file(str(resumed))
     assert a.keys() == b.keys()  # as if never interrupted (bit for bit where the same kernels run; 1e-6 allows others)
     assert all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-9) for k in a)
