@@ -13,7 +13,8 @@ load    in this process: minisd.load(folder) against StableDiffusionPipeline.fro
 train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, 16 images, --train-steps (150) at each of
         --train-batches (1), `train.py` against diffusers' examples/dreambooth/train_dreambooth_lora.py (only with
         --dreambooth PATH: it is not part of the diffusers package, and needs accelerate). Wall time, launch to exit,
-        includes loading and (train.py) latent caching; train.py's rows also hold its start-up line (startup_s and
+        includes loading and (train.py) latent caching; steady_images_s counts from a tenth of the run to its end
+        (train.py's loss log; the script's progress bar). train.py's rows also hold its start-up line (startup_s and
         its parts, up to the end of the first step), and `python -c "import train"` is timed first (import rows:
         the imports that line leaves out). The order alternates over the settings (and over the reps of sample),
         and every package's files are read once before the first timed process (warm_page_cache). On a GPU, one
@@ -22,6 +23,7 @@ train   a fresh process each: DreamBooth-LoRA, rank 16, 512², bf16, 16 images, 
 check   the first images of sample.py and of the diffusers script, max abs difference of 8-bit pixels.
 """
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -69,9 +71,9 @@ def gpu_memory_used():
 
 
 def run(cmd, pngs):
-    """(wall s, s to the first PNG under the folder `pngs`, peak GPU MiB, stdout) of one fresh process. The peak is
-    nvidia-smi's memory.used polled every 0.2 s less what was in use before: this process's share, since the
-    benchmark holds no GPU memory of its own between runs."""
+    """(wall s, s to the first PNG under the folder `pngs`, peak GPU MiB, the CompletedProcess) of one fresh process.
+    The peak is nvidia-smi's memory.used polled every 0.2 s less what was in use before: this process's share, since
+    the benchmark holds no GPU memory of its own between runs."""
     base, peak, done = gpu_memory_used(), [0], threading.Event()
 
     def poll():
@@ -87,7 +89,7 @@ def run(cmd, pngs):
     if result.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ...: exit {result.returncode}: {result.stderr[-2000:]}")
     first = min((p.stat().st_mtime for p in Path(pngs).glob("*.png")), default=None)
-    return wall, None if first is None else first - t0, None if base is None else peak[0], result.stdout
+    return wall, None if first is None else first - t0, None if base is None else peak[0], result
 
 
 def warm_page_cache(packages=("torch", "transformers", "diffusers", "accelerate", "peft", "safetensors")):
@@ -186,9 +188,25 @@ def train_pair(rec, args, folder, tmp, data, size, steps, batch, ours_first, sec
         if impl == "diffusers" and not args.dreambooth:
             log("  train: diffusers skipped (no --dreambooth PATH)")
             continue
-        wall, _, mib, stdout = run([str(c) for c in cmd], tmp)
+        wall, _, mib, result = run([str(c) for c in cmd], tmp)
+        if impl == "minisd":  # train.py's loss log: step, loss, lr, seconds since the start-up's "first step" part
+            lines = (tmp / "ours-loss.csv").read_text().splitlines()[1:]
+            progress = [(int(x.split(",")[0]), float(x.split(",")[3])) for x in lines]
+        else:  # the script's tqdm bar on stderr, redrawn as "  37/1000 [00:09<03:58,": steps and whole seconds
+            bars = re.findall(r"(\d+)/\d+ \[(\d+):(\d+)<", result.stderr)
+            progress = [(int(n), 60 * int(m) + int(s)) for n, m, s in bars]
+        rate = steady(progress, steps)
         rec.add(section=section, impl=impl, steps=steps, batch=batch, size=size, wall_s=wall, peak_gpu_mib=mib,
-                **(startup(stdout) if impl == "minisd" else {}))
+                steady_images_s=rate and rate * batch, **(startup(result.stdout) if impl == "minisd" else {}))
+
+
+def steady(progress, steps):
+    """Steps per second from the first report at or past a tenth of the run to the last one, from (step, seconds)
+    reports; None for runs too short to tell (under 100 steps: the warm-up and smoke runs)."""
+    if steps < 100:
+        return None
+    (n0, t0), (n1, t1) = next(p for p in progress if p[0] >= steps // 10), progress[-1]
+    return (n1 - n0) / (t1 - t0)
 
 
 def startup(stdout):
@@ -221,11 +239,12 @@ def markdown(rows):
     med = lambda rs, k: statistics.median(r[k] for r in rs) if rs and rs[0].get(k) is not None else None
     cell = lambda v: "-" if v is None else f"{v:.2f}"
     lines = ["| what | minisd wall s | diffusers wall s | minisd first image s | diffusers first image s "
-             "| minisd peak GPU MiB | diffusers peak GPU MiB |", "|---|---|---|---|---|---|---|"]
+             "| minisd peak GPU MiB | diffusers peak GPU MiB | minisd steady images/s | diffusers steady images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for what, impls in keyed.items():
         m, d = impls.get("minisd", []), impls.get("diffusers", [])
-        lines.append("| " + " | ".join([what] + [cell(med(rs, k)) for k in ("wall_s", "first_image_s", "peak_gpu_mib")
-                                                 for rs in (m, d)]) + " |")
+        keys = ("wall_s", "first_image_s", "peak_gpu_mib", "steady_images_s")
+        lines.append("| " + " | ".join([what] + [cell(med(rs, k)) for k in keys for rs in (m, d)]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -87,7 +87,15 @@ def test_user_bench_table_puts_medians_side_by_side(bench_module):
     rows += [dict(section="sample", impl="diffusers", n=1, wall_s=7.0, first_image_s=6.5, peak_gpu_mib=2500),
              dict(section="check", n=1, first_image_max_abs_diff=1),
              dict(section="load", impl="minisd", dtype="fp16", wall_s=0.25),
-             dict(section="train", impl="minisd", steps=150, batch=8, wall_s=100.0)]
+             dict(section="train", impl="minisd", steps=150, batch=8, wall_s=100.0, steady_images_s=40.0)]
     lines = bench_module("user").markdown(rows).splitlines()
-    assert lines[2:] == ["| sample.py --n 1 | 4.00 | 7.00 | 3.00 | 6.50 | 2000.00 | 2500.00 |",
-                         "| load fp16 | 0.25 | - | - | - | - | - |", "| DreamBooth-LoRA 150 steps, batch 8 | 100.00 | - | - | - | - | - |"]
+    assert lines[2:] == ["| sample.py --n 1 | 4.00 | 7.00 | 3.00 | 6.50 | 2000.00 | 2500.00 | - | - |",
+                         "| load fp16 | 0.25 | - | - | - | - | - | - | - |",
+                         "| DreamBooth-LoRA 150 steps, batch 8 | 100.00 | - | - | - | - | - | 40.00 | - |"]
+
+
+def test_user_bench_steady_rate_skips_the_first_tenth(bench_module):
+    """Steps per second between the first report at or past a tenth of the run and the last: 900 steps in 225 s."""
+    steady = bench_module("user").steady
+    assert steady([(0, 0), (1, 9.0), (99, 24.0), (100, 25), (1000, 250)], 1000) == 4.0
+    assert steady([(1, 9.0), (2, 9.1)], 2) is None  # a warm-up run: too short to tell
