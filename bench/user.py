@@ -202,11 +202,11 @@ def train_pair(rec, args, folder, tmp, data, size, steps, batch, ours_first, sec
 
 def steady(progress, steps):
     """Steps per second from the first report at or past a tenth of the run to the last one, from (step, seconds)
-    reports; None for runs too short to tell (under 100 steps: the warm-up and smoke runs)."""
-    if steps < 100:
+    reports; None for runs too short to tell (under 100 steps: the warm-up and smoke runs) or without reports."""
+    first = next((p for p in progress if p[0] >= steps // 10), None)
+    if steps < 100 or first is None or progress[-1][1] <= first[1]:
         return None
-    (n0, t0), (n1, t1) = next(p for p in progress if p[0] >= steps // 10), progress[-1]
-    return (n1 - n0) / (t1 - t0)
+    return (progress[-1][0] - first[0]) / (progress[-1][1] - first[1])
 
 
 def startup(stdout):

@@ -98,4 +98,4 @@ def test_user_bench_steady_rate_skips_the_first_tenth(bench_module):
     """Steps per second between the first report at or past a tenth of the run and the last: 900 steps in 225 s."""
     steady = bench_module("user").steady
     assert steady([(0, 0), (1, 9.0), (99, 24.0), (100, 25), (1000, 250)], 1000) == 4.0
-    assert steady([(1, 9.0), (2, 9.1)], 2) is None  # a warm-up run: too short to tell
+    assert steady([(1, 9.0), (2, 9.1)], 2) is None and steady([], 1000) is None  # a warm-up run; no progress bar
