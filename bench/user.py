@@ -193,7 +193,7 @@ def train_pair(rec, args, folder, tmp, data, size, steps, batch, ours_first, sec
             lines = (tmp / "ours-loss.csv").read_text().splitlines()[1:]
             progress = [(int(x.split(",")[0]), float(x.split(",")[3])) for x in lines]
         else:  # the script's tqdm bar on stderr, redrawn as "  37/1000 [00:09<03:58,": steps and whole seconds
-            bars = re.findall(r"(\d+)/\d+ \[(\d+):(\d+)<", result.stderr)
+            bars = re.findall(rf"(\d+)/{steps} \[(\d+):(\d+)<", result.stderr)  # not its loading bars ("6/6 [")
             progress = [(int(n), 60 * int(m) + int(s)) for n, m, s in bars]
         rate = steady(progress, steps)
         rec.add(section=section, impl=impl, steps=steps, batch=batch, size=size, wall_s=wall, peak_gpu_mib=mib,
