@@ -189,7 +189,7 @@ def train_pair(rec, args, folder, tmp, data, size, steps, batch, ours_first, sec
             log("  train: diffusers skipped (no --dreambooth PATH)")
             continue
         wall, _, mib, result = run([str(c) for c in cmd], tmp)
-        if impl == "minisd":  # train.py's loss log: step, loss, lr, seconds since the end of its data caching
+        if impl == "minisd":  # train.py's loss log: step, loss, lr, seconds since just before its capture
             lines = (tmp / "ours-loss.csv").read_text().splitlines()[1:]
             progress = [(int(x.split(",")[0]), float(x.split(",")[3])) for x in lines]
         else:  # the script's tqdm bar on stderr, redrawn as "  37/1000 [00:09<03:58,": steps and whole seconds
