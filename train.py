@@ -209,8 +209,9 @@ def train(args, cleanup):
     run.t0 = time.time()
     sd.unet.train()
     run.graph = capture_train_step(run) if args.cuda_graph else None
+    # "optimizer" also holds DDP's wrapping and reading a --resume state; AdamW() imports torch._dynamo (~1 s)
     run.startup = {"inputs": read - began, "model": loaded - read, "adapters": adapted - loaded,
-                   "data": cached - adapted, "optimizer": run.t0 - cached,  # AdamW() imports torch._dynamo
+                   "data": cached - adapted, "optimizer": run.t0 - cached,
                    **({"capture": time.time() - run.t0} if run.graph else {})}
     stop = StopRequest() if world == 1 else None  # torchrun stops its processes itself
     if stop:
