@@ -197,7 +197,8 @@ def train_pair(rec, args, folder, tmp, data, size, steps, batch, ours_first, sec
             progress = [(int(n), 60 * int(m) + int(s)) for n, m, s in bars]
         rate = steady(progress, steps)
         rec.add(section=section, impl=impl, steps=steps, batch=batch, size=size, wall_s=wall, peak_gpu_mib=mib,
-                steady_images_s=rate and rate * batch, **(startup(result.stdout) if impl == "minisd" else {}))
+                steady_images_s=None if rate is None else rate * batch,
+                **(startup(result.stdout) if impl == "minisd" else {}))
 
 
 def steady(progress, steps):

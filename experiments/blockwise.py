@@ -369,13 +369,13 @@ def read_partial(path, settings):
     if record.get("settings") != settings:
         return {}, {}, set()
     thumbs = load_file(part.with_suffix(".safetensors"))
-    return record["results"], {t: thumbs[t] for t in record["results"]}, devices_of(record)
+    return record["results"], {t: thumbs[t] for t in record["results"]}, devices_of(record.get("device", "unrecorded"))
 
 
-def devices_of(record):
-    """The devices an evaluation was rendered on: write_eval joins them with ", " (one, unless a scoring cut off
-    was finished elsewhere)."""
-    return set(record.get("device", "unrecorded").split(", "))
+def devices_of(joined):
+    """The devices an evaluation was rendered on, from the string write_eval joins them into with ", " (one, unless
+    a scoring cut off was finished elsewhere)."""
+    return set(joined.split(", "))
 
 
 def machine(device):
@@ -414,7 +414,7 @@ def keep(path, out, settings):
                 results = {title: per_seed[str(seed)] for title, per_seed in report["per_image"][algo].items()
                            if str(seed) in per_seed}
                 device = report.get("devices", {}).get(algo, {}).get(str(seed), "unrecorded")
-                write_eval(file, settings, {device}, results, {})
+                write_eval(file, settings, devices_of(device), results, {})
 
 
 def summarize(per_seed):
@@ -588,7 +588,7 @@ def main(argv=None):
     if not any(scored.values()):
         return
     raw, thumbs, rendered = read_evals(out, scored)
-    rendered_on = sorted({d for pairs in rendered.values() for pair in pairs.values() for d in pair.split(", ")})
+    rendered_on = sorted(set().union(*(devices_of(pair) for pairs in rendered.values() for pair in pairs.values())))
     table = {algo: {title: summarize(per_seed) for title, per_seed in rows.items()} for algo, rows in raw.items()}
     tested = {algo: claims(rows) for algo, rows in raw.items()}
 
