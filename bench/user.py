@@ -164,8 +164,8 @@ def training(rec, args, folder, tmp):
         small = g.integers(0, 256, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BICUBIC).save(data / f"{i:03d}.png")
     imports(rec, args, tmp)
-    # a GPU machine's first training process pays its first CUDA kernel loads (train.py's capture took 10.1 s there,
-    # 2.0 s in the next): one 2-step run of each tool first, so that neither timed row pays them
+    # a GPU machine's first training process compiles kernels into the driver's JIT cache (train.py's capture took
+    # 8.1 s there on an H100, 1.9 s in the next): one 2-step run of each tool first, so that neither timed row pays it
     if args.device != "cpu":
         train_pair(rec, args, folder, tmp, data, size, 2, 1, ours_first=True, section="train warm-up")
     settings = [(steps, batch) for steps in ([2] if args.tiny else args.train_steps) for batch in args.train_batches]
