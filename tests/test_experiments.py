@@ -690,6 +690,26 @@ def test_the_probe_cells_on_the_bricks_recompute_from_their_scores(seed, in1, pa
         assert all(cell["id + style(in0,out3)"][m] == claim[m] for m in ("identity", "style", "both"))
 
 
+def test_the_block_choices_on_the_bricks_seeds_follow_from_their_scores():
+    """docs/blockwise/bricks6_methods.json (the four methods on the claim study's seeds 6 and 7): each recorded choice
+    is lora.choose's greedy one from the recorded scores within in0 + out3's parameters; ablation's choices there and
+    on seeds 0 and 1 (docs/blockwise.md's table: in0 + out3, out3) read +0.03 "both" against the paper's in0 + out3
+    in the claim run's published per-image scores."""
+    from lora import choose
+    methods = json.loads((ROOT / "docs" / "blockwise" / "bricks6_methods.json").read_text())
+    params = methods["params"]
+    for seed, per_method in methods["seeds"].items():
+        for method, r in per_method.items():
+            assert choose.choose_blocks(r["scores"], params, params["in0"] + params["out3"])[1] == r["chosen"], seed
+    blocks = lambda dims: ",".join(d.split("=")[0] for d in dims.split(","))
+    ablation = {"0": "in0,out3", "1": "out3", **{s: blocks(m["ablation"]["chosen"]) for s, m in methods["seeds"].items()}}
+    assert ablation == {"0": "in0,out3", "1": "out3", "6": "in0,out3", "7": "out3"}
+    rows = json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())["per_image"]["locon"]
+    diffs = stats.differences({s: rows[f"id + style({b})"][s]["both"] for s, b in ablation.items()},
+                              {s: rows["id + style(in0,out3)"][s]["both"] for s in ablation})
+    assert stats.mean_difference(diffs) == pytest.approx(0.031, abs=1e-3)  # docs/blockwise.md: +0.03
+
+
 def test_a_train_job_cut_off_resumes_from_its_newest_checkpoint(tiny, images, tmp_path):
     """blockwise.py's and choose_eval.py's train jobs checkpoint as they go: a job whose call was cut off (here: its
     checkpoints at steps 2 and 4 of 6 left, no adapter) resumes from the newest, writes the adapter an uncut run
