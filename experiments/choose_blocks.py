@@ -175,14 +175,19 @@ def main(argv=None):
         r = run(args)
     except (ValueError, FileNotFoundError, KeyError, minisd.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    print(f"{'block':6s} {'score':>10s} {'params':>10s}")
+    se = r["details"].get("se", {})  # ablation's standard errors over the draws
+    print(f"{'block':6s} {'score':>10s}{'± se' if se else '':>8s} {'params':>10s}")
     for b in choose.COARSE:
         score = f"{r['scores'][b]:10.4g}" if b in r["scores"] else f"{'-':>10s}"
-        print(f"{b:6s} {score} {r['params'][b]:10d}{'  *' if b in r['blocks'] else ''}")
+        error = (f"{se[b]:8.2g}" if b in se else f"{'':8s}") if se else ""
+        print(f"{b:6s} {score}{error} {r['params'][b]:10d}{'  *' if b in r['blocks'] else ''}")
     used = sum(r["params"][b] for b in r["blocks"])
     if args.method == "ablation" and r["details"]["B"] <= 0:
         print(f"warning: the style adapter does not lower the denoising loss on --style-data (B = "
               f"{r['details']['B']:.3g}): the ablation scores mean little")
+    unsettled = [b for b in se if abs(r["scores"][b]) < 2 * se[b]]
+    if unsettled:
+        print(f"within two standard errors of 0 (more --images or --draws would settle them): {', '.join(unsettled)}")
     print(f"chosen ({used} of {r['budget']:.0f} parameters): --blocks {r['spec']}"
           + (f"  (or --blocks {args.out})" if args.out else ""))
 

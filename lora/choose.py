@@ -12,7 +12,8 @@ blocks (In-Block0 + Out-Block3), but does not say how to choose them. Four autom
                 harm_b    = 1/2 [(L_I(only b) - L_I(none)) + (L_I(all) - L_I(all but b))]    identity it costs
                 score_b   = (benefit_b / B) / (p_b / P)  -  harm_weight * harm_b / |B|
             B = L_S(none) - L_S(all) (the whole style benefit), p_b the block's adapter parameters, P their sum:
-            the first term is the block's share of the style per share of the parameters (1 on average).
+            the first term is the block's share of the style per share of the parameters (1 on average). Each
+            score comes with its standard error over the draws (ablation_scores).
   weights   (needs only the two trained files) per block, with dW = alpha / r * up @ down of every module:
                 update_b  = ||dW_style||_F / ||W||_F                 over the block's modules, concatenated
                 overlap_b = <dW_identity, dW_style>_F / (||dW_identity||_F ||dW_style||_F)
@@ -149,20 +150,23 @@ def make_draws(latents, context, n=4, seed=0, timesteps=1000):
             "ctx": context.cpu().repeat_interleave(n, 0)}
 
 
-def denoising_loss(unet, alphas_cumprod, draws, chunk=16, grad=False):
-    """The noise-prediction MSE averaged over the draws, as train.py trains it:
-    z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  L = mean ||eps - unet(z_t, t, ctx)||^2. A float; with grad=True a
-    tensor (backward through it)."""
-    p = next(unet.parameters())
-    total = 0.0
+def draw_losses(unet, alphas_cumprod, draws, chunk=16, grad=False):
+    """The noise-prediction MSE of every draw, as train.py trains it:
+    z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  L = ||eps - unet(z_t, t, ctx)||^2 / (C H W). -> (draws,) float32."""
+    p, losses = next(unet.parameters()), []
     with torch.set_grad_enabled(grad):
         for i in range(0, len(draws["t"]), chunk):
             z0, noise, t, ctx = (draws[k][i:i + chunk].to(p.device) for k in ("z0", "noise", "t", "ctx"))
             a = alphas_cumprod.to(p.device).float()[t][:, None, None, None]
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             eps = unet(zt.to(p.dtype), t, ctx.to(p.dtype)).float()
-            total = total + ((eps - noise) ** 2).mean(dim=(1, 2, 3)).sum()
-    total = total / len(draws["t"])
+            losses.append(((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+    return torch.cat(losses)
+
+
+def denoising_loss(unet, alphas_cumprod, draws, chunk=16, grad=False):
+    """draw_losses' mean: a float; with grad=True a tensor (backward through it)."""
+    total = draw_losses(unet, alphas_cumprod, draws, chunk, grad).mean()
     return total if grad else float(total)
 
 
@@ -174,30 +178,41 @@ def _with_blocks(unet, name, on):
 def ablation_scores(unet, alphas_cumprod, style_draws, identity_draws, params, style="style", identity="identity",
                     harm_weight=1.0):
     """Keep-only and leave-one-out of adapter `style`'s blocks, next to adapter `identity` (both loaded in `unet`,
-    see the module docstring). -> (scores, {"losses": {setting: [L_S, L_I]}, "benefit", "harm", "B"}). The style
-    adapter's block weights are left at 1."""
+    see the module docstring). -> (scores, {"losses": {setting: [L_S, L_I]}, "benefit", "harm", "B", "se"}). The
+    style adapter's block weights are left at 1.
+
+    se_b is the score's standard error over the draws: benefit_b and harm_b are means of per-draw differences on the
+    same draws, so  se_b^2 = var(benefit draws) / n_S / (|B| p_b / P)^2 + harm_weight^2 var(harm draws) / n_I / B^2,
+    with the draws taken as independent and B as exact. A score within two of them of 0 is not settled by the draws
+    (more images or draws per image settle it)."""
     blocks = [b for b in COARSE if params[b]]
-    losses = {}
+    per_draw = {}
 
     def measure(title, on):
         _with_blocks(unet, style, on)
-        losses[title] = [denoising_loss(unet, alphas_cumprod, style_draws),
-                         denoising_loss(unet, alphas_cumprod, identity_draws)]
-        return losses[title]
+        per_draw[title] = [draw_losses(unet, alphas_cumprod, d).double().cpu() for d in (style_draws, identity_draws)]
+        return per_draw[title]
 
     try:
         (s_all, i_all), (s_none, i_none) = measure("all", COARSE), measure("none", ())
-        benefit, harm = {}, {}
+        benefit, harm = {}, {}  # per draw
         for b in blocks:
             (s_only, i_only), (s_wo, i_wo) = measure(f"only {b}", (b,)), measure(f"all but {b}", set(COARSE) - {b})
             benefit[b] = ((s_none - s_only) + (s_wo - s_all)) / 2
             harm[b] = ((i_only - i_none) + (i_all - i_wo)) / 2
     finally:
         set_weight(unet, style, block_weights=dict.fromkeys(BLOCKS, 1.0))
-    B, P = s_none - s_all, sum(params[b] for b in blocks)
+    B, P = float(s_none.mean() - s_all.mean()), sum(params[b] for b in blocks)
     scale = abs(B) or 1.0
-    scores = {b: benefit[b] / scale / (params[b] / P) - harm_weight * harm[b] / scale for b in blocks}
-    return scores, {"losses": losses, "benefit": benefit, "harm": harm, "B": B}
+    share = {b: params[b] / P for b in blocks}
+    scores = {b: float(benefit[b].mean()) / scale / share[b] - harm_weight * float(harm[b].mean()) / scale
+              for b in blocks}
+    error = lambda x: float(x.var() / len(x)) if len(x) > 1 else float("nan")  # squared standard error of a mean
+    se = {b: (error(benefit[b]) / (scale * share[b]) ** 2 + harm_weight ** 2 * error(harm[b]) / scale ** 2) ** 0.5
+          for b in blocks}
+    return scores, {"losses": {t: [float(s.mean()), float(i.mean())] for t, (s, i) in per_draw.items()},
+                    "benefit": {b: float(v.mean()) for b, v in benefit.items()},
+                    "harm": {b: float(v.mean()) for b, v in harm.items()}, "B": B, "se": se}
 
 
 # ------------------------------------------------------------------------------------ (c) Fisher at the base

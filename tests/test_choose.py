@@ -112,6 +112,31 @@ def test_ablation_finds_the_block_the_style_lives_in(lora_sd):
     assert choose.choose_blocks(scores, params, params["in1"])[0] == ["in1"]
 
 
+def test_ablation_standard_errors_come_from_the_per_draw_differences(lora_sd):
+    """ablation_scores' se: for in1, where the style adapter is, the formula of its docstring recomputed from
+    draw_losses under the four block-weight settings that score in1; 0 for the blocks the adapter does not touch."""
+    unet, ac = copy.deepcopy(lora_sd.unet), lora_sd.schedule.alphas_cumprod
+    style_draws, identity_draws = draws_of(1, n=3), draws_of(2, n=3)
+    lora.inject(unet, "identity", lora.rank_table("all", rank=4))
+    randomize(unet, "identity", 0, std=0.05)
+    lora.inject(unet, "style", lora.rank_table("in1=4"))
+    randomize(unet, "style", 1, std=0.3)
+    params = choose.block_parameters(lora_sd.unet, 4)
+    scores, details = choose.ablation_scores(unet, ac, style_draws, identity_draws, params, harm_weight=0.5)
+
+    def losses(on):
+        choose._with_blocks(unet, "style", on)
+        return [choose.draw_losses(unet, ac, d).double() for d in (style_draws, identity_draws)]
+    everything, without_in1 = choose.COARSE, set(choose.COARSE) - {"in1"}
+    (s_all, i_all), (s_none, i_none), (s_only, i_only), (s_wo, i_wo) = map(losses, (everything, (), ("in1",),
+                                                                                    without_in1))
+    B, share = s_none.mean() - s_all.mean(), params["in1"] / sum(params.values())
+    benefit, harm = ((s_none - s_only) + (s_wo - s_all)) / 2, ((i_only - i_none) + (i_all - i_wo)) / 2
+    se = (benefit.var() / 6 / (B.abs() * share) ** 2 + 0.5 ** 2 * harm.var() / 6 / B ** 2).sqrt()  # 3 images x 2
+    assert details["se"]["in1"] == pytest.approx(float(se), rel=1e-6) and details["se"]["in1"] > 0
+    assert all(details["se"][b] < 1e-9 for b in details["se"] if b != "in1")
+
+
 def test_fisher_is_zero_where_style_and_identity_pull_the_same_way(lora_sd):
     unet, ac = copy.deepcopy(lora_sd.unet), lora_sd.schedule.alphas_cumprod
     params = choose.block_parameters(unet, 4)
@@ -194,6 +219,27 @@ def test_the_script_writes_a_table_train_py_trains(lora_sd, layouts, tmp_path, c
                           (["--identity", str(identity), "--style", str(style), "--budget", "lots"], "--budget lots")):
         with pytest.raises(SystemExit, match=message):
             choose_blocks.main(["--ckpt", str(layouts["diffusers"]), *argv])
+
+
+def test_the_script_prints_ablation_standard_errors(lora_sd, layouts, tmp_path, capsys):
+    """choose_blocks.py --method ablation prints each score's standard error, saves them beside the scores, and
+    names the blocks whose score is within two of them of 0."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import choose_blocks
+    identity, style = adapters_in(copy.deepcopy(lora_sd.unet), tmp_path)
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 60 + 90 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    choose_blocks.main(["--ckpt", str(layouts["diffusers"]), "--identity", str(identity), "--style", str(style),
+                        "--identity-data", str(tmp_path), "--style-data", str(tmp_path), "--identity-prompt", "a box",
+                        "--style-prompt", "a box", "--method", "ablation", "--images", "2", "--draws", "2",
+                        "--budget", "0.2", "--rank", "4", "--out", str(tmp_path / "table.json")])
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "table.scores.json").read_text())
+    se = saved["details"]["se"]
+    assert "± se" in printed and set(se) == set(saved["scores"]) and all(v >= 0 for v in se.values())
+    unsettled = [b for b, v in saved["scores"].items() if abs(v) < 2 * se[b]]
+    assert ("within two standard errors of 0" in printed) == bool(unsettled)
+    assert all(b in printed.splitlines()[-2] for b in unsettled)
 
 
 def test_the_probe_reads_a_folder_of_counterfactual_pairs(layouts, tmp_path, capsys):
