@@ -226,6 +226,7 @@ def test_the_script_prints_ablation_standard_errors(lora_sd, layouts, tmp_path, 
     names the blocks whose score is within two of them of 0."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import choose_blocks
+    torch.manual_seed(0)  # lora.inject draws the adapters' down factors from torch's global generator
     identity, style = adapters_in(copy.deepcopy(lora_sd.unet), tmp_path)
     for i in range(2):
         Image.fromarray(np.full((64, 64, 3), 60 + 90 * i, np.uint8)).save(tmp_path / f"{i}.png")
