@@ -209,7 +209,8 @@ def train(args, cleanup):
     run.t0 = time.time()
     sd.unet.train()
     run.graph = capture_train_step(run) if args.cuda_graph else None
-    # "optimizer" also holds DDP's wrapping and reading a --resume state; AdamW() imports torch._dynamo (~1 s)
+    # "optimizer" also holds DDP's wrapping and reading a --resume state; AdamW() imports torch._dynamo: 0.7-1.6 s
+    # on a 2-core CPU, 3.4-3.9 s on an H100 host (docs/performance.md)
     run.startup = {"inputs": read - began, "model": loaded - read, "adapters": adapted - loaded,
                    "data": cached - adapted, "optimizer": run.t0 - cached,
                    **({"capture": time.time() - run.t0} if run.graph else {})}

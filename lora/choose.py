@@ -205,14 +205,14 @@ def ablation_scores(unet, alphas_cumprod, style_draws, identity_draws, params, s
     B, P = float(s_none.mean() - s_all.mean()), sum(params[b] for b in blocks)
     scale = abs(B) or 1.0
     share = {b: params[b] / P for b in blocks}
-    scores = {b: float(benefit[b].mean()) / scale / share[b] - harm_weight * float(harm[b].mean()) / scale
-              for b in blocks}
+    mean = {name: {b: float(v.mean()) for b, v in per_block.items()}
+            for name, per_block in (("benefit", benefit), ("harm", harm))}
+    scores = {b: mean["benefit"][b] / scale / share[b] - harm_weight * mean["harm"][b] / scale for b in blocks}
     error = lambda x: float(x.var() / len(x)) if len(x) > 1 else float("nan")  # squared standard error of a mean
     se = {b: (error(benefit[b]) / (scale * share[b]) ** 2 + harm_weight ** 2 * error(harm[b]) / scale ** 2) ** 0.5
           for b in blocks}
     return scores, {"losses": {t: [float(s.mean()), float(i.mean())] for t, (s, i) in per_draw.items()},
-                    "benefit": {b: float(v.mean()) for b, v in benefit.items()},
-                    "harm": {b: float(v.mean()) for b, v in harm.items()}, "B": B, "se": se}
+                    **mean, "B": B, "se": se}
 
 
 # ------------------------------------------------------------------------------------ (c) Fisher at the base

@@ -1,4 +1,5 @@
 """experiments/: blockwise.py and gates.py, their parts, and the smoke runs of blockwise.py and choose_eval.py."""
+import functools
 import json
 import math
 import os
@@ -650,11 +651,18 @@ def test_choose_eval_trains_the_block_sets_for_subset_steps(tmp_path, monkeypatc
     assert steps == [12800, 1600, 1600]
 
 
+@functools.lru_cache(maxsize=1)
+def published_bricks_report():
+    """docs/blockwise/bricks6_results.json (2.4 MB), read once for the tests that recompute from it (none changes
+    it)."""
+    return json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())
+
+
 def test_the_published_bricks_claims_recompute_from_their_per_image_scores():
     """docs/blockwise/bricks6_results.json (the claim study's first eight LoCon seeds): its summary and claims table
     come again from its per-image scores, and its gates are read on the run's own rows (G1 met at 0.93, G2 and G4
     not)."""
-    published = json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())
+    published = published_bricks_report()
     rows = published["per_image"]["locon"]
     for title, per_seed in rows.items():
         mine = blockwise.summarize(per_seed)
@@ -680,7 +688,7 @@ def test_the_probe_cells_on_the_bricks_recompute_from_their_scores(seed, in1, pa
     and noise), the discordant images and McNemar's p; a cell that rendered in0 + out3 on the CPU too gives the
     H200's scores image by image."""
     cell = json.loads((ROOT / "docs" / "blockwise" / f"bricks_in1_seed{seed}.json").read_text())["results"]
-    published = json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())
+    published = published_bricks_report()
     claim = published["per_image"]["locon"]["id + style(in0,out3)"][str(seed)]
     a, b = np.array(cell["id + style(in1)"]["both"], bool), np.array(claim["both"], bool)
     assert (round(a.mean(), 2), round(b.mean(), 2)) == (in1, paper)
@@ -702,9 +710,10 @@ def test_the_block_choices_on_the_bricks_seeds_follow_from_their_scores():
         for method, r in per_method.items():
             assert choose.choose_blocks(r["scores"], params, params["in0"] + params["out3"])[1] == r["chosen"], seed
     blocks = lambda dims: ",".join(d.split("=")[0] for d in dims.split(","))
-    ablation = {"0": "in0,out3", "1": "out3", **{s: blocks(m["ablation"]["chosen"]) for s, m in methods["seeds"].items()}}
+    recorded = {s: blocks(m["ablation"]["chosen"]) for s, m in methods["seeds"].items()}
+    ablation = {"0": "in0,out3", "1": "out3", **recorded}
     assert ablation == {"0": "in0,out3", "1": "out3", "6": "in0,out3", "7": "out3"}
-    rows = json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())["per_image"]["locon"]
+    rows = published_bricks_report()["per_image"]["locon"]
     diffs = stats.differences({s: rows[f"id + style({b})"][s]["both"] for s, b in ablation.items()},
                               {s: rows["id + style(in0,out3)"][s]["both"] for s in ablation})
     assert stats.mean_difference(diffs) == pytest.approx(0.031, abs=1e-3)  # docs/blockwise.md: +0.03
