@@ -658,26 +658,34 @@ def published_bricks_report():
     return json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())
 
 
-def test_the_published_bricks_claims_recompute_from_their_per_image_scores():
-    """docs/blockwise/bricks6_results.json (the claim study's first eight LoCon seeds): its summary and claims table
-    come again from its per-image scores, and its gates are read on the run's own rows (G1 met at 0.93, G2 and G4
-    not)."""
+@pytest.mark.parametrize("algo, seeds, claim3, claim3m, needed, gates", [
+    ("locon", 8, 0.494, 0.494, (12, 24), [True, False, False, False, True]),  # docs/blockwise.md: +0.49, 12-24 seeds
+    ("lora", 3, -0.036, 0.167, (7, 11), [False, False, True, False, True]),  # -0.04; +0.17 at weight 0.5
+])
+def test_the_published_bricks_claims_recompute_from_their_per_image_scores(algo, seeds, claim3, claim3m, needed,
+                                                                           gates):
+    """docs/blockwise/bricks6_results.json (the claim study: eight LoCon seeds, the first three LoRA ones): each
+    algorithm's summary and claims table come again from its per-image scores, and its gates (G1, G2, G4, G4m, G3)
+    are read on the run's own rows as docs/blockwise.md gives them."""
     published = published_bricks_report()
-    rows = published["per_image"]["locon"]
+    rows = published["per_image"][algo]
+    assert published["scored"][algo] == list(range(seeds))
     for title, per_seed in rows.items():
         mine = blockwise.summarize(per_seed)
-        assert all(close(mine[m][0], published["summary"]["locon"][title][m][0]) for m in blockwise.METRICS), title
+        assert all(close(mine[m][0], published["summary"][algo][title][m][0]) for m in blockwise.METRICS), title
     tested = blockwise.claims(rows)
-    assert list(tested) == list(published["claims"]["locon"])
+    assert list(tested) == list(published["claims"][algo])
     for claim, r in tested.items():
-        kept = published["claims"]["locon"][claim]
+        kept = published["claims"][algo][claim]
         assert close([r["mean"], r["low"], r["high"]], [kept["mean"], kept["low"], kept["high"]]), claim
-    assert tested[blockwise.CLAIMS[2][0]]["mean"] == pytest.approx(0.494, abs=1e-3)  # docs/blockwise.md: +0.49
-    needed = [tested[c]["seeds_needed"] for c in tested]  # the protocol's re-estimate extends the run
-    assert (min(needed), max(needed)) == (12, 24)  # docs/blockwise.md and the README: 12-24 seeds
+    assert tested[blockwise.CLAIMS[2][0]]["mean"] == pytest.approx(claim3, abs=1e-3)
+    assert tested[blockwise.MATCHED]["mean"] == pytest.approx(claim3m, abs=1e-3)
+    seeds_needed = [tested[c]["seeds_needed"] for c in tested]  # the protocol's re-estimate of the run's length
+    assert (min(seeds_needed), max(seeds_needed)) == needed
     summary = {t: blockwise.summarize(v) for t, v in rows.items()}
-    gates = blockwise.run_gates(summary, {"G3 VAE round trip both >= 0.95": True})
-    assert [ok for ok in gates.values()] == [True, False, False, True]
+    matched = tested[blockwise.MATCHED]["b"][0]
+    read = blockwise.run_gates(summary, {"G3 VAE round trip both >= 0.95": True}, matched)
+    assert list(read.values()) == gates
 
 
 @pytest.mark.parametrize("seed, in1, paper, discordant, p", [(0, 0.38, 0.56, (6, 18), 0.023),
