@@ -9,8 +9,9 @@ judges (tinyworld/judge.py) instead of by eye.
 
 For each adapter algorithm (LoRA, LoCon) and seed: an identity adapter ("sks character", data/identity) on all
 blocks; style adapters ("zwx style", data/style) on all blocks and block-wise on subsets of the paper's coarse blocks
-{in0..in3, mid, out0..out3} (full sweep: every single block and every in+out pair, the paper's in0+out3 among them),
-trained with the world's recipe (tinyworld.evaluate, the one the gates checked) unless --steps / --lr say otherwise.
+{in0..in3, mid, out0..out3} (full sweep: every single block and every in+out pair, the paper's in0+out3 among them;
+past --small-seeds seeds, in0+out3 alone, what claims 1-3 read), trained with the world's recipe (tinyworld.evaluate,
+the one the gates checked) unless --steps / --lr say otherwise.
 Every setting of a seed renders the same "sks character in zwx style" prompts (drawn for that seed) with the same
 noise, and is scored:
   identity  the judge reads the identity member              style   it reads the held-out style
@@ -226,10 +227,9 @@ def training_jobs(args, out, settings):
             if kept is not None:  # a CPU's default --n is 16, a GPU's 64: say why a scored pair is done again
                 changed = ", ".join(f"{k} {kept.get(k)} -> {v}" for k, v in settings.items() if kept.get(k) != v)
                 print(f"{eval_path(out, algo, seed)}: scored with other settings ({changed}); redone", flush=True)
-            sweep = args.sweep if seed in args.seeds[:args.full_seeds] else "small"
             # the block subsets first: with --subset-steps they are the pair's long jobs, and starting them first
             # lets the short ones fill the workers' gaps, so the pair is scored sooner
-            adapters = [("style", s) for s in style_subsets(sweep, algo)] + [("identity", "all"), ("style", "all")]
+            adapters = [("style", s) for s in seed_subsets(args, seed, algo)] + [("identity", "all"), ("style", "all")]
             jobs[algo, seed] = []
             for data, blocks in adapters:
                 path = adapter_file(out, algo, seed, data, blocks)
@@ -246,6 +246,17 @@ def training_jobs(args, out, settings):
                     prune_checkpoints(path)  # a run cut off left its checkpoints: the newest is resumed
                     jobs[algo, seed].append(argv)
     return jobs
+
+
+def seed_subsets(args, seed, algo):
+    """The block subsets a seed's style adapters train on besides all: the first --small-seeds of --seeds those of
+    --sweep (the first --full-seeds of them; the small sweep's after), the others in0,out3 alone. Claims 1-3 and 3m
+    read only the all-block and in0+out3 adapters; claim 4's single blocks (three 12800-step adapters a seed with
+    --subset-steps 12800) stay at --small-seeds seeds (docs/blockwise.md: each claim stops at its own count)."""
+    i = args.seeds.index(seed)
+    if i >= args.small_seeds:
+        return ["in0,out3"]
+    return style_subsets(args.sweep if i < args.full_seeds else "small", algo)
 
 
 def pair_jobs(todo, args, out, settings, devices, threads):
@@ -528,6 +539,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=integers, default="0", help="comma-separated training seeds")
     p.add_argument("--full-seeds", type=int, default=None,
                    help="with --sweep full: only the first N seeds train every subset, the others the small sweep's")
+    p.add_argument("--small-seeds", type=int, default=None, help="only the first N seeds train --sweep's subsets, "
+                   "the others the style on all blocks and in0+out3 alone (what claims 1-3 and 3m read)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per adapter (default: the world's recipe, tinyworld.evaluate, as the gates)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
@@ -563,6 +576,7 @@ def parse_args(argv=None):
     if set(args.algos) - {"lora", "locon"}:
         p.error(f"--algos: lora and/or locon, got {args.algos}")
     args.full_seeds = len(args.seeds) if args.full_seeds is None else args.full_seeds
+    args.small_seeds = len(args.seeds) if args.small_seeds is None else args.small_seeds
     return args
 
 
@@ -609,7 +623,9 @@ def main(argv=None):
 def markdown(report):
     a = report["args"]
     lines = [f"Block-wise LoRA on minisd-tiny, identity {a.get('identity', IDENTITY)} in "
-             f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']} (scored: "
+             f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']}"
+             + (f", past the first {a['small_seeds']} with the style on all blocks and in0+out3 alone"
+                if a.get("small_seeds", len(a["seeds"])) < len(a["seeds"]) else "") + " (scored: "
              + "; ".join(f"{algo} {seeds}" for algo, seeds in report["scored"].items()) + "), "
              f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
              f"({a.get('subset_steps') or 'the same'} on block subsets) "
