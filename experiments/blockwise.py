@@ -25,8 +25,8 @@ all-block and in0+out3 adapters. The first --guidance renders every setting, the
 Means over seeds with 95% t-intervals (one seed: over images), and the paper's four claims as paired comparisons with
 the protocol's bootstrap, power and verdict (experiments/stats.py, docs/blockwise.md).
 
-On the 2-core CPU the first command took 18 min 58 s: 6 LoCon adapters of 100 steps in 478 s (49-111 s each),
-then 13 settings x 16 images rendered and scored.
+On two 2-core CPU machines the first command took 18 min 58 s and 18 min 27 s: 6 LoCon adapters of 100 steps
+(49-111 s each), then 13 settings x 16 images rendered and scored.
 A demonstration of the pipeline and its report, one seed of weak adapters; not a result.
 
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
