@@ -249,7 +249,8 @@ def test_a_held_out_pair_gets_its_own_sets_and_bad_ids_one_line(tmp_path, capsys
 
 def test_a_bad_comma_list_is_one_line_naming_its_flag(capsys):
     """--seeds and --guidance (blockwise.py, choose_eval.py; gates.py's --style-weights has the same type) are read
-    by argparse: a bad item stops the script in one line naming the flag, before any work."""
+    by argparse: a bad item stops the script in one line naming the flag, before any work; so does a negative
+    --full-seeds or --small-seeds."""
     import choose_eval
     for parse, flag, value, kind in ((blockwise.parse_args, "--seeds", "0,x", "integers"),
                                      (blockwise.parse_args, "--guidance", "5,a", "numbers"),
@@ -258,8 +259,12 @@ def test_a_bad_comma_list_is_one_line_naming_its_flag(capsys):
             parse([flag, value])
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.endswith(f"argument {flag}: invalid {kind} value: '{value}'"), last
+    with pytest.raises(SystemExit):  # a count of seeds
+        blockwise.parse_args(["--small-seeds", "-1"])
+    assert capsys.readouterr().err.strip().endswith("--small-seeds counts seeds: 0 or more, got -1")
     args = blockwise.parse_args(["--seeds", "0,1,7", "--guidance", "5,2,7.5"])
     assert args.seeds == [0, 1, 7] and args.guidance == [5.0, 2.0, 7.5]
+    assert args.full_seeds == args.small_seeds == 3  # every seed trains --sweep's subsets unless told
 
 
 def test_a_bad_report_file_is_one_line_naming_its_flag(tmp_path):
