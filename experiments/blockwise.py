@@ -413,7 +413,8 @@ def read_evals(out, scored):
 def keep(path, out, settings):
     """Write the evaluations of an earlier report (its results.json) under out/evals/ for the (algo, seed) pairs it
     scored and out has not, after checking that it was made with this run's settings: a published report carries
-    the run to a machine without its evals/. A report holds no images, so a kept pair draws no figure grid."""
+    the run to a machine without its evals/. A report holds no images, so a kept pair draws no figure grid. Returns
+    the report's {algo: [seeds]} scored."""
     report = read_report(path, ("args", "scored", "per_image"), "--kept")
     made = {k: report["args"].get(k) for k in settings}
     if diff := [k for k in settings if made[k] != settings[k]]:
@@ -426,6 +427,7 @@ def keep(path, out, settings):
                            if str(seed) in per_seed}
                 device = report.get("devices", {}).get(algo, {}).get(str(seed), "unrecorded")
                 write_eval(file, settings, devices_of(device), results, {})
+    return report["scored"]
 
 
 def summarize(per_seed):
@@ -594,14 +596,17 @@ def main(argv=None):
 
     deadline = t0 + args.budget_s if args.budget_s else None
     settings = eval_settings(args)
-    if args.kept:
-        keep(args.kept, out, settings)
+    kept = keep(args.kept, out, settings) if args.kept else {}
     todo = training_jobs(args, out, settings)
     print(f"training {sum(map(len, todo.values()))} adapters and scoring {len(todo)} (algo, seed) pairs on "
           f"{args.workers} worker(s) ({', '.join(sorted(set(devices)))})", flush=True)
     jobs, needs = pair_jobs(todo, args, out, settings, devices, threads)
     finished = run_jobs(call, jobs, args.workers, args.threads, deadline, needs)
     scored = {a: [s for s in args.seeds if kept_settings(out, a, s) == settings] for a in args.algos}
+    left = {a: sorted(set(seeds) - set(scored.get(a, []))) for a, seeds in kept.items()}
+    if any(left.values()):
+        print(f"this report leaves out these pairs of --kept {args.kept} (name them in --algos and --seeds to keep "
+              "them): " + "; ".join(f"{a} {seeds}" for a, seeds in left.items() if seeds), flush=True)
     if not any(scored.values()):
         return
     raw, thumbs, rendered = read_evals(out, scored)

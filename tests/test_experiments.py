@@ -479,7 +479,8 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
     """experiments/blockwise.py end to end on the CPU (2 training steps, 2 images per setting): every small-sweep
     setting scored image by image, the claims table, and no verdict while the gates are not known. A run whose
     --budget-s is spent starts nothing; a rerun keeps what was trained and scored, and the settings that a scoring cut
-    off had scored; --kept carries a report's scores to another folder."""
+    off had scored; --kept carries a report's scores to another folder, and a report over other seeds names the kept
+    pairs it leaves out."""
     argv = ["--smoke", "--out", str(tmp_path), "--gates", str(tmp_path / "no-gates.json")]
     blockwise.main(argv + ["--budget-s", "1e-9"])
     assert "run again to continue" in capsys.readouterr().out and not (tmp_path / "adapters").exists()
@@ -535,8 +536,12 @@ def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
                  "--kept", str(tmp_path / "results.json")]
     with pytest.raises(SystemExit, match="results.json: made with other guidance than this run"):
         blockwise.main(elsewhere + ["--guidance", "5,2"])
+    blockwise.main(elsewhere + ["--seeds", "1", "--budget-s", "1e-9"])  # a report of other seeds says what it drops
+    assert "this report leaves out these pairs of --kept" in (said := capsys.readouterr().out)
+    assert said.rstrip().endswith("them): locon [0]"), said
     blockwise.main(elsewhere + ["--budget-s", "1e-9"])
     assert "training 0 adapters" in (said := capsys.readouterr().out) and "scoring 0 (algo, seed) pairs" in said
+    assert "leaves out" not in said
     moved = json.loads((tmp_path / "elsewhere" / "results.json").read_text())
     assert all(moved[k] == partial[k] for k in ("scored", "per_image", "claims", "rendered on", "devices"))
     assert not list((tmp_path / "elsewhere").glob("fig_*.png"))  # a kept pair has no images to draw
