@@ -128,7 +128,8 @@ def pairs_folder(args, out, seed):
 
 def keep(path, out, args):
     """Write the scores and method choices of an earlier results.json under out (files already there win), after
-    checking that it was made with this run's pair and settings."""
+    checking that it was made with this run's pair and settings; say which of its seeds this run's report leaves
+    out (it covers --seeds only)."""
     report = read_report(path, ("args", "per image", "choices"), "--kept")
     same = ("identity", "style", "n", "sample_steps", "budget", "rank", "subset_steps", "recipe")
     if diff := [k for k in same if report["args"].get(k) != (args.style.name if k == "style" else vars(args)[k])]:
@@ -141,6 +142,8 @@ def keep(path, out, args):
         if not file.exists():
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps(content))
+    if left := sorted(set(report["args"]["seeds"]) - set(args.seeds)):
+        print(f"this report leaves out seeds {left} of --kept {path} (name them in --seeds to keep them)", flush=True)
 
 
 def needed(args, out, seed, data, blocks, sets):

@@ -643,7 +643,8 @@ def close(a, b):
 
 def test_choose_eval_recompiles_the_published_oracle_from_its_kept_scores(tmp_path, capsys):
     """--kept docs/blockwise/choose_oracle.json: the published report again, every metric the same, with none of its
-    adapters here (nothing trained or scored); a results.json made with other settings is refused in one line."""
+    adapters here (nothing trained or scored); a results.json made with other settings is refused in one line, and
+    a run over fewer seeds names those its report leaves out."""
     import choose_eval
     published = ROOT / "docs" / "blockwise" / "choose_oracle.json"
     kept = json.loads(published.read_text())
@@ -655,8 +656,11 @@ def test_choose_eval_recompiles_the_published_oracle_from_its_kept_scores(tmp_pa
     assert not (tmp_path / "adapters").exists()
     for key in ("choices", "both", "metrics", "means", "versus paper", "per image"):
         assert close(report[key], kept[key]), key  # numpy's sums may round otherwise on another CPU
+    assert "leaves out" not in said
     with pytest.raises(SystemExit, match=r"--kept .*choose_oracle.json: made with other n than this run"):
         choose_eval.main([*argv, "--n", "32", "--out", str(tmp_path / "other")])
+    choose_eval.main([*argv, "--seeds", "0,1", "--out", str(tmp_path / "fewer")])  # a report of fewer seeds
+    assert f"leaves out seeds {kept['args']['seeds'][2:]} of --kept" in capsys.readouterr().out
     longer = tmp_path / "longer.json"  # the block sets' adapters trained longer (--subset-steps): other scores
     longer.write_text(json.dumps({**kept, "args": {**kept["args"], "subset_steps": 12800}}))
     with pytest.raises(SystemExit, match=r"--kept .*longer.json: made with other subset_steps than this run"):
