@@ -577,9 +577,9 @@ def parse_args(argv=None):
     args.algos = [a.strip() for a in args.algos.split(",")]
     if set(args.algos) - {"lora", "locon"}:
         p.error(f"--algos: lora and/or locon, got {args.algos}")
-    for flag in ("full_seeds", "small_seeds"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} counts seeds: 0 or more, got {getattr(args, flag)}")
+    for flag, count in (("--full-seeds", args.full_seeds), ("--small-seeds", args.small_seeds)):
+        if count is not None and count < 0:
+            p.error(f"{flag} counts seeds: 0 or more, got {count}")
     args.full_seeds = len(args.seeds) if args.full_seeds is None else args.full_seeds
     args.small_seeds = len(args.seeds) if args.small_seeds is None else args.small_seeds
     return args
