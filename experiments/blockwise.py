@@ -163,7 +163,9 @@ def claims(rows, n_boot=10_000):
         a, b = [t for t in a if t in rows], [t for t in b if t in rows]
         if not a or not b:
             continue
-        seeds = sorted(set.intersection(*(set(rows[t]) for t in a + b)))
+        # in numeric order: the bootstrap's draws follow the seeds' order, and a report read back from JSON has
+        # string keys, which would put "10" before "2"
+        seeds = sorted(set.intersection(*(set(rows[t]) for t in a + b)), key=int)
         mean_of = lambda titles: {s: np.mean([rows[t][s][metric] for t in titles], axis=0) for s in seeds}
         r = stats.compare(mean_of(a), mean_of(b), sign, n_boot=n_boot)
         if metric == "identity":
