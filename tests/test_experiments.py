@@ -162,6 +162,7 @@ def test_claims_read_back_from_json_keep_their_interval():
     assert interval(read_back) == interval(mine)
     assert interval(blockwise.claims(swapped, n_boot=300)) != interval(mine)  # so the order is what the test holds
 
+
 def test_claim_3_at_matched_style_strength_takes_the_nearest_weight():
     """With the full sweep's trade-off rows, claim 3 is also compared against the all-block style adapter at the
     weight whose style rate (mean over seeds) is nearest the in0+out3 adapter's. G2 does not bind that row (issue 18's
