@@ -157,13 +157,14 @@ class RunError(Exception):
     signal, a non-finite loss, a file not written): main() prints it as one line."""
 
 
-def main(argv=None):
+def main(argv=None, stop=None):
     """Train an adapter; returns its file. A RunError, too little memory or a second Ctrl-C end the run with one
-    line `error: ...` (--debug: the traceback); anything else (an edited model's bug) raises as it is."""
+    line `error: ...` (--debug: the traceback); anything else (an edited model's bug) raises as it is. `stop`: a
+    StopRequest made in the main thread, for a run in another thread (only the main thread receives signals)."""
     args = parse_args(argv)
     with contextlib.ExitStack() as cleanup:
         try:
-            return train(args, cleanup)
+            return train(args, cleanup, stop)
         except (RunError, MemoryError, torch.OutOfMemoryError) as e:
             if args.debug:
                 raise
@@ -178,7 +179,7 @@ def out_of_memory(e):
     return f"out of memory ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]})"
 
 
-def train(args, cleanup):
+def train(args, cleanup, stop=None):
     """The steps of a run, in order; returns the adapter file."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # torchrun's; rank 0 saves
     began = time.time()
@@ -214,8 +215,8 @@ def train(args, cleanup):
     run.startup = {"inputs": read - began, "model": loaded - read, "adapters": adapted - loaded,
                    "data": cached - adapted, "optimizer": run.t0 - cached,
                    **({"capture": time.time() - run.t0} if run.graph else {})}
-    stop = StopRequest() if world == 1 else None  # torchrun stops its processes itself
-    if stop:
+    if stop is None and world == 1:  # torchrun stops its processes itself
+        stop = StopRequest()
         cleanup.callback(stop.restore)
     train_loop(run, stop)
     if rank == 0:

@@ -32,8 +32,9 @@ A demonstration of the pipeline and its report, one seed of weak adapters; not a
 Writes under --out: adapters/ and evals/ (kept: a rerun skips trained adapters and scored (algo, seed) pairs, and
 trains nothing for a scored pair, so --budget-s splits the protocol into runs of any length and evals/ alone carries
 it to another machine; a pair is scored as soon as its own adapters are trained, a scoring cut off keeps the
-settings it had scored, and a run cut off reports over the pairs scored so far; --kept FILE writes the evals/ of
-an earlier results.json made with the same settings, so a published report carries the run to a new machine),
+settings it had scored, and a run cut off (--budget-s, or SIGTERM/Ctrl-C: its adapters in training save their step)
+reports over the pairs scored so far; --kept FILE writes the evals/ of an earlier results.json made with the same
+settings, so a published report carries the run to a new machine),
 results.json, results.md,
 fig_conflict_*.png, fig_blocks_*.png and (full sweep) fig_tradeoff_*.png. Its claims read "not judged (gate)" unless
 every gate is met: G1, G2 and G4 on this run's own seeds, G3 from experiments/gates.py's report for the same pair
@@ -47,6 +48,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -187,21 +189,27 @@ def adapter_file(out, algo, seed, data, blocks):
 
 # ----------------------------------------------------------------------------------------------- training
 
-SAVE_EVERY = 1600  # a train job's checkpoints: a call cut off by its time limit loses at most this many steps
+SAVE_EVERY = 1600  # a train job's checkpoints: a run killed outright loses at most this many steps (SIGTERM saves)
 
 
-def train_job(job):
+def train_job(job, stop=None):
     """One adapter, in a worker: train.main with the recipe's flags, in float32 on any device (the tiny model's
     results then do not depend on where it ran), resumed from its newest checkpoint if an earlier run left one
-    (a job's own --save-every wins over SAVE_EVERY); a finished adapter keeps no checkpoints."""
+    (a job's own --save-every wins over SAVE_EVERY); a finished adapter keeps no checkpoints. A worker thread's
+    run takes the pool's `stop` (run_jobs): on a signal it saves a checkpoint after its step and ends quietly."""
     argv, device, threads, cuda_graph = job
     torch.set_num_threads(threads)
     import train
     out = Path(argv[argv.index("--out") + 1])
     resume = ["--resume"] if train.state_files(out) else []
     graph = cuda_graph and "--te-rank" not in argv  # the graph path keeps the text encoder frozen
-    train.main(["--save-every", str(SAVE_EVERY)] + argv + ["--device", device, "--mixed-precision", "no", "--quiet"]
-               + resume + (["--cuda-graph"] if graph else []))
+    flags = ["--save-every", str(SAVE_EVERY)] + argv + ["--device", device, "--mixed-precision", "no", "--quiet"]
+    try:
+        train.main(flags + resume + (["--cuda-graph"] if graph else []), stop)
+    except SystemExit:
+        if stop is None or stop.signal is None:
+            raise
+        return None  # train.py saved its checkpoint: the next run resumes from it
     prune_checkpoints(out, keep=0)
     return str(out)
 
@@ -276,10 +284,10 @@ def pair_jobs(todo, args, out, settings, devices, threads):
     return jobs, needs
 
 
-def call(job):
+def call(job, stop=None):
     """A (fn, arg) job of pair_jobs (a module-level function: process workers pickle it)."""
     fn, arg = job
-    return fn(arg)
+    return fn(arg, stop)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -316,7 +324,7 @@ def kept_settings(out, algo, seed):
     return json.loads(path.read_text())["settings"] if path.exists() else None
 
 
-def eval_job(job):
+def eval_job(job, stop=None):
     """Every setting of one (algo, seed) at the first guidance, the GUIDED settings at the others too ("... g=2"),
     written under out/evals/: {title: {metric: per-image values}} (JSON, written last) and the first images of each
     (safetensors). The settings scored so far are kept after each one (a CPU takes minutes a setting), so a run cut
@@ -332,6 +340,8 @@ def eval_job(job):
     path = eval_path(out, algo, seed)
     results, thumbs, devices = read_partial(path, settings)
     for title, guidance, style, block_weights, with_identity, weight, ranges in renders(sweep, algo, guidances):
+        if stop and stop.signal:
+            return  # the settings scored so far are kept
         if title in results or style and not adapter_file(out, algo, seed, "style", style).exists():
             continue  # scored before the run was cut off, or a seed that ran the small sweep only
         names = []
@@ -493,37 +503,56 @@ def run_jobs(fn, jobs, workers, threads=False, deadline=None, needs=None):
     of this process (threads: on CUDA each on streams of its own; one process's streams run side by side on a GPU,
     processes take turns). A job starts once the jobs its `needs` entry names (indices of earlier jobs) are done; of
     the jobs ready, the first in the list. Every worker stays busy while jobs are ready; no job starts after
-    `deadline` (a time.time()). False if some were left."""
+    `deadline` (a time.time()). False if some were left. On one worker or on threads, SIGINT or SIGTERM (a time
+    limit's) starts no more jobs and asks the running ones to stop at their next safe point, fn(job, stop): a train
+    job saves a checkpoint after its step, a second signal stops at once (a process worker's train.py takes the
+    signal itself)."""
+    import train
     needs = needs or [()] * len(jobs)
     todo, done = list(range(len(jobs))), set()
+    stop = train.StopRequest() if threads or workers <= 1 else None
 
     def next_ready():
-        if deadline and time.time() > deadline:
+        if deadline and time.time() > deadline or stop and stop.signal:
             return None
         return next((i for i in todo if done.issuperset(needs[i])), None)
-    if workers <= 1:
-        while (i := next_ready()) is not None:
-            todo.remove(i)
-            fn(jobs[i])
-            done.add(i)
-    else:
-        pool = (cf.ThreadPoolExecutor(workers, initializer=own_streams) if threads
-                else cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
-        with pool:
-            running = {}
-            while True:
-                while len(running) < workers and (i := next_ready()) is not None:
-                    todo.remove(i)
-                    running[pool.submit(fn, jobs[i])] = i
-                if not running:
-                    break
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for job in finished:
-                    job.result()  # a failed job raises here, with its traceback
-                    done.add(running.pop(job))
+    try:
+        if workers <= 1:
+            while (i := next_ready()) is not None:
+                todo.remove(i)
+                fn(jobs[i], stop)
+                done.add(i)
+        elif threads:
+            with cf.ThreadPoolExecutor(workers, initializer=own_streams) as pool:
+                keep_busy(lambda i: pool.submit(fn, jobs[i], stop), workers, next_ready, todo, done)
+        else:
+            with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                keep_busy(lambda i: pool.submit(fn, jobs[i]), workers, next_ready, todo, done)
+    finally:
+        if stop:
+            stop.restore()
+    if stop and stop.signal:
+        print(f"{signal.Signals(stop.signal).name}: the running jobs stopped where they were (a train job at a "
+              f"checkpoint), {len(todo)} others not started; run again to continue", flush=True)
+        return False
     if todo:
         print(f"--budget-s reached: {len(todo)} jobs left; run again to continue", flush=True)
     return not todo
+
+
+def keep_busy(submit, workers, next_ready, todo, done):
+    """run_jobs' pool loop: up to `workers` jobs running, the next ready one started as each ends."""
+    running = {}
+    while True:
+        while len(running) < workers and (i := next_ready()) is not None:
+            todo.remove(i)
+            running[submit(i)] = i
+        if not running:
+            return
+        finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+        for job in finished:
+            job.result()  # a failed job raises here, with its traceback
+            done.add(running.pop(job))
 
 
 def own_streams():

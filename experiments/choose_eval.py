@@ -193,8 +193,9 @@ def method_choice(args, out, data, seed, method, sd):
     return r
 
 
-def score_job(job):
-    """Render and judge identity + style(blocks) for a list of (seed, blocks); each result is written at once."""
+def score_job(job, stop=None):
+    """Render and judge identity + style(blocks) for a list of (seed, blocks); each result is written at once, and
+    on run_jobs' stop the rest are left for the next run."""
     items, out, args = job
     torch.set_num_threads(1 if args.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // args.workers))
     torch.set_flush_denormal(True)
@@ -202,6 +203,8 @@ def score_job(job):
     judge = judges.load(TINY / "judge.safetensors", device=args.device)
     captions = {}  # per training seed, drawn once for all its sets
     for seed, blocks in items:
+        if stop and stop.signal:
+            return
         eval_seed = EVAL_SEED + 100 * seed  # noise seeds eval_seed + i, i < n: disjoint for n <= 100
         if seed not in captions:
             captions[seed] = prompts("combo", args.n, eval_seed, args.identity, args.style)[0]

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -594,7 +595,7 @@ def test_a_pair_is_scored_as_soon_as_its_adapters_are_trained():
     for workers in (1, 3):
         events, lock, c_scored = [], threading.Lock(), threading.Event()
 
-        def record(job):
+        def record(job, stop=None):
             with lock:
                 events.append(("start", job))
             if job == "a" and workers > 1:  # c's pair is trained and scored while a still trains
@@ -609,6 +610,35 @@ def test_a_pair_is_scored_as_soon_as_its_adapters_are_trained():
             assert all(events.index(("end", names[j])) < started for j in needs[i]), (workers, events)
         assert workers > 1 or [name for kind, name in events if kind == "start"] == names
     assert not blockwise.run_jobs(record, names, 2, threads=True, deadline=time.time() - 1, needs=needs)
+
+
+def test_a_signal_stops_threaded_train_jobs_at_a_checkpoint(tiny, images, tmp_path, capsys):
+    """blockwise.py --threads under a time limit (`timeout` sends SIGTERM): the worker threads cannot take the
+    signal, so run_jobs takes it for them; each running train job saves a checkpoint after its step and ends, no
+    other job starts, the run reports it and the signal's handler is given back."""
+    import train
+    jobs = [(train_argv(tiny, images, tmp_path / f"{seed}.safetensors", "--steps", 1000, "--seed", seed), "cpu", 1,
+             False) for seed in (1, 2, 3)]
+    locks = [tmp_path / f".{seed}.safetensors.lock" for seed in (1, 2)]
+
+    def send_when_both_run():
+        t0 = time.time()
+        while not all(lock.exists() for lock in locks) and time.time() - t0 < 60:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM)
+    sender = threading.Thread(target=send_when_both_run)
+    sender.start()
+    assert not blockwise.run_jobs(blockwise.train_job, jobs, workers=2, threads=True)
+    sender.join()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "SIGTERM: the running jobs stopped where they were (a train job at a checkpoint), 1 others not started; " \
+           "run again to continue" in capsys.readouterr().out
+    for seed in (1, 2):
+        out = tmp_path / f"{seed}.safetensors"
+        state = torch.load(train.state_files(out)[-1], weights_only=False)
+        assert not out.exists() and 1 <= state["step"] < 1000
+    assert not list(tmp_path.glob("3*")) and not (tmp_path / ".3.safetensors.lock").exists()
 
 
 def test_choose_eval_smoke_writes_its_report_and_resumes(tmp_path, capsys):
