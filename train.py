@@ -157,15 +157,22 @@ class RunError(Exception):
     signal, a non-finite loss, a file not written): main() prints it as one line."""
 
 
+class Stopped(RunError):
+    """A signal ended the run, after its checkpoint."""
+
+
 def main(argv=None, stop=None):
     """Train an adapter; returns its file. A RunError, too little memory or a second Ctrl-C end the run with one
     line `error: ...` (--debug: the traceback); anything else (an edited model's bug) raises as it is. `stop`: a
-    StopRequest made in the main thread, for a run in another thread (only the main thread receives signals)."""
+    StopRequest made in the main thread, for a run in another thread (only the main thread receives signals); a
+    run it stops returns None, and its caller says so."""
     args = parse_args(argv)
     with contextlib.ExitStack() as cleanup:
         try:
             return train(args, cleanup, stop)
         except (RunError, MemoryError, torch.OutOfMemoryError) as e:
+            if isinstance(e, Stopped) and stop is not None:
+                return None
             if args.debug:
                 raise
             sys.exit(f"error: {e if isinstance(e, RunError) else out_of_memory(e)}")
@@ -943,8 +950,8 @@ def after_step(run, stop):
         saved = save_checkpoint(run)
     if stop and stop.signal:
         saved = saved or save_checkpoint(run)
-        raise RunError(f"{signal.Signals(stop.signal).name} at step {step}: saved {saved}; to continue, run the same "
-                       f"command with --resume")
+        raise Stopped(f"{signal.Signals(stop.signal).name} at step {step}: saved {saved}; to continue, run the same "
+                      f"command with --resume")
     if main_process and run.prompts and args.sample_every and step % args.sample_every == 0:
         render_samples(run)
 

@@ -204,12 +204,8 @@ def train_job(job, stop=None):
     resume = ["--resume"] if train.state_files(out) else []
     graph = cuda_graph and "--te-rank" not in argv  # the graph path keeps the text encoder frozen
     flags = ["--save-every", str(SAVE_EVERY)] + argv + ["--device", device, "--mixed-precision", "no", "--quiet"]
-    try:
-        train.main(flags + resume + (["--cuda-graph"] if graph else []), stop)
-    except SystemExit:
-        if stop is None or stop.signal is None:
-            raise
-        return None  # train.py saved its checkpoint: the next run resumes from it
+    if train.main(flags + resume + (["--cuda-graph"] if graph else []), stop) is None:
+        return None  # stopped by the pool's `stop` after its checkpoint: the next run resumes from it
     prune_checkpoints(out, keep=0)
     return str(out)
 
