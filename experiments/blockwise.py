@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 import lora  # noqa: E402
 import stats  # noqa: E402
+import train  # noqa: E402
 import minisd  # noqa: E402
 from tinyworld import judge as judges  # noqa: E402
 from tinyworld.evaluate import (IDENTITY_RECIPE, STYLE_RECIPE, check_kept, held_pair, integers, numbers,  # noqa: E402
@@ -199,7 +200,6 @@ def train_job(job, stop=None):
     run takes the pool's `stop` (run_jobs): on a signal it saves a checkpoint after its step and ends quietly."""
     argv, device, threads, cuda_graph = job
     torch.set_num_threads(threads)
-    import train
     out = Path(argv[argv.index("--out") + 1])
     resume = ["--resume"] if train.state_files(out) else []
     graph = cuda_graph and "--te-rank" not in argv  # the graph path keeps the text encoder frozen
@@ -214,7 +214,6 @@ def prune_checkpoints(adapter, keep=1):
     """Delete train.py's checkpoints beside an adapter file (<stem>-stepN.state.pt and .safetensors) but the newest
     `keep`: an unfinished adapter resumes from its newest, a finished one needs none (and the folder stays small
     enough to carry to the next machine)."""
-    import train
     states = train.state_files(Path(adapter))
     for state in states[:max(0, len(states) - keep)]:
         state.with_name(state.name.removesuffix(".state.pt") + ".safetensors").unlink(missing_ok=True)
@@ -503,7 +502,6 @@ def run_jobs(fn, jobs, workers, threads=False, deadline=None, needs=None):
     limit's) starts no more jobs and asks the running ones to stop at their next safe point, fn(job, stop): a train
     job saves a checkpoint after its step, a second signal stops at once (a process worker's train.py takes the
     signal itself)."""
-    import train
     needs = needs or [()] * len(jobs)
     todo, done = list(range(len(jobs))), set()
     stop = train.StopRequest() if threads or workers <= 1 else None
