@@ -40,8 +40,11 @@ SEED, PER_SETTING, PER_SHEET, CELL = 3000, 40, 50, 128
 
 def settings(folder):
     """The gates' five settings with the adapters of `folder`: a gates.py --out folder's (identity_all.safetensors
-    beside the style adapters), or a shipped style's (the identity adapter one folder up)."""
+    beside the style adapters), a blockwise.py claim run's seed folder (adapters/<algo>/seed<s>, where the in0 + out3
+    style is style_in0+out3.safetensors), or a shipped style's (the identity adapter one folder up)."""
     a = {name: folder / f"{name}.safetensors" for name in ("identity_all", "style_all", "style_in0_out3")}
+    if not a["style_in0_out3"].exists() and (folder / "style_in0+out3.safetensors").exists():
+        a["style_in0_out3"] = folder / "style_in0+out3.safetensors"
     a["identity"] = a["identity_all"] if a["identity_all"].exists() else folder.parent / "identity.safetensors"
     return [(Setting("identity only", ((a["identity"], None),)), "combo"),
             (Setting("style only (all)", ((a["style_all"], None),)), "style"),
@@ -130,11 +133,13 @@ def score(out, labels_file):
     for i, row in enumerate(key):
         by_setting.setdefault(row["setting"], []).append(i)
     report = {}
-    for k, what in enumerate(("identity", "style")):
-        eye = [labels[i][k] for i in range(len(key))]
-        report[what] = agreement(eye, [row[f"judge {what}"] for row in key])
+    for what in ("identity", "style", "both"):  # "both": the identity in the style, what the claims compare
+        eye = [all(labels[i]) if what == "both" else labels[i][what == "style"] for i in range(len(key))]
+        judge = [row["judge identity"] and row["judge style"] if what == "both" else row[f"judge {what}"]
+                 for row in key]
+        report[what] = agreement(eye, judge)
         report[what]["per setting, eye / judge"] = {
-            title: [float(np.mean([eye[i] for i in idx])), float(np.mean([key[i][f"judge {what}"] for i in idx]))]
+            title: [float(np.mean([eye[i] for i in idx])), float(np.mean([judge[i] for i in idx]))]
             for title, idx in by_setting.items()}
         r = report[what]
         print(f"{what:8s} agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}  "
@@ -147,8 +152,9 @@ def main(argv=None):
     p.add_argument("step", choices=["render", "score"])
     p.add_argument("--out", default="out/eyecheck")
     p.add_argument("--labels", help="the labels file (default: <out>/labels.txt)")
-    p.add_argument("--adapters", help="folder of the adapters to render with: a gates.py --out folder (then "
-                   "--identity/--style its pair); default the shipped ones of --style, weights/tiny/adapters/<style>")
+    p.add_argument("--adapters", help="folder of the adapters to render with: a gates.py --out folder or a "
+                   "blockwise.py seed folder (then --identity/--style its pair); default the shipped ones of --style, "
+                   "weights/tiny/adapters/<style>")
     pair_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)

@@ -319,9 +319,10 @@ def test_the_claims_read_the_gates_of_their_own_pair(tmp_path):
     assert list(other.values()) == [False] and "--subset-steps 12800" in next(iter(other))
 
 
-def test_a_settings_global_weight_scales_its_adapter():
+def test_a_settings_global_weight_scales_its_adapter(tmp_path):
     """tinyworld.evaluate.render_setting's (file, block weights, weight): weight 0 renders the base model's images,
-    weight 0.5 those of the adapter loaded at 0.5 by hand (gates.py --style-weights)."""
+    weight 0.5 those of the adapter loaded at 0.5 by hand (gates.py --style-weights); a file named as blockwise.py
+    names its block subsets (style_in0+out3.safetensors: '+' is no adapter-name character) renders too."""
     import lora
     import minisd
     from tinyworld.evaluate import Setting, prompts, render_setting
@@ -337,6 +338,9 @@ def test_a_settings_global_weight_scales_its_adapter():
     rel = lambda a, b: (torch.dist(a.double(), b.double()) / b.double().norm()).item()
     assert rel(render(0.0), base) < 1e-5 and rel(render(0.5), by_hand) < 1e-5 and rel(by_hand, base) > 1e-2
     assert not lora.adapter_names(sd.unet)  # the model is left as it was
+    subset = tmp_path / "style_in0+out3.safetensors"
+    shutil.copy(style, subset)
+    assert rel(render_setting(sd, Setting("style", ((subset, None, 0.5),)), captions, 0, steps=2), by_hand) < 1e-5
 
 
 def shipped_meta(path):
@@ -458,10 +462,11 @@ def test_demo_refuses_a_style_without_shipped_adapters(capsys):
     assert "argument --style: 'zigzag/8': one of bricks/6/0, rings/8/0" in capsys.readouterr().err
 
 
-def test_eyecheck_reads_the_shipped_or_a_gates_folder(tmp_path, capsys):
-    """eyecheck.py --adapters: a gates.py --out folder (identity_all.safetensors beside the style adapters), or by
-    default the shipped adapters of --style (the identity one folder up); the five settings are the gates'. A style
-    with no shipped adapters and no --adapters stops in one line."""
+def test_eyecheck_reads_the_shipped_a_gates_or_a_claim_seed_folder(tmp_path, capsys):
+    """eyecheck.py --adapters: a gates.py --out folder (identity_all.safetensors beside the style adapters) or a
+    blockwise.py seed folder (the in0 + out3 style named style_in0+out3.safetensors), or by default the shipped
+    adapters of --style (the identity one folder up); the five settings are the gates'. A style with no shipped
+    adapters and no --adapters stops in one line."""
     import eyecheck
     shipped = eyecheck.settings(ROOT / "weights" / "tiny" / "adapters" / "rings-8-0")
     assert [s.title for s, _ in shipped] == ["identity only", "style only (all)", "style only (in0,out3)",
@@ -470,6 +475,9 @@ def test_eyecheck_reads_the_shipped_or_a_gates_folder(tmp_path, capsys):
     assert all(path.exists() for setting, _ in shipped for path, _ in setting.adapters)
     (tmp_path / "identity_all.safetensors").touch()
     assert eyecheck.settings(tmp_path)[0][0].adapters[0][0] == tmp_path / "identity_all.safetensors"
+    assert eyecheck.settings(tmp_path)[2][0].adapters[0][0] == tmp_path / "style_in0_out3.safetensors"  # gates.py's
+    (tmp_path / "style_in0+out3.safetensors").touch()  # a blockwise.py seed folder's name for it
+    assert eyecheck.settings(tmp_path)[2][0].adapters[0][0] == tmp_path / "style_in0+out3.safetensors"
     with pytest.raises(SystemExit):
         eyecheck.main(["render", "--style", "zigzag/8", "--out", str(tmp_path / "eye")])
     assert "--style zigzag/8/0: no shipped adapters" in capsys.readouterr().err
@@ -489,6 +497,25 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
     (tmp_path / "l.txt").write_text("0 yes 0\n1 0 0\n")
     with pytest.raises(ValueError, match="l.txt:1: expected"):
         eyecheck.read_labels(tmp_path / "l.txt", 2)
+
+
+def test_eyecheck_score_reads_both_per_setting_by_hand(tmp_path):
+    """score: agreement and per-setting rates for the identity, the style and "both" (an image with both, by eye
+    and by the judge), from a key and labels written here."""
+    import eyecheck
+    key = [{"setting": "a", "judge identity": True, "judge style": True},
+           {"setting": "a", "judge identity": True, "judge style": False},
+           {"setting": "b", "judge identity": False, "judge style": True},
+           {"setting": "b", "judge identity": True, "judge style": True}]
+    (tmp_path / "key.json").write_text(json.dumps(key))
+    (tmp_path / "labels.txt").write_text("0 1 1\n1 1 1\n2 0 1\n3 1 0\n")
+    eyecheck.score(tmp_path, tmp_path / "labels.txt")
+    report = json.loads((tmp_path / "eyecheck.json").read_text())
+    # both, eye: 1 1 0 0; judge: 1 0 0 1 -> a: eye 1.0, judge 0.5; b: eye 0.0, judge 0.5; agreement 2/4
+    assert report["both"]["per setting, eye / judge"] == {"a": [1.0, 0.5], "b": [0.0, 0.5]}
+    assert report["both"]["agreement"] == pytest.approx(0.5)
+    assert report["identity"]["per setting, eye / judge"] == {"a": [1.0, 1.0], "b": [0.5, 0.5]}
+    assert report["style"]["per setting, eye / judge"] == {"a": [1.0, 0.5], "b": [0.5, 1.0]}
 
 
 def test_blockwise_smoke_writes_its_report_and_resumes(tmp_path, capsys):
