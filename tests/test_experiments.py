@@ -499,6 +499,23 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
         eyecheck.read_labels(tmp_path / "l.txt", 2)
 
 
+@pytest.mark.parametrize("seed, identity, style, both", [(3, (0.79, 0.55), (0.77, 0.53), (19, 12, 10, 16)),
+                                                          (4, (0.80, 0.58), (0.82, 0.64), (19, 18, 10, 14))])
+def test_the_published_lora_eye_check_recomputes(tmp_path, seed, identity, style, both):
+    """docs/blockwise.md's eye check on the claim run's LoRA adapters: its published key (setting and judge reading
+    per image) and blind labels give the agreement, kappa and "both" counts (eye, judge) of the block-wise and the
+    all-block pair that the doc states."""
+    import eyecheck
+    shutil.copy(ROOT / "docs" / f"eyecheck_key_bricks6_lora_seed{seed}.json", tmp_path / "key.json")
+    eyecheck.score(tmp_path, ROOT / "docs" / f"eyecheck_labels_bricks6_lora_seed{seed}.txt")
+    report = json.loads((tmp_path / "eyecheck.json").read_text())
+    for what, (agree, kappa) in (("identity", identity), ("style", style)):
+        assert (round(report[what]["agreement"], 2), round(report[what]["kappa"], 2)) == (agree, kappa), what
+    rates = report["both"]["per setting, eye / judge"]
+    pairs = ("identity + style (in0,out3)", "identity + style (all)")
+    assert tuple(round(40 * rates[p][k]) for p in pairs for k in (0, 1)) == both  # of 40 images a setting
+
+
 def test_eyecheck_score_reads_both_per_setting_by_hand(tmp_path):
     """score: agreement and per-setting rates for the identity, the style and "both" (an image with both, by eye
     and by the judge), from a key and labels written here."""
