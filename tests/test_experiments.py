@@ -500,7 +500,8 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
 
 
 @pytest.mark.parametrize("seed, identity, style, both", [(3, (0.79, 0.55), (0.77, 0.53), (19, 12, 10, 16)),
-                                                          (4, (0.80, 0.58), (0.82, 0.64), (19, 18, 10, 14))])
+                                                          (4, (0.80, 0.58), (0.82, 0.64), (19, 18, 10, 14)),
+                                                          (5, (0.78, 0.52), (0.81, 0.62), (17, 18, 7, 10))])
 def test_the_published_lora_eye_check_recomputes(tmp_path, seed, identity, style, both):
     """docs/blockwise.md's eye check on the claim run's LoRA adapters: its published key (setting and judge reading
     per image) and blind labels give the agreement, kappa and "both" counts (eye, judge) of the block-wise and the
