@@ -499,16 +499,17 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
         eyecheck.read_labels(tmp_path / "l.txt", 2)
 
 
-@pytest.mark.parametrize("seed, identity, style, both", [(3, (0.79, 0.55), (0.77, 0.53), (19, 12, 10, 16)),
-                                                          (4, (0.80, 0.58), (0.82, 0.64), (19, 18, 10, 14)),
-                                                          (5, (0.78, 0.52), (0.81, 0.62), (17, 18, 7, 10))])
-def test_the_published_lora_eye_check_recomputes(tmp_path, seed, identity, style, both):
-    """docs/blockwise.md's eye check on the claim run's LoRA adapters: its published key (setting and judge reading
-    per image) and blind labels give the agreement, kappa and "both" counts (eye, judge) of the block-wise and the
+@pytest.mark.parametrize("run, identity, style, both", [("lora_seed3", (0.79, 0.55), (0.77, 0.53), (19, 12, 10, 16)),
+                                                         ("lora_seed4", (0.80, 0.58), (0.82, 0.64), (19, 18, 10, 14)),
+                                                         ("lora_seed5", (0.78, 0.52), (0.81, 0.62), (17, 18, 7, 10)),
+                                                         ("locon_seed8", (0.84, 0.65), (0.83, 0.65), (23, 32, 6, 5))])
+def test_the_published_claim_eye_checks_recompute(tmp_path, run, identity, style, both):
+    """docs/blockwise.md's eye checks on the claim run's adapters: each published key (setting and judge reading per
+    image) and its blind labels give the agreement, kappa and "both" counts (eye, judge) of the block-wise and the
     all-block pair that the doc states."""
     import eyecheck
-    shutil.copy(ROOT / "docs" / f"eyecheck_key_bricks6_lora_seed{seed}.json", tmp_path / "key.json")
-    eyecheck.score(tmp_path, ROOT / "docs" / f"eyecheck_labels_bricks6_lora_seed{seed}.txt")
+    shutil.copy(ROOT / "docs" / f"eyecheck_key_bricks6_{run}.json", tmp_path / "key.json")
+    eyecheck.score(tmp_path, ROOT / "docs" / f"eyecheck_labels_bricks6_{run}.txt")
     report = json.loads((tmp_path / "eyecheck.json").read_text())
     for what, (agree, kappa) in (("identity", identity), ("style", style)):
         assert (round(report[what]["agreement"], 2), round(report[what]["kappa"], 2)) == (agree, kappa), what
