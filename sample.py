@@ -235,7 +235,7 @@ def load_adapters(sd, adapters, dtype):
     """Each --lora as its own adapter; files of the same name (from other folders) get the names a, a_2, a_3."""
     names = []
     for a in adapters:
-        stem = re.sub(r"[^A-Za-z0-9_-]", "_", a.path.stem)
+        stem = lora.formats.name_of(a.path)
         name, i = stem, 1
         while name in names:
             i += 1

@@ -132,11 +132,13 @@ def score(out, labels_file):
     by_setting = {}  # setting -> image numbers
     for i, row in enumerate(key):
         by_setting.setdefault(row["setting"], []).append(i)
+    eye_reads = {what: [labels[i][k] for i in range(len(key))] for k, what in enumerate(("identity", "style"))}
+    judge_reads = {what: [row[f"judge {what}"] for row in key] for what in ("identity", "style")}
+    for reads in (eye_reads, judge_reads):  # "both": the identity in the style, what the claims compare
+        reads["both"] = [i and s for i, s in zip(reads["identity"], reads["style"])]
     report = {}
-    for what in ("identity", "style", "both"):  # "both": the identity in the style, what the claims compare
-        eye = [all(labels[i]) if what == "both" else labels[i][what == "style"] for i in range(len(key))]
-        judge = [row["judge identity"] and row["judge style"] if what == "both" else row[f"judge {what}"]
-                 for row in key]
+    for what in ("identity", "style", "both"):
+        eye, judge = eye_reads[what], judge_reads[what]
         report[what] = agreement(eye, judge)
         report[what]["per setting, eye / judge"] = {
             title: [float(np.mean([eye[i] for i in idx])), float(np.mean([judge[i] for i in idx]))]

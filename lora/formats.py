@@ -244,11 +244,17 @@ def _alpha(path, mod_name, g, peft_part, kohya, rank):
     return float(alpha)
 
 
+def name_of(path):
+    """The adapter name `load` gives a file by default: its stem, every character an adapter name cannot hold
+    (anything but letters, digits, '_' and '-') replaced by '_' (style_in0+out3.safetensors -> style_in0_out3)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
+
+
 def load(path, unet, text_encoder=None, name=None, weight=1.0, block_weights=None, dtype=torch.float32):
     """Load an adapter file (kohya/A1111/ComfyUI, LyCORIS, diffusers or peft) as adapter `name` (default: the
     file's stem), with a global weight and per-block weights (anything lora.parse_block_weights takes; None = all
     1). Nothing is changed if the file does not fit. Returns the adapted paths, prefixed 'unet.' / 'text_encoder.'."""
-    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
+    name = name or name_of(path)
     if name in adapter_names(unet, text_encoder):
         raise ValueError(f"{path}: an adapter {name!r} exists already; remove it first or choose another name")
     entries = read_adapter_file(path, unet, text_encoder)

@@ -6,7 +6,6 @@ seed; the same seed gives the same prompts and the same starting noise for every
 """
 import argparse
 import json
-import re
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -146,7 +145,7 @@ def render_setting(sd, setting, captions, seed, steps=30, guidance=5.0, batch=32
     """(n, 3, H, W) in [0, 1]: the captions rendered with the setting's adapters loaded; the model is left as it was."""
     names = []
     for i, (path, blocks, *weight) in enumerate(setting.adapters):
-        name = f"a{i}_" + re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)  # style_in0+out3 -> a1_style_in0_out3
+        name = f"a{i}_{lora.formats.name_of(path)}"
         lora.load(path, sd.unet, sd.text_encoder, name=name, weight=weight[0] if weight else 1.0,
                   block_weights=blocks or None)
         names.append(name)
