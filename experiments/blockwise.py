@@ -656,9 +656,7 @@ def main(argv=None):
 def markdown(report):
     a = report["args"]
     lines = [f"Block-wise LoRA on minisd-tiny, identity {a.get('identity', IDENTITY)} in "
-             f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']}"
-             + (f", past the first {a['small_seeds']} with the style on all blocks and in0+out3 alone"
-                if a.get("small_seeds", len(a["seeds"])) < len(a["seeds"]) else "") + " (scored: "
+             f"{a.get('style', HELD_STYLE.name)}: {a['sweep']} sweep, seeds {a['seeds']} (scored: "
              + "; ".join(f"{algo} {seeds}" for algo, seeds in report["scored"].items()) + "), "
              f"{a['n']} images per setting and seed, rank {a['rank']}, {a['steps'] or 'recipe'} steps "
              f"({a.get('subset_steps') or 'the same'} on block subsets) "
@@ -669,7 +667,13 @@ def markdown(report):
                                                report["gates"].items()), ""]
     for algo, rows in report["summary"].items():
         gates = report["run gates"][algo]
-        lines += [f"### {algo}", "", "Gates (G1, G2, G4 on this run's seeds): " + "; ".join(
+        counts = [s["seeds"] for s in rows.values()]
+        if min(counts) < max(counts):  # --small-seeds: the later seeds train the style on all blocks and in0+out3
+            lines += [f"### {algo}", "", f"{max(counts)} seeds with the style on all blocks and in0+out3, the first "
+                      f"{min(counts)} of them with every subset of the sweep.", ""]
+        else:
+            lines += [f"### {algo}", ""]
+        lines += ["Gates (G1, G2, G4 on this run's seeds): " + "; ".join(
                   f"{g}: {'met' if ok else 'NOT MET'}" for g, ok in gates.items()), "",
                   "| setting | seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
         for title, s in rows.items():

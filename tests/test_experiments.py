@@ -779,12 +779,12 @@ def published_bricks_report():
     return json.loads((ROOT / "docs" / "blockwise" / "bricks6_results.json").read_text())
 
 
-@pytest.mark.parametrize("algo, seeds, claim3, claim3m, needed, gates", [
-    ("locon", 20, 0.521, 0.521, (12, 17), [True, False, False, False, True]),  # docs/blockwise.md: +0.52, 12-17 seeds
-    ("lora", 8, -0.008, 0.014, (7, 15), [False, False, True, True, True]),  # -0.01; +0.01 at weight 0.75
+@pytest.mark.parametrize("algo, seeds, subset_seeds, claim3, claim3m, needed, gates", [
+    ("locon", 20, 12, 0.521, 0.521, (12, 17), [True, False, False, False, True]),  # docs/blockwise.md: +0.52, 12-17
+    ("lora", 8, 8, -0.008, 0.014, (7, 15), [False, False, True, True, True]),  # -0.01; +0.01 at weight 0.75
 ])
-def test_the_published_bricks_claims_recompute_from_their_per_image_scores(algo, seeds, claim3, claim3m, needed,
-                                                                           gates):
+def test_the_published_bricks_claims_recompute_from_their_per_image_scores(algo, seeds, subset_seeds, claim3, claim3m,
+                                                                           needed, gates):
     """docs/blockwise/bricks6_results.json (the claim study: twenty LoCon seeds, the first eight LoRA ones): each
     algorithm's summary and claims table come again from its per-image scores, and its gates (G1, G2, G4, G4m, G3)
     are read on the run's own rows as docs/blockwise.md gives them."""
@@ -807,6 +807,9 @@ def test_the_published_bricks_claims_recompute_from_their_per_image_scores(algo,
     matched = tested[blockwise.MATCHED]["b"][0]
     read = blockwise.run_gates(summary, {"G3 VAE round trip both >= 0.95": True}, matched)
     assert list(read.values()) == gates
+    section = blockwise.markdown(published).split(f"### {algo}\n")[1].split("\n### ")[0]
+    counts = f"{seeds} seeds with the style on all blocks and in0+out3, the first {subset_seeds} of them"
+    assert (counts in section) == (subset_seeds < seeds)  # results.md says which seeds trained every subset, per algorithm
 
 
 @pytest.mark.parametrize("seed, in1, paper, discordant, p", [(0, 0.38, 0.56, (6, 18), 0.023),
