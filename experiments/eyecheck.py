@@ -5,6 +5,7 @@
     #     <number> <identity 0/1> <style 0/1>        e.g. "17 1 0": the identity member, not in rings
     python experiments/eyecheck.py score             # the judge's agreement with the labels -> eyecheck.json
     python experiments/eyecheck.py score --labels docs/eyecheck_labels.txt   # the labels of docs/world.md
+    python experiments/eyecheck.py score --second-labels out/eyecheck/labels2.txt   # and a second labeller's
     python experiments/eyecheck.py render --style bricks/6 --adapters out/gates_bricks-6 --out out/eyecheck_bricks-6
 
 `render` draws 40 images from each of the gates' five settings with the shipped adapters of --style
@@ -126,7 +127,9 @@ def agreement(eye, judge):
     return {"agreement": p_obs, "kappa": kappa, "table [eye no/yes][judge no/yes]": table}
 
 
-def score(out, labels_file):
+def score(out, labels_file, second_labels=None):
+    """The judge's agreement with the labels per question, and the rates per setting by eye and by the judge; with
+    second_labels (another labeller's, as blind), also the two labellers' agreement with each other."""
     key = json.loads((out / "key.json").read_text())
     labels = read_labels(labels_file, len(key))
     by_setting = {}  # setting -> image numbers
@@ -146,6 +149,13 @@ def score(out, labels_file):
         r = report[what]
         print(f"{what:8s} agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}  "
               f"{r['table [eye no/yes][judge no/yes]']}")
+    if second_labels:
+        second = read_labels(second_labels, len(key))
+        report["labellers"] = {}
+        for k, what in enumerate(("identity", "style")):
+            r = report["labellers"][what] = agreement([labels[i][k] for i in range(len(key))],
+                                                      [second[i][k] for i in range(len(key))])
+            print(f"{what:8s} labeller to labeller: agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}")
     (out / "eyecheck.json").write_text(json.dumps(report, indent=1))
 
 
@@ -154,6 +164,7 @@ def main(argv=None):
     p.add_argument("step", choices=["render", "score"])
     p.add_argument("--out", default="out/eyecheck")
     p.add_argument("--labels", help="the labels file (default: <out>/labels.txt)")
+    p.add_argument("--second-labels", help="score: a second labeller's labels of the same sheets, to compare")
     p.add_argument("--adapters", help="folder of the adapters to render with: a gates.py --out folder or a "
                    "blockwise.py seed folder (then --identity/--style its pair); default the shipped ones of --style, "
                    "weights/tiny/adapters/<style>")
@@ -165,7 +176,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(args.adapters) if args.adapters else shipped_adapters(style)
     if args.step == "score":
-        score(out, Path(args.labels) if args.labels else out / "labels.txt")
+        score(out, Path(args.labels) if args.labels else out / "labels.txt",
+              Path(args.second_labels) if args.second_labels else None)
     elif not folder.is_dir():
         p.error(f"--style {style.name}: no shipped adapters ({folder}); pass --adapters a gates.py --out folder")
     else:

@@ -527,14 +527,16 @@ def test_the_published_claim_eye_checks_recompute(tmp_path, run, labeller, ident
                                                    ("lora_seed4", (0.92, 0.80), (0.89, 0.78)),
                                                    ("lora_seed5", (0.94, 0.85), (0.87, 0.74)),
                                                    ("locon_seed8", (0.96, 0.90), (0.91, 0.81))])
-def test_the_two_labellers_agree_as_published(run, identity, style):
-    """docs/blockwise.md: the two labellers' agreement and kappa with each other, image by image."""
+def test_the_two_labellers_agree_as_published(tmp_path, run, identity, style):
+    """docs/blockwise.md: the two labellers' agreement and kappa with each other, image by image (score
+    --second-labels)."""
     import eyecheck
-    files = (ROOT / "docs" / f"eyecheck_labels{n}_bricks6_{run}.txt" for n in ("", "2"))
-    first, second = (eyecheck.read_labels(f, 200) for f in files)
-    for k, stated in enumerate((identity, style)):
-        a = eyecheck.agreement([first[i][k] for i in range(200)], [second[i][k] for i in range(200)])
-        assert (round(a["agreement"], 2), round(a["kappa"], 2)) == stated
+    shutil.copy(ROOT / "docs" / f"eyecheck_key_bricks6_{run}.json", tmp_path / "key.json")
+    first, second = (ROOT / "docs" / f"eyecheck_labels{n}_bricks6_{run}.txt" for n in ("", "2"))
+    eyecheck.main(["score", "--out", str(tmp_path), "--labels", str(first), "--second-labels", str(second)])
+    report = json.loads((tmp_path / "eyecheck.json").read_text())["labellers"]
+    for what, stated in (("identity", identity), ("style", style)):
+        assert (round(report[what]["agreement"], 2), round(report[what]["kappa"], 2)) == stated
 
 
 def test_eyecheck_score_reads_both_per_setting_by_hand(tmp_path):
