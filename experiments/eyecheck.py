@@ -176,8 +176,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     folder = Path(args.adapters) if args.adapters else shipped_adapters(style)
     if args.step == "score":
-        score(out, Path(args.labels) if args.labels else out / "labels.txt",
-              Path(args.second_labels) if args.second_labels else None)
+        labels = Path(args.labels) if args.labels else out / "labels.txt"
+        second = Path(args.second_labels) if args.second_labels else None
+        for flag, path in (("--labels", labels), ("--second-labels", second), ("--out", out / "key.json")):
+            if path and not path.is_file():
+                p.error(f"{flag}: no file {path}" + (" (run render first)" if flag == "--out" else ""))
+        score(out, labels, second)
     elif not folder.is_dir():
         p.error(f"--style {style.name}: no shipped adapters ({folder}); pass --adapters a gates.py --out folder")
     else:

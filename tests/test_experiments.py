@@ -499,6 +499,22 @@ def test_eyecheck_agreement_and_kappa_by_hand(tmp_path):
         eyecheck.read_labels(tmp_path / "l.txt", 2)
 
 
+def test_eyecheck_score_names_a_missing_file_in_one_line(tmp_path, capsys):
+    """score without a render's key.json, or with a --labels / --second-labels file that is not there, stops in one
+    line naming the flag and the file."""
+    import eyecheck
+    (tmp_path / "l.txt").write_text("0 1 0\n")
+    for argv, said in ((["--labels", str(tmp_path / "l.txt")], f"--out: no file {tmp_path / 'key.json'} (run render first)"),
+                       (["--labels", str(tmp_path / "none.txt")], f"--labels: no file {tmp_path / 'none.txt'}"),
+                       (["--labels", str(tmp_path / "l.txt"), "--second-labels", str(tmp_path / "2.txt")],
+                        f"--second-labels: no file {tmp_path / '2.txt'}")):
+        if "--out" not in said:
+            (tmp_path / "key.json").write_text(json.dumps([{"setting": "a", "judge identity": 1, "judge style": 0}]))
+        with pytest.raises(SystemExit):
+            eyecheck.main(["score", "--out", str(tmp_path), *argv])
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(said)
+
+
 @pytest.mark.parametrize("run, labeller, identity, style, both", [
     ("lora_seed3", "", (0.79, 0.55), (0.77, 0.53), (19, 12, 10, 16)),
     ("lora_seed4", "", (0.80, 0.58), (0.82, 0.64), (19, 18, 10, 14)),
