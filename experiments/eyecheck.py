@@ -127,6 +127,11 @@ def agreement(eye, judge):
     return {"agreement": p_obs, "kappa": kappa, "table [eye no/yes][judge no/yes]": table}
 
 
+def label_reads(labels):
+    """read_labels' {number: (identity, style)} -> {"identity": [...], "style": [...]} in image order."""
+    return {what: [labels[i][k] for i in range(len(labels))] for k, what in enumerate(("identity", "style"))}
+
+
 def score(out, labels_file, second_labels=None):
     """The judge's agreement with the labels per question, and the rates per setting by eye and by the judge; with
     second_labels (another labeller's, as blind), also the two labellers' agreement with each other."""
@@ -135,7 +140,7 @@ def score(out, labels_file, second_labels=None):
     by_setting = {}  # setting -> image numbers
     for i, row in enumerate(key):
         by_setting.setdefault(row["setting"], []).append(i)
-    eye_reads = {what: [labels[i][k] for i in range(len(key))] for k, what in enumerate(("identity", "style"))}
+    eye_reads = label_reads(labels)
     judge_reads = {what: [row[f"judge {what}"] for row in key] for what in ("identity", "style")}
     for reads in (eye_reads, judge_reads):  # "both": the identity in the style, what the claims compare
         reads["both"] = [i and s for i, s in zip(reads["identity"], reads["style"])]
@@ -150,11 +155,10 @@ def score(out, labels_file, second_labels=None):
         print(f"{what:8s} agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}  "
               f"{r['table [eye no/yes][judge no/yes]']}")
     if second_labels:
-        second = read_labels(second_labels, len(key))
+        second = label_reads(read_labels(second_labels, len(key)))
         report["labellers"] = {}
-        for k, what in enumerate(("identity", "style")):
-            r = report["labellers"][what] = agreement([labels[i][k] for i in range(len(key))],
-                                                      [second[i][k] for i in range(len(key))])
+        for what in ("identity", "style"):
+            r = report["labellers"][what] = agreement(eye_reads[what], second[what])
             print(f"{what:8s} labeller to labeller: agreement {r['agreement']:.2f}  kappa {r['kappa']:.2f}")
     (out / "eyecheck.json").write_text(json.dumps(report, indent=1))
 

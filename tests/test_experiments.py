@@ -504,15 +504,17 @@ def test_eyecheck_score_names_a_missing_file_in_one_line(tmp_path, capsys):
     line naming the flag and the file."""
     import eyecheck
     (tmp_path / "l.txt").write_text("0 1 0\n")
-    for argv, said in ((["--labels", str(tmp_path / "l.txt")], f"--out: no file {tmp_path / 'key.json'} (run render first)"),
-                       (["--labels", str(tmp_path / "none.txt")], f"--labels: no file {tmp_path / 'none.txt'}"),
-                       (["--labels", str(tmp_path / "l.txt"), "--second-labels", str(tmp_path / "2.txt")],
-                        f"--second-labels: no file {tmp_path / '2.txt'}")):
-        if "--out" not in said:
-            (tmp_path / "key.json").write_text(json.dumps([{"setting": "a", "judge identity": 1, "judge style": 0}]))
+    score = lambda argv: eyecheck.main(["score", "--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit):
+        score(["--labels", str(tmp_path / "l.txt")])  # no render yet: no key.json
+    assert capsys.readouterr().err.strip().endswith(f"--out: no file {tmp_path / 'key.json'} (run render first)")
+    (tmp_path / "key.json").write_text(json.dumps([{"setting": "a", "judge identity": 1, "judge style": 0}]))
+    for flag, argv in (("--labels", ["--labels", str(tmp_path / "2.txt")]),
+                       ("--second-labels", ["--labels", str(tmp_path / "l.txt"), "--second-labels",
+                                            str(tmp_path / "2.txt")])):
         with pytest.raises(SystemExit):
-            eyecheck.main(["score", "--out", str(tmp_path), *argv])
-        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(said)
+            score(argv)
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"{flag}: no file {tmp_path / '2.txt'}")
 
 
 @pytest.mark.parametrize("run, labeller, identity, style, both", [
