@@ -55,7 +55,7 @@ def main(argv=None):
             ref = eps.clone() if ref is None else ref
             rec.add(batch=B, channels_last=",".join(map(str, levels)) or "none", ms=round(ms, 3),
                     rel_vs_all=float(f"{((eps - ref).norm() / ref.norm()).item():.2g}"))
-            del step
+            step = None  # the graph goes before the next layout is captured
             common.free(dev)
     log(table(rec.rows, ["batch", "channels_last", "ms", "rel_vs_all"]))
 
