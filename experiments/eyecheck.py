@@ -136,11 +136,10 @@ def score(out, labels_file, second_labels=None):
     """The judge's agreement with the labels per question, and the rates per setting by eye and by the judge; with
     second_labels (another labeller's, as blind), also the two labellers' agreement with each other."""
     key = json.loads((out / "key.json").read_text())
-    labels = read_labels(labels_file, len(key))
     by_setting = {}  # setting -> image numbers
     for i, row in enumerate(key):
         by_setting.setdefault(row["setting"], []).append(i)
-    eye_reads = label_reads(labels)
+    eye_reads = label_reads(read_labels(labels_file, len(key)))
     judge_reads = {what: [row[f"judge {what}"] for row in key] for what in ("identity", "style")}
     for reads in (eye_reads, judge_reads):  # "both": the identity in the style, what the claims compare
         reads["both"] = [i and s for i, s in zip(reads["identity"], reads["style"])]
